@@ -1,0 +1,286 @@
+//! One parsed X.509 certificate, owned, with the facts the filter chain and the doctor need.
+
+use ring::digest;
+use serde::Serialize;
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// The client authentication extended key usage (RFC 5280 id-kp-clientAuth).
+pub const OID_CLIENT_AUTH: &str = "1.3.6.1.5.5.7.3.2";
+
+/// Key usage as the certificate states it. `None` in [`Certificate::key_usage`] means the
+/// extension is absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    pub digital_signature: bool,
+    pub key_cert_sign: bool,
+    /// Names of every bit that is set, as Windows shows them ("Digital Signature", ...).
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExtendedKeyUsage {
+    pub client_auth: bool,
+    pub server_auth: bool,
+    /// Every purpose, as a dotted OID followed by its common name where one is known.
+    pub purposes: Vec<String>,
+}
+
+/// A parsed certificate. Holds its DER so the chain builder can verify signatures with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Certificate {
+    pub subject: String,
+    pub issuer: String,
+    /// Subject alternative names: `DNS:host`, `IP:1.2.3.4`, `email:a@b`, `URI:...`.
+    pub sans: Vec<String>,
+    /// Upper-case hex, no separators.
+    pub serial: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    pub key_usage: Option<KeyUsage>,
+    pub extended_key_usage: Option<ExtendedKeyUsage>,
+    pub is_ca: bool,
+    /// SHA-1 of the DER, upper-case hex: what Windows calls the thumbprint.
+    pub thumbprint: String,
+    pub sha256: String,
+    /// Problems found while reading extensions (a duplicated or malformed extension). The
+    /// certificate still loads; the stage that needs the extension treats it as absent.
+    pub extension_problems: Vec<String>,
+    #[serde(skip)]
+    der: Vec<u8>,
+    #[serde(skip)]
+    subject_raw: Vec<u8>,
+    #[serde(skip)]
+    issuer_raw: Vec<u8>,
+    #[serde(skip)]
+    spki_raw: Vec<u8>,
+}
+
+impl PartialEq for Certificate {
+    fn eq(&self, other: &Self) -> bool {
+        self.der == other.der
+    }
+}
+impl Eq for Certificate {}
+
+impl Certificate {
+    /// Parses one DER certificate. The error is x509-parser's description of what was wrong.
+    pub fn from_der(der: &[u8]) -> Result<Certificate, String> {
+        let (rest, x509) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        if !rest.is_empty() {
+            return Err(format!("{} bytes of trailing data after the certificate", rest.len()));
+        }
+        let mut problems = Vec::new();
+
+        let key_usage = match x509.key_usage() {
+            Ok(Some(ext)) => {
+                let ku = ext.value;
+                Some(KeyUsage {
+                    digital_signature: ku.digital_signature(),
+                    key_cert_sign: ku.key_cert_sign(),
+                    names: key_usage_names(ku.flags),
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                problems.push(format!("key usage extension unreadable: {e}"));
+                None
+            }
+        };
+
+        let extended_key_usage = match x509.extended_key_usage() {
+            Ok(Some(ext)) => {
+                let eku = ext.value;
+                let mut purposes = Vec::new();
+                let known = [
+                    (eku.any, "2.5.29.37.0 (Any Purpose)"),
+                    (eku.server_auth, "1.3.6.1.5.5.7.3.1 (Server Authentication)"),
+                    (eku.client_auth, "1.3.6.1.5.5.7.3.2 (Client Authentication)"),
+                    (eku.code_signing, "1.3.6.1.5.5.7.3.3 (Code Signing)"),
+                    (eku.email_protection, "1.3.6.1.5.5.7.3.4 (Secure Email)"),
+                    (eku.time_stamping, "1.3.6.1.5.5.7.3.8 (Time Stamping)"),
+                    (eku.ocsp_signing, "1.3.6.1.5.5.7.3.9 (OCSP Signing)"),
+                ];
+                purposes.extend(known.iter().filter(|(set, _)| *set).map(|(_, n)| n.to_string()));
+                purposes.extend(eku.other.iter().map(|oid| oid.to_id_string()));
+                Some(ExtendedKeyUsage {
+                    client_auth: eku.client_auth,
+                    server_auth: eku.server_auth,
+                    purposes,
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                problems.push(format!("extended key usage extension unreadable: {e}"));
+                None
+            }
+        };
+
+        let mut sans = Vec::new();
+        match x509.subject_alternative_name() {
+            Ok(Some(ext)) => {
+                for name in &ext.value.general_names {
+                    sans.push(match name {
+                        GeneralName::DNSName(d) => format!("DNS:{d}"),
+                        GeneralName::IPAddress(b) => format!("IP:{}", ip_text(b)),
+                        GeneralName::RFC822Name(m) => format!("email:{m}"),
+                        GeneralName::URI(u) => format!("URI:{u}"),
+                        GeneralName::DirectoryName(n) => format!("DirName:{n}"),
+                        other => format!("{other:?}"),
+                    });
+                }
+            }
+            Ok(None) => {}
+            Err(e) => problems.push(format!("subject alternative name extension unreadable: {e}")),
+        }
+
+        let is_ca = match x509.basic_constraints() {
+            Ok(Some(bc)) => bc.value.ca,
+            Ok(None) => false,
+            Err(e) => {
+                problems.push(format!("basic constraints extension unreadable: {e}"));
+                false
+            }
+        };
+
+        Ok(Certificate {
+            subject: name_text(x509.subject()),
+            issuer: name_text(x509.issuer()),
+            sans,
+            serial: hex_upper(x509.raw_serial()),
+            not_before: x509.validity().not_before.to_datetime(),
+            not_after: x509.validity().not_after.to_datetime(),
+            key_usage,
+            extended_key_usage,
+            is_ca,
+            thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
+            sha256: hex_upper(digest::digest(&digest::SHA256, der).as_ref()),
+            extension_problems: problems,
+            der: der.to_vec(),
+            subject_raw: x509.subject().as_raw().to_vec(),
+            issuer_raw: x509.issuer().as_raw().to_vec(),
+            spki_raw: x509.public_key().raw.to_vec(),
+        })
+    }
+
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// The DER SubjectPublicKeyInfo, to compare with a private key's public half.
+    pub fn spki(&self) -> &[u8] {
+        &self.spki_raw
+    }
+
+    /// Same subject name bytes and same key: the same CA, even if re-issued or cross-signed.
+    pub fn same_entity(&self, other: &Certificate) -> bool {
+        self.subject_raw == other.subject_raw && self.spki_raw == other.spki_raw
+    }
+
+    pub fn is_self_issued(&self) -> bool {
+        self.subject_raw == self.issuer_raw
+    }
+
+    /// Could `issuer` have issued `self`? Names must match and the signature must verify.
+    pub fn is_signed_by(&self, issuer: &Certificate) -> bool {
+        if self.issuer_raw != issuer.subject_raw {
+            return false;
+        }
+        let (Ok((_, me)), Ok((_, them))) = (
+            X509Certificate::from_der(&self.der),
+            X509Certificate::from_der(&issuer.der),
+        ) else {
+            return false;
+        };
+        me.verify_signature(Some(them.public_key())).is_ok()
+    }
+
+    /// `subject (thumbprint T)`: how every log line and table names a certificate.
+    pub fn label(&self) -> String {
+        format!("{} (thumbprint {})", display_subject(&self.subject), self.thumbprint)
+    }
+
+    pub fn has_digital_signature(&self) -> bool {
+        self.key_usage.as_ref().is_some_and(|k| k.digital_signature)
+    }
+
+    pub fn has_client_auth(&self) -> bool {
+        self.extended_key_usage.as_ref().is_some_and(|e| e.client_auth)
+    }
+
+    /// The names that identify a machine: the subject's CN (as `CN=...`) and every SAN.
+    pub fn machine_names(&self) -> Vec<String> {
+        let mut names = self.sans.clone();
+        if let Some(cn) = common_name(&self.subject) {
+            names.push(format!("CN={cn}"));
+        }
+        names
+    }
+}
+
+fn display_subject(subject: &str) -> &str {
+    if subject.is_empty() {
+        "(empty subject)"
+    } else {
+        subject
+    }
+}
+
+/// The CN value of an RFC 4514-style name as x509-parser prints it.
+pub fn common_name(subject: &str) -> Option<&str> {
+    subject
+        .split(", ")
+        .find_map(|part| part.strip_prefix("CN="))
+        .filter(|cn| !cn.is_empty())
+}
+
+fn name_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+    // x509-parser falls back to an error for names it cannot render; never lose the certificate
+    // for that.
+    x509_parser::x509::X509Name::to_string_with_registry(name, x509_parser::objects::oid_registry())
+        .unwrap_or_else(|_| format!("(unprintable name, {} bytes)", name.as_raw().len()))
+}
+
+fn ip_text(bytes: &[u8]) -> String {
+    match bytes.len() {
+        4 => std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).to_string(),
+        16 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(bytes);
+            std::net::Ipv6Addr::from(octets).to_string()
+        }
+        _ => hex_upper(bytes),
+    }
+}
+
+fn key_usage_names(flags: u16) -> Vec<String> {
+    const NAMES: [&str; 9] = [
+        "Digital Signature",
+        "Non-Repudiation",
+        "Key Encipherment",
+        "Data Encipherment",
+        "Key Agreement",
+        "Certificate Signing",
+        "CRL Signing",
+        "Encipher Only",
+        "Decipher Only",
+    ];
+    NAMES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| flags >> bit & 1 == 1)
+        .map(|(_, n)| n.to_string())
+        .collect()
+}
+
+pub fn hex_upper(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02X}");
+        s
+    })
+}

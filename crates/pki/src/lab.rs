@@ -1,0 +1,396 @@
+//! Lab certificate issuance with rcgen: a root CA and every certificate a Portcullis lab needs,
+//! with the key usages and EKUs a real deployment would have. Tests use [`LabCa`] to make the
+//! odd certificates (no key usage, wrong EKU, expired, ...) that the filter chain must refuse.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SerialNumber,
+};
+pub use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
+use ring::rand::SecureRandom;
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{PkiError, Result};
+
+/// A certificate and its key, both PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_der: Vec<u8>,
+}
+
+/// What a leaf certificate should say.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub common_name: String,
+    /// DNS names or IP addresses.
+    pub sans: Vec<String>,
+    pub key_usages: Vec<KeyUsagePurpose>,
+    pub extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl LeafSpec {
+    /// A client-authentication certificate valid from an hour ago for `days` days.
+    pub fn client_auth(common_name: &str, days: i64) -> LeafSpec {
+        let now = OffsetDateTime::now_utc();
+        LeafSpec {
+            common_name: common_name.into(),
+            sans: Vec::new(),
+            key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            extended_key_usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(days),
+        }
+    }
+
+    /// A TLS server certificate for `hosts`.
+    pub fn server_auth(common_name: &str, hosts: &[String], days: i64) -> LeafSpec {
+        LeafSpec {
+            sans: hosts.to_vec(),
+            extended_key_usages: vec![ExtendedKeyUsagePurpose::ServerAuth],
+            ..LeafSpec::client_auth(common_name, days)
+        }
+    }
+}
+
+/// A certificate authority that can issue.
+pub struct LabCa {
+    issuer: Issuer<'static, KeyPair>,
+    issued: Issued,
+}
+
+impl LabCa {
+    /// A self-signed root CA valid for `years`.
+    pub fn new_root(common_name: &str, years: i64) -> Result<LabCa> {
+        let key = new_key(common_name)?;
+        let params = ca_params(common_name, years)?;
+        let cert = params.self_signed(&key).map_err(|e| issue_error(common_name, e))?;
+        Ok(LabCa {
+            issued: Issued {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                cert_der: cert.der().to_vec(),
+            },
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// An intermediate CA under this one.
+    pub fn new_intermediate(&self, common_name: &str, years: i64) -> Result<LabCa> {
+        let key = new_key(common_name)?;
+        let params = ca_params(common_name, years)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| issue_error(common_name, e))?;
+        Ok(LabCa {
+            issued: Issued {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                cert_der: cert.der().to_vec(),
+            },
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    pub fn cert(&self) -> &Issued {
+        &self.issued
+    }
+
+    /// Issues a leaf certificate with a new ECDSA P-256 key.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Issued> {
+        let name = &spec.common_name;
+        let key = new_key(name)?;
+        let mut params = CertificateParams::new(spec.sans.clone()).map_err(|e| issue_error(name, e))?;
+        params.distinguished_name = common_name_dn(name);
+        params.key_usages = spec.key_usages.clone();
+        params.extended_key_usages = spec.extended_key_usages.clone();
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.serial_number = Some(random_serial(name)?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| issue_error(name, e))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+        })
+    }
+}
+
+fn ca_params(common_name: &str, years: i64) -> Result<CertificateParams> {
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name_dn(common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(365 * years);
+    params.serial_number = Some(random_serial(common_name)?);
+    Ok(params)
+}
+
+fn common_name_dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Portcullis Lab");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn new_key(what: &str) -> Result<KeyPair> {
+    KeyPair::generate().map_err(|e| issue_error(what, e))
+}
+
+fn random_serial(what: &str) -> Result<SerialNumber> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Issue {
+        what: what.into(),
+        reason: "the system random generator failed".into(),
+    })?;
+    bytes[0] &= 0x7f; // a positive INTEGER
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn issue_error(what: &str, e: rcgen::Error) -> PkiError {
+    PkiError::Issue {
+        what: what.into(),
+        reason: e.to_string(),
+    }
+}
+
+/// Options for [`LabPki::issue`].
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Names and addresses the gateway (and the reference management point) answer on.
+    pub hosts: Vec<String>,
+    /// How many device certificates.
+    pub devices: usize,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            devices: 2,
+        }
+    }
+}
+
+/// Most device certificates `pki init` will make in one go (each is a key generation).
+pub const MAX_LAB_DEVICES: usize = 10_000;
+
+/// One file of the lab PKI: where it goes, what it is for, what it holds.
+#[derive(Debug, Clone)]
+pub struct LabFile {
+    pub path: PathBuf,
+    pub purpose: String,
+    pub contents: String,
+    pub secret: bool,
+}
+
+/// Where each part of a lab PKI lives, relative to its directory.
+pub mod layout {
+    pub const ROOT_CERT: &str = "ca/root.crt";
+    pub const ROOT_KEY: &str = "ca/root.key";
+    pub const GATEWAY_CERT: &str = "gateway/server.crt";
+    pub const GATEWAY_KEY: &str = "gateway/server.key";
+    pub const MP_CERT: &str = "mp/server.crt";
+    pub const MP_KEY: &str = "mp/server.key";
+    pub const CHANNEL_CERT: &str = "connector/channel.crt";
+    pub const CHANNEL_KEY: &str = "connector/channel.key";
+    /// The directory the connector's filter chain reads.
+    pub const CONNECTOR_STORE: &str = "connector/store";
+    pub const CLIENT_AUTH_CERT: &str = "connector/store/client-auth.crt";
+    pub const CLIENT_AUTH_KEY: &str = "connector/store/client-auth.key";
+    pub const DEVICES: &str = "devices";
+    pub const README: &str = "README.md";
+}
+
+pub struct LabPki {
+    pub files: Vec<LabFile>,
+}
+
+impl LabPki {
+    pub fn issue(options: &LabOptions) -> Result<LabPki> {
+        if options.hosts.is_empty() {
+            return Err(PkiError::Issue {
+                what: "gateway server certificate".into(),
+                reason: "no host names given".into(),
+            });
+        }
+        if let Some(bad) = options.hosts.iter().find(|h| !valid_host(h)) {
+            return Err(PkiError::Issue {
+                what: "gateway server certificate".into(),
+                reason: format!("\"{bad}\" is not a DNS name or an IP address"),
+            });
+        }
+        if options.devices > MAX_LAB_DEVICES {
+            return Err(PkiError::Issue {
+                what: "device certificates".into(),
+                reason: format!("{} devices asked for; at most {MAX_LAB_DEVICES}", options.devices),
+            });
+        }
+        let root = LabCa::new_root("Portcullis Lab Root CA", 10)?;
+        let mut files = Vec::new();
+        let mut pair = |cert: &str, key: &str, purpose: &str, issued: &Issued| {
+            files.push(LabFile {
+                path: cert.into(),
+                purpose: purpose.into(),
+                contents: issued.cert_pem.clone(),
+                secret: false,
+            });
+            files.push(LabFile {
+                path: key.into(),
+                purpose: format!("private key of {cert}"),
+                contents: issued.key_pem.clone(),
+                secret: true,
+            });
+        };
+        pair(
+            layout::ROOT_CERT,
+            layout::ROOT_KEY,
+            "lab root CA: the gateway's trusted root for devices and connectors, the connector's allowed root CA, and the CA curl and probe trust (--cacert / --ca)",
+            root.cert(),
+        );
+        let days = 825;
+        pair(
+            layout::GATEWAY_CERT,
+            layout::GATEWAY_KEY,
+            &format!("gateway TLS server certificate for {}", options.hosts.join(", ")),
+            &root.issue(&LeafSpec::server_auth("Portcullis Gateway", &options.hosts, days))?,
+        );
+        pair(
+            layout::MP_CERT,
+            layout::MP_KEY,
+            &format!(
+                "reference management point's HTTPS server certificate for {}",
+                options.hosts.join(", ")
+            ),
+            &root.issue(&LeafSpec::server_auth(
+                "Portcullis Reference Management Point",
+                &options.hosts,
+                days,
+            ))?,
+        );
+        let mut channel = LeafSpec::client_auth("Portcullis Connector Channel", days);
+        channel.sans = vec!["connector-channel.portcullis.lab".into()];
+        pair(
+            layout::CHANNEL_CERT,
+            layout::CHANNEL_KEY,
+            "connector's channel certificate: it presents this when it dials the gateway",
+            &root.issue(&channel)?,
+        );
+        let mut client = LeafSpec::client_auth("Portcullis Connector", days);
+        client.sans = vec!["connector.portcullis.lab".into()];
+        pair(
+            layout::CLIENT_AUTH_CERT,
+            layout::CLIENT_AUTH_KEY,
+            "connector's client authentication certificate, in the store its filter chain reads; it presents this to HTTPS endpoints",
+            &root.issue(&client)?,
+        );
+        for n in 1..=options.devices {
+            let name = format!("device-{n:03}");
+            let mut device = LeafSpec::client_auth(&name.to_ascii_uppercase(), days);
+            device.sans = vec![format!("{name}.portcullis.lab")];
+            pair(
+                &format!("{}/{name}.crt", layout::DEVICES),
+                &format!("{}/{name}.key", layout::DEVICES),
+                "device client certificate (curl --cert / probe --cert)",
+                &root.issue(&device)?,
+            );
+        }
+        let readme = readme_text(&files);
+        files.push(LabFile {
+            path: layout::README.into(),
+            purpose: "this list".into(),
+            contents: readme,
+            secret: false,
+        });
+        Ok(LabPki { files })
+    }
+
+    /// Writes every file under `dir`. Keys are readable by the owner only. Refuses to replace
+    /// an existing lab PKI unless `force`, because its certificates may be deployed already.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<()> {
+        let root = dir.join(layout::ROOT_CERT);
+        if !force && root.exists() {
+            return Err(PkiError::Write {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "already holds a lab PKI ({} exists); pass --force to replace it",
+                    root.display()
+                ),
+            });
+        }
+        for file in &self.files {
+            let path = dir.join(&file.path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| write_error(parent, e))?;
+            }
+            write_file(&path, file.contents.as_bytes(), file.secret).map_err(|e| write_error(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_error(path: &Path, e: std::io::Error) -> PkiError {
+    PkiError::Write {
+        path: path.to_path_buf(),
+        reason: format!("cannot write: {e}"),
+    }
+}
+
+fn write_file(path: &Path, contents: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = host.strip_prefix("*.").unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn readme_text(files: &[LabFile]) -> String {
+    let mut text = String::from(
+        "# Portcullis lab PKI\n\n\
+         Made by `portcullis pki init`. For labs and tests only: the root CA's key is here in the clear.\n\n\
+         | file | use |\n|---|---|\n",
+    );
+    for file in files {
+        text.push_str(&format!("| `{}` | {} |\n", file.path.display(), file.purpose));
+    }
+    text.push_str(
+        "\nCheck the connector's certificate choice:\n\n\
+         ```\nportcullis doctor certs --store connector/store --allowed-roots ca/root.crt\n```\n",
+    );
+    text
+}
