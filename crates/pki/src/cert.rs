@@ -238,11 +238,30 @@ pub fn common_name(subject: &str) -> Option<&str> {
         .filter(|cn| !cn.is_empty())
 }
 
+/// A name as Windows and RFC 4514 print it: most specific first (`CN=host, O=Contoso`).
 fn name_text(name: &x509_parser::x509::X509Name<'_>) -> String {
-    // x509-parser falls back to an error for names it cannot render; never lose the certificate
-    // for that.
-    x509_parser::x509::X509Name::to_string_with_registry(name, x509_parser::objects::oid_registry())
-        .unwrap_or_else(|_| format!("(unprintable name, {} bytes)", name.as_raw().len()))
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<_> = name.iter().collect();
+    rdns.iter()
+        .rev()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let key = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    // A value that is not a string type is shown as RFC 4514's #hex.
+                    let value = attr
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| format!("#{}", hex_upper(attr.attr_value().data)));
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join(" + ")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn ip_text(bytes: &[u8]) -> String {

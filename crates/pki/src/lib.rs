@@ -10,6 +10,7 @@ pub mod chain;
 pub mod error;
 pub mod filter;
 pub mod lab;
+pub mod report;
 mod load;
 pub mod roots;
 pub mod store;

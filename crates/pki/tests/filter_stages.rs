@@ -33,7 +33,7 @@ fn a_good_client_certificate_is_selected() {
     }
     let text = lines(&sel);
     assert!(
-        text.last().unwrap().starts_with("Selected client authentication cert: O=Portcullis Lab, CN=good-client (thumbprint "),
+        text.last().unwrap().starts_with("Selected client authentication cert: CN=good-client, O=Portcullis Lab (thumbprint "),
         "{text:?}"
     );
     assert!(text.last().unwrap().ends_with("the only certificate that passed every stage"));
@@ -58,7 +58,7 @@ fn digital_signature_stage_rejects_missing_and_other_key_usage() {
         }
     );
     let text = lines(&sel);
-    assert!(text[0].starts_with("No digital signature cert: O=Portcullis Lab, CN=no-ku (thumbprint "));
+    assert!(text[0].starts_with("No digital signature cert: CN=no-ku, O=Portcullis Lab (thumbprint "));
     assert!(text[0].ends_with("has no key usage extension, so digital signature is not allowed"));
     assert!(text[1].ends_with("key usage is Key Encipherment without Digital Signature"), "{}", text[1]);
     assert_eq!(text[2], "Filtered cert count with digital signature: 0");
@@ -82,20 +82,20 @@ fn allowed_root_stage_names_the_foreign_root_and_the_missing_issuer() {
     assert_eq!(
         rejection_of(&sel, &store, "foreign"),
         Rejection::RootNotAllowed {
-            root: "O=Portcullis Lab, CN=Other Root".into()
+            root: "CN=Other Root, O=Portcullis Lab".into()
         }
     );
     assert_eq!(
         rejection_of(&sel, &store, "orphan"),
         Rejection::ChainIncomplete {
-            missing_issuer: "O=Portcullis Lab, CN=Hidden Issuing CA".into()
+            missing_issuer: "CN=Hidden Issuing CA, O=Portcullis Lab".into()
         }
     );
     let text = lines(&sel);
     assert!(text
         .iter()
-        .any(|l| l.starts_with("Not allowed cert: O=Portcullis Lab, CN=foreign")
-            && l.ends_with("chains to root \"O=Portcullis Lab, CN=Other Root\", which is not an allowed root CA")));
+        .any(|l| l.starts_with("Not allowed cert: CN=foreign, O=Portcullis Lab")
+            && l.ends_with("chains to root \"CN=Other Root, O=Portcullis Lab\", which is not an allowed root CA")));
     let orphan_chain = &sel.judged.iter().find(|j| j.entry == 1).unwrap().chain;
     assert!(orphan_chain.describe().contains("not found"), "{}", orphan_chain.describe());
 }
@@ -113,7 +113,7 @@ fn an_intermediate_bundled_in_the_pem_completes_the_chain() {
     assert_eq!(store.chain_certs.len(), 1);
     assert_eq!(sel.selected, Some(0));
     assert_eq!(sel.judged[0].chain.certs.len(), 3);
-    assert!(sel.judged[0].chain.describe().ends_with("CN=Allowed Root (root)"));
+    assert!(sel.judged[0].chain.describe().ends_with("CN=Allowed Root, O=Portcullis Lab (root)"));
 }
 
 #[test]
@@ -135,9 +135,9 @@ fn keyless_certificates_drop_in_the_root_pass_and_bad_keys_in_the_key_stage() {
     let text = lines(&sel);
     let expected_order = [
         "Filtered cert count with digital signature: 2",
-        "No private key cert: O=Portcullis Lab, CN=no-key",
+        "No private key cert: CN=no-key, O=Portcullis Lab",
         "Filtered cert count with allowed root CA: 1",
-        "No private key cert: O=Portcullis Lab, CN=wrong-key",
+        "No private key cert: CN=wrong-key, O=Portcullis Lab",
         "Filtered cert count with private key: 0",
     ];
     for (line, want) in text.iter().zip(expected_order) {
@@ -163,7 +163,7 @@ fn client_auth_stage_rejects_missing_and_other_ekus() {
             purposes: vec!["1.3.6.1.5.5.7.3.1 (Server Authentication)".into()]
         }
     );
-    assert!(lines(&sel).iter().any(|l| l.starts_with("Not client auth cert: O=Portcullis Lab, CN=server-only")
+    assert!(lines(&sel).iter().any(|l| l.starts_with("Not client auth cert: CN=server-only, O=Portcullis Lab")
         && l.ends_with("enhanced key usage is 1.3.6.1.5.5.7.3.1 (Server Authentication) without Client Authentication (1.3.6.1.5.5.7.3.2)")));
 }
 
@@ -185,7 +185,7 @@ fn time_validity_stage_rejects_expired_and_future_certificates() {
     assert!(matches!(rejection_of(&sel, &store, "future"), Rejection::NotYetValid { .. }));
     assert_eq!(sel.surviving(Stage::ClientAuth), Some(2));
     assert_eq!(sel.surviving(Stage::TimeValidity), Some(0));
-    assert!(lines(&sel).iter().any(|l| l.starts_with("Not time valid cert: O=Portcullis Lab, CN=expired") && l.contains("expired on ")));
+    assert!(lines(&sel).iter().any(|l| l.starts_with("Not time valid cert: CN=expired, O=Portcullis Lab") && l.contains("expired on ")));
 }
 
 #[test]
@@ -201,7 +201,7 @@ fn latest_expiry_wins_and_the_thumbprint_breaks_ties() {
     put(dir.path(), "b-short", &ca.issue(&short).unwrap(), true);
     let (store, sel) = judge(dir.path(), &[&ca]);
     let chosen = &store.entries[sel.selected.unwrap()].cert;
-    assert!(chosen.subject.ends_with("CN=long"));
+    assert!(chosen.subject.starts_with("CN=long,"));
     assert!(lines(&sel).iter().any(|l| l.contains("latest expiry (") && l.contains("of the 2 certificates")));
 
     // Same expiry to the second: the lowest thumbprint, whatever the file order.

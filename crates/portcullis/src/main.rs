@@ -1,1 +1,52 @@
-fn main(){}
+//! The `portcullis` binary: command-line parsing and wiring. The work is done in the crates.
+
+mod dev;
+mod doctor;
+mod pki_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Portcullis: a self-hosted cloud management gateway.
+///
+/// Devices on the internet reach management services inside a private network through an
+/// internet-facing gateway fed by an on-premise connector that only dials out. Every hop is
+/// certificate-authenticated; when one fails, Portcullis says which, why, and what to do.
+#[derive(Parser)]
+#[command(name = "portcullis", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bring the lab system up on this machine and print what to try.
+    Dev(dev::DevArgs),
+    /// Lab PKI: make a root CA and every certificate a lab needs.
+    #[command(subcommand)]
+    Pki(pki_cmd::PkiCommand),
+    /// Diagnose: explain what a component would do, and what to fix.
+    #[command(subcommand)]
+    Doctor(doctor::DoctorCommand),
+}
+
+/// Exit status for bad usage or unreadable input, as clap uses for usage errors.
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dev(args) => dev::run(args),
+        Command::Pki(cmd) => pki_cmd::run(cmd),
+        Command::Doctor(cmd) => doctor::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
