@@ -171,10 +171,11 @@ fn parse_der(path: &Path, bytes: &[u8]) -> Result<FileItems> {
 fn pem_error_text(e: &rustls_pki_types::pem::Error) -> String {
     use rustls_pki_types::pem::Error as E;
     match e {
-        E::MissingSectionEnd { end_marker } => format!(
-            "truncated: a block is missing its end line \"{}\"",
-            String::from_utf8_lossy(end_marker)
-        ),
+        E::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(end_marker);
+            let label = label.trim_start_matches("-----END ").trim_end_matches('-');
+            format!("truncated: the {label} block has no \"-----END {label}-----\" line")
+        }
         E::IllegalSectionStart { line } => format!(
             "malformed BEGIN line \"{}\"",
             String::from_utf8_lossy(&line[..line.len().min(80)])
