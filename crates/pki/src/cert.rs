@@ -72,7 +72,10 @@ impl Certificate {
     pub fn from_der(der: &[u8]) -> Result<Certificate, String> {
         let (rest, x509) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
         if !rest.is_empty() {
-            return Err(format!("{} bytes of trailing data after the certificate", rest.len()));
+            return Err(format!(
+                "{} bytes of trailing data after the certificate",
+                rest.len()
+            ));
         }
         let mut problems = Vec::new();
 
@@ -105,7 +108,12 @@ impl Certificate {
                     (eku.time_stamping, "1.3.6.1.5.5.7.3.8 (Time Stamping)"),
                     (eku.ocsp_signing, "1.3.6.1.5.5.7.3.9 (OCSP Signing)"),
                 ];
-                purposes.extend(known.iter().filter(|(set, _)| *set).map(|(_, n)| n.to_string()));
+                purposes.extend(
+                    known
+                        .iter()
+                        .filter(|(set, _)| *set)
+                        .map(|(_, n)| n.to_string()),
+                );
                 purposes.extend(eku.other.iter().map(|oid| oid.to_id_string()));
                 Some(ExtendedKeyUsage {
                     client_auth: eku.client_auth,
@@ -135,7 +143,9 @@ impl Certificate {
                 }
             }
             Ok(None) => {}
-            Err(e) => problems.push(format!("subject alternative name extension unreadable: {e}")),
+            Err(e) => problems.push(format!(
+                "subject alternative name extension unreadable: {e}"
+            )),
         }
 
         let is_ca = match x509.basic_constraints() {
@@ -201,7 +211,11 @@ impl Certificate {
 
     /// `subject (thumbprint T)`: how every log line and table names a certificate.
     pub fn label(&self) -> String {
-        format!("{} (thumbprint {})", display_subject(&self.subject), self.thumbprint)
+        format!(
+            "{} (thumbprint {})",
+            display_subject(&self.subject),
+            self.thumbprint
+        )
     }
 
     pub fn has_digital_signature(&self) -> bool {
@@ -209,7 +223,9 @@ impl Certificate {
     }
 
     pub fn has_client_auth(&self) -> bool {
-        self.extended_key_usage.as_ref().is_some_and(|e| e.client_auth)
+        self.extended_key_usage
+            .as_ref()
+            .is_some_and(|e| e.client_auth)
     }
 
     /// The names that identify a machine: the subject's CN (as `CN=...`) and every SAN.
@@ -298,8 +314,10 @@ fn key_usage_names(flags: u16) -> Vec<String> {
 
 pub fn hex_upper(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02X}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02X}");
+            s
+        })
 }

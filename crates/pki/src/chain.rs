@@ -58,10 +58,16 @@ pub fn build(leaf: &Certificate, pool: &[&Certificate]) -> Chain {
     loop {
         let current = &certs[certs.len() - 1];
         if current.is_self_issued() && current.is_signed_by(current) {
-            return Chain { certs, end: ChainEnd::Root };
+            return Chain {
+                certs,
+                end: ChainEnd::Root,
+            };
         }
         if certs.len() >= MAX_CHAIN_LEN {
-            return Chain { certs, end: ChainEnd::TooLong };
+            return Chain {
+                certs,
+                end: ChainEnd::TooLong,
+            };
         }
         let issuer = pool
             .iter()

@@ -15,8 +15,14 @@ pub enum PkiError {
         source: std::io::Error,
     },
 
-    #[error("{path}: is {size} bytes, larger than the {limit}-byte limit for a certificate or key file")]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error(
+        "{path}: is {size} bytes, larger than the {limit}-byte limit for a certificate or key file"
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
 
     #[error("{path}: bad PEM: {reason}")]
     Pem { path: PathBuf, reason: String },
@@ -43,7 +49,9 @@ pub enum PkiError {
     #[error("{path}: cannot read PKCS#12: {reason}")]
     Pkcs12 { path: PathBuf, reason: String },
 
-    #[error("{path}: the directory holds no certificates (looked for .crt .cer .pem .der .pfx .p12)")]
+    #[error(
+        "{path}: the directory holds no certificates (looked for .crt .cer .pem .der .pfx .p12)"
+    )]
     EmptyStore { path: PathBuf },
 
     #[error("{path}: holds no certificates")]

@@ -63,14 +63,24 @@ impl Stage {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Rejection {
     NoKeyUsage,
-    NoDigitalSignature { key_usage: Vec<String> },
-    ChainIncomplete { missing_issuer: String },
-    RootNotAllowed { root: String },
+    NoDigitalSignature {
+        key_usage: Vec<String>,
+    },
+    ChainIncomplete {
+        missing_issuer: String,
+    },
+    RootNotAllowed {
+        root: String,
+    },
     ChainTooLong,
     NoPrivateKey,
-    KeyUnusable { why: String },
+    KeyUnusable {
+        why: String,
+    },
     NoExtendedKeyUsage,
-    NotClientAuth { purposes: Vec<String> },
+    NotClientAuth {
+        purposes: Vec<String>,
+    },
     NotYetValid {
         #[serde(with = "time::serde::rfc3339")]
         not_before: OffsetDateTime,
@@ -98,13 +108,32 @@ impl Rejection {
     /// The start of the trail line, worded as the original product words it.
     pub fn line_prefix(&self) -> &'static str {
         match self {
-            Rejection::NoKeyUsage | Rejection::NoDigitalSignature { .. } => "No digital signature cert",
-            Rejection::ChainIncomplete { .. } | Rejection::RootNotAllowed { .. } | Rejection::ChainTooLong => {
-                "Not allowed cert"
+            Rejection::NoKeyUsage | Rejection::NoDigitalSignature { .. } => {
+                "No digital signature cert"
             }
+            Rejection::ChainIncomplete { .. }
+            | Rejection::RootNotAllowed { .. }
+            | Rejection::ChainTooLong => "Not allowed cert",
             Rejection::NoPrivateKey | Rejection::KeyUnusable { .. } => "No private key cert",
-            Rejection::NoExtendedKeyUsage | Rejection::NotClientAuth { .. } => "Not client auth cert",
+            Rejection::NoExtendedKeyUsage | Rejection::NotClientAuth { .. } => {
+                "Not client auth cert"
+            }
             Rejection::NotYetValid { .. } | Rejection::Expired { .. } => "Not time valid cert",
+        }
+    }
+
+    /// A few words for a table column.
+    pub fn short(&self) -> &'static str {
+        match self {
+            Rejection::NoKeyUsage | Rejection::NoDigitalSignature { .. } => "no digital signature",
+            Rejection::ChainIncomplete { .. } => "chain incomplete",
+            Rejection::RootNotAllowed { .. } => "root CA not allowed",
+            Rejection::ChainTooLong => "chain too long",
+            Rejection::NoPrivateKey => "no private key",
+            Rejection::KeyUnusable { .. } => "private key unusable",
+            Rejection::NoExtendedKeyUsage | Rejection::NotClientAuth { .. } => "not client auth",
+            Rejection::NotYetValid { .. } => "not yet valid",
+            Rejection::Expired { .. } => "expired",
         }
     }
 
@@ -174,7 +203,8 @@ fn list_or_none(items: &[String]) -> String {
 }
 
 pub fn date_text(t: OffsetDateTime) -> String {
-    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
     t.to_offset(time::UtcOffset::UTC)
         .format(&fmt)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
@@ -190,8 +220,15 @@ pub enum TrailLine {
         label: String,
         rejection: Rejection,
     },
-    Count { stage: Stage, count: usize },
-    Selected { entry: usize, label: String, why: String },
+    Count {
+        stage: Stage,
+        count: usize,
+    },
+    Selected {
+        entry: usize,
+        label: String,
+        why: String,
+    },
     NoneSelected,
     SharedName {
         entry: usize,
@@ -240,7 +277,9 @@ impl fmt::Display for TrailLine {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "fate", rename_all = "snake_case")]
 pub enum Fate {
-    Rejected { rejection: Rejection },
+    Rejected {
+        rejection: Rejection,
+    },
     /// Passed every stage but another candidate was chosen.
     Passed,
     Selected,
@@ -273,6 +312,9 @@ impl Selection {
     }
 }
 
+/// One pass of a stage: judges the store entry at an index, `Some` when it is dropped.
+type Check<'a> = &'a dyn Fn(usize) -> Option<Rejection>;
+
 /// Runs the filter chain over `store` against the allowed roots, at time `now`.
 pub fn select_client_cert(store: &CertStore, allowed: &RootSet, now: OffsetDateTime) -> Selection {
     // Allowed roots first, so a chain that can reach one does.
@@ -282,7 +324,11 @@ pub fn select_client_cert(store: &CertStore, allowed: &RootSet, now: OffsetDateT
         .chain(store.chain_certs.iter())
         .chain(store.entries.iter().map(|e| &e.cert))
         .collect();
-    let chains: Vec<Chain> = store.entries.iter().map(|e| chain::build(&e.cert, &pool)).collect();
+    let chains: Vec<Chain> = store
+        .entries
+        .iter()
+        .map(|e| chain::build(&e.cert, &pool))
+        .collect();
 
     let mut trail = Vec::new();
     let mut fates: Vec<Option<Rejection>> = vec![None; store.entries.len()];
@@ -290,8 +336,10 @@ pub fn select_client_cert(store: &CertStore, allowed: &RootSet, now: OffsetDateT
 
     // Each pass drops what fails its check, logging rejections before the stage's count. The
     // allowed-root stage has two passes (see the module comment).
-    let passes: [(Stage, &dyn Fn(usize) -> Option<Rejection>); 6] = [
-        (Stage::DigitalSignature, &|i| digital_signature(&store.entries[i].cert)),
+    let passes: [(Stage, Check); 6] = [
+        (Stage::DigitalSignature, &|i| {
+            digital_signature(&store.entries[i].cert)
+        }),
         (Stage::AllowedRootCa, &|i| allowed_root(&chains[i], allowed)),
         (Stage::AllowedRootCa, &|i| {
             (store.entries[i].key == KeyState::Absent).then_some(Rejection::NoPrivateKey)
@@ -301,7 +349,9 @@ pub fn select_client_cert(store: &CertStore, allowed: &RootSet, now: OffsetDateT
             _ => None,
         }),
         (Stage::ClientAuth, &|i| client_auth(&store.entries[i].cert)),
-        (Stage::TimeValidity, &|i| time_validity(&store.entries[i].cert, now)),
+        (Stage::TimeValidity, &|i| {
+            time_validity(&store.entries[i].cert, now)
+        }),
     ];
     for (n, (stage, check)) in passes.iter().enumerate() {
         alive.retain(|&i| match check(i) {
@@ -328,7 +378,9 @@ pub fn select_client_cert(store: &CertStore, allowed: &RootSet, now: OffsetDateT
     // Latest expiry wins; the thumbprint breaks ties so the choice never depends on file order.
     alive.sort_by(|&a, &b| {
         let (ca, cb) = (&store.entries[a].cert, &store.entries[b].cert);
-        cb.not_after.cmp(&ca.not_after).then_with(|| ca.thumbprint.cmp(&cb.thumbprint))
+        cb.not_after
+            .cmp(&ca.not_after)
+            .then_with(|| ca.thumbprint.cmp(&cb.thumbprint))
     });
     let selected = alive.first().copied();
     match selected {
@@ -457,7 +509,10 @@ fn shared_names(store: &CertStore, chosen: usize) -> Vec<(String, String)> {
             continue;
         }
         let theirs = other.cert.machine_names();
-        if let Some(name) = my_names.iter().find(|n| theirs.iter().any(|t| t.eq_ignore_ascii_case(n))) {
+        if let Some(name) = my_names
+            .iter()
+            .find(|n| theirs.iter().any(|t| t.eq_ignore_ascii_case(n)))
+        {
             found.push((name.clone(), other.cert.label()));
         }
     }

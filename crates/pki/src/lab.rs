@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    SerialNumber,
 };
 pub use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
 use ring::rand::SecureRandom;
@@ -40,7 +41,10 @@ impl LeafSpec {
         LeafSpec {
             common_name: common_name.into(),
             sans: Vec::new(),
-            key_usages: vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            key_usages: vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
             extended_key_usages: vec![ExtendedKeyUsagePurpose::ClientAuth],
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(days),
@@ -68,7 +72,9 @@ impl LabCa {
     pub fn new_root(common_name: &str, years: i64) -> Result<LabCa> {
         let key = new_key(common_name)?;
         let params = ca_params(common_name, years)?;
-        let cert = params.self_signed(&key).map_err(|e| issue_error(common_name, e))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| issue_error(common_name, e))?;
         Ok(LabCa {
             issued: Issued {
                 cert_pem: cert.pem(),
@@ -104,7 +110,8 @@ impl LabCa {
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued> {
         let name = &spec.common_name;
         let key = new_key(name)?;
-        let mut params = CertificateParams::new(spec.sans.clone()).map_err(|e| issue_error(name, e))?;
+        let mut params =
+            CertificateParams::new(spec.sans.clone()).map_err(|e| issue_error(name, e))?;
         params.distinguished_name = common_name_dn(name);
         params.key_usages = spec.key_usages.clone();
         params.extended_key_usages = spec.extended_key_usages.clone();
@@ -152,10 +159,12 @@ fn new_key(what: &str) -> Result<KeyPair> {
 
 fn random_serial(what: &str) -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| PkiError::Issue {
-        what: what.into(),
-        reason: "the system random generator failed".into(),
-    })?;
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PkiError::Issue {
+            what: what.into(),
+            reason: "the system random generator failed".into(),
+        })?;
     bytes[0] &= 0x7f; // a positive INTEGER
     Ok(SerialNumber::from_slice(&bytes))
 }
@@ -236,7 +245,10 @@ impl LabPki {
         if options.devices > MAX_LAB_DEVICES {
             return Err(PkiError::Issue {
                 what: "device certificates".into(),
-                reason: format!("{} devices asked for; at most {MAX_LAB_DEVICES}", options.devices),
+                reason: format!(
+                    "{} devices asked for; at most {MAX_LAB_DEVICES}",
+                    options.devices
+                ),
             });
         }
         let root = LabCa::new_root("Portcullis Lab Root CA", 10)?;
@@ -265,8 +277,15 @@ impl LabPki {
         pair(
             layout::GATEWAY_CERT,
             layout::GATEWAY_KEY,
-            &format!("gateway TLS server certificate for {}", options.hosts.join(", ")),
-            &root.issue(&LeafSpec::server_auth("Portcullis Gateway", &options.hosts, days))?,
+            &format!(
+                "gateway TLS server certificate for {}",
+                options.hosts.join(", ")
+            ),
+            &root.issue(&LeafSpec::server_auth(
+                "Portcullis Gateway",
+                &options.hosts,
+                days,
+            ))?,
         );
         pair(
             layout::MP_CERT,
@@ -336,7 +355,8 @@ impl LabPki {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| write_error(parent, e))?;
             }
-            write_file(&path, file.contents.as_bytes(), file.secret).map_err(|e| write_error(&path, e))?;
+            write_file(&path, file.contents.as_bytes(), file.secret)
+                .map_err(|e| write_error(&path, e))?;
         }
         Ok(())
     }
@@ -373,7 +393,9 @@ fn valid_host(host: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -386,7 +408,11 @@ fn readme_text(files: &[LabFile]) -> String {
          | file | use |\n|---|---|\n",
     );
     for file in files {
-        text.push_str(&format!("| `{}` | {} |\n", file.path.display(), file.purpose));
+        text.push_str(&format!(
+            "| `{}` | {} |\n",
+            file.path.display(),
+            file.purpose
+        ));
     }
     text.push_str(
         "\nCheck the connector's certificate choice:\n\n\

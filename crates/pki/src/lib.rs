@@ -10,8 +10,8 @@ pub mod chain;
 pub mod error;
 pub mod filter;
 pub mod lab;
-pub mod report;
 mod load;
+pub mod report;
 pub mod roots;
 pub mod store;
 

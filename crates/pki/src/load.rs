@@ -54,7 +54,9 @@ impl Pkcs12Password {
 impl std::fmt::Debug for Pkcs12Password {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password itself.
-        f.debug_struct("Pkcs12Password").field("source", &self.source).finish()
+        f.debug_struct("Pkcs12Password")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -95,7 +97,9 @@ pub(crate) fn parse_pem_or_der(path: &Path, bytes: &[u8]) -> Result<FileItems> {
     if !has_pem_marker {
         return parse_der(path, bytes);
     }
-    if contains(bytes, b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || contains(bytes, b"Proc-Type: 4,ENCRYPTED") {
+    if contains(bytes, b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || contains(bytes, b"Proc-Type: 4,ENCRYPTED")
+    {
         return Err(PkiError::EncryptedKey {
             path: path.to_path_buf(),
         });
@@ -189,29 +193,35 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-pub(crate) fn parse_pkcs12(path: &Path, bytes: &[u8], password: &Pkcs12Password) -> Result<FileItems> {
+pub(crate) fn parse_pkcs12(
+    path: &Path,
+    bytes: &[u8],
+    password: &Pkcs12Password,
+) -> Result<FileItems> {
     use p12_keystore::error::Error as P12Error;
-    let archive = p12_keystore::Pkcs12Archive::from_pkcs12(bytes, &password.value).map_err(|e| match e {
-        P12Error::MacError(_) => PkiError::Pkcs12WrongPassword {
-            path: path.to_path_buf(),
-            source_of_password: password.source.clone(),
-        },
-        P12Error::DerError(_) | P12Error::InvalidVersion => PkiError::Pkcs12 {
-            path: path.to_path_buf(),
-            reason: format!("not a PKCS#12 file, or a damaged one ({e})"),
-        },
-        other => PkiError::Pkcs12 {
-            path: path.to_path_buf(),
-            reason: other.to_string(),
-        },
-    })?;
+    let archive =
+        p12_keystore::Pkcs12Archive::from_pkcs12(bytes, &password.value).map_err(|e| match e {
+            P12Error::MacError(_) => PkiError::Pkcs12WrongPassword {
+                path: path.to_path_buf(),
+                source_of_password: password.source.clone(),
+            },
+            P12Error::DerError(_) | P12Error::InvalidVersion => PkiError::Pkcs12 {
+                path: path.to_path_buf(),
+                reason: format!("not a PKCS#12 file, or a damaged one ({e})"),
+            },
+            other => PkiError::Pkcs12 {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
+        })?;
     let mut items = FileItems::default();
     for (i, bag) in archive.certs.iter().enumerate() {
-        let cert = Certificate::from_der(bag.cert.as_der()).map_err(|reason| PkiError::Certificate {
-            path: path.to_path_buf(),
-            index: i + 1,
-            reason,
-        })?;
+        let cert =
+            Certificate::from_der(bag.cert.as_der()).map_err(|reason| PkiError::Certificate {
+                path: path.to_path_buf(),
+                index: i + 1,
+                reason,
+            })?;
         items.certs.push(cert);
     }
     for bag in archive.keys {
@@ -248,7 +258,10 @@ pub(crate) fn read_certificates(paths: &[PathBuf]) -> Result<Vec<Certificate>> {
         if meta.is_dir() {
             let mut found = Vec::new();
             for file in sorted_files(path)? {
-                if matches!(extension(&file).as_deref(), Some("crt" | "cer" | "pem" | "der")) {
+                if matches!(
+                    extension(&file).as_deref(),
+                    Some("crt" | "cer" | "pem" | "der")
+                ) {
                     found.extend(read_file(&file, &Pkcs12Password::empty())?.certs);
                 }
             }

@@ -48,8 +48,9 @@ pub struct CertRow {
     pub chain_complete: bool,
     /// `selected`, `passed` or `rejected`.
     pub fate: &'static str,
-    /// For a rejected certificate: the stage, the reason and the fix.
+    /// For a rejected certificate: the stage, the kind of rejection, the reason and the fix.
     pub stage: Option<&'static str>,
+    pub rejection: Option<&'static str>,
     pub reason: Option<String>,
     pub fix: Option<&'static str>,
     pub extension_problems: Vec<String>,
@@ -72,15 +73,10 @@ impl CertReport {
             .map(|judged| {
                 let entry = &store.entries[judged.entry];
                 let c: &Certificate = &entry.cert;
-                let (fate, stage, reason, fix) = match &judged.fate {
-                    Fate::Selected => ("selected", None, None, None),
-                    Fate::Passed => ("passed", None, None, None),
-                    Fate::Rejected { rejection } => (
-                        "rejected",
-                        Some(rejection.stage().count_words()),
-                        Some(rejection.reason()),
-                        Some(rejection.fix()),
-                    ),
+                let (fate, rejection) = match &judged.fate {
+                    Fate::Selected => ("selected", None),
+                    Fate::Passed => ("passed", None),
+                    Fate::Rejected { rejection } => ("rejected", Some(rejection)),
                 };
                 CertRow {
                     number: judged.entry + 1,
@@ -97,12 +93,18 @@ impl CertReport {
                     file: entry.source.clone(),
                     key_file: entry.key_source.clone(),
                     key: entry.key.clone(),
-                    chain: judged.chain.certs.iter().map(|c| c.subject.clone()).collect(),
+                    chain: judged
+                        .chain
+                        .certs
+                        .iter()
+                        .map(|c| c.subject.clone())
+                        .collect(),
                     chain_complete: judged.chain.end == ChainEnd::Root,
                     fate,
-                    stage,
-                    reason,
-                    fix,
+                    stage: rejection.map(|r| r.stage().count_words()),
+                    rejection: rejection.map(|r| r.short()),
+                    reason: rejection.map(|r| r.reason()),
+                    fix: rejection.map(|r| r.fix()),
                     extension_problems: c.extension_problems.clone(),
                 }
             })
@@ -146,7 +148,11 @@ impl CertReport {
         }
         let _ = writeln!(out, "Evaluated at: {}", self.evaluated_at);
         for file in &self.ignored_files {
-            let _ = writeln!(out, "Ignored (not a certificate or key file): {}", file.display());
+            let _ = writeln!(
+                out,
+                "Ignored (not a certificate or key file): {}",
+                file.display()
+            );
         }
         for note in &self.notes {
             let _ = writeln!(out, "Note: {note}");
@@ -158,16 +164,22 @@ impl CertReport {
         }
 
         let _ = writeln!(out, "\nEvery certificate's fate:");
-        let width = self.certificates.iter().map(|c| c.subject.len()).max().unwrap_or(7).max(7);
+        let width = self
+            .certificates
+            .iter()
+            .map(|c| c.subject.len())
+            .max()
+            .unwrap_or(7)
+            .max(7);
         let _ = writeln!(
             out,
             "  {:>3}  {:<width$}  {:<40}  {:<10}  FATE",
             "#", "SUBJECT", "THUMBPRINT", "EXPIRES"
         );
         for row in &self.certificates {
-            let fate = match (row.fate, row.stage) {
-                ("rejected", Some(stage)) => format!("rejected at {stage}"),
-                (fate, _) => fate.to_string(),
+            let fate = match row.rejection {
+                Some(kind) => format!("rejected: {kind}"),
+                None => row.fate.to_string(),
             };
             let _ = writeln!(
                 out,
@@ -188,7 +200,11 @@ impl CertReport {
                 let _ = writeln!(out, "      SANs:       {}", row.sans.join(", "));
             }
             let _ = writeln!(out, "      serial:     {}", row.serial);
-            let _ = writeln!(out, "      valid:      {} to {}", row.not_before, row.not_after);
+            let _ = writeln!(
+                out,
+                "      valid:      {} to {}",
+                row.not_before, row.not_after
+            );
             let ku = row
                 .key_usage
                 .as_ref()
@@ -224,7 +240,11 @@ impl CertReport {
             }
             match (&row.reason, row.fix) {
                 (Some(reason), Some(fix)) => {
-                    let _ = writeln!(out, "      fate:       rejected at {}: {reason}", row.stage.unwrap_or("?"));
+                    let _ = writeln!(
+                        out,
+                        "      fate:       rejected at {}: {reason}",
+                        row.stage.unwrap_or("?")
+                    );
                     let _ = writeln!(out, "      fix:        {fix}");
                 }
                 _ => {

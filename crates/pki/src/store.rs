@@ -88,7 +88,8 @@ impl CertStore {
 
         // Keys in a key-only file (name.key, or a .pem with keys only) belong to the
         // certificate file(s) named name.*.
-        let mut key_files: BTreeMap<String, (PathBuf, Vec<PrivateKeyDer<'static>>)> = BTreeMap::new();
+        let mut key_files: BTreeMap<String, (PathBuf, Vec<PrivateKeyDer<'static>>)> =
+            BTreeMap::new();
         let mut cert_files = Vec::new();
         for file in files {
             match extension(&file).as_deref() {
@@ -128,33 +129,36 @@ impl CertStore {
         items: FileItems,
         sibling: Option<(PathBuf, Vec<PrivateKeyDer<'static>>)>,
     ) {
-        // Every key with where it came from and its public half (or why rustls refuses it).
-        let mut keys: Vec<(PrivateKeyDer<'static>, Option<PathBuf>, std::result::Result<Vec<u8>, String>)> =
-            Vec::new();
-        for key in items.keys {
-            let spki = key_spki(&key);
-            keys.push((key, None, spki));
-        }
+        let mut keys: Vec<FoundKey> = items
+            .keys
+            .into_iter()
+            .map(|der| FoundKey::new(der, None))
+            .collect();
         if let Some((path, sibling_keys)) = sibling {
-            for key in sibling_keys {
-                let spki = key_spki(&key);
-                keys.push((key, Some(path.clone()), spki));
-            }
+            keys.extend(
+                sibling_keys
+                    .into_iter()
+                    .map(|der| FoundKey::new(der, Some(path.clone()))),
+            );
         }
         let mut key_used = vec![false; keys.len()];
 
         for (i, cert) in items.certs.into_iter().enumerate() {
             let matching = keys
                 .iter()
-                .position(|(_, _, spki)| spki.as_ref().is_ok_and(|s| s.as_slice() == cert.spki()));
+                .position(|k| k.spki.as_ref().is_ok_and(|s| s.as_slice() == cert.spki()));
             let (key, key_der, key_source) = match matching {
                 Some(k) => {
                     key_used[k] = true;
-                    (KeyState::Usable, Some(Arc::new(keys[k].0.clone_key())), keys[k].1.clone())
+                    (
+                        KeyState::Usable,
+                        Some(Arc::new(keys[k].der.clone_key())),
+                        keys[k].source.clone(),
+                    )
                 }
-                None if i == 0 => match keys.first() {
+                None if i == 0 => match keys.first().map(|k| (&k.source, &k.spki)) {
                     // The file's own certificate with a key that is not its key: say so.
-                    Some((_, source, Ok(_))) => {
+                    Some((source, Ok(_))) => {
                         key_used[0] = true;
                         (
                             KeyState::Unusable(
@@ -164,7 +168,7 @@ impl CertStore {
                             source.clone(),
                         )
                     }
-                    Some((_, source, Err(why))) => {
+                    Some((source, Err(why))) => {
                         key_used[0] = true;
                         (
                             KeyState::Unusable(format!("the private key cannot be used: {why}")),
@@ -188,9 +192,9 @@ impl CertStore {
                 key_der,
             });
         }
-        for ((_, source, _), used) in keys.iter().zip(key_used) {
+        for (key, used) in keys.iter().zip(key_used) {
             if !used {
-                let from = source.as_deref().unwrap_or(file);
+                let from = key.source.as_deref().unwrap_or(file);
                 self.notes.push(format!(
                     "{}: holds a private key that matches no certificate in {}; ignored",
                     from.display(),
@@ -225,6 +229,21 @@ impl CertStore {
         if !self.chain_certs.contains(&cert) {
             self.chain_certs.push(cert);
         }
+    }
+}
+
+/// A private key found for a certificate file, where it came from (when not that file), and
+/// its public half, or why rustls cannot use it.
+struct FoundKey {
+    der: PrivateKeyDer<'static>,
+    source: Option<PathBuf>,
+    spki: std::result::Result<Vec<u8>, String>,
+}
+
+impl FoundKey {
+    fn new(der: PrivateKeyDer<'static>, source: Option<PathBuf>) -> FoundKey {
+        let spki = key_spki(&der);
+        FoundKey { der, source, spki }
     }
 }
 

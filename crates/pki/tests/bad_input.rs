@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use pki::{CertStore, PkiError, Pkcs12Password, RootSet};
+use pki::{CertStore, Pkcs12Password, PkiError, RootSet};
 
 fn load_err(dir: &std::path::Path) -> String {
     match CertStore::load(dir, &Pkcs12Password::empty()) {
@@ -19,8 +19,11 @@ fn a_missing_path_is_named() {
     let missing = dir.path().join("nope");
     let err = CertStore::load(&missing, &Pkcs12Password::empty()).unwrap_err();
     assert!(matches!(err, PkiError::NotFound { .. }));
-    assert_eq!(err.to_string(), format!("{}: no such file or directory", missing.display()));
-    let err = RootSet::load(&[missing.clone()]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{}: no such file or directory", missing.display())
+    );
+    let err = RootSet::load(std::slice::from_ref(&missing)).unwrap_err();
     assert!(err.to_string().contains("nope: no such file or directory"));
 }
 
@@ -38,7 +41,10 @@ fn garbage_with_a_certificate_extension_is_named() {
     let dir = tempdir();
     write(dir.path(), "junk.crt", [0xde, 0xad, 0xbe, 0xef, 0x00, 0x01]);
     let err = load_err(dir.path());
-    assert!(err.contains("junk.crt") && err.contains("neither a PEM block nor a DER certificate"), "{err}");
+    assert!(
+        err.contains("junk.crt") && err.contains("neither a PEM block nor a DER certificate"),
+        "{err}"
+    );
 
     let dir = tempdir();
     write(dir.path(), "text.pem", "hello, I am not PEM at all\n");
@@ -49,13 +55,23 @@ fn garbage_with_a_certificate_extension_is_named() {
     let dir = tempdir();
     write(dir.path(), "fake.der", [0x30, 0x03, 0x02, 0x01, 0x01]);
     let err = load_err(dir.path());
-    assert!(err.contains("fake.der: certificate #1 cannot be parsed"), "{err}");
+    assert!(
+        err.contains("fake.der: certificate #1 cannot be parsed"),
+        "{err}"
+    );
 
     // A PEM block whose base64 is fine but whose contents are not a certificate.
     let dir = tempdir();
-    write(dir.path(), "bad.crt", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    write(
+        dir.path(),
+        "bad.crt",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
     let err = load_err(dir.path());
-    assert!(err.contains("bad.crt: certificate #1 cannot be parsed"), "{err}");
+    assert!(
+        err.contains("bad.crt: certificate #1 cannot be parsed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -71,7 +87,11 @@ fn truncated_pem_is_named() {
 
     let dir = tempdir();
     write(dir.path(), "c.crt", &issued.cert_pem);
-    write(dir.path(), "c.key", &issued.key_pem[..issued.key_pem.len() - 30]);
+    write(
+        dir.path(),
+        "c.key",
+        &issued.key_pem[..issued.key_pem.len() - 30],
+    );
     let err = load_err(dir.path());
     assert!(err.contains("c.key: bad PEM"), "{err}");
 
@@ -95,7 +115,10 @@ fn an_encrypted_pem_key_says_how_to_fix_it() {
         "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
     );
     let err = load_err(dir.path());
-    assert!(err.contains("enc.key: holds an encrypted private key"), "{err}");
+    assert!(
+        err.contains("enc.key: holds an encrypted private key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -103,7 +126,10 @@ fn a_garbage_pfx_is_named() {
     let dir = tempdir();
     write(dir.path(), "junk.pfx", b"definitely not PKCS#12");
     let err = load_err(dir.path());
-    assert!(err.contains("junk.pfx: cannot read PKCS#12: not a PKCS#12 file"), "{err}");
+    assert!(
+        err.contains("junk.pfx: cannot read PKCS#12: not a PKCS#12 file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -112,7 +138,10 @@ fn an_oversized_file_is_refused_without_reading_it_whole() {
     let file = std::fs::File::create(dir.path().join("huge.crt")).unwrap();
     file.set_len(pki::MAX_FILE_BYTES + 1).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("huge.crt: is ") && err.contains("limit"), "{err}");
+    assert!(
+        err.contains("huge.crt: is ") && err.contains("limit"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -133,10 +162,18 @@ fn stray_keys_and_other_files_are_reported_not_lost() {
     let ca = root("Root");
     let issued = ca.issue(&client("ok")).unwrap();
     put(dir.path(), "ok", &issued, true);
-    write(dir.path(), "orphan.key", ca.issue(&client("x")).unwrap().key_pem);
+    write(
+        dir.path(),
+        "orphan.key",
+        ca.issue(&client("x")).unwrap().key_pem,
+    );
     write(dir.path(), "notes.txt", "hi");
     let store = load(dir.path());
     assert_eq!(store.entries.len(), 1);
-    assert!(store.notes.iter().any(|n| n.contains("orphan.key")), "{:?}", store.notes);
+    assert!(
+        store.notes.iter().any(|n| n.contains("orphan.key")),
+        "{:?}",
+        store.notes
+    );
     assert!(store.ignored.iter().any(|p| p.ends_with("notes.txt")));
 }

@@ -23,7 +23,12 @@ fn rejection_of(selection: &pki::Selection, store: &pki::CertStore, cn: &str) ->
 fn a_good_client_certificate_is_selected() {
     let dir = tempdir();
     let ca = root("Good Root");
-    put(dir.path(), "client", &ca.issue(&client("good-client")).unwrap(), true);
+    put(
+        dir.path(),
+        "client",
+        &ca.issue(&client("good-client")).unwrap(),
+        true,
+    );
     let (store, sel) = judge(dir.path(), &[&ca]);
     assert_eq!(sel.selected, Some(0));
     assert_eq!(store.entries[0].key, KeyState::Usable);
@@ -33,10 +38,15 @@ fn a_good_client_certificate_is_selected() {
     }
     let text = lines(&sel);
     assert!(
-        text.last().unwrap().starts_with("Selected client authentication cert: CN=good-client, O=Portcullis Lab (thumbprint "),
+        text.last().unwrap().starts_with(
+            "Selected client authentication cert: CN=good-client, O=Portcullis Lab (thumbprint "
+        ),
         "{text:?}"
     );
-    assert!(text.last().unwrap().ends_with("the only certificate that passed every stage"));
+    assert!(text
+        .last()
+        .unwrap()
+        .ends_with("the only certificate that passed every stage"));
 }
 
 #[test]
@@ -58,12 +68,21 @@ fn digital_signature_stage_rejects_missing_and_other_key_usage() {
         }
     );
     let text = lines(&sel);
-    assert!(text[0].starts_with("No digital signature cert: CN=no-ku, O=Portcullis Lab (thumbprint "));
+    assert!(
+        text[0].starts_with("No digital signature cert: CN=no-ku, O=Portcullis Lab (thumbprint ")
+    );
     assert!(text[0].ends_with("has no key usage extension, so digital signature is not allowed"));
-    assert!(text[1].ends_with("key usage is Key Encipherment without Digital Signature"), "{}", text[1]);
+    assert!(
+        text[1].ends_with("key usage is Key Encipherment without Digital Signature"),
+        "{}",
+        text[1]
+    );
     assert_eq!(text[2], "Filtered cert count with digital signature: 0");
     assert_eq!(sel.selected, None);
-    assert!(text.last().unwrap().starts_with("No client authentication cert selected"));
+    assert!(text
+        .last()
+        .unwrap()
+        .starts_with("No client authentication cert selected"));
 }
 
 #[test]
@@ -72,10 +91,22 @@ fn allowed_root_stage_names_the_foreign_root_and_the_missing_issuer() {
     let allowed = root("Allowed Root");
     let other = root("Other Root");
     let hidden_parent = root("Hidden Root");
-    let hidden_intermediate = hidden_parent.new_intermediate("Hidden Issuing CA", 3).unwrap();
-    put(dir.path(), "a-foreign", &other.issue(&client("foreign")).unwrap(), true);
+    let hidden_intermediate = hidden_parent
+        .new_intermediate("Hidden Issuing CA", 3)
+        .unwrap();
+    put(
+        dir.path(),
+        "a-foreign",
+        &other.issue(&client("foreign")).unwrap(),
+        true,
+    );
     // Its issuer is nowhere in the store and not an allowed root.
-    put(dir.path(), "b-orphan", &hidden_intermediate.issue(&client("orphan")).unwrap(), true);
+    put(
+        dir.path(),
+        "b-orphan",
+        &hidden_intermediate.issue(&client("orphan")).unwrap(),
+        true,
+    );
     // The other root itself sits in the store too (as Windows stores often hold CA certs).
     put(dir.path(), "c-other-root", other.cert(), false);
     let (store, sel) = judge(dir.path(), &[&allowed]);
@@ -97,7 +128,11 @@ fn allowed_root_stage_names_the_foreign_root_and_the_missing_issuer() {
         .any(|l| l.starts_with("Not allowed cert: CN=foreign, O=Portcullis Lab")
             && l.ends_with("chains to root \"CN=Other Root, O=Portcullis Lab\", which is not an allowed root CA")));
     let orphan_chain = &sel.judged.iter().find(|j| j.entry == 1).unwrap().chain;
-    assert!(orphan_chain.describe().contains("not found"), "{}", orphan_chain.describe());
+    assert!(
+        orphan_chain.describe().contains("not found"),
+        "{}",
+        orphan_chain.describe()
+    );
 }
 
 #[test]
@@ -106,14 +141,26 @@ fn an_intermediate_bundled_in_the_pem_completes_the_chain() {
     let allowed = root("Allowed Root");
     let issuing = allowed.new_intermediate("Issuing CA", 3).unwrap();
     let leaf = issuing.issue(&client("via-intermediate")).unwrap();
-    let bundle = format!("{}{}{}", leaf.cert_pem, issuing.cert().cert_pem, leaf.key_pem);
+    let bundle = format!(
+        "{}{}{}",
+        leaf.cert_pem,
+        issuing.cert().cert_pem,
+        leaf.key_pem
+    );
     write(dir.path(), "bundle.pem", bundle);
     let (store, sel) = judge(dir.path(), &[&allowed]);
-    assert_eq!(store.entries.len(), 1, "the intermediate is a chain certificate, not a candidate");
+    assert_eq!(
+        store.entries.len(),
+        1,
+        "the intermediate is a chain certificate, not a candidate"
+    );
     assert_eq!(store.chain_certs.len(), 1);
     assert_eq!(sel.selected, Some(0));
     assert_eq!(sel.judged[0].chain.certs.len(), 3);
-    assert!(sel.judged[0].chain.describe().ends_with("CN=Allowed Root, O=Portcullis Lab (root)"));
+    assert!(sel.judged[0]
+        .chain
+        .describe()
+        .ends_with("CN=Allowed Root, O=Portcullis Lab (root)"));
 }
 
 #[test]
@@ -127,7 +174,10 @@ fn keyless_certificates_drop_in_the_root_pass_and_bad_keys_in_the_key_stage() {
     write(dir.path(), "b.crt", &wrong_key_cert.cert_pem);
     write(dir.path(), "b.key", &someone_else.key_pem);
     let (store, sel) = judge(dir.path(), &[&ca]);
-    assert_eq!(rejection_of(&sel, &store, "no-key"), Rejection::NoPrivateKey);
+    assert_eq!(
+        rejection_of(&sel, &store, "no-key"),
+        Rejection::NoPrivateKey
+    );
     assert!(matches!(
         rejection_of(&sel, &store, "wrong-key"),
         Rejection::KeyUnusable { why } if why.contains("does not match")
@@ -141,7 +191,10 @@ fn keyless_certificates_drop_in_the_root_pass_and_bad_keys_in_the_key_stage() {
         "Filtered cert count with private key: 0",
     ];
     for (line, want) in text.iter().zip(expected_order) {
-        assert!(line.starts_with(want), "{line:?} should start with {want:?}; trail {text:?}");
+        assert!(
+            line.starts_with(want),
+            "{line:?} should start with {want:?}; trail {text:?}"
+        );
     }
 }
 
@@ -156,7 +209,10 @@ fn client_auth_stage_rejects_missing_and_other_ekus() {
     put(dir.path(), "a", &ca.issue(&no_eku).unwrap(), true);
     put(dir.path(), "b", &ca.issue(&server).unwrap(), true);
     let (store, sel) = judge(dir.path(), &[&ca]);
-    assert_eq!(rejection_of(&sel, &store, "no-eku"), Rejection::NoExtendedKeyUsage);
+    assert_eq!(
+        rejection_of(&sel, &store, "no-eku"),
+        Rejection::NoExtendedKeyUsage
+    );
     assert_eq!(
         rejection_of(&sel, &store, "server-only"),
         Rejection::NotClientAuth {
@@ -181,11 +237,19 @@ fn time_validity_stage_rejects_expired_and_future_certificates() {
     put(dir.path(), "a", &ca.issue(&expired).unwrap(), true);
     put(dir.path(), "b", &ca.issue(&future).unwrap(), true);
     let (store, sel) = judge(dir.path(), &[&ca]);
-    assert!(matches!(rejection_of(&sel, &store, "expired"), Rejection::Expired { .. }));
-    assert!(matches!(rejection_of(&sel, &store, "future"), Rejection::NotYetValid { .. }));
+    assert!(matches!(
+        rejection_of(&sel, &store, "expired"),
+        Rejection::Expired { .. }
+    ));
+    assert!(matches!(
+        rejection_of(&sel, &store, "future"),
+        Rejection::NotYetValid { .. }
+    ));
     assert_eq!(sel.surviving(Stage::ClientAuth), Some(2));
     assert_eq!(sel.surviving(Stage::TimeValidity), Some(0));
-    assert!(lines(&sel).iter().any(|l| l.starts_with("Not time valid cert: CN=expired, O=Portcullis Lab") && l.contains("expired on ")));
+    assert!(lines(&sel).iter().any(|l| l
+        .starts_with("Not time valid cert: CN=expired, O=Portcullis Lab")
+        && l.contains("expired on ")));
 }
 
 #[test]
@@ -202,7 +266,9 @@ fn latest_expiry_wins_and_the_thumbprint_breaks_ties() {
     let (store, sel) = judge(dir.path(), &[&ca]);
     let chosen = &store.entries[sel.selected.unwrap()].cert;
     assert!(chosen.subject.starts_with("CN=long,"));
-    assert!(lines(&sel).iter().any(|l| l.contains("latest expiry (") && l.contains("of the 2 certificates")));
+    assert!(lines(&sel)
+        .iter()
+        .any(|l| l.contains("latest expiry (") && l.contains("of the 2 certificates")));
 
     // Same expiry to the second: the lowest thumbprint, whatever the file order.
     let dir = tempdir();
@@ -214,10 +280,19 @@ fn latest_expiry_wins_and_the_thumbprint_breaks_ties() {
     put(dir.path(), "1", &a, true);
     put(dir.path(), "2", &b, true);
     let (store, sel) = judge(dir.path(), &[&ca]);
-    let mut thumbs: Vec<_> = store.entries.iter().map(|e| e.cert.thumbprint.clone()).collect();
+    let mut thumbs: Vec<_> = store
+        .entries
+        .iter()
+        .map(|e| e.cert.thumbprint.clone())
+        .collect();
     thumbs.sort();
-    assert_eq!(store.entries[sel.selected.unwrap()].cert.thumbprint, thumbs[0]);
-    assert!(lines(&sel).iter().any(|l| l.contains("the lowest thumbprint breaks the tie")));
+    assert_eq!(
+        store.entries[sel.selected.unwrap()].cert.thumbprint,
+        thumbs[0]
+    );
+    assert!(lines(&sel)
+        .iter()
+        .any(|l| l.contains("the lowest thumbprint breaks the tie")));
 }
 
 #[test]
@@ -233,8 +308,14 @@ fn a_name_shared_with_another_machines_certificate_is_flagged() {
     put(dir.path(), "b", &ca.issue(&theirs).unwrap(), true);
     let (_, sel) = judge(dir.path(), &[&ca]);
     let text = lines(&sel);
-    let warning = text.iter().find(|l| l.contains("shares the name")).expect("a shared-name line");
-    assert!(warning.contains("\"DNS:host1.contoso.com\"") && warning.contains("CN=other-machine"), "{warning}");
+    let warning = text
+        .iter()
+        .find(|l| l.contains("shares the name"))
+        .expect("a shared-name line");
+    assert!(
+        warning.contains("\"DNS:host1.contoso.com\"") && warning.contains("CN=other-machine"),
+        "{warning}"
+    );
     assert!(warning.ends_with("the subject name or a SAN must be unique to this machine"));
 
     // No such line when every name is unique.
@@ -250,7 +331,9 @@ fn every_rejection_has_a_reason_and_a_fix() {
     let all = [
         Rejection::NoKeyUsage,
         Rejection::NoDigitalSignature { key_usage: vec![] },
-        Rejection::ChainIncomplete { missing_issuer: "X".into() },
+        Rejection::ChainIncomplete {
+            missing_issuer: "X".into(),
+        },
         Rejection::RootNotAllowed { root: "X".into() },
         Rejection::ChainTooLong,
         Rejection::NoPrivateKey,

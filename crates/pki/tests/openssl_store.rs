@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use pki::{select_client_cert, CertStore, Fate, KeyState, PkiError, Pkcs12Password, Rejection, RootSet};
+use pki::{
+    select_client_cert, CertStore, Fate, KeyState, Pkcs12Password, PkiError, Rejection, RootSet,
+};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -27,13 +29,35 @@ fn sign(work: &Path, name: &str, days: &str, extensions: &str) {
     std::fs::write(work.join(format!("{name}.ext")), extensions).unwrap();
     openssl(
         work,
-        &["req", "-new", "-key", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/O=Contoso/CN={name}")],
+        &[
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/O=Contoso/CN={name}"),
+        ],
     );
     openssl(
         work,
         &[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", days, "-out", &format!("{name}.crt"), "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            days,
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
         ],
     );
 }
@@ -55,45 +79,154 @@ fn make_lab() -> OpensslLab {
     openssl(
         &work,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.crt", "-days", "90", "-subj", "/O=Contoso/CN=OpenSSL Root CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "90",
+            "-subj",
+            "/O=Contoso/CN=OpenSSL Root CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
     // RSA client certificate with a PKCS#8 key.
-    openssl(&work, &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "rsa-client.key"]);
+    openssl(
+        &work,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa-client.key",
+        ],
+    );
     sign(&work, "rsa-client", "30", CLIENT_EXT);
     // Server-only certificate with a SEC1 ("EC PRIVATE KEY") key.
-    openssl(&work, &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", "server.key"]);
-    sign(&work, "server", "30", "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n");
+    openssl(
+        &work,
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            "server.key",
+        ],
+    );
+    sign(
+        &work,
+        "server",
+        "30",
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    );
     // A 1024-bit RSA key in PKCS#1 form: too weak for rustls to sign with.
-    openssl(&work, &["genrsa", "-traditional", "-out", "weak.key", "1024"]);
+    openssl(
+        &work,
+        &["genrsa", "-traditional", "-out", "weak.key", "1024"],
+    );
     sign(&work, "weak", "30", CLIENT_EXT);
     // A longer-lived client certificate shipped as a password-protected PKCS#12 with its chain.
-    openssl(&work, &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", "pfx-client.key"]);
+    openssl(
+        &work,
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            "pfx-client.key",
+        ],
+    );
     sign(&work, "pfx-client", "60", CLIENT_EXT);
     openssl(
         &work,
         &[
-            "pkcs12", "-export", "-inkey", "pfx-client.key", "-in", "pfx-client.crt", "-certfile", "ca.crt",
-            "-out", "pfx-client.pfx", "-passout", "pass:s3cret",
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "pfx-client.key",
+            "-in",
+            "pfx-client.crt",
+            "-certfile",
+            "ca.crt",
+            "-out",
+            "pfx-client.pfx",
+            "-passout",
+            "pass:s3cret",
         ],
     );
     // The same kind of bundle with the older 3DES encryption Windows still exports.
-    openssl(&work, &["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", "legacy.key"]);
+    openssl(
+        &work,
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            "legacy.key",
+        ],
+    );
     sign(&work, "legacy", "20", CLIENT_EXT);
     openssl(
         &work,
         &[
-            "pkcs12", "-export", "-inkey", "legacy.key", "-in", "legacy.crt", "-out", "legacy.p12",
-            "-keypbe", "PBE-SHA1-3DES", "-certpbe", "PBE-SHA1-3DES", "-macalg", "sha1", "-passout", "pass:s3cret",
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "legacy.key",
+            "-in",
+            "legacy.crt",
+            "-out",
+            "legacy.p12",
+            "-keypbe",
+            "PBE-SHA1-3DES",
+            "-certpbe",
+            "PBE-SHA1-3DES",
+            "-macalg",
+            "sha1",
+            "-passout",
+            "pass:s3cret",
         ],
     );
     // A certificate with no key at all, in DER.
-    openssl(&work, &["x509", "-in", "rsa-client.crt", "-outform", "DER", "-out", "keyless.cer"]);
+    openssl(
+        &work,
+        &[
+            "x509",
+            "-in",
+            "rsa-client.crt",
+            "-outform",
+            "DER",
+            "-out",
+            "keyless.cer",
+        ],
+    );
 
     for file in [
-        "rsa-client.crt", "rsa-client.key", "server.crt", "server.key", "weak.crt", "weak.key", "pfx-client.pfx",
+        "rsa-client.crt",
+        "rsa-client.key",
+        "server.crt",
+        "server.key",
+        "weak.crt",
+        "weak.key",
+        "pfx-client.pfx",
         "legacy.p12",
     ] {
         std::fs::copy(work.join(file), store.join(file)).unwrap();
@@ -108,7 +241,12 @@ fn make_lab() -> OpensslLab {
 fn fate_of<'a>(store: &CertStore, sel: &'a pki::Selection, cn: &str) -> &'a Fate {
     &sel.judged
         .iter()
-        .find(|j| store.entries[j.entry].cert.subject.starts_with(&format!("CN={cn},")))
+        .find(|j| {
+            store.entries[j.entry]
+                .cert
+                .subject
+                .starts_with(&format!("CN={cn},"))
+        })
         .unwrap_or_else(|| panic!("{cn} not in the store"))
         .fate
 }
@@ -116,15 +254,36 @@ fn fate_of<'a>(store: &CertStore, sel: &'a pki::Selection, cn: &str) -> &'a Fate
 #[test]
 fn an_openssl_made_store_is_read_and_judged() {
     let lab = make_lab();
-    let store = CertStore::load(&lab.store, &Pkcs12Password::new("s3cret", "the test")).expect("store loads");
+    let store = CertStore::load(&lab.store, &Pkcs12Password::new("s3cret", "the test"))
+        .expect("store loads");
     let allowed = RootSet::load(std::slice::from_ref(&lab.ca)).unwrap();
-    assert_eq!(store.entries.len(), 5, "{:#?}", store.entries.iter().map(|e| &e.cert.subject).collect::<Vec<_>>());
-    assert_eq!(store.chain_certs.len(), 1, "the CA bundled in the .pfx is a chain certificate");
+    assert_eq!(
+        store.entries.len(),
+        5,
+        "{:#?}",
+        store
+            .entries
+            .iter()
+            .map(|e| &e.cert.subject)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.chain_certs.len(),
+        1,
+        "the CA bundled in the .pfx is a chain certificate"
+    );
 
     let sel = select_client_cert(&store, &allowed, time::OffsetDateTime::now_utc());
-    assert!(matches!(fate_of(&store, &sel, "server"), Fate::Rejected { rejection: Rejection::NotClientAuth { .. } }));
+    assert!(matches!(
+        fate_of(&store, &sel, "server"),
+        Fate::Rejected {
+            rejection: Rejection::NotClientAuth { .. }
+        }
+    ));
     match fate_of(&store, &sel, "weak") {
-        Fate::Rejected { rejection: Rejection::KeyUnusable { why } } => {
+        Fate::Rejected {
+            rejection: Rejection::KeyUnusable { why },
+        } => {
             assert!(why.contains("cannot be used"), "{why}")
         }
         other => panic!("weak: {other:?}"),
@@ -132,7 +291,10 @@ fn an_openssl_made_store_is_read_and_judged() {
     assert!(matches!(fate_of(&store, &sel, "rsa-client"), Fate::Passed));
     assert!(matches!(fate_of(&store, &sel, "legacy"), Fate::Passed));
     // The PKCS#12 one lives longest, so it is chosen.
-    assert!(matches!(fate_of(&store, &sel, "pfx-client"), Fate::Selected));
+    assert!(matches!(
+        fate_of(&store, &sel, "pfx-client"),
+        Fate::Selected
+    ));
     let chosen = &store.entries[sel.selected.unwrap()];
     assert_eq!(chosen.key, KeyState::Usable);
     assert!(chosen.source.ends_with("pfx-client.pfx"));
@@ -144,8 +306,15 @@ fn an_openssl_made_store_is_read_and_judged() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(text.contains(&format!("serial={}", chosen.cert.serial)), "{text} vs {}", chosen.cert.serial);
-    let fingerprint = text.lines().find_map(|l| l.split('=').nth(1).filter(|_| l.contains("Fingerprint"))).unwrap();
+    assert!(
+        text.contains(&format!("serial={}", chosen.cert.serial)),
+        "{text} vs {}",
+        chosen.cert.serial
+    );
+    let fingerprint = text
+        .lines()
+        .find_map(|l| l.split('=').nth(1).filter(|_| l.contains("Fingerprint")))
+        .unwrap();
     assert_eq!(fingerprint.replace(':', ""), chosen.cert.thumbprint);
     assert_eq!(chosen.cert.sans, vec!["DNS:host1.contoso.com".to_string()]);
 }
@@ -155,19 +324,37 @@ fn a_keyless_der_certificate_is_judged_without_a_key() {
     let lab = make_lab();
     let keyless_store = lab.store.with_file_name("keyless");
     std::fs::create_dir_all(&keyless_store).unwrap();
-    std::fs::copy(lab.ca.with_file_name("keyless.cer"), keyless_store.join("keyless.cer")).unwrap();
+    std::fs::copy(
+        lab.ca.with_file_name("keyless.cer"),
+        keyless_store.join("keyless.cer"),
+    )
+    .unwrap();
     let store = CertStore::load(&keyless_store, &Pkcs12Password::empty()).unwrap();
     let allowed = RootSet::load(std::slice::from_ref(&lab.ca)).unwrap();
     let sel = select_client_cert(&store, &allowed, time::OffsetDateTime::now_utc());
     assert_eq!(store.entries[0].key, KeyState::Absent);
-    assert!(matches!(&sel.judged[0].fate, Fate::Rejected { rejection: Rejection::NoPrivateKey }));
+    assert!(matches!(
+        &sel.judged[0].fate,
+        Fate::Rejected {
+            rejection: Rejection::NoPrivateKey
+        }
+    ));
 }
 
 #[test]
 fn a_wrong_pkcs12_password_names_the_file_and_where_the_password_came_from() {
     let lab = make_lab();
-    let err = CertStore::load(&lab.store, &Pkcs12Password::new("wrong", "environment variable PFX_PW")).unwrap_err();
+    let err = CertStore::load(
+        &lab.store,
+        &Pkcs12Password::new("wrong", "environment variable PFX_PW"),
+    )
+    .unwrap_err();
     assert!(matches!(err, PkiError::Pkcs12WrongPassword { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("legacy.p12: wrong PKCS#12 password (it was taken from environment variable PFX_PW)"), "{text}");
+    assert!(
+        text.contains(
+            "legacy.p12: wrong PKCS#12 password (it was taken from environment variable PFX_PW)"
+        ),
+        "{text}"
+    );
 }

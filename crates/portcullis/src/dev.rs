@@ -33,15 +33,30 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             devices: 2,
             force: false,
         })?;
-        println!("Lab PKI: wrote {} (its README.md lists every file)", dir.display());
+        println!(
+            "Lab PKI: wrote {} (its README.md lists every file)",
+            dir.display()
+        );
     }
 
     let roots_path = dir.join(layout::ROOT_CERT);
     let store_path = dir.join(layout::CONNECTOR_STORE);
-    let allowed = RootSet::load(std::slice::from_ref(&roots_path))
-        .with_context(|| format!("the lab in {} is damaged; remove it to start afresh", dir.display()))?;
-    let store = CertStore::load(&store_path, &Pkcs12Password::from_env("PORTCULLIS_PFX_PASSWORD"))
-        .with_context(|| format!("the lab in {} is damaged; remove it to start afresh", dir.display()))?;
+    let allowed = RootSet::load(std::slice::from_ref(&roots_path)).with_context(|| {
+        format!(
+            "the lab in {} is damaged; remove it to start afresh",
+            dir.display()
+        )
+    })?;
+    let store = CertStore::load(
+        &store_path,
+        &Pkcs12Password::from_env("PORTCULLIS_PFX_PASSWORD"),
+    )
+    .with_context(|| {
+        format!(
+            "the lab in {} is damaged; remove it to start afresh",
+            dir.display()
+        )
+    })?;
     let selection = select_client_cert(&store, &allowed, OffsetDateTime::now_utc());
 
     println!("\nConnector certificate choice ({}):", store_path.display());

@@ -61,7 +61,10 @@ pub fn run(cmd: DoctorCommand) -> anyhow::Result<ExitCode> {
 
 pub fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
     let allowed = RootSet::load(&args.allowed_roots)?;
-    let store = CertStore::load(&args.store, &Pkcs12Password::from_env(&args.pfx_password_env))?;
+    let store = CertStore::load(
+        &args.store,
+        &Pkcs12Password::from_env(&args.pfx_password_env),
+    )?;
     let now = args.at.unwrap_or_else(OffsetDateTime::now_utc);
     let selection = select_client_cert(&store, &allowed, now);
     let report = CertReport::new(&store, &allowed, &selection);

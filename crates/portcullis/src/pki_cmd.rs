@@ -25,7 +25,12 @@ pub struct InitArgs {
     pub out: PathBuf,
     /// Names and IP addresses for the gateway's and management point's server certificates,
     /// comma-separated.
-    #[arg(long, value_name = "a,b", value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+    #[arg(
+        long,
+        value_name = "a,b",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1"
+    )]
     pub hosts: Vec<String>,
     /// How many device certificates (devices/device-NNN.crt and .key).
     #[arg(long, value_name = "N", default_value_t = 2,
