@@ -50,9 +50,9 @@ pub enum PkiError {
     Pkcs12 { path: PathBuf, reason: String },
 
     #[error(
-        "{path}: the directory holds no certificates (looked for .crt .cer .pem .der .pfx .p12)"
+        "{path}: the directory holds no certificates (looked for .crt .cer .pem .der .pfx .p12){detail}"
     )]
-    EmptyStore { path: PathBuf },
+    EmptyStore { path: PathBuf, detail: String },
 
     #[error("{path}: holds no certificates")]
     NoCertificates { path: PathBuf },

@@ -104,6 +104,14 @@ pub(crate) fn parse_pem_or_der(path: &Path, bytes: &[u8]) -> Result<FileItems> {
             path: path.to_path_buf(),
         });
     }
+    if let Some(label) = unknown_pem_label(bytes) {
+        return Err(PkiError::Pem {
+            path: path.to_path_buf(),
+            reason: format!(
+                "unknown block \"-----BEGIN {label}-----\" (damaged, or not a certificate or key)"
+            ),
+        });
+    }
     let mut items = FileItems::default();
     for section in <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(bytes) {
         let (kind, der) = section.map_err(|e| PkiError::Pem {
@@ -187,6 +195,33 @@ fn pem_error_text(e: &rustls_pki_types::pem::Error) -> String {
         E::Base64Decode(msg) => format!("base64 inside a block is corrupt ({msg})"),
         other => other.to_string(),
     }
+}
+
+/// PEM labels we read or knowingly pass over; any other label is most likely a damaged
+/// `BEGIN` line, which the PEM reader would skip without a word.
+const KNOWN_PEM_LABELS: [&str; 13] = [
+    "CERTIFICATE",
+    "TRUSTED CERTIFICATE",
+    "PRIVATE KEY",
+    "RSA PRIVATE KEY",
+    "EC PRIVATE KEY",
+    "X509 CRL",
+    "CERTIFICATE REQUEST",
+    "NEW CERTIFICATE REQUEST",
+    "PUBLIC KEY",
+    "RSA PUBLIC KEY",
+    "EC PARAMETERS",
+    "DH PARAMETERS",
+    "PKCS7",
+];
+
+fn unknown_pem_label(bytes: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(bytes);
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("-----BEGIN "))
+        .filter_map(|rest| rest.strip_suffix("-----"))
+        .find(|label| !KNOWN_PEM_LABELS.contains(label))
+        .map(|label| label.chars().take(60).collect())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

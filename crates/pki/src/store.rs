@@ -109,15 +109,24 @@ impl CertStore {
             let sibling = key_files.remove(&stem(&file));
             store.add_file(&file, items, sibling);
         }
-        for (_, (path, _)) in key_files {
+        let stray: Vec<String> = key_files
+            .into_values()
+            .map(|(path, _)| path.display().to_string())
+            .collect();
+        for path in &stray {
             store.notes.push(format!(
-                "{}: a private key with no certificate file of the same name beside it; ignored",
-                path.display()
+                "{path}: a private key with no certificate file of the same name beside it; ignored"
             ));
         }
         if store.entries.is_empty() {
+            let detail = if stray.is_empty() {
+                String::new()
+            } else {
+                format!("; only private keys were found, in {}", stray.join(", "))
+            };
             return Err(PkiError::EmptyStore {
                 path: location.to_path_buf(),
+                detail,
             });
         }
         Ok(store)

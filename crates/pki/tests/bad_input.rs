@@ -95,6 +95,25 @@ fn truncated_pem_is_named() {
     let err = load_err(dir.path());
     assert!(err.contains("c.key: bad PEM"), "{err}");
 
+    // A damaged BEGIN line would otherwise make the block vanish without a word.
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "d.pem",
+        format!(
+            "{}{}",
+            issued
+                .cert_pem
+                .replace("BEGIN CERTIFICATE", "BEGIN CERTIFIXATE"),
+            issued.key_pem
+        ),
+    );
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("d.pem: bad PEM: unknown block \"-----BEGIN CERTIFIXATE-----\""),
+        "{err}"
+    );
+
     // Corrupt base64 in the middle of a block.
     let dir = tempdir();
     let corrupt = issued.cert_pem.replacen('M', "!", 3);
