@@ -274,32 +274,28 @@ impl LabPki {
             root.cert(),
         );
         let days = 825;
-        pair(
-            layout::GATEWAY_CERT,
-            layout::GATEWAY_KEY,
-            &format!(
-                "gateway TLS server certificate for {}",
-                options.hosts.join(", ")
-            ),
-            &root.issue(&LeafSpec::server_auth(
+        let servers = [
+            (
+                layout::GATEWAY_CERT,
+                layout::GATEWAY_KEY,
                 "Portcullis Gateway",
-                &options.hosts,
-                days,
-            ))?,
-        );
-        pair(
-            layout::MP_CERT,
-            layout::MP_KEY,
-            &format!(
-                "reference management point's HTTPS server certificate for {}",
-                options.hosts.join(", ")
+                "gateway TLS server",
             ),
-            &root.issue(&LeafSpec::server_auth(
+            (
+                layout::MP_CERT,
+                layout::MP_KEY,
                 "Portcullis Reference Management Point",
-                &options.hosts,
-                days,
-            ))?,
-        );
+                "reference management point's HTTPS server",
+            ),
+        ];
+        for (cert, key, name, what) in servers {
+            pair(
+                cert,
+                key,
+                &format!("{what} certificate for {}", options.hosts.join(", ")),
+                &root.issue(&LeafSpec::server_auth(name, &options.hosts, days))?,
+            );
+        }
         let mut channel = LeafSpec::client_auth("Portcullis Connector Channel", days);
         channel.sans = vec!["connector-channel.portcullis.lab".into()];
         pair(

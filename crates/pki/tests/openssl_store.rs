@@ -62,6 +62,23 @@ fn sign(work: &Path, name: &str, days: &str, extensions: &str) {
     );
 }
 
+/// A P-256 key in SEC1 form ("EC PRIVATE KEY"), as `openssl ecparam` writes it.
+fn ec_key(work: &Path, name: &str) {
+    let file = format!("{name}.key");
+    openssl(
+        work,
+        &[
+            "ecparam",
+            "-genkey",
+            "-name",
+            "prime256v1",
+            "-noout",
+            "-out",
+            &file,
+        ],
+    );
+}
+
 const CLIENT_EXT: &str = "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\nsubjectAltName=DNS:host1.contoso.com\n";
 
 struct OpensslLab {
@@ -115,18 +132,7 @@ fn make_lab() -> OpensslLab {
     );
     sign(&work, "rsa-client", "30", CLIENT_EXT);
     // Server-only certificate with a SEC1 ("EC PRIVATE KEY") key.
-    openssl(
-        &work,
-        &[
-            "ecparam",
-            "-genkey",
-            "-name",
-            "prime256v1",
-            "-noout",
-            "-out",
-            "server.key",
-        ],
-    );
+    ec_key(&work, "server");
     sign(
         &work,
         "server",
@@ -140,18 +146,7 @@ fn make_lab() -> OpensslLab {
     );
     sign(&work, "weak", "30", CLIENT_EXT);
     // A longer-lived client certificate shipped as a password-protected PKCS#12 with its chain.
-    openssl(
-        &work,
-        &[
-            "ecparam",
-            "-genkey",
-            "-name",
-            "prime256v1",
-            "-noout",
-            "-out",
-            "pfx-client.key",
-        ],
-    );
+    ec_key(&work, "pfx-client");
     sign(&work, "pfx-client", "60", CLIENT_EXT);
     openssl(
         &work,
@@ -171,18 +166,7 @@ fn make_lab() -> OpensslLab {
         ],
     );
     // The same kind of bundle with the older 3DES encryption Windows still exports.
-    openssl(
-        &work,
-        &[
-            "ecparam",
-            "-genkey",
-            "-name",
-            "prime256v1",
-            "-noout",
-            "-out",
-            "legacy.key",
-        ],
-    );
+    ec_key(&work, "legacy");
     sign(&work, "legacy", "20", CLIENT_EXT);
     openssl(
         &work,

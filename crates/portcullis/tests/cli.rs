@@ -35,6 +35,14 @@ fn openssl(args: &[&str]) -> Output {
         .expect("the openssl command line must be installed (apt-get install openssl)")
 }
 
+/// A lab PKI in `dir/lab`, made by the binary.
+fn new_lab(dir: &Path) -> std::path::PathBuf {
+    let lab = dir.join("lab");
+    let out = portcullis(&["pki", "init", "--out", p(&lab)]);
+    assert!(out.status.success(), "{}", text(&out));
+    lab
+}
+
 #[test]
 fn pki_init_then_doctor_certs_selects_the_client_auth_certificate() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,10 +189,7 @@ fn lab_certificates_verify_with_openssl_for_their_purpose() {
 #[test]
 fn pki_init_refuses_to_overwrite_and_bad_hosts() {
     let tmp = tempfile::tempdir().unwrap();
-    let lab = tmp.path().join("lab");
-    assert!(portcullis(&["pki", "init", "--out", p(&lab)])
-        .status
-        .success());
+    let lab = new_lab(tmp.path());
     let before = std::fs::read(lab.join("ca/root.crt")).unwrap();
     let out = portcullis(&["pki", "init", "--out", p(&lab)]);
     assert_eq!(out.status.code(), Some(2));
@@ -222,10 +227,7 @@ fn pki_init_refuses_to_overwrite_and_bad_hosts() {
 #[test]
 fn doctor_certs_exits_1_and_explains_when_the_client_auth_certificate_is_missing() {
     let tmp = tempfile::tempdir().unwrap();
-    let lab = tmp.path().join("lab");
-    assert!(portcullis(&["pki", "init", "--out", p(&lab)])
-        .status
-        .success());
+    let lab = new_lab(tmp.path());
     // The seed's mistake: the store holds the channel certificate without its key, and a
     // server certificate, but no client authentication certificate with a key.
     let store = tmp.path().join("store");
@@ -298,10 +300,7 @@ fn doctor_certs_bad_input_exits_2_naming_the_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("is not an RFC 3339 time"));
 
-    let lab = tmp.path().join("lab");
-    assert!(portcullis(&["pki", "init", "--out", p(&lab)])
-        .status
-        .success());
+    let lab = new_lab(tmp.path());
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let out = portcullis(&[
@@ -323,10 +322,7 @@ fn doctor_certs_bad_input_exits_2_naming_the_problem() {
 #[test]
 fn doctor_certs_reads_a_pfx_with_the_password_from_the_environment() {
     let tmp = tempfile::tempdir().unwrap();
-    let lab = tmp.path().join("lab");
-    assert!(portcullis(&["pki", "init", "--out", p(&lab)])
-        .status
-        .success());
+    let lab = new_lab(tmp.path());
     let store = tmp.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let out = openssl(&[
