@@ -35,6 +35,13 @@ fn openssl(args: &[&str]) -> Output {
         .expect("the openssl command line must be installed (apt-get install openssl)")
 }
 
+/// The process exited with `code` and said `needle` (on stdout or stderr).
+fn expect_exit(out: &Output, code: i32, needle: &str) {
+    let said = text(out);
+    assert_eq!(out.status.code(), Some(code), "{said}");
+    assert!(said.contains(needle), "expected {needle:?} in: {said}");
+}
+
 /// A lab PKI in `dir/lab`, made by the binary.
 fn new_lab(dir: &Path) -> std::path::PathBuf {
     let lab = dir.join("lab");
@@ -192,12 +199,8 @@ fn pki_init_refuses_to_overwrite_and_bad_hosts() {
     let lab = new_lab(tmp.path());
     let before = std::fs::read(lab.join("ca/root.crt")).unwrap();
     let out = portcullis(&["pki", "init", "--out", p(&lab)]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out).contains("already holds a lab PKI") && text(&out).contains("--force"),
-        "{}",
-        text(&out)
-    );
+    expect_exit(&out, 2, "already holds a lab PKI");
+    expect_exit(&out, 2, "pass --force to replace it");
     assert_eq!(
         std::fs::read(lab.join("ca/root.crt")).unwrap(),
         before,
@@ -216,12 +219,7 @@ fn pki_init_refuses_to_overwrite_and_bad_hosts() {
         "--hosts",
         "good.host,bad host",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out).contains("\"bad host\" is not a DNS name or an IP address"),
-        "{}",
-        text(&out)
-    );
+    expect_exit(&out, 2, "\"bad host\" is not a DNS name or an IP address");
 }
 
 #[test]
@@ -276,12 +274,7 @@ fn doctor_certs_bad_input_exits_2_naming_the_problem() {
         "--allowed-roots",
         p(&missing),
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out).contains("missing: no such file or directory"),
-        "{}",
-        text(&out)
-    );
+    expect_exit(&out, 2, "missing: no such file or directory");
 
     let out = portcullis(&["doctor", "certs", "--store", p(tmp.path())]);
     assert_eq!(out.status.code(), Some(2), "usage error: {}", text(&out));
@@ -297,8 +290,7 @@ fn doctor_certs_bad_input_exits_2_naming_the_problem() {
         "--at",
         "tomorrow",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("is not an RFC 3339 time"));
+    expect_exit(&out, 2, "is not an RFC 3339 time");
 
     let lab = new_lab(tmp.path());
     let empty = tmp.path().join("empty");
@@ -311,12 +303,7 @@ fn doctor_certs_bad_input_exits_2_naming_the_problem() {
         "--allowed-roots",
         p(&lab.join("ca/root.crt")),
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out).contains("the directory holds no certificates"),
-        "{}",
-        text(&out)
-    );
+    expect_exit(&out, 2, "the directory holds no certificates");
 }
 
 #[test]
@@ -352,11 +339,10 @@ fn doctor_certs_reads_a_pfx_with_the_password_from_the_environment() {
     let out = portcullis_in(tmp.path(), &args, &[("MY_PFX_PW", "Pa55word")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let out = portcullis_in(tmp.path(), &args, &[("MY_PFX_PW", "nope")]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out).contains("connector.pfx: wrong PKCS#12 password (it was taken from environment variable MY_PFX_PW)"),
-        "{}",
-        text(&out)
+    expect_exit(
+        &out,
+        2,
+        "connector.pfx: wrong PKCS#12 password (it was taken from environment variable MY_PFX_PW)",
     );
 }
 
