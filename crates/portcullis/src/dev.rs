@@ -66,7 +66,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     println!("\nTry:");
     println!(
-        "  portcullis doctor certs --store {} --allowed-roots {}",
+        "  {} doctor certs --store {} --allowed-roots {}",
+        crate::this_program(),
         shown(&store_path),
         shown(&roots_path)
     );

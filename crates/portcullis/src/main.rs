@@ -4,6 +4,7 @@ mod dev;
 mod doctor;
 mod pki_cmd;
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -49,4 +50,16 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_BAD_INPUT)
         }
     }
+}
+
+/// How to run this very binary from the current directory, so printed lines work when pasted
+/// (after `cargo run`, `portcullis` is not on PATH).
+pub fn this_program() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "portcullis".into();
+    };
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(|p| Path::new(".").join(p)));
+    relative.unwrap_or(exe).display().to_string()
 }

@@ -50,7 +50,8 @@ pub fn run(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
                 println!("  {:<36} {}", file.path.display(), file.purpose);
             }
             println!(
-                "\nCheck the connector's certificate choice:\n  portcullis doctor certs --store {} --allowed-roots {}",
+                "\nCheck the connector's certificate choice:\n  {} doctor certs --store {} --allowed-roots {}",
+                crate::this_program(),
                 args.out.join(pki::lab::layout::CONNECTOR_STORE).display(),
                 args.out.join(pki::lab::layout::ROOT_CERT).display()
             );

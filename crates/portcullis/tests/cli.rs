@@ -361,6 +361,24 @@ fn dev_makes_the_lab_once_and_reuses_it() {
         shown.contains("portcullis doctor certs --store portcullis-dev/connector/store"),
         "{shown}"
     );
+    // Every line it tells the user to try works when pasted into a shell there.
+    let tries: Vec<&str> = shown
+        .lines()
+        .skip_while(|l| *l != "Try:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(tries.len(), 3, "{shown}");
+    for line in tries {
+        let run = Command::new("sh")
+            .arg("-c")
+            .arg(line)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{line}: {}", text(&run));
+    }
     let root = std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap();
     let out = portcullis_in(tmp.path(), &["dev"], &[]);
     assert!(
