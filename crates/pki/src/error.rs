@@ -8,6 +8,9 @@ pub enum PkiError {
     #[error("{path}: no such file or directory")]
     NotFound { path: PathBuf },
 
+    #[error("{path}: is not a regular file or directory")]
+    NotRegularFile { path: PathBuf },
+
     #[error("{path}: cannot read: {source}")]
     Io {
         path: PathBuf,

@@ -62,6 +62,12 @@ impl std::fmt::Debug for Pkcs12Password {
 
 pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| PkiError::io(path, e))?;
+    if !meta.is_file() {
+        // A FIFO or device would block the read or never end.
+        return Err(PkiError::NotRegularFile {
+            path: path.to_path_buf(),
+        });
+    }
     if meta.len() > MAX_FILE_BYTES {
         return Err(PkiError::TooLarge {
             path: path.to_path_buf(),

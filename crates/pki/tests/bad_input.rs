@@ -196,3 +196,27 @@ fn stray_keys_and_other_files_are_reported_not_lost() {
     );
     assert!(store.ignored.iter().any(|p| p.ends_with("notes.txt")));
 }
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_is_refused_instead_of_blocking() {
+    let dir = tempdir();
+    let fifo = dir.path().join("pipe.crt");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let err = CertStore::load(&fifo, &Pkcs12Password::empty())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("pipe.crt: is not a regular file or directory"),
+        "{err}"
+    );
+    let err = RootSet::load(&[fifo]).unwrap_err().to_string();
+    assert!(
+        err.ends_with("pipe.crt: is not a regular file or directory"),
+        "{err}"
+    );
+}
