@@ -181,6 +181,11 @@ impl Certificate {
         &self.der
     }
 
+    /// The DER of the subject name (what TLS servers send as CA hints).
+    pub fn subject_der(&self) -> &[u8] {
+        &self.subject_raw
+    }
+
     /// The DER SubjectPublicKeyInfo, to compare with a private key's public half.
     pub fn spki(&self) -> &[u8] {
         &self.spki_raw

@@ -60,6 +60,9 @@ pub enum PkiError {
     #[error("{path}: holds no certificates")]
     NoCertificates { path: PathBuf },
 
+    #[error("{key}: this private key does not belong to the certificate in {cert}")]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+
     #[error("{path}: {reason}")]
     Write { path: PathBuf, reason: String },
 

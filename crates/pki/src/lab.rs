@@ -102,6 +102,27 @@ impl LabCa {
         })
     }
 
+    /// A CA from its certificate and key (PEM), e.g. a lab root written earlier.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<LabCa> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| issue_error("CA from PEM", e))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| issue_error("CA from PEM", e))?;
+        let cert_der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec())
+            .map_err(|e| PkiError::Issue {
+                what: "CA from PEM".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(LabCa {
+            issued: Issued {
+                cert_pem: cert_pem.to_string(),
+                key_pem: key_pem.to_string(),
+                cert_der,
+            },
+            issuer,
+        })
+    }
+
     pub fn cert(&self) -> &Issued {
         &self.issued
     }

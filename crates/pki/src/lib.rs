@@ -14,6 +14,7 @@ mod load;
 pub mod report;
 pub mod roots;
 pub mod store;
+pub mod tls;
 
 pub use cert::Certificate;
 pub use error::PkiError;

@@ -2,6 +2,7 @@
 
 mod dev;
 mod doctor;
+mod mp_cmd;
 mod pki_cmd;
 
 use std::path::Path;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Bring the lab system up on this machine and print what to try.
     Dev(dev::DevArgs),
+    /// Run the reference management point (labs and tests).
+    Mp(mp_cmd::MpArgs),
     /// Lab PKI: make a root CA and every certificate a lab needs.
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
         Command::Pki(cmd) => pki_cmd::run(cmd),
+        Command::Mp(args) => mp_cmd::run(args),
         Command::Doctor(cmd) => doctor::run(cmd),
     };
     match result {

@@ -1,0 +1,477 @@
+//! The reference management point: an HTTPS endpoint that behaves like a Configuration Manager
+//! management point behind IIS, for labs and tests.
+//!
+//! Client certificates follow IIS's settings: `ignore`, `accept` or `require`. Like IIS, the TLS
+//! handshake accepts any client certificate; the request is then refused with IIS's 403
+//! sub-status: 7 no certificate, 16 untrusted, 17 expired or not yet valid. Every request is
+//! logged as an IIS W3C line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pki::{Certificate, RootSet};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{self, ConfigError};
+use crate::w3c::{W3cEntry, W3cLog};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    /// Never look at client certificates.
+    Ignore,
+    /// Check one when presented; allow requests without one.
+    Accept,
+    /// Refuse requests without a trusted, valid client certificate (the management point's
+    /// HTTPS setting).
+    #[default]
+    Require,
+}
+
+/// `portcullis mp --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MpConfig {
+    /// Address to listen on, e.g. "127.0.0.1:8443".
+    pub listen: SocketAddr,
+    /// Server certificate (PEM, leaf first) and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_certificates: ClientCertMode,
+    /// Roots a client certificate must chain to (files or directories).
+    #[serde(default)]
+    pub trusted_roots: Vec<PathBuf>,
+    /// IIS-style W3C log file; none when absent.
+    pub w3c_log: Option<PathBuf>,
+    /// The management point's name in its answers.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Site code in its answers.
+    #[serde(default = "default_site_code")]
+    pub site_code: String,
+}
+
+fn default_name() -> String {
+    "mp.portcullis.lab".into()
+}
+
+fn default_site_code() -> String {
+    "PCL".into()
+}
+
+impl MpConfig {
+    /// Reads and validates the file; relative paths are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<MpConfig, ConfigError> {
+        let mut cfg: MpConfig = config::load_toml(path)?;
+        cfg.cert = config::resolve(path, &cfg.cert);
+        cfg.key = config::resolve(path, &cfg.key);
+        cfg.trusted_roots = cfg
+            .trusted_roots
+            .iter()
+            .map(|p| config::resolve(path, p))
+            .collect();
+        cfg.w3c_log = cfg.w3c_log.as_deref().map(|p| config::resolve(path, p));
+        if cfg.client_certificates != ClientCertMode::Ignore && cfg.trusted_roots.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "trusted_roots",
+                reason: "client_certificates is \"accept\" or \"require\" (the default), so the roots client certificates must chain to are needed".into(),
+            });
+        }
+        if cfg.site_code.len() != 3 || !cfg.site_code.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "site_code",
+                reason: format!("\"{}\" is not a three-character site code", cfg.site_code),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MpError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot open the W3C log: {source}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A management point that is serving. Dropping it does not stop it; call [`RunningMp::stop`].
+pub struct RunningMp {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningMp {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Serves until the process is told to stop (Ctrl-C or SIGTERM).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+struct Shared {
+    config: MpConfig,
+    roots: RootSet,
+    log: Option<W3cLog>,
+    site_sign_cert_hex: String,
+}
+
+/// Binds and starts serving in the background.
+pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
+    let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
+    let roots = if config.trusted_roots.is_empty() {
+        RootSet::default()
+    } else {
+        RootSet::load(&config.trusted_roots)?
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AnyClientCert {
+        hints: roots
+            .certs
+            .iter()
+            .map(|c| DistinguishedName::from(c.subject_der().to_vec()))
+            .collect(),
+        algorithms: provider.signature_verification_algorithms,
+        offer: config.client_certificates != ClientCertMode::Ignore,
+    });
+    let site_sign_cert_hex = pki::cert::hex_upper(identity.chain[0].as_ref());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| MpError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| MpError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let log = match &config.w3c_log {
+        Some(path) => Some(W3cLog::open(path).map_err(|source| MpError::Log {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        config,
+        roots,
+        log,
+        site_sign_cert_hex,
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.changed() => break,
+            };
+            let Ok((tcp, peer)) = accepted else {
+                // Out of file descriptors and the like: keep serving the others.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client_cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|der| Certificate::from_der(der.as_ref()));
+                let conn = Arc::new(ConnInfo {
+                    peer,
+                    local: addr,
+                    client_cert: judge_client_cert(client_cert, &shared.roots),
+                });
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    let conn = conn.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &conn).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok(RunningMp { addr, stop, task })
+}
+
+/// What IIS would make of the connection's client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ClientCert {
+    None,
+    Trusted,
+    Untrusted,
+    NotTimeValid,
+}
+
+struct ConnInfo {
+    peer: SocketAddr,
+    local: SocketAddr,
+    client_cert: ClientCert,
+}
+
+fn judge_client_cert(cert: Option<Result<Certificate, String>>, roots: &RootSet) -> ClientCert {
+    let cert = match cert {
+        None => return ClientCert::None,
+        Some(Err(_)) => return ClientCert::Untrusted,
+        Some(Ok(cert)) => cert,
+    };
+    let pool: Vec<&Certificate> = roots.certs.iter().collect();
+    let chain = pki::chain::build(&cert, &pool);
+    if !chain.certs.iter().any(|c| roots.contains(c)) {
+        return ClientCert::Untrusted;
+    }
+    let now = OffsetDateTime::now_utc();
+    if chain
+        .certs
+        .iter()
+        .any(|c| now < c.not_before || now > c.not_after)
+    {
+        return ClientCert::NotTimeValid;
+    }
+    ClientCert::Trusted
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn handle(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let request_length = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+
+    let (status, substatus, response) = respond(req, shared, conn);
+    let bytes_sent = match response.body().size_hint().exact() {
+        Some(n) => n,
+        None => request_length.unwrap_or(0),
+    };
+    if let Some(log) = &shared.log {
+        let entry = W3cEntry {
+            at: OffsetDateTime::now_utc(),
+            server_ip: conn.local.ip(),
+            method: method.as_str(),
+            uri_stem: &path,
+            uri_query: query.as_deref(),
+            server_port: conn.local.port(),
+            // IIS logs a user only when a certificate is mapped to an account; none is here.
+            username: None,
+            client_ip: conn.peer.ip(),
+            user_agent: user_agent.as_deref(),
+            referer: None,
+            status,
+            substatus,
+            win32_status: 0,
+            bytes_sent,
+            time_taken_ms: started.elapsed().as_millis() as u64,
+        };
+        // A full disk must not take the management point down; the request is still served.
+        let _ = log.write(&entry);
+    }
+    response
+}
+
+/// The status, IIS sub-status and response for one request.
+fn respond(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> (u16, u16, Response<Body>) {
+    let mode = shared.config.client_certificates;
+    let refusal = match (&conn.client_cert, mode) {
+        (_, ClientCertMode::Ignore) => None,
+        (ClientCert::None, ClientCertMode::Require) => Some(7),
+        (ClientCert::Untrusted, _) => Some(16),
+        (ClientCert::NotTimeValid, _) => Some(17),
+        _ => None,
+    };
+    if let Some(sub) = refusal {
+        return (403, sub, iis_error(403, sub));
+    }
+
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    if path.eq_ignore_ascii_case("/SMS_MP/.sms_aut") && req.method() == Method::GET {
+        let cfg = &shared.config;
+        let body = match query.to_ascii_uppercase().as_str() {
+            "MPLIST" => Some(format!(
+                "<MPList><MP Name=\"{}\" FQDN=\"{}\"><Version>9128</Version><Capabilities SchemaVersion=\"1.0\"><Property Name=\"SSLState\" Value=\"63\"/></Capabilities></MP></MPList>",
+                cfg.name.to_ascii_uppercase(),
+                cfg.name
+            )),
+            "MPLIST2" => Some(format!(
+                "<MPList><MP Name=\"{}\" FQDN=\"{}\" SiteCode=\"{}\"><Version>9128</Version><Capabilities SchemaVersion=\"1.0\"><Property Name=\"SSLState\" Value=\"63\"/></Capabilities><Signature>{}</Signature></MP></MPList>",
+                cfg.name.to_ascii_uppercase(),
+                cfg.name,
+                cfg.site_code,
+                &shared.site_sign_cert_hex[..shared.site_sign_cert_hex.len().min(64)]
+            )),
+            "SITESIGNCERT" => Some(shared.site_sign_cert_hex.clone()),
+            "MPKEYINFORMATION" => Some(format!(
+                "<MPKEYINFORMATION><VERSION>1</VERSION><SITECODE>{}</SITECODE><SIGNINGKEY>{}</SIGNINGKEY></MPKEYINFORMATION>",
+                cfg.site_code,
+                &shared.site_sign_cert_hex[..shared.site_sign_cert_hex.len().min(128)]
+            )),
+            _ => None,
+        };
+        if let Some(body) = body {
+            let response = Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "text/xml")
+                .body(full(body))
+                .unwrap_or_else(|_| Response::new(full("")));
+            return (200, 0, response);
+        }
+    }
+    // Streams the request body back as it arrives: for large transfers both ways.
+    if path == "/portcullis/echo" && req.method() == Method::POST {
+        let response = Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .body(req.into_body().boxed())
+            .unwrap_or_else(|_| Response::new(full("")));
+        return (200, 0, response);
+    }
+    (404, 0, iis_error(404, 0))
+}
+
+/// An IIS-style error page; the status line's reason is IIS's.
+fn iis_error(status: u16, substatus: u16) -> Response<Body> {
+    let (title, text) = match (status, substatus) {
+        (403, 7) => (
+            "403.7 - Forbidden: Client certificate required",
+            "The page you are attempting to access requires your browser to have a Secure Sockets Layer (SSL) client certificate that the Web server recognizes.",
+        ),
+        (403, 16) => (
+            "403.16 - Forbidden: Client certificate is untrusted or invalid",
+            "The client certificate used for this request is not trusted by the Web server: it does not chain to a trusted root.",
+        ),
+        (403, 17) => (
+            "403.17 - Forbidden: Client certificate has expired or is not yet valid",
+            "The client certificate used for this request has expired or is not yet valid.",
+        ),
+        (404, _) => ("404.0 - Not Found", "The resource you are looking for has been removed, had its name changed, or is temporarily unavailable."),
+        _ => ("Error", "The request failed."),
+    };
+    let body = format!(
+        "<html><head><title>IIS 10.0 Detailed Error - {title}</title></head><body><h3>HTTP Error {title}</h3><p>{text}</p><p>Module: IIS Web Core; Notification: AuthenticateRequest; Error Code: 0x80070005</p></body></html>"
+    );
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(hyper::header::CONTENT_TYPE, "text/html")
+        .header("x-iis-substatus", substatus.to_string())
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full("")))
+}
+
+/// Accepts any client certificate at the handshake (proving only that the client holds its
+/// key), so the HTTP layer can answer with IIS's sub-status instead of a TLS alert.
+#[derive(Debug)]
+struct AnyClientCert {
+    hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
+    offer: bool,
+}
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        self.offer
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
