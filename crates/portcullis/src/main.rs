@@ -4,6 +4,7 @@ mod dev;
 mod doctor;
 mod mp_cmd;
 mod pki_cmd;
+mod probe_cmd;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the reference management point (labs and tests).
     Mp(mp_cmd::MpArgs),
+    /// Make one request as a managed device does, reported like LocationServices.log.
+    Probe(probe_cmd::ProbeArgs),
     /// Lab PKI: make a root CA and every certificate a lab needs.
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Pki(cmd) => pki_cmd::run(cmd),
         Command::Mp(args) => mp_cmd::run(args),
+        Command::Probe(args) => probe_cmd::run(args),
         Command::Doctor(cmd) => doctor::run(cmd),
     };
     match result {

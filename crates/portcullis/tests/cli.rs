@@ -408,3 +408,83 @@ fn every_command_has_help() {
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("Exit status: 0 a certificate is selected; 1 none is; 2 bad usage"));
 }
+
+/// Kills the child when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn mp_and_probe_as_processes_with_a_location_services_log() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    let config = lab.join("mp.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
+    )
+    .unwrap();
+    let mut mp = Child(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["mp", "--config", p(&config)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first = String::new();
+    std::io::BufReader::new(mp.0.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let base = first
+        .trim()
+        .strip_prefix("reference management point listening on https://127.0.0.1:")
+        .map(|port| format!("https://localhost:{port}"))
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+
+    let log = tmp.path().join("LocationServices.log");
+    let url = format!("{base}/SMS_MP/.sms_aut?SITESIGNCERT");
+    let root = lab.join("ca/root.crt");
+    let out = portcullis(&["probe", &url, "--ca", p(&root), "--log", p(&log)]);
+    expect_exit(
+        &out,
+        1,
+        "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= Forbidden",
+    );
+    let written = std::fs::read_to_string(&log).unwrap();
+    let first_line = written.lines().next().unwrap();
+    assert!(
+        first_line.starts_with(&format!(
+            "<![LOG[[CCMHTTP] ERROR: URL={url}, Port={}, Options=31, Code=0, Text=CCM_E_BAD_HTTP_STATUS_CODE]LOG]!><time=\"",
+            base.rsplit(':').next().unwrap()
+        )),
+        "{first_line}"
+    );
+    assert!(first_line.contains("component=\"LocationServices\" context=\"\" type=\"3\" thread=\""));
+
+    let device = lab.join("devices/device-001.crt");
+    let key = lab.join("devices/device-001.key");
+    let body = tmp.path().join("mplist.xml");
+    let mplist = format!("{base}/SMS_MP/.sms_aut?MPLIST");
+    let out = portcullis(&[
+        "probe",
+        &mplist,
+        "--ca",
+        p(&root),
+        "--cert",
+        p(&device),
+        "--key",
+        p(&key),
+        "-o",
+        p(&body),
+    ]);
+    expect_exit(&out, 0, "StatusCode= 200 StatusText= OK");
+    assert!(std::fs::read_to_string(&body)
+        .unwrap()
+        .starts_with("<MPList>"));
+}

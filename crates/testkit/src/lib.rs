@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod mp;
+pub mod probe;
 pub mod w3c;

@@ -1,46 +1,14 @@
 //! The reference management point over real TLS on loopback, driven by curl (installed by
 //! `.ci/run`), with lab certificates made by our lab PKI and by hand.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
-use pki::lab::{LabCa, LabOptions, LabPki, LeafSpec};
+use common::{with_mp, Lab};
+use pki::lab::{LabCa, LeafSpec};
 use testkit::mp::{self, MpConfig};
-
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        LabPki::issue(&LabOptions::default())
-            .unwrap()
-            .write(dir.path(), false)
-            .unwrap();
-        Lab { dir }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn config(&self, extra: &str) -> PathBuf {
-        let file = self.path("mp.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n{extra}"
-            ),
-        )
-        .unwrap();
-        file
-    }
-
-    fn w3c(&self) -> String {
-        std::fs::read_to_string(self.path("logs/u_ex.log")).unwrap_or_default()
-    }
-}
 
 fn curl(lab: &Lab, url: &str, cert: Option<(&Path, &Path)>, extra: &[&str]) -> Output {
     let mut cmd = Command::new("curl");
@@ -58,16 +26,6 @@ fn status_and_body(out: &Output) -> (String, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
     (status.to_string(), body.to_string())
-}
-
-fn with_mp<T>(lab: &Lab, extra: &str, test: impl FnOnce(String) -> T) -> T {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let config = MpConfig::load(&lab.config(extra)).unwrap();
-    let running = runtime.block_on(mp::start(config)).unwrap();
-    let base = format!("https://localhost:{}", running.addr.port());
-    let result = test(base);
-    runtime.block_on(running.stop());
-    result
 }
 
 #[test]
