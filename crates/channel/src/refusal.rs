@@ -1,0 +1,392 @@
+//! Every refusal Portcullis can send, built in one place: which hop failed, why, the HTTP status
+//! and status text the device sees, and what to do. The response, the log line and the doctor
+//! all print from a [`Refusal`], so they cannot disagree.
+//!
+//! Status texts keep the original product's names (`CMGConnector_*` for what the connector
+//! learned from the endpoint, `CMGService_*` for what the gateway decided itself).
+
+use std::fmt;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hop {
+    /// Device to gateway: the device's authentication or request.
+    DeviceToGateway,
+    /// Gateway to connector: the held channel.
+    GatewayToConnector,
+    /// Connector to endpoint: the internal HTTPS call.
+    ConnectorToEndpoint,
+}
+
+impl Hop {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Hop::DeviceToGateway => "device -> gateway",
+            Hop::GatewayToConnector => "gateway -> connector",
+            Hop::ConnectorToEndpoint => "connector -> endpoint",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cause", rename_all = "snake_case")]
+pub enum Cause {
+    // Device -> gateway.
+    BadRoute { detail: String },
+    DeviceCertificateMissing,
+    DeviceCertificateUntrusted { detail: String },
+    DeviceCertificateNotTimeValid { detail: String },
+    InvalidToken { check: String },
+    // Gateway -> connector.
+    UnknownEndpoint { endpoint: u64 },
+    NoChannel { endpoint: u64 },
+    ConnectorTimeout { endpoint: u64, seconds: u64 },
+    ChannelBroken { detail: String },
+    // Connector -> endpoint.
+    EndpointNeedsClientCertificate { url: String, presented: bool },
+    EndpointForbidden { url: String, substatus: Option<u16> },
+    EndpointUnauthorized { url: String },
+    EndpointFailed { url: String, status: u16 },
+    EndpointUnreachable { url: String, detail: String },
+    EndpointTlsFailed { url: String, detail: String },
+    EndpointTimeout { url: String, seconds: u64 },
+}
+
+/// A refusal: what the device sees and what the admin reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub hop: Hop,
+    pub status: u16,
+    pub text: &'static str,
+    #[serde(flatten)]
+    pub cause: Cause,
+}
+
+impl Refusal {
+    pub fn new(cause: Cause) -> Refusal {
+        let (hop, status, text) = match &cause {
+            Cause::BadRoute { .. } => (Hop::DeviceToGateway, 404, "CMGService_BadRoute"),
+            Cause::DeviceCertificateMissing => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Clientcertificaterequired",
+            ),
+            Cause::DeviceCertificateUntrusted { .. } => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Untrustedclientcertificate",
+            ),
+            Cause::DeviceCertificateNotTimeValid { .. } => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Expiredclientcertificate",
+            ),
+            Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
+            Cause::UnknownEndpoint { .. } => {
+                (Hop::GatewayToConnector, 404, "CMGService_Unknownendpoint")
+            }
+            Cause::NoChannel { .. } => (
+                Hop::GatewayToConnector,
+                503,
+                "CMGService_Noconnectorchannel",
+            ),
+            Cause::ConnectorTimeout { .. } => {
+                (Hop::GatewayToConnector, 504, "CMGService_Connectortimeout")
+            }
+            Cause::ChannelBroken { .. } => {
+                (Hop::GatewayToConnector, 502, "CMGService_Channelbroken")
+            }
+            Cause::EndpointNeedsClientCertificate { .. } => (
+                Hop::ConnectorToEndpoint,
+                403,
+                "CMGConnector_Clientcertificaterequired",
+            ),
+            Cause::EndpointForbidden { .. } => {
+                (Hop::ConnectorToEndpoint, 403, "CMGConnector_Forbidden")
+            }
+            Cause::EndpointUnauthorized { .. } => {
+                (Hop::ConnectorToEndpoint, 401, "CMGConnector_Unauthorized")
+            }
+            Cause::EndpointFailed { .. } => (
+                Hop::ConnectorToEndpoint,
+                500,
+                "CMGConnector_InternalServerError",
+            ),
+            Cause::EndpointUnreachable { .. } => (
+                Hop::ConnectorToEndpoint,
+                502,
+                "CMGConnector_Endpointunreachable",
+            ),
+            Cause::EndpointTlsFailed { .. } => (
+                Hop::ConnectorToEndpoint,
+                502,
+                "CMGConnector_Endpointtlsfailed",
+            ),
+            Cause::EndpointTimeout { .. } => (
+                Hop::ConnectorToEndpoint,
+                504,
+                "CMGConnector_Endpointtimeout",
+            ),
+        };
+        Refusal {
+            hop,
+            status,
+            text,
+            cause,
+        }
+    }
+
+    /// Why, in one sentence.
+    pub fn reason(&self) -> String {
+        match &self.cause {
+            Cause::BadRoute { detail } => format!("the request path is not a gateway route: {detail}"),
+            Cause::DeviceCertificateMissing => {
+                "the device presented no client certificate on a CCM_PROXY_MUTUALAUTH route".into()
+            }
+            Cause::DeviceCertificateUntrusted { detail } => {
+                format!("the device's client certificate does not chain to a root the gateway trusts: {detail}")
+            }
+            Cause::DeviceCertificateNotTimeValid { detail } => {
+                format!("the device's client certificate is not valid now: {detail}")
+            }
+            Cause::InvalidToken { check } => format!("the device's token was refused: {check}"),
+            Cause::UnknownEndpoint { endpoint } => {
+                format!("no connector has ever announced endpoint {endpoint}")
+            }
+            Cause::NoChannel { endpoint } => {
+                format!("no connector holds a channel to this gateway for endpoint {endpoint}")
+            }
+            Cause::ConnectorTimeout { endpoint, seconds } => {
+                format!("the connector did not answer for endpoint {endpoint} within {seconds} s")
+            }
+            Cause::ChannelBroken { detail } => format!("the channel to the connector broke: {detail}"),
+            Cause::EndpointNeedsClientCertificate { url, presented: false } => format!(
+                "{url} requires a client certificate and the connector has none to present (IIS 403.7)"
+            ),
+            Cause::EndpointNeedsClientCertificate { url, presented: true } => format!(
+                "{url} answered 403.7 (client certificate required) although the connector presented one"
+            ),
+            Cause::EndpointForbidden { url, substatus } => match substatus {
+                Some(sub) => format!("{url} refused the connector: IIS 403.{sub} ({})", iis_403_meaning(*sub)),
+                None => format!("{url} refused the connector with 403"),
+            },
+            Cause::EndpointUnauthorized { url } => {
+                format!("{url} wants authentication the forwarded request does not carry (401)")
+            }
+            Cause::EndpointFailed { url, status } => format!("{url} failed with {status}"),
+            Cause::EndpointUnreachable { url, detail } => format!("cannot reach {url}: {detail}"),
+            Cause::EndpointTlsFailed { url, detail } => format!("TLS with {url} failed: {detail}"),
+            Cause::EndpointTimeout { url, seconds } => format!("{url} did not answer within {seconds} s"),
+        }
+    }
+
+    /// What to do about it.
+    pub fn remedy(&self) -> &'static str {
+        match &self.cause {
+            Cause::BadRoute { .. } => "Use https://<gateway>/CCM_PROXY_MUTUALAUTH/<endpoint id>/<path> (or CCM_PROXY_SERVERAUTH with a token).",
+            Cause::DeviceCertificateMissing => "Give the device a client authentication certificate from a CA the gateway trusts, or use a CCM_PROXY_SERVERAUTH route with a token.",
+            Cause::DeviceCertificateUntrusted { .. } => "Add the device certificate's root CA to the gateway's trusted roots, or reissue the certificate from a trusted CA.",
+            Cause::DeviceCertificateNotTimeValid { .. } => "Renew the device's certificate (or check the device's and the gateway's clocks).",
+            Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
+            Cause::UnknownEndpoint { .. } => "Check the endpoint id in the URL against the connector's endpoint table (see ServiceMetadata).",
+            Cause::NoChannel { .. } => "Start the connector serving this endpoint and check it can reach this gateway (its log says \"Maintaining connections...\").",
+            Cause::ConnectorTimeout { .. } | Cause::ChannelBroken { .. } => "Check the connector's log and its network path to the gateway.",
+            Cause::EndpointNeedsClientCertificate { .. } => "Give the connector a client authentication certificate: run `portcullis doctor certs` on its store and apply the fix it names.",
+            Cause::EndpointForbidden { .. } => "Make the endpoint trust the connector's client certificate (its root in the endpoint's trusted roots, not expired or revoked), and check the endpoint's HTTPS binding.",
+            Cause::EndpointUnauthorized { .. } => "Check the endpoint's authentication settings for requests from the connector.",
+            Cause::EndpointFailed { .. } => "Check the endpoint's own logs (IIS W3C and the role's log).",
+            Cause::EndpointUnreachable { .. } => "Check the endpoint URL in the connector's configuration, name resolution and the firewall from the connector to the endpoint.",
+            Cause::EndpointTlsFailed { .. } => "Make the connector trust the endpoint's server certificate and check that its name matches the URL.",
+            Cause::EndpointTimeout { .. } => "Check the endpoint's load and health.",
+        }
+    }
+
+    /// The explaining body the device receives.
+    pub fn body(&self) -> String {
+        format!(
+            "{} {}\nhop: {}\nreason: {}\nremedy: {}\n",
+            self.status,
+            self.text,
+            self.hop.describe(),
+            self.reason(),
+            self.remedy()
+        )
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} ({}): {}",
+            self.status,
+            self.text,
+            self.hop.describe(),
+            self.reason()
+        )
+    }
+}
+
+fn iis_403_meaning(substatus: u16) -> &'static str {
+    match substatus {
+        4 => "SSL required",
+        7 => "client certificate required",
+        12 => "mapper denied access",
+        13 => "client certificate revoked",
+        16 => "client certificate untrusted or invalid",
+        17 => "client certificate expired or not yet valid",
+        _ => "forbidden",
+    }
+}
+
+/// What the connector makes of an endpoint's answer: `None` passes it to the device as is.
+/// `presented` says whether the connector had a client certificate to present.
+pub fn classify_endpoint_answer(
+    url: &str,
+    status: u16,
+    iis_substatus: Option<u16>,
+    presented: bool,
+) -> Option<Refusal> {
+    let url = url.to_string();
+    let cause = match status {
+        403 if !presented || iis_substatus == Some(7) => {
+            Cause::EndpointNeedsClientCertificate { url, presented }
+        }
+        403 => Cause::EndpointForbidden {
+            url,
+            substatus: iis_substatus,
+        },
+        401 => Cause::EndpointUnauthorized { url },
+        500..=599 => Cause::EndpointFailed { url, status },
+        _ => return None,
+    };
+    Some(Refusal::new(cause))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URL: &str = "https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT";
+
+    #[test]
+    fn the_seed_403_without_a_certificate() {
+        let r = classify_endpoint_answer(URL, 403, Some(7), false).unwrap();
+        assert_eq!(
+            (r.status, r.text, r.hop),
+            (
+                403,
+                "CMGConnector_Clientcertificaterequired",
+                Hop::ConnectorToEndpoint
+            )
+        );
+        assert!(r.body().starts_with(
+            "403 CMGConnector_Clientcertificaterequired\nhop: connector -> endpoint\n"
+        ));
+        assert!(r.body().contains("portcullis doctor certs"));
+        // A bare 403 with no certificate presented is the same story.
+        assert_eq!(
+            classify_endpoint_answer(URL, 403, None, false)
+                .unwrap()
+                .text,
+            "CMGConnector_Clientcertificaterequired"
+        );
+    }
+
+    #[test]
+    fn other_endpoint_answers() {
+        let forbidden = classify_endpoint_answer(URL, 403, Some(16), true).unwrap();
+        assert_eq!(forbidden.text, "CMGConnector_Forbidden");
+        assert!(forbidden
+            .reason()
+            .contains("403.16 (client certificate untrusted or invalid)"));
+        assert_eq!(
+            classify_endpoint_answer(URL, 403, Some(13), true)
+                .unwrap()
+                .text,
+            "CMGConnector_Forbidden"
+        );
+        assert_eq!(
+            classify_endpoint_answer(URL, 401, None, true).unwrap().text,
+            "CMGConnector_Unauthorized"
+        );
+        let failed = classify_endpoint_answer(URL, 503, None, true).unwrap();
+        assert_eq!(
+            (failed.status, failed.text),
+            (500, "CMGConnector_InternalServerError")
+        );
+        for passed in [200, 204, 302, 404] {
+            assert_eq!(
+                classify_endpoint_answer(URL, passed, None, true),
+                None,
+                "{passed}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_refusal_has_a_status_text_in_the_original_style_and_a_remedy() {
+        let url = || URL.to_string();
+        let all = [
+            Cause::BadRoute { detail: "x".into() },
+            Cause::DeviceCertificateMissing,
+            Cause::DeviceCertificateUntrusted { detail: "x".into() },
+            Cause::DeviceCertificateNotTimeValid { detail: "x".into() },
+            Cause::InvalidToken {
+                check: "expired".into(),
+            },
+            Cause::UnknownEndpoint { endpoint: 1 },
+            Cause::NoChannel { endpoint: 1 },
+            Cause::ConnectorTimeout {
+                endpoint: 1,
+                seconds: 30,
+            },
+            Cause::ChannelBroken { detail: "x".into() },
+            Cause::EndpointNeedsClientCertificate {
+                url: url(),
+                presented: false,
+            },
+            Cause::EndpointForbidden {
+                url: url(),
+                substatus: None,
+            },
+            Cause::EndpointUnauthorized { url: url() },
+            Cause::EndpointFailed {
+                url: url(),
+                status: 500,
+            },
+            Cause::EndpointUnreachable {
+                url: url(),
+                detail: "refused".into(),
+            },
+            Cause::EndpointTlsFailed {
+                url: url(),
+                detail: "UnknownIssuer".into(),
+            },
+            Cause::EndpointTimeout {
+                url: url(),
+                seconds: 30,
+            },
+        ];
+        let mut texts = std::collections::HashSet::new();
+        for cause in all {
+            let r = Refusal::new(cause);
+            assert!(
+                r.text.starts_with("CMGService_") || r.text.starts_with("CMGConnector_"),
+                "{r}"
+            );
+            assert!(
+                r.text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                "a reason phrase: {r}"
+            );
+            assert!((400..600).contains(&r.status));
+            assert!(r.remedy().ends_with('.') && !r.reason().is_empty());
+            texts.insert(r.text);
+        }
+        assert_eq!(texts.len(), 16, "each cause has its own status text");
+    }
+}
