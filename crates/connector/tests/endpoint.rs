@@ -1,0 +1,250 @@
+//! The connector's endpoint calls against the reference management point, over real TLS on
+//! loopback: the seed's 403 reproduced at the hop where it happens.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use channel::refusal::{Cause, Hop};
+use connector::endpoint::{endpoint_url, EndpointClient};
+use http_body_util::{BodyExt, Full};
+use pki::lab::{LabCa, LabOptions, LabPki, LeafSpec};
+use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
+use testkit::mp::{self, MpConfig};
+
+struct Lab {
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        LabPki::issue(&LabOptions::default())
+            .unwrap()
+            .write(dir.path(), false)
+            .unwrap();
+        Lab {
+            dir,
+            runtime: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn start_mp(&self) -> mp::RunningMp {
+        let config = self.path("mp.toml");
+        std::fs::write(
+            &config,
+            "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
+        )
+        .unwrap();
+        self.runtime
+            .block_on(mp::start(MpConfig::load(&config).unwrap()))
+            .unwrap()
+    }
+
+    /// An endpoint client built the way the connector builds it: the filter chain on `store`.
+    fn client(&self, store: &Path, allowed: &[PathBuf], trust: &str) -> EndpointClient {
+        let store = CertStore::load(store, &Pkcs12Password::empty()).unwrap();
+        let allowed = RootSet::load(allowed).unwrap();
+        let selection = select_client_cert(&store, &allowed, time::OffsetDateTime::now_utc());
+        let trust = RootSet::load(&[self.path(trust)]).unwrap();
+        EndpointClient::new(&store, selection.selected, &trust, Duration::from_secs(10)).unwrap()
+    }
+
+    fn get(
+        &self,
+        client: &EndpointClient,
+        port: u16,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<(u16, Bytes), channel::refusal::Refusal> {
+        let base = format!("https://localhost:{port}").parse().unwrap();
+        let uri = endpoint_url(&base, path, query).unwrap();
+        let request = hyper::Request::get(uri)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        self.runtime.block_on(async {
+            let response = client.forward(request).await?;
+            let status = response.status().as_u16();
+            Ok((
+                status,
+                response.into_body().collect().await.unwrap().to_bytes(),
+            ))
+        })
+    }
+}
+
+#[test]
+fn the_selected_certificate_gets_the_management_points_answer() {
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    let client = lab.client(
+        &lab.path("connector/store"),
+        &[lab.path("ca/root.crt")],
+        "ca/root.crt",
+    );
+    assert!(client.presents_certificate());
+    let (status, body) = lab
+        .get(&client, mp.addr.port(), "/SMS_MP/.sms_aut", Some("MPLIST"))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.starts_with(b"<MPList>"));
+    // An answer the connector does not map (404) passes as it is.
+    let (status, _) = lab.get(&client, mp.addr.port(), "/nowhere", None).unwrap();
+    assert_eq!(status, 404);
+    lab.runtime.block_on(mp.stop());
+}
+
+#[test]
+fn no_client_certificate_gives_the_seeds_403() {
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    // The seed's store: certificates, but none with client auth and a key.
+    let store = lab.path("bad-store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::copy(lab.path("gateway/server.crt"), store.join("server.crt")).unwrap();
+    std::fs::copy(lab.path("gateway/server.key"), store.join("server.key")).unwrap();
+    let client = lab.client(&store, &[lab.path("ca/root.crt")], "ca/root.crt");
+    assert!(!client.presents_certificate());
+    let refusal = lab
+        .get(
+            &client,
+            mp.addr.port(),
+            "/SMS_MP/.sms_aut",
+            Some("SITESIGNCERT"),
+        )
+        .unwrap_err();
+    assert_eq!(
+        (refusal.status, refusal.text, refusal.hop),
+        (
+            403,
+            "CMGConnector_Clientcertificaterequired",
+            Hop::ConnectorToEndpoint
+        )
+    );
+    assert!(matches!(
+        refusal.cause,
+        Cause::EndpointNeedsClientCertificate {
+            presented: false,
+            ..
+        }
+    ));
+    lab.runtime.block_on(mp.stop());
+    let w3c = std::fs::read_to_string(lab.path("logs/u_ex.log")).unwrap();
+    assert!(
+        w3c.lines()
+            .any(|l| l.contains(" GET /SMS_MP/.sms_aut SITESIGNCERT ") && l.contains(" 403 7 0 ")),
+        "{w3c}"
+    );
+}
+
+#[test]
+fn a_certificate_the_endpoint_does_not_trust_is_forbidden() {
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    let stranger_root = LabCa::new_root("Stranger Root", 1).unwrap();
+    let cert = stranger_root
+        .issue(&LeafSpec::client_auth("connector-elsewhere", 30))
+        .unwrap();
+    let store = lab.path("stranger-store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::write(store.join("c.crt"), &cert.cert_pem).unwrap();
+    std::fs::write(store.join("c.key"), &cert.key_pem).unwrap();
+    std::fs::write(
+        lab.path("stranger-root.crt"),
+        &stranger_root.cert().cert_pem,
+    )
+    .unwrap();
+    // The connector allows that root, so it selects the certificate; the endpoint does not trust it.
+    let client = lab.client(&store, &[lab.path("stranger-root.crt")], "ca/root.crt");
+    assert!(client.presents_certificate());
+    let refusal = lab
+        .get(&client, mp.addr.port(), "/SMS_MP/.sms_aut", Some("MPLIST"))
+        .unwrap_err();
+    assert_eq!(refusal.text, "CMGConnector_Forbidden");
+    assert!(refusal.reason().contains("403.16"), "{}", refusal.reason());
+    lab.runtime.block_on(mp.stop());
+}
+
+#[test]
+fn tls_failures_and_unreachable_endpoints_are_named() {
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    // Trusting only a device certificate: the endpoint's server certificate is unknown.
+    let client = lab.client(
+        &lab.path("connector/store"),
+        &[lab.path("ca/root.crt")],
+        "devices/device-001.crt",
+    );
+    let refusal = lab
+        .get(&client, mp.addr.port(), "/SMS_MP/.sms_aut", Some("MPLIST"))
+        .unwrap_err();
+    assert_eq!(
+        (refusal.status, refusal.text),
+        (502, "CMGConnector_Endpointtlsfailed")
+    );
+    assert!(
+        refusal.reason().contains("UnknownIssuer"),
+        "{}",
+        refusal.reason()
+    );
+    let port = mp.addr.port();
+    lab.runtime.block_on(mp.stop());
+
+    let client = lab.client(
+        &lab.path("connector/store"),
+        &[lab.path("ca/root.crt")],
+        "ca/root.crt",
+    );
+    let refusal = lab
+        .get(&client, port, "/SMS_MP/.sms_aut", Some("MPLIST"))
+        .unwrap_err();
+    assert_eq!(
+        (refusal.status, refusal.text),
+        (502, "CMGConnector_Endpointunreachable")
+    );
+    assert!(
+        refusal.reason().to_lowercase().contains("refused"),
+        "{}",
+        refusal.reason()
+    );
+}
+
+#[test]
+fn a_large_body_streams_both_ways_through_the_client() {
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    let client = lab.client(
+        &lab.path("connector/store"),
+        &[lab.path("ca/root.crt")],
+        "ca/root.crt",
+    );
+    let blob: Bytes = (0..6 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let base = format!("https://localhost:{}", mp.addr.port())
+        .parse()
+        .unwrap();
+    let request = hyper::Request::post(endpoint_url(&base, "/portcullis/echo", None).unwrap())
+        .body(
+            Full::new(blob.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let echoed = lab.runtime.block_on(async {
+        let response = client.forward(request).await.unwrap();
+        response.into_body().collect().await.unwrap().to_bytes()
+    });
+    assert!(echoed == blob, "echo differs: {} bytes back", echoed.len());
+    lab.runtime.block_on(mp.stop());
+}
