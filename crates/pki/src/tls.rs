@@ -2,10 +2,18 @@
 
 use std::path::Path;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use time::OffsetDateTime;
 
+use crate::cert::Certificate;
 use crate::error::{PkiError, Result};
+use crate::filter::date_text;
 use crate::load::{self, key_spki, Pkcs12Password};
+use crate::roots::RootSet;
 
 /// A certificate chain (leaf first) and the leaf's private key.
 pub struct Identity {
@@ -52,5 +60,130 @@ impl Identity {
                 .collect(),
             key: key_der,
         })
+    }
+}
+
+/// What a server makes of the certificate a TLS peer presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerCert {
+    None,
+    Trusted(Box<Certificate>),
+    Untrusted { detail: String },
+    NotTimeValid { detail: String },
+}
+
+/// Judges a peer's leaf certificate (DER) against `roots` at `now`: it must chain to one of
+/// them, and it and its chain must be valid now.
+pub fn judge_peer(der: Option<&[u8]>, roots: &RootSet, now: OffsetDateTime) -> PeerCert {
+    let Some(der) = der else {
+        return PeerCert::None;
+    };
+    let cert = match Certificate::from_der(der) {
+        Ok(cert) => cert,
+        Err(e) => {
+            return PeerCert::Untrusted {
+                detail: format!("the certificate cannot be parsed: {e}"),
+            }
+        }
+    };
+    let pool: Vec<&Certificate> = roots.certs.iter().collect();
+    let chain = crate::chain::build(&cert, &pool);
+    if !chain.certs.iter().any(|c| roots.contains(c)) {
+        return PeerCert::Untrusted {
+            detail: format!(
+                "{} (issuer \"{}\"); chain: {}",
+                cert.label(),
+                cert.issuer,
+                chain.describe()
+            ),
+        };
+    }
+    if let Some(bad) = chain
+        .certs
+        .iter()
+        .find(|c| now < c.not_before || now > c.not_after)
+    {
+        return PeerCert::NotTimeValid {
+            detail: format!(
+                "{} is valid from {} to {}",
+                bad.label(),
+                date_text(bad.not_before),
+                date_text(bad.not_after)
+            ),
+        };
+    }
+    PeerCert::Trusted(Box::new(cert))
+}
+
+/// Accepts any client certificate at the handshake (proving only that the client holds its
+/// key), so the HTTP layer can refuse with a status that names the problem (IIS's sub-status,
+/// or a gateway status text) instead of a bare TLS alert. Sends the roots as CA hints.
+#[derive(Debug)]
+pub struct AcceptAnyClientCert {
+    hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
+    offer: bool,
+}
+
+impl AcceptAnyClientCert {
+    pub fn new(
+        roots: &RootSet,
+        algorithms: WebPkiSupportedAlgorithms,
+        offer: bool,
+    ) -> AcceptAnyClientCert {
+        AcceptAnyClientCert {
+            hints: roots
+                .certs
+                .iter()
+                .map(|c| DistinguishedName::from(c.subject_der().to_vec()))
+                .collect(),
+            algorithms,
+            offer,
+        }
+    }
+}
+
+impl ClientCertVerifier for AcceptAnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        self.offer
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }

@@ -16,12 +16,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pki::{Certificate, RootSet};
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use pki::tls::{judge_peer, AcceptAnyClientCert, PeerCert};
+use pki::RootSet;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -161,15 +157,11 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
         RootSet::load(&config.trusted_roots)?
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(AnyClientCert {
-        hints: roots
-            .certs
-            .iter()
-            .map(|c| DistinguishedName::from(c.subject_der().to_vec()))
-            .collect(),
-        algorithms: provider.signature_verification_algorithms,
-        offer: config.client_certificates != ClientCertMode::Ignore,
-    });
+    let verifier = Arc::new(AcceptAnyClientCert::new(
+        &roots,
+        provider.signature_verification_algorithms,
+        config.client_certificates != ClientCertMode::Ignore,
+    ));
     let site_sign_cert_hex = pki::cert::hex_upper(identity.chain[0].as_ref());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -224,11 +216,15 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
                     .1
                     .peer_certificates()
                     .and_then(|certs| certs.first())
-                    .map(|der| Certificate::from_der(der.as_ref()));
+                    .map(|der| der.as_ref().to_vec());
                 let conn = Arc::new(ConnInfo {
                     peer,
                     local: addr,
-                    client_cert: judge_client_cert(client_cert, &shared.roots),
+                    client_cert: judge_peer(
+                        client_cert.as_deref(),
+                        &shared.roots,
+                        OffsetDateTime::now_utc(),
+                    ),
                 });
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
@@ -244,41 +240,10 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
     Ok(RunningMp { addr, stop, task })
 }
 
-/// What IIS would make of the connection's client certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ClientCert {
-    None,
-    Trusted,
-    Untrusted,
-    NotTimeValid,
-}
-
 struct ConnInfo {
     peer: SocketAddr,
     local: SocketAddr,
-    client_cert: ClientCert,
-}
-
-fn judge_client_cert(cert: Option<Result<Certificate, String>>, roots: &RootSet) -> ClientCert {
-    let cert = match cert {
-        None => return ClientCert::None,
-        Some(Err(_)) => return ClientCert::Untrusted,
-        Some(Ok(cert)) => cert,
-    };
-    let pool: Vec<&Certificate> = roots.certs.iter().collect();
-    let chain = pki::chain::build(&cert, &pool);
-    if !chain.certs.iter().any(|c| roots.contains(c)) {
-        return ClientCert::Untrusted;
-    }
-    let now = OffsetDateTime::now_utc();
-    if chain
-        .certs
-        .iter()
-        .any(|c| now < c.not_before || now > c.not_after)
-    {
-        return ClientCert::NotTimeValid;
-    }
-    ClientCert::Trusted
+    client_cert: PeerCert,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -340,9 +305,9 @@ fn respond(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> (u16, u1
     let mode = shared.config.client_certificates;
     let refusal = match (&conn.client_cert, mode) {
         (_, ClientCertMode::Ignore) => None,
-        (ClientCert::None, ClientCertMode::Require) => Some(7),
-        (ClientCert::Untrusted, _) => Some(16),
-        (ClientCert::NotTimeValid, _) => Some(17),
+        (PeerCert::None, ClientCertMode::Require) => Some(7),
+        (PeerCert::Untrusted { .. }, _) => Some(16),
+        (PeerCert::NotTimeValid { .. }, _) => Some(17),
         _ => None,
     };
     if let Some(sub) = refusal {
@@ -420,58 +385,4 @@ fn iis_error(status: u16, substatus: u16) -> Response<Body> {
         .header("x-iis-substatus", substatus.to_string())
         .body(full(body))
         .unwrap_or_else(|_| Response::new(full("")))
-}
-
-/// Accepts any client certificate at the handshake (proving only that the client holds its
-/// key), so the HTTP layer can answer with IIS's sub-status instead of a TLS alert.
-#[derive(Debug)]
-struct AnyClientCert {
-    hints: Vec<DistinguishedName>,
-    algorithms: WebPkiSupportedAlgorithms,
-    offer: bool,
-}
-
-impl ClientCertVerifier for AnyClientCert {
-    fn offer_client_auth(&self) -> bool {
-        self.offer
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &self.hints
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }

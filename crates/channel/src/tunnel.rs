@@ -1,0 +1,302 @@
+//! The channel: the connector dials the gateway over TLS with ALPN [`ALPN`]; on that connection
+//! the gateway is the HTTP/2 *client* and the connector the HTTP/2 *server*. A device's request
+//! becomes one HTTP/2 request on a channel; bodies stream both ways with HTTP/2 flow control.
+//!
+//! The gateway's first request on a new channel is `GET` [`HELLO_PATH`]: the connector says who
+//! it is and which endpoints it serves. Metadata rides in `x-portcullis-*` headers, which the
+//! gateway strips from what devices send.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+
+use crate::refusal::{Cause, Refusal};
+
+pub const ALPN: &[u8] = b"portcullis-tunnel/1";
+pub const HELLO_PATH: &str = "/_portcullis/v1/hello";
+
+/// Header names on the channel. Anything starting with [`headers::PREFIX`] that a device sends
+/// is dropped by the gateway.
+pub mod headers {
+    pub const PREFIX: &str = "x-portcullis-";
+    pub const MESSAGE_ID: &str = "x-portcullis-message-id";
+    pub const ENDPOINT: &str = "x-portcullis-endpoint";
+    pub const DEVICE_THUMBPRINT: &str = "x-portcullis-device-thumbprint";
+    pub const DEVICE_SUBJECT: &str = "x-portcullis-device-subject";
+    pub const DEVICE_ADDRESS: &str = "x-portcullis-device-address";
+    /// The status text, for HTTP/2 hops where there is no reason phrase.
+    pub const STATUS_TEXT: &str = "x-portcullis-status-text";
+
+    pub fn is_internal(name: &str) -> bool {
+        name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+    }
+
+    /// Connection-specific headers that must not cross a hop (RFC 9110 7.6.1).
+    pub fn is_hop_by_hop(name: &str) -> bool {
+        [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+            "trailer",
+            "host",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
+    }
+}
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub id: u64,
+    /// The site role, e.g. `SMS_MP`.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub connector_id: String,
+    pub version: String,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// How long a channel may stay silent before a PING must be answered.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest hello the gateway reads.
+const MAX_HELLO_BYTES: usize = 1024 * 1024;
+
+/// One live channel, gateway side.
+pub struct Channel {
+    pub id: u64,
+    pub hello: Hello,
+    /// The connector's certificate subject, for logs and status.
+    pub peer: String,
+    sender: SendRequest<Body>,
+    outstanding: AtomicUsize,
+}
+
+impl Channel {
+    /// Sends one request over the channel, counting it as outstanding while it is in flight.
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Refusal> {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        let mut sender = self.sender.clone();
+        let result = async {
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+        .await;
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        result.map_err(|e| {
+            Refusal::new(Cause::ChannelBroken {
+                detail: e.to_string(),
+            })
+        })
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// The channels that end at this gateway instance, by endpoint id.
+#[derive(Default)]
+pub struct Registry {
+    channels: RwLock<Vec<Arc<Channel>>>,
+    /// Endpoints some connector has announced since start, with their names.
+    known: RwLock<HashMap<u64, String>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    fn add(&self, channel: Arc<Channel>) {
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        for e in &channel.hello.endpoints {
+            known.insert(e.id, e.name.clone());
+        }
+        drop(known);
+        self.channels
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(channel);
+    }
+
+    fn remove(&self, id: u64) {
+        self.channels
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| c.id != id);
+    }
+
+    /// The channel for `endpoint` with the fewest requests in flight.
+    pub fn pick(&self, endpoint: u64) -> Result<Arc<Channel>, Refusal> {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let best = channels
+            .iter()
+            .filter(|c| c.hello.endpoints.iter().any(|e| e.id == endpoint))
+            .min_by_key(|c| c.outstanding())
+            .cloned();
+        match best {
+            Some(channel) => Ok(channel),
+            None if self
+                .known
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&endpoint) =>
+            {
+                Err(Refusal::new(Cause::NoChannel { endpoint }))
+            }
+            None => Err(Refusal::new(Cause::UnknownEndpoint { endpoint })),
+        }
+    }
+
+    /// Every endpoint announced since start, whether a channel serves it now, and how many.
+    pub fn endpoints(&self) -> Vec<(u64, String, usize)> {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<(u64, String, usize)> = known
+            .iter()
+            .map(|(id, name)| {
+                let live = channels
+                    .iter()
+                    .filter(|c| c.hello.endpoints.iter().any(|e| e.id == *id))
+                    .count();
+                (*id, name.clone(), live)
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+#[derive(Debug)]
+pub enum AcceptError {
+    Handshake(hyper::Error),
+    Hello(String),
+}
+
+impl std::fmt::Display for AcceptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AcceptError::Handshake(e) => write!(f, "HTTP/2 handshake on the channel failed: {e}"),
+            AcceptError::Hello(why) => write!(f, "the connector's hello failed: {why}"),
+        }
+    }
+}
+
+/// Gateway side: drives a freshly accepted channel connection. Returns once the channel is
+/// registered; the connection keeps running in the background and leaves the registry when it
+/// ends (including when PINGs go unanswered).
+pub async fn accept<IO>(
+    io: IO,
+    peer: String,
+    registry: Arc<Registry>,
+) -> Result<Arc<Channel>, AcceptError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .adaptive_window(true);
+    let (sender, connection) = builder
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(AcceptError::Handshake)?;
+    let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    let driver_registry = registry.clone();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        driver_registry.remove(id);
+    });
+
+    let mut hello_sender = sender.clone();
+    let hello = async {
+        hello_sender.ready().await.map_err(|e| e.to_string())?;
+        let request = Request::get(HELLO_PATH)
+            .body(empty())
+            .map_err(|e| e.to_string())?;
+        let response = hello_sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), MAX_HELLO_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading it: {e}"))?
+            .to_bytes();
+        serde_json::from_slice::<Hello>(&body).map_err(|e| format!("it is not a hello: {e}"))
+    };
+    let hello = tokio::time::timeout(Duration::from_secs(10), hello)
+        .await
+        .map_err(|_| AcceptError::Hello("no answer within 10 s".into()))?
+        .map_err(AcceptError::Hello)?;
+    let channel = Arc::new(Channel {
+        id,
+        hello,
+        peer,
+        sender,
+        outstanding: AtomicUsize::new(0),
+    });
+    registry.add(channel.clone());
+    Ok(channel)
+}
+
+/// Connector side: serves the gateway's requests on a dialled channel until it ends.
+pub async fn serve<IO, S>(io: IO, service: S) -> Result<(), hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(4 * 1024 * 1024)
+        .adaptive_window(true)
+        .serve_connection(TokioIo::new(io), service)
+        .await
+}
