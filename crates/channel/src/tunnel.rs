@@ -300,3 +300,18 @@ where
         .serve_connection(TokioIo::new(io), service)
         .await
 }
+
+/// The response for a refusal, on any hop: the status, the status text as HTTP/1.1 reason
+/// phrase and as a header (HTTP/2 has no reason phrase), and a body that explains.
+pub fn refusal_response(refusal: &Refusal) -> Response<Body> {
+    let mut response = Response::builder()
+        .status(refusal.status)
+        .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(headers::STATUS_TEXT, refusal.text)
+        .body(full(refusal.body()))
+        .unwrap_or_else(|_| Response::new(full(refusal.body())));
+    if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(refusal.text.as_bytes()) {
+        response.extensions_mut().insert(phrase);
+    }
+    response
+}

@@ -3,3 +3,4 @@
 //! certificate its filter chain selected.
 
 pub mod endpoint;
+pub mod run;

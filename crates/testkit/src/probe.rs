@@ -364,9 +364,13 @@ fn report(url: &str, port: u16, result: Result<Answer, Failure>) -> ProbeReport 
     }
 }
 
-/// The body's text on one line, tags stripped, at most 400 characters.
+/// The body's text on one line (tags stripped from an HTML page), at most 400 characters.
 fn explanation(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
+    if !text.trim_start().starts_with('<') {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        return words.join(" ").chars().take(400).collect();
+    }
     let mut plain = String::new();
     let mut in_tag = false;
     for c in text.chars() {

@@ -1,0 +1,461 @@
+//! The running connector: picks its client certificate, dials every gateway (N channels each,
+//! reconnecting with backoff and jitter), and serves the gateway's requests on each channel by
+//! forwarding them to the endpoint they name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use channel::config::{self, ConfigError};
+use channel::refusal::Refusal;
+use channel::tunnel::{self, headers, refusal_response, Body, EndpointInfo, Hello};
+use hyper::body::Incoming;
+use hyper::{Request, Response, Uri};
+use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
+use ring::rand::SecureRandom;
+use rustls_pki_types::ServerName;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use http_body_util::BodyExt;
+
+use crate::endpoint::{endpoint_url, forwarding_line, received_line, EndpointClient};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The endpoint id devices use in their URLs.
+    pub id: u64,
+    /// The site role, e.g. "SMS_MP".
+    pub name: String,
+    /// The internal base URL, e.g. "https://InternalMP.contoso.com".
+    pub url: String,
+}
+
+/// `portcullis connector --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// Names this connector in the gateway's logs and ServiceMetadata.
+    pub connector_id: String,
+    /// Every gateway instance, as "host:port"; the connector holds channels to each.
+    pub gateways: Vec<String>,
+    /// The name the gateways' server certificate must carry (default: each gateway's host).
+    #[serde(default)]
+    pub gateway_server_name: Option<String>,
+    /// Roots the gateways' server certificate must chain to.
+    pub gateway_roots: Vec<PathBuf>,
+    /// Channels per gateway instance.
+    #[serde(default = "default_channels")]
+    pub channels_per_gateway: usize,
+    /// The certificate the connector presents when it dials a gateway, and its key.
+    pub channel_cert: PathBuf,
+    pub channel_key: PathBuf,
+    /// The store the client-authentication filter chain reads, and the allowed root CAs.
+    pub client_cert_store: PathBuf,
+    pub allowed_roots: Vec<PathBuf>,
+    /// Environment variable holding the password of .pfx/.p12 files in the store.
+    #[serde(default = "default_pfx_env")]
+    pub pfx_password_env: String,
+    /// Roots the endpoints' server certificates must chain to.
+    pub endpoint_roots: Vec<PathBuf>,
+    pub endpoints: Vec<EndpointConfig>,
+    /// Seconds an endpoint may take to answer.
+    #[serde(default = "default_endpoint_timeout")]
+    pub endpoint_timeout_secs: u64,
+    /// Log the whole certificate filter trail, not only its outcome.
+    #[serde(default)]
+    pub verbose: bool,
+}
+
+fn default_channels() -> usize {
+    2
+}
+fn default_pfx_env() -> String {
+    "PORTCULLIS_PFX_PASSWORD".into()
+}
+fn default_endpoint_timeout() -> u64 {
+    60
+}
+
+impl ConnectorConfig {
+    pub fn load(path: &Path) -> Result<ConnectorConfig, ConfigError> {
+        let mut cfg: ConnectorConfig = config::load_toml(path)?;
+        let resolve_all = |paths: &[PathBuf]| {
+            paths
+                .iter()
+                .map(|p| config::resolve(path, p))
+                .collect::<Vec<_>>()
+        };
+        cfg.gateway_roots = resolve_all(&cfg.gateway_roots);
+        cfg.allowed_roots = resolve_all(&cfg.allowed_roots);
+        cfg.endpoint_roots = resolve_all(&cfg.endpoint_roots);
+        cfg.channel_cert = config::resolve(path, &cfg.channel_cert);
+        cfg.channel_key = config::resolve(path, &cfg.channel_key);
+        cfg.client_cert_store = config::resolve(path, &cfg.client_cert_store);
+        let invalid = |key, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        if cfg.gateways.is_empty() {
+            return Err(invalid(
+                "gateways",
+                "list at least one gateway as \"host:port\"".into(),
+            ));
+        }
+        for g in &cfg.gateways {
+            if split_host_port(g).is_none() {
+                return Err(invalid("gateways", format!("\"{g}\" is not \"host:port\"")));
+            }
+        }
+        if cfg.channels_per_gateway == 0 || cfg.channels_per_gateway > 64 {
+            return Err(invalid(
+                "channels_per_gateway",
+                "must be between 1 and 64".into(),
+            ));
+        }
+        if cfg.endpoints.is_empty() {
+            return Err(invalid(
+                "endpoints",
+                "list at least one endpoint ([[endpoints]] id, name, url)".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &cfg.endpoints {
+            if !seen.insert(e.id) {
+                return Err(invalid(
+                    "endpoints",
+                    format!("endpoint id {} is listed twice", e.id),
+                ));
+            }
+            match e.url.parse::<Uri>() {
+                Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+                _ => {
+                    return Err(invalid(
+                        "endpoints",
+                        format!("endpoint {}: \"{}\" is not an https:// URL", e.id, e.url),
+                    ))
+                }
+            }
+        }
+        for (key, roots) in [
+            ("gateway_roots", &cfg.gateway_roots),
+            ("allowed_roots", &cfg.allowed_roots),
+            ("endpoint_roots", &cfg.endpoint_roots),
+        ] {
+            if roots.is_empty() {
+                return Err(invalid(key, "list at least one root CA file".into()));
+            }
+        }
+        if cfg.endpoint_timeout_secs == 0 || cfg.endpoint_timeout_secs > 3600 {
+            return Err(invalid(
+                "endpoint_timeout_secs",
+                "must be between 1 and 3600".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+fn split_host_port(text: &str) -> Option<(String, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointClientError),
+}
+
+/// Where the connector's log lines go: severity (1 info, 2 warning, 3 error) and text.
+pub type Log = Arc<dyn Fn(u8, &str) + Send + Sync>;
+
+pub struct RunningConnector {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningConnector {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+struct Service {
+    hello: Hello,
+    endpoints: HashMap<u64, Uri>,
+    client: EndpointClient,
+    log: Log,
+}
+
+pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector, ConnectorError> {
+    let store = CertStore::load(
+        &config.client_cert_store,
+        &Pkcs12Password::from_env(&config.pfx_password_env),
+    )?;
+    let allowed = RootSet::load(&config.allowed_roots)?;
+    let selection = select_client_cert(&store, &allowed, OffsetDateTime::now_utc());
+    for line in &selection.trail {
+        // The whole trail when verbose; the outcome (and warnings) always.
+        let outcome = line.severity() > 1 || matches!(line, pki::TrailLine::Selected { .. });
+        if config.verbose || outcome {
+            log(line.severity(), &line.to_string());
+        }
+    }
+    let client = EndpointClient::new(
+        &store,
+        selection.selected,
+        &RootSet::load(&config.endpoint_roots)?,
+        Duration::from_secs(config.endpoint_timeout_secs),
+    )?;
+    let endpoints = config
+        .endpoints
+        .iter()
+        .filter_map(|e| e.url.parse::<Uri>().ok().map(|u| (e.id, u)))
+        .collect();
+    let service = Arc::new(Service {
+        hello: Hello {
+            connector_id: config.connector_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            endpoints: config
+                .endpoints
+                .iter()
+                .map(|e| EndpointInfo {
+                    id: e.id,
+                    name: e.name.clone(),
+                })
+                .collect(),
+        },
+        endpoints,
+        client,
+        log: log.clone(),
+    });
+
+    let identity = pki::tls::Identity::load(&config.channel_cert, &config.channel_key)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in RootSet::load(&config.gateway_roots)?.certs {
+        roots.add(root.der().to_vec().into())?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    let tls = Arc::new(tls);
+
+    log(1, "Maintaining connections...");
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for gateway in &config.gateways {
+        let Some((host, port)) = split_host_port(gateway) else {
+            continue;
+        };
+        let name = config
+            .gateway_server_name
+            .clone()
+            .unwrap_or_else(|| host.clone());
+        for n in 0..config.channels_per_gateway {
+            let dial = Dial {
+                host: host.clone(),
+                port,
+                server_name: name.clone(),
+                tls: tls.clone(),
+                service: service.clone(),
+                log: log.clone(),
+                number: n + 1,
+            };
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(dial.run(stopped)));
+        }
+    }
+    Ok(RunningConnector { stop, tasks })
+}
+
+struct Dial {
+    host: String,
+    port: u16,
+    server_name: String,
+    tls: Arc<rustls::ClientConfig>,
+    service: Arc<Service>,
+    log: Log,
+    number: usize,
+}
+
+/// Backoff bounds for redialling a gateway.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A channel that lived this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+impl Dial {
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let random = ring::rand::SystemRandom::new();
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                outcome = self.once() => outcome,
+                _ = stopped.changed() => return,
+            };
+            let gateway = format!("{}:{}", self.host, self.port);
+            match outcome {
+                Ok(()) => (self.log)(
+                    2,
+                    &format!(
+                        "Channel {} to gateway {gateway} closed; reconnecting",
+                        self.number
+                    ),
+                ),
+                Err(why) => (self.log)(
+                    3,
+                    &format!(
+                        "Channel {} to gateway {gateway}: {why}; retrying",
+                        self.number
+                    ),
+                ),
+            }
+            if started.elapsed() >= HEALTHY_AFTER {
+                backoff = BACKOFF_FIRST;
+            }
+            // Full jitter in [backoff/2, backoff], so many connectors do not redial in step.
+            let mut byte = [0u8; 1];
+            let _ = random.fill(&mut byte);
+            let wait = backoff / 2 + backoff.mul_f64(f64::from(byte[0]) / 510.0);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped.changed() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn once(&self) -> Result<(), String> {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "TCP connect timed out".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| format!("bad server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS failed: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
+            return Err("the gateway does not speak the channel protocol (ALPN)".into());
+        }
+        let service = self.service.clone();
+        let hyper_service = hyper::service::service_fn(move |req| {
+            let service = service.clone();
+            async move { Ok::<_, std::convert::Infallible>(service.handle(req).await) }
+        });
+        tunnel::serve(tls, hyper_service)
+            .await
+            .map_err(|e| format!("channel ended: {e}"))
+    }
+}
+
+impl Service {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.uri().path() == tunnel::HELLO_PATH {
+            let body = serde_json::to_vec(&self.hello).unwrap_or_default();
+            return Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(tunnel::full(body))
+                .unwrap_or_else(|_| Response::new(tunnel::empty()));
+        }
+        let message_id = header_text(&request, headers::MESSAGE_ID).unwrap_or_else(|| "-".into());
+        let endpoint = header_text(&request, headers::ENDPOINT).and_then(|e| e.parse::<u64>().ok());
+        let Some(base) = endpoint.and_then(|e| self.endpoints.get(&e)) else {
+            let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
+                endpoint: endpoint.unwrap_or(0),
+            });
+            (self.log)(3, &format!("Message {message_id}: {refusal}"));
+            return refusal_response(&refusal);
+        };
+        let path = request.uri().path();
+        let url = match endpoint_url(base, path, request.uri().query()) {
+            Ok(url) => url,
+            Err(e) => {
+                let refusal = Refusal::new(channel::refusal::Cause::BadRoute {
+                    detail: e.to_string(),
+                });
+                return refusal_response(&refusal);
+            }
+        };
+        let url_text = url.to_string();
+        (self.log)(1, &forwarding_line(&message_id, &url_text));
+        let (parts, body) = request.into_parts();
+        let mut forward = Request::builder().method(parts.method).uri(url);
+        for (name, value) in &parts.headers {
+            if !headers::is_internal(name.as_str()) && !headers::is_hop_by_hop(name.as_str()) {
+                forward = forward.header(name, value);
+            }
+        }
+        let Ok(forward) = forward.body(body.boxed()) else {
+            return refusal_response(&Refusal::new(channel::refusal::Cause::BadRoute {
+                detail: "the request cannot be rebuilt".into(),
+            }));
+        };
+        match self.client.forward(forward).await {
+            Ok(answer) => {
+                let status = answer.status();
+                (self.log)(
+                    1,
+                    &received_line(
+                        &message_id,
+                        &url_text,
+                        status.as_u16(),
+                        status.canonical_reason().unwrap_or(""),
+                    ),
+                );
+                let (parts, body) = answer.into_parts();
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(refusal) => {
+                (self.log)(
+                    3,
+                    &received_line(&message_id, &url_text, refusal.status, refusal.text),
+                );
+                (self.log)(
+                    3,
+                    &format!(
+                        "Message {message_id}: {}. {}",
+                        refusal.reason(),
+                        refusal.remedy()
+                    ),
+                );
+                refusal_response(&refusal)
+            }
+        }
+    }
+}
+
+fn header_text(request: &Request<Incoming>, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}

@@ -1,0 +1,463 @@
+//! The gateway: the internet-facing server. One TLS port serves devices (HTTP/1.1 and HTTP/2)
+//! and connector channels (ALPN `portcullis-tunnel/1`). Devices are authenticated per route;
+//! their requests go to a connector over a held channel; every refusal names its hop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use channel::config::{self, ConfigError};
+use channel::refusal::{Cause, Refusal};
+use channel::route::{self, Auth, Route};
+use channel::tunnel::{self, headers, refusal_response, Body, Registry};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pki::tls::{judge_peer, AcceptAnyClientCert, PeerCert};
+use pki::RootSet;
+use ring::rand::SecureRandom;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+/// `portcullis gateway --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address for devices and connector channels, e.g. "0.0.0.0:443".
+    pub listen: SocketAddr,
+    /// The gateway's server certificate (PEM, leaf first) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Roots device certificates must chain to on CCM_PROXY_MUTUALAUTH routes.
+    pub trusted_roots: Vec<PathBuf>,
+    /// Roots connector channel certificates must chain to (default: `trusted_roots`).
+    #[serde(default)]
+    pub connector_roots: Vec<PathBuf>,
+    /// Connectors allowed to open channels: certificate subject CNs or SHA-1 thumbprints.
+    pub allowed_connectors: Vec<String>,
+    /// Seconds to wait for a connector's answer to start.
+    #[serde(default = "default_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_timeout() -> u64 {
+    120
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let mut cfg: GatewayConfig = config::load_toml(path)?;
+        cfg.cert = config::resolve(path, &cfg.cert);
+        cfg.key = config::resolve(path, &cfg.key);
+        cfg.trusted_roots = cfg
+            .trusted_roots
+            .iter()
+            .map(|p| config::resolve(path, p))
+            .collect();
+        cfg.connector_roots = cfg
+            .connector_roots
+            .iter()
+            .map(|p| config::resolve(path, p))
+            .collect();
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason: reason.to_string(),
+        };
+        if cfg.trusted_roots.is_empty() {
+            return Err(invalid(
+                "trusted_roots",
+                "at least one root CA file is needed for device certificates",
+            ));
+        }
+        if cfg.allowed_connectors.iter().all(|c| c.trim().is_empty()) {
+            return Err(invalid(
+                "allowed_connectors",
+                "name at least one connector (its certificate's CN or thumbprint); without one no channel can open",
+            ));
+        }
+        if cfg.request_timeout_secs == 0 || cfg.request_timeout_secs > 3600 {
+            return Err(invalid(
+                "request_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Something for the gateway to say: its log line and severity (1 info, 2 warning, 3 error).
+pub type Log = Arc<dyn Fn(u8, &str) + Send + Sync>;
+
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Shared {
+    device_roots: RootSet,
+    connector_roots: RootSet,
+    allowed_connectors: Vec<String>,
+    registry: Arc<Registry>,
+    timeout: Duration,
+    log: Log,
+    random: ring::rand::SystemRandom,
+}
+
+pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
+    let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
+    let device_roots = RootSet::load(&config.trusted_roots)?;
+    let connector_roots = if config.connector_roots.is_empty() {
+        device_roots.clone()
+    } else {
+        RootSet::load(&config.connector_roots)?
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut hint_roots = device_roots.clone();
+    hint_roots
+        .certs
+        .extend(connector_roots.certs.iter().cloned());
+    let verifier = Arc::new(AcceptAnyClientCert::new(
+        &hint_roots,
+        provider.signature_verification_algorithms,
+        true,
+    ));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| GatewayError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let registry = Arc::new(Registry::default());
+    let shared = Arc::new(Shared {
+        device_roots,
+        connector_roots,
+        allowed_connectors: config
+            .allowed_connectors
+            .iter()
+            .map(|c| c.trim().to_string())
+            .collect(),
+        registry: registry.clone(),
+        timeout: Duration::from_secs(config.request_timeout_secs),
+        log,
+        random: ring::rand::SystemRandom::new(),
+    });
+    (shared.log)(
+        1,
+        &format!("Gateway listening on {addr} for devices and connector channels"),
+    );
+    let (stop, mut stopped) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.changed() => break,
+            };
+            let Ok((tcp, peer)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move { connection(acceptor, tcp, peer, shared).await });
+        }
+    });
+    Ok(RunningGateway {
+        addr,
+        registry,
+        stop,
+        task,
+    })
+}
+
+async fn connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        // Failed handshakes are the client's business (and very common on the internet).
+        _ => return,
+    };
+    let (_, session) = tls.get_ref();
+    let is_channel = session.alpn_protocol() == Some(tunnel::ALPN);
+    let leaf = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let now = OffsetDateTime::now_utc();
+    if is_channel {
+        let judged = judge_peer(leaf.as_deref(), &shared.connector_roots, now);
+        let cert = match judged {
+            PeerCert::Trusted(cert) => cert,
+            other => {
+                (shared.log)(
+                    3,
+                    &format!(
+                        "Refused a connector channel from {peer}: {}",
+                        describe_peer(&other)
+                    ),
+                );
+                return;
+            }
+        };
+        let cn = pki::cert::common_name(&cert.subject).unwrap_or("");
+        let allowed = shared
+            .allowed_connectors
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(cn) || a.eq_ignore_ascii_case(&cert.thumbprint));
+        if !allowed {
+            (shared.log)(
+                3,
+                &format!(
+                    "Refused a connector channel from {peer}: {} is not in allowed_connectors",
+                    cert.label()
+                ),
+            );
+            return;
+        }
+        match tunnel::accept(tls, cert.label(), shared.registry.clone()).await {
+            Ok(ch) => {
+                let endpoints: Vec<String> = ch
+                    .hello
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{} ({})", e.id, e.name))
+                    .collect();
+                (shared.log)(
+                    1,
+                    &format!(
+                        "Connector {} opened channel {} from {peer}, serving endpoints {}",
+                        ch.hello.connector_id,
+                        ch.id,
+                        endpoints.join(", ")
+                    ),
+                );
+            }
+            Err(e) => (shared.log)(3, &format!("Channel from {peer} failed: {e}")),
+        }
+        return;
+    }
+
+    let device = Arc::new(Device {
+        addr: peer,
+        cert: judge_peer(leaf.as_deref(), &shared.device_roots, now),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let device = device.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+}
+
+fn describe_peer(judged: &PeerCert) -> String {
+    match judged {
+        PeerCert::None => "it presented no certificate".into(),
+        PeerCert::Trusted(cert) => format!("{} is trusted", cert.label()),
+        PeerCert::Untrusted { detail } => format!("its certificate is not trusted: {detail}"),
+        PeerCert::NotTimeValid { detail } => format!("its certificate is not valid now: {detail}"),
+    }
+}
+
+struct Device {
+    addr: SocketAddr,
+    cert: PeerCert,
+}
+
+async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) -> Response<Body> {
+    match route_request(request, shared, device).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            (shared.log)(
+                if refusal.status >= 500 { 3 } else { 2 },
+                &format!(
+                    "Refused {} for device {}: {refusal}",
+                    "request", device.addr
+                ),
+            );
+            refusal_response(&refusal)
+        }
+    }
+}
+
+async fn route_request(
+    request: Request<Incoming>,
+    shared: &Shared,
+    device: &Device,
+) -> Result<Response<Body>, Refusal> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let route = route::parse(&target).map_err(|e| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })?;
+    let (auth, endpoint, path, query) = match route {
+        Route::ServiceMetadata { .. } => return Ok(service_metadata(shared)),
+        Route::Proxy {
+            auth,
+            endpoint,
+            path,
+            query,
+        } => (auth, endpoint, path, query),
+    };
+    let identity = match auth {
+        Auth::MutualTls => match &device.cert {
+            PeerCert::Trusted(cert) => cert.clone(),
+            PeerCert::None => return Err(Refusal::new(Cause::DeviceCertificateMissing)),
+            PeerCert::Untrusted { detail } => {
+                return Err(Refusal::new(Cause::DeviceCertificateUntrusted {
+                    detail: detail.clone(),
+                }))
+            }
+            PeerCert::NotTimeValid { detail } => {
+                return Err(Refusal::new(Cause::DeviceCertificateNotTimeValid {
+                    detail: detail.clone(),
+                }))
+            }
+        },
+        Auth::Token => {
+            return Err(Refusal::new(Cause::InvalidToken {
+                check: "token authentication is not configured on this gateway".into(),
+            }))
+        }
+    };
+    let channel = shared.registry.pick(endpoint)?;
+
+    let message_id = message_id(&shared.random);
+    let target = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let (parts, body) = request.into_parts();
+    let mut forward = Request::builder().method(parts.method).uri(target);
+    for (name, value) in &parts.headers {
+        if !headers::is_internal(name.as_str()) && !headers::is_hop_by_hop(name.as_str()) {
+            forward = forward.header(name, value);
+        }
+    }
+    forward = forward
+        .header(headers::MESSAGE_ID, &message_id)
+        .header(headers::ENDPOINT, endpoint.to_string())
+        .header(headers::DEVICE_THUMBPRINT, &identity.thumbprint)
+        .header(headers::DEVICE_SUBJECT, header_safe(&identity.subject))
+        .header(headers::DEVICE_ADDRESS, device.addr.to_string());
+    let forward = forward
+        .body(http_body_util::BodyExt::boxed(body))
+        .map_err(|e| {
+            Refusal::new(Cause::BadRoute {
+                detail: e.to_string(),
+            })
+        })?;
+
+    let response = tokio::time::timeout(shared.timeout, channel.send(forward))
+        .await
+        .map_err(|_| {
+            Refusal::new(Cause::ConnectorTimeout {
+                endpoint,
+                seconds: shared.timeout.as_secs(),
+            })
+        })??;
+    let (mut parts, body) = response.into_parts();
+    // The connector's status text becomes the reason phrase devices read over HTTP/1.1.
+    if let Some(text) = parts.headers.get(headers::STATUS_TEXT).cloned() {
+        if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(text.as_bytes().to_vec()) {
+            parts.extensions.insert(phrase);
+        }
+    }
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::BodyExt::boxed(body),
+    ))
+}
+
+fn service_metadata(shared: &Shared) -> Response<Body> {
+    let endpoints: Vec<serde_json::Value> = shared
+        .registry
+        .endpoints()
+        .into_iter()
+        .map(|(id, name, channels)| serde_json::json!({"id": id, "name": name, "channels": channels, "healthy": channels > 0}))
+        .collect();
+    let body = serde_json::json!({
+        "service": "Portcullis gateway",
+        "version": env!("CARGO_PKG_VERSION"),
+        "channels": shared.registry.channel_count(),
+        "endpoints": endpoints,
+    });
+    Response::builder()
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(tunnel::full(body.to_string()))
+        .unwrap_or_else(|_| Response::new(tunnel::empty()))
+}
+
+fn message_id(random: &ring::rand::SystemRandom) -> String {
+    let mut bytes = [0u8; 16];
+    if random.fill(&mut bytes).is_err() {
+        // The id only has to be unique enough to follow one request through the logs.
+        let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        bytes.copy_from_slice(&nanos.to_be_bytes());
+    }
+    pki::cert::hex_upper(&bytes).to_ascii_lowercase()
+}
+
+/// Header values must be visible ASCII; subjects may hold anything.
+fn header_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}

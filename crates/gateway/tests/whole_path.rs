@@ -1,0 +1,352 @@
+//! The whole path on loopback with real TLS everywhere: device (curl, probe) -> gateway ->
+//! reverse-HTTP/2 channel -> connector -> reference management point.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use connector::run::{self as conn, ConnectorConfig};
+use gateway::GatewayConfig;
+use pki::lab::{LabOptions, LabPki};
+use testkit::mp::{self, MpConfig};
+use testkit::probe::{self, Outcome, ProbeOptions, DEFAULT_KEPT_BODY};
+
+const ENDPOINT: u64 = 72057594037927939;
+
+struct System {
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    mp: Option<mp::RunningMp>,
+    gateway: Option<gateway::RunningGateway>,
+    connector: Option<conn::RunningConnector>,
+    connector_log: Arc<Mutex<Vec<String>>>,
+    gateway_log: Arc<Mutex<Vec<String>>>,
+}
+
+fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
+    let lines = lines.clone();
+    Arc::new(move |_, line: &str| lines.lock().unwrap().push(line.to_string()))
+}
+
+impl System {
+    /// Starts all three; `store` is the connector's client-cert store relative to the lab.
+    fn start(store: &str, allowed_connectors: &str) -> System {
+        let dir = tempfile::tempdir().unwrap();
+        LabPki::issue(&LabOptions::default())
+            .unwrap()
+            .write(dir.path(), false)
+            .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let p = |rel: &str| dir.path().join(rel);
+        std::fs::write(
+            p("mp.toml"),
+            "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
+        )
+        .unwrap();
+        let mp = runtime
+            .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
+            .unwrap();
+        std::fs::write(
+            p("gateway.toml"),
+            format!("listen = \"127.0.0.1:0\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n"),
+        )
+        .unwrap();
+        let gateway_log = Arc::new(Mutex::new(Vec::new()));
+        let gateway = runtime
+            .block_on(gateway::start(
+                GatewayConfig::load(&p("gateway.toml")).unwrap(),
+                recorder(&gateway_log),
+            ))
+            .unwrap();
+        std::fs::write(
+            p("connector.toml"),
+            format!(
+                "connector_id = \"lab-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = true\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+                gateway.addr.port(),
+                mp.addr.port()
+            ),
+        )
+        .unwrap();
+        let connector_log = Arc::new(Mutex::new(Vec::new()));
+        let connector = runtime
+            .block_on(conn::start(
+                ConnectorConfig::load(&p("connector.toml")).unwrap(),
+                recorder(&connector_log),
+            ))
+            .unwrap();
+        System {
+            dir,
+            runtime,
+            mp: Some(mp),
+            gateway: Some(gateway),
+            connector: Some(connector),
+            connector_log,
+            gateway_log,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn base(&self) -> String {
+        format!(
+            "https://localhost:{}",
+            self.gateway.as_ref().unwrap().addr.port()
+        )
+    }
+
+    /// Waits (bounded) until the gateway holds `n` channels.
+    fn wait_for_channels(&self, n: usize) -> bool {
+        self.wait_for_channels_within(n, Duration::from_secs(10))
+    }
+
+    fn wait_for_channels_within(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.gateway.as_ref().unwrap().registry.channel_count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn probe(&self, path: &str, device: Option<&str>) -> probe::ProbeReport {
+        let options = ProbeOptions {
+            url: format!("{}{path}", self.base()),
+            ca: vec![self.path("ca/root.crt")],
+            cert: device.map(|d| self.path(&format!("devices/{d}.crt"))),
+            key: device.map(|d| self.path(&format!("devices/{d}.key"))),
+            token: None,
+            timeout: Duration::from_secs(20),
+            http2: false,
+            keep_body: DEFAULT_KEPT_BODY,
+        };
+        self.runtime.block_on(probe::probe(&options)).unwrap()
+    }
+
+    fn stop(mut self) {
+        self.runtime.block_on(async {
+            if let Some(c) = self.connector.take() {
+                c.stop().await;
+            }
+            if let Some(g) = self.gateway.take() {
+                g.stop().await;
+            }
+            if let Some(m) = self.mp.take() {
+                m.stop().await;
+            }
+        });
+    }
+}
+
+fn curl(system: &System, path: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--cacert"])
+        .arg(system.path("ca/root.crt"))
+        .arg("--cert")
+        .arg(system.path("devices/device-001.crt"))
+        .arg("--key")
+        .arg(system.path("devices/device-001.key"))
+        .args(extra)
+        .arg(format!("{}{path}", system.base()))
+        .output()
+        .expect("curl must be installed (apt-get install curl)")
+}
+
+#[test]
+fn a_device_gets_the_management_points_exact_bytes() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(
+        system.wait_for_channels(2),
+        "channels: {:?}",
+        system.gateway_log.lock().unwrap()
+    );
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    for http in ["--http1.1", "--http2"] {
+        let out = curl(&system, &path, &[http]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout
+                .starts_with(b"<MPList><MP Name=\"MP.PORTCULLIS.LAB\""),
+            "{http}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // A body streamed both ways, byte for byte.
+    let blob: Vec<u8> = (0..12 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+        .collect();
+    std::fs::write(system.path("blob.bin"), &blob).unwrap();
+    let data = format!("@{}", system.path("blob.bin").display());
+    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
+    for http in ["--http1.1", "--http2"] {
+        let out = curl(&system, &echo, &[http, "--data-binary", &data]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == blob,
+            "{http}: {} bytes back",
+            out.stdout.len()
+        );
+    }
+    let log = system.connector_log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l == "Maintaining connections..."),
+        "{log:#?}"
+    );
+    let forwarding = log
+        .iter()
+        .find(|l| l.starts_with("Forwarding proxy message "))
+        .expect("a forwarding line");
+    assert!(
+        forwarding.ends_with(" to URL: https://localhost:")
+            || forwarding.contains("/SMS_MP/.sms_aut?MPLIST"),
+        "{forwarding}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("Received response https://localhost:")
+                && l.ends_with(": HTTP/1.1 200 OK")),
+        "{log:#?}"
+    );
+
+    // ServiceMetadata is answered by the gateway itself.
+    let out = curl(&system, "/CCM_PROXY_MUTUALAUTH/ServiceMetadata", &[]);
+    let meta = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        meta.contains(&format!("\"id\":{ENDPOINT}")) && meta.contains("\"name\":\"SMS_MP\""),
+        "{meta}"
+    );
+    system.stop();
+}
+
+#[test]
+fn the_seed_failure_end_to_end() {
+    // The connector's store has no client authentication certificate.
+    let system = System::start("gateway", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?SITESIGNCERT");
+    let report = system.probe(&path, Some("device-001"));
+    assert_eq!(
+        report.outcome,
+        Outcome::HttpError {
+            status: 403,
+            text: "CMGConnector_Clientcertificaterequired".into()
+        },
+        "{:?}",
+        report.lines
+    );
+    let lines: Vec<&str> = report.lines.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(lines[0].ends_with("Options=31, Code=0, Text=CCM_E_BAD_HTTP_STATUS_CODE"));
+    assert_eq!(
+        lines[1],
+        "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired"
+    );
+    assert!(
+        lines[2].contains("hop: connector -> endpoint")
+            && lines[2].contains("portcullis doctor certs"),
+        "{}",
+        lines[2]
+    );
+
+    let log = system.connector_log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l == "Filtered cert count with client auth: 0"),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("Received response https://localhost:")
+                && l.contains("/SMS_MP/.sms_aut?SITESIGNCERT for message ")
+                && l.ends_with(": HTTP/1.1 403 CMGConnector_Clientcertificaterequired")),
+        "{log:#?}"
+    );
+    let w3c = std::fs::read_to_string(system.path("logs/u_ex.log")).unwrap();
+    assert!(
+        w3c.lines()
+            .any(|l| l.contains(" GET /SMS_MP/.sms_aut SITESIGNCERT ") && l.contains(" 403 7 0 ")),
+        "{w3c}"
+    );
+    system.stop();
+}
+
+#[test]
+fn devices_are_refused_at_the_gateway_with_a_named_status() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(1));
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    let cases = [
+        (
+            path.as_str(),
+            None,
+            403,
+            "CMGService_Clientcertificaterequired",
+        ),
+        (
+            "/CCM_PROXY_MUTUALAUTH/12345/SMS_MP/.sms_aut?MPLIST",
+            Some("device-001"),
+            404,
+            "CMGService_Unknownendpoint",
+        ),
+        (
+            "/SMS_MP/.sms_aut?MPLIST",
+            Some("device-001"),
+            404,
+            "CMGService_BadRoute",
+        ),
+    ];
+    for (path, device, status, text) in cases {
+        let report = system.probe(path, device);
+        assert_eq!(
+            report.outcome,
+            Outcome::HttpError {
+                status,
+                text: text.into()
+            },
+            "{path}: {:?}",
+            report.lines
+        );
+    }
+    let forwarded = system
+        .connector_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("Forwarding"))
+        .count();
+    assert_eq!(forwarded, 0, "refused requests never reach the connector");
+    system.stop();
+}
+
+#[test]
+fn a_connector_the_gateway_does_not_allow_cannot_open_a_channel() {
+    let system = System::start("connector/store", "someone-else");
+    assert!(!system.wait_for_channels_within(1, Duration::from_secs(2)));
+    let log = system.gateway_log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l.contains("Refused a connector channel")
+            && l.contains("not in allowed_connectors")),
+        "{log:#?}"
+    );
+    let report = system.probe(
+        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
+        Some("device-001"),
+    );
+    assert!(
+        matches!(report.outcome, Outcome::HttpError { status: 404, .. }),
+        "{:?}",
+        report.lines
+    );
+    system.stop();
+}
