@@ -179,8 +179,7 @@ pub enum ConnectorError {
     Endpoint(#[from] crate::endpoint::EndpointClientError),
 }
 
-/// Where the connector's log lines go: severity (1 info, 2 warning, 3 error) and text.
-pub type Log = Arc<dyn Fn(u8, &str) + Send + Sync>;
+pub use logs::Log;
 
 pub struct RunningConnector {
     stop: watch::Sender<bool>,

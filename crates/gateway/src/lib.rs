@@ -104,8 +104,7 @@ pub enum GatewayError {
     },
 }
 
-/// Something for the gateway to say: its log line and severity (1 info, 2 warning, 3 error).
-pub type Log = Arc<dyn Fn(u8, &str) + Send + Sync>;
+pub use logs::Log;
 
 pub struct RunningGateway {
     pub addr: SocketAddr,

@@ -52,6 +52,63 @@ impl Line<'_> {
     }
 }
 
+/// An append-only CMTrace log file. Each line is written whole under a lock, so lines from
+/// many tasks never interleave. (Rollover to `.lo_` comes with the logs issue.)
+pub struct FileLog {
+    component: String,
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl FileLog {
+    pub fn open(path: &std::path::Path, component: &str) -> std::io::Result<FileLog> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(FileLog {
+            component: component.to_string(),
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    pub fn write(&self, severity: Severity, message: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let line = Line {
+            message,
+            component: &self.component,
+            severity,
+            thread: thread_number(),
+            at: OffsetDateTime::now_utc(),
+        };
+        let mut text = line.format();
+        text.push_str("\r\n");
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(text.as_bytes())
+    }
+}
+
+impl Severity {
+    /// 1, 2, 3 as CMTrace numbers them; anything else is an error.
+    pub fn from_number(n: u8) -> Severity {
+        match n {
+            1 => Severity::Info,
+            2 => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+/// A small number for the current thread, as CMTrace shows thread ids.
+fn thread_number() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed));
+    ID.with(|id| *id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

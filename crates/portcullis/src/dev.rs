@@ -1,30 +1,47 @@
-//! `portcullis dev`: the lab on this machine, set up in one command.
-//!
-//! Today it makes (or reuses) the lab PKI and runs the connector's certificate choice on it;
-//! the gateway, connector and reference management point join it as they are built.
+//! `portcullis dev`: the whole system on this machine, wired up on loopback: a lab PKI (made
+//! once, reused), the reference management point, a gateway and a connector, and the lines
+//! to try printed. Runs until Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use pki::lab::layout;
-use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
-use time::OffsetDateTime;
 
 use crate::pki_cmd;
+use crate::serve_cmd::log_to;
+
+/// The endpoint id of the lab's management point, in Configuration Manager's style.
+pub const DEV_ENDPOINT: u64 = 72057594037927939;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Everything as it should be.
+    Healthy,
+    /// The seed's failure: the connector's store holds no usable client authentication
+    /// certificate, so the management point answers 403.7 and devices see
+    /// 403 CMGConnector_Clientcertificaterequired.
+    MissingClientCert,
+}
 
 #[derive(Args)]
 pub struct DevArgs {
     /// Where the lab keeps its state (PKI, configs, logs); reused on the next start.
     #[arg(long, value_name = "DIR", default_value = "portcullis-dev")]
     pub dir: PathBuf,
+    /// The gateway's port on 127.0.0.1 (0: any free port).
+    #[arg(long, value_name = "PORT", default_value_t = 8443)]
+    pub port: u16,
+    /// Start with a known failure, to see how Portcullis explains it.
+    #[arg(long, value_enum, default_value_t = Scenario::Healthy)]
+    pub scenario: Scenario,
 }
 
 pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let dir = &args.dir;
-    let reused = dir.join(layout::ROOT_CERT).exists();
-    if reused {
+    if dir.join(layout::ROOT_CERT).exists() {
         println!("Lab PKI: reusing {}", dir.display());
     } else {
         pki_cmd::init(&pki_cmd::InitArgs {
@@ -38,59 +55,137 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
-
-    let roots_path = dir.join(layout::ROOT_CERT);
-    let store_path = dir.join(layout::CONNECTOR_STORE);
-    let allowed = RootSet::load(std::slice::from_ref(&roots_path)).with_context(|| {
-        format!(
-            "the lab in {} is damaged; remove it to start afresh",
-            dir.display()
-        )
-    })?;
-    let store = CertStore::load(
-        &store_path,
-        &Pkcs12Password::from_env("PORTCULLIS_PFX_PASSWORD"),
-    )
-    .with_context(|| {
-        format!(
-            "the lab in {} is damaged; remove it to start afresh",
-            dir.display()
-        )
-    })?;
-    let selection = select_client_cert(&store, &allowed, OffsetDateTime::now_utc());
-
-    println!("\nConnector certificate choice ({}):", store_path.display());
-    for line in &selection.trail {
-        println!("  {line}");
-    }
-
-    println!("\nTry:");
-    println!(
-        "  {} doctor certs --store {} --allowed-roots {}",
-        crate::this_program(),
-        shown(&store_path),
-        shown(&roots_path)
-    );
-    println!(
-        "  openssl verify -CAfile {} {}",
-        shown(&roots_path),
-        shown(&dir.join(layout::DEVICES).join("device-001.crt"))
-    );
-    println!(
-        "  openssl x509 -noout -text -in {}",
-        shown(&dir.join(layout::CLIENT_AUTH_CERT))
-    );
-    println!(
-        "\nThis build has the lab PKI and the certificate doctor; the gateway, the connector and the \
-         reference management point are not in it yet, so nothing is listening."
-    );
-    Ok(if selection.selected.is_some() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let store = match args.scenario {
+        Scenario::Healthy => layout::CONNECTOR_STORE.to_string(),
+        Scenario::MissingClientCert => seed_store(dir)?,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(dir, args.port, &store))
 }
 
-fn shown(path: &Path) -> String {
-    path.display().to_string()
+/// The seed's store: the channel certificate without its key, and a server certificate.
+fn seed_store(dir: &Path) -> anyhow::Result<String> {
+    let rel = "scenarios/missing-client-cert/store";
+    let store = dir.join(rel);
+    std::fs::create_dir_all(&store).with_context(|| format!("creating {}", store.display()))?;
+    for (from, to) in [
+        (layout::CHANNEL_CERT, "channel.crt"),
+        (layout::GATEWAY_CERT, "server.crt"),
+        (layout::GATEWAY_KEY, "server.key"),
+    ] {
+        std::fs::copy(dir.join(from), store.join(to)).with_context(|| format!("copying {from}"))?;
+    }
+    Ok(rel.to_string())
+}
+
+async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
+    let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    let mp_config = write(
+        "mp.toml",
+        format!(
+            "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nw3c_log = \"logs/u_ex.log\"\n",
+            layout::MP_CERT,
+            layout::MP_KEY,
+            layout::ROOT_CERT
+        ),
+    )?;
+    let mp = testkit::mp::start(testkit::mp::MpConfig::load(&mp_config)?).await?;
+
+    let gateway_config = write(
+        "gateway.toml",
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n",
+            layout::GATEWAY_CERT,
+            layout::GATEWAY_KEY,
+            layout::ROOT_CERT
+        ),
+    )?;
+    let gateway = gateway::start(
+        gateway::GatewayConfig::load(&gateway_config)?,
+        log_to(
+            "SMS_CLOUD_PROXY_GATEWAY",
+            Some(&dir.join("logs/SMS_Cloud_ProxyGateway.log")),
+            false,
+        )?,
+    )
+    .await
+    .with_context(|| {
+        format!("starting the gateway (another program on port {port}? try --port 0)")
+    })?;
+
+    let connector_config = write(
+        "connector.toml",
+        format!(
+            "connector_id = \"dev-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"{root}\"]\nchannel_cert = \"{}\"\nchannel_key = \"{}\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"{root}\"]\nendpoint_roots = [\"{root}\"]\nverbose = true\n\n[[endpoints]]\nid = {DEV_ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+            gateway.addr.port(),
+            layout::CHANNEL_CERT,
+            layout::CHANNEL_KEY,
+            mp.addr.port(),
+            root = layout::ROOT_CERT,
+        ),
+    )?;
+    let connector_log = dir.join("logs/SMS_Cloud_ProxyConnector.log");
+    let connector = connector::run::start(
+        connector::run::ConnectorConfig::load(&connector_config)?,
+        log_to("SMS_CLOUD_PROXYCONNECTOR", Some(&connector_log), false)?,
+    )
+    .await?;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The connector opens two channels (its default); wait for both, within bounds.
+    while gateway.registry.channel_count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let channels = gateway.registry.channel_count();
+
+    let g = gateway.addr.port();
+    let shown = |p: &str| dir.join(p).display().to_string();
+    let (root, cert, key) = (
+        shown(layout::ROOT_CERT),
+        shown("devices/device-001.crt"),
+        shown("devices/device-001.key"),
+    );
+    let url =
+        format!("https://localhost:{g}/CCM_PROXY_MUTUALAUTH/{DEV_ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    println!(
+        "\nReference management point: https://localhost:{} (W3C log {})",
+        mp.addr.port(),
+        shown("logs/u_ex.log")
+    );
+    println!(
+        "Gateway:   https://localhost:{g} (log {})",
+        shown("logs/SMS_Cloud_ProxyGateway.log")
+    );
+    println!(
+        "Connector: {channels} channel(s) to the gateway (log {})",
+        connector_log.display()
+    );
+    if channels == 0 {
+        println!("warning: no channel came up within 10 s; read the connector's log");
+    }
+    println!("\nTry:");
+    println!("  curl --cacert {root} --cert {cert} --key {key} '{url}'");
+    println!(
+        "  {} probe '{url}' --ca {root} --cert {cert} --key {key}",
+        crate::this_program()
+    );
+    println!("  curl --cacert {root} 'https://localhost:{g}/CCM_PROXY_MUTUALAUTH/ServiceMetadata'");
+    println!(
+        "  {} doctor certs --store {} --allowed-roots {root}",
+        crate::this_program(),
+        shown(store)
+    );
+    println!("\nRunning; press Ctrl-C to stop.");
+
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    connector.stop().await;
+    gateway.stop().await;
+    mp.stop().await;
+    Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@ mod doctor;
 mod mp_cmd;
 mod pki_cmd;
 mod probe_cmd;
+mod serve_cmd;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -27,6 +28,10 @@ struct Cli {
 enum Command {
     /// Bring the lab system up on this machine and print what to try.
     Dev(dev::DevArgs),
+    /// Run a gateway instance.
+    Gateway(serve_cmd::GatewayArgs),
+    /// Run a connector.
+    Connector(serve_cmd::ConnectorArgs),
     /// Run the reference management point (labs and tests).
     Mp(mp_cmd::MpArgs),
     /// Make one request as a managed device does, reported like LocationServices.log.
@@ -47,6 +52,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Dev(args) => dev::run(args),
         Command::Pki(cmd) => pki_cmd::run(cmd),
+        Command::Gateway(args) => serve_cmd::gateway(args),
+        Command::Connector(args) => serve_cmd::connector(args),
         Command::Mp(args) => mp_cmd::run(args),
         Command::Probe(args) => probe_cmd::run(args),
         Command::Doctor(cmd) => doctor::run(cmd),

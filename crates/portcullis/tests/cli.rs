@@ -346,31 +346,54 @@ fn doctor_certs_reads_a_pfx_with_the_password_from_the_environment() {
     );
 }
 
-#[test]
-fn dev_makes_the_lab_once_and_reuses_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = portcullis_in(tmp.path(), &["dev"], &[]);
-    let shown = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{shown}");
-    assert!(tmp.path().join("portcullis-dev/ca/root.crt").is_file());
-    assert!(
-        shown.contains("Selected client authentication cert: CN=Portcullis Connector"),
-        "{shown}"
+/// Starts `portcullis dev` in `dir` and reads its output up to the "Running" line.
+fn start_dev(dir: &Path, extra: &[&str]) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["dev", "--port", "0"])
+            .args(extra)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
     );
-    assert!(
-        shown.contains("portcullis doctor certs --store portcullis-dev/connector/store"),
-        "{shown}"
-    );
-    // Every line it tells the user to try works when pasted into a shell there.
-    let tries: Vec<&str> = shown
+    let mut shown = String::new();
+    let mut reader = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    for _ in 0..200 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        shown.push_str(&line);
+        if line.starts_with("Running; press Ctrl-C") {
+            break;
+        }
+    }
+    (child, shown)
+}
+
+fn try_lines(shown: &str) -> Vec<String> {
+    shown
         .lines()
         .skip_while(|l| *l != "Try:")
         .skip(1)
         .take_while(|l| !l.is_empty())
-        .map(str::trim)
-        .collect();
-    assert_eq!(tries.len(), 3, "{shown}");
-    for line in tries {
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, shown) = start_dev(tmp.path(), &[]);
+    assert!(
+        shown.contains("Connector: 2 channel(s) to the gateway"),
+        "{shown}"
+    );
+    let tries = try_lines(&shown);
+    assert_eq!(tries.len(), 4, "{shown}");
+    for line in &tries {
         let run = Command::new("sh")
             .arg("-c")
             .arg(line)
@@ -378,18 +401,61 @@ fn dev_makes_the_lab_once_and_reuses_it() {
             .output()
             .unwrap();
         assert!(run.status.success(), "{line}: {}", text(&run));
+        if line.starts_with("curl") && line.contains("MPLIST") {
+            assert!(
+                String::from_utf8_lossy(&run.stdout).starts_with("<MPList>"),
+                "{}",
+                text(&run)
+            );
+        }
     }
+    drop(child);
     let root = std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap();
-    let out = portcullis_in(tmp.path(), &["dev"], &[]);
-    assert!(
-        text(&out).contains("reusing portcullis-dev"),
-        "{}",
-        text(&out)
-    );
+    let (child, shown) = start_dev(tmp.path(), &[]);
+    assert!(shown.contains("reusing portcullis-dev"), "{shown}");
+    drop(child);
     assert_eq!(
         std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap(),
         root
     );
+}
+
+#[test]
+fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, shown) = start_dev(tmp.path(), &["--scenario", "missing-client-cert"]);
+    let tries = try_lines(&shown);
+    let probe = tries
+        .iter()
+        .find(|l| l.contains(" probe "))
+        .expect("a probe line");
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg(probe)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    expect_exit(
+        &run,
+        1,
+        "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired",
+    );
+    drop(child);
+    let log = std::fs::read_to_string(
+        tmp.path()
+            .join("portcullis-dev/logs/SMS_Cloud_ProxyConnector.log"),
+    )
+    .unwrap();
+    assert!(
+        log.contains("<![LOG[Filtered cert count with client auth: 0]LOG]!>"),
+        "{log}"
+    );
+    assert!(
+        log.contains(": HTTP/1.1 403 CMGConnector_Clientcertificaterequired]LOG]!>"),
+        "{log}"
+    );
+    let w3c = std::fs::read_to_string(tmp.path().join("portcullis-dev/logs/u_ex.log")).unwrap();
+    assert!(w3c.contains(" 403 7 0 "), "{w3c}");
 }
 
 #[test]
