@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
-use pki::lab::{LabOptions, LabPki};
+use pki::lab::{LabCa, LabOptions, LabPki, LeafSpec};
 use testkit::mp::{self, MpConfig};
 use testkit::probe::{self, Outcome, ProbeOptions, DEFAULT_KEPT_BODY};
 
@@ -180,7 +180,7 @@ fn a_device_gets_the_management_points_exact_bytes() {
         );
     }
     // A body streamed both ways, byte for byte.
-    let blob: Vec<u8> = (0..12 * 1024 * 1024u32)
+    let blob: Vec<u8> = (0..50 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
         .collect();
     std::fs::write(system.path("blob.bin"), &blob).unwrap();
@@ -286,12 +286,46 @@ fn devices_are_refused_at_the_gateway_with_a_named_status() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(1));
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    // A device certificate from another root, and an expired one from the lab root.
+    let stranger = LabCa::new_root("Stranger Root", 1)
+        .unwrap()
+        .issue(&LeafSpec::client_auth("STRANGER", 30))
+        .unwrap();
+    let root = LabCa::from_pem(
+        &std::fs::read_to_string(system.path("ca/root.crt")).unwrap(),
+        &std::fs::read_to_string(system.path("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    let mut old = LeafSpec::client_auth("EXPIRED", 30);
+    old.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(60);
+    old.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let expired = root.issue(&old).unwrap();
+    for (name, issued) in [("stranger", &stranger), ("expired", &expired)] {
+        std::fs::write(
+            system.path(&format!("devices/{name}.crt")),
+            &issued.cert_pem,
+        )
+        .unwrap();
+        std::fs::write(system.path(&format!("devices/{name}.key")), &issued.key_pem).unwrap();
+    }
     let cases = [
         (
             path.as_str(),
             None,
             403,
             "CMGService_Clientcertificaterequired",
+        ),
+        (
+            path.as_str(),
+            Some("stranger"),
+            403,
+            "CMGService_Untrustedclientcertificate",
+        ),
+        (
+            path.as_str(),
+            Some("expired"),
+            403,
+            "CMGService_Expiredclientcertificate",
         ),
         (
             "/CCM_PROXY_MUTUALAUTH/12345/SMS_MP/.sms_aut?MPLIST",

@@ -554,3 +554,172 @@ fn mp_and_probe_as_processes_with_a_location_services_log() {
         .unwrap()
         .starts_with("<MPList>"));
 }
+
+/// Starts `portcullis ARGS` and returns it with the first stdout line that contains `marker`.
+fn spawn_until(args: &[&str], marker: &str) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut found = String::new();
+    for _ in 0..100 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if line.contains(marker) {
+            found = line;
+            break;
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (child, found)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Channels the gateway on `port` reports in ServiceMetadata (0 when it does not answer).
+fn channels_at(lab: &Path, port: u16) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(lab.join("ca/root.crt"))
+        .arg(format!(
+            "https://localhost:{port}/CCM_PROXY_MUTUALAUTH/ServiceMetadata"
+        ))
+        .output()
+        .expect("curl must be installed");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["channels"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_for_channels(lab: &Path, port: u16, n: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if channels_at(lab, port) >= n {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn two_gateways_one_connector_and_a_gateway_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    std::fs::write(
+        lab.join("mp.toml"),
+        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
+    )
+    .unwrap();
+    let (_mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
+    let mp_port = line.trim().rsplit(':').next().unwrap().to_string();
+    let ports = [free_port(), free_port()];
+    let gateway_config = |port: u16| {
+        let file = lab.join(format!("gateway-{port}.toml"));
+        std::fs::write(
+            &file,
+            format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n"),
+        )
+        .unwrap();
+        file
+    };
+    let configs = [gateway_config(ports[0]), gateway_config(ports[1])];
+    let mut gateway_a = spawn_until(
+        &["gateway", "--config", p(&configs[0])],
+        "Gateway listening",
+    )
+    .0;
+    let _gateway_b = spawn_until(
+        &["gateway", "--config", p(&configs[1])],
+        "Gateway listening",
+    )
+    .0;
+    std::fs::write(
+        lab.join("connector.toml"),
+        format!(
+            "connector_id = \"c1\"\ngateways = [\"localhost:{}\", \"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"connector/store\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\n\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n",
+            ports[0], ports[1]
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("SMS_Cloud_ProxyConnector.log");
+    let _connector = spawn_until(
+        &[
+            "connector",
+            "--config",
+            p(&lab.join("connector.toml")),
+            "--log",
+            p(&log),
+        ],
+        "Maintaining connections...",
+    );
+    let root = lab.join("ca/root.crt");
+    let cert = lab.join("devices/device-001.crt");
+    let key = lab.join("devices/device-001.key");
+    let probe_through = |port: u16| {
+        let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
+        portcullis(&[
+            "probe",
+            &url,
+            "--ca",
+            p(&root),
+            "--cert",
+            p(&cert),
+            "--key",
+            p(&key),
+        ])
+    };
+    for port in ports {
+        assert!(
+            wait_for_channels(&lab, port, 2),
+            "gateway {port} never got its channels"
+        );
+        expect_exit(&probe_through(port), 0, "StatusCode= 200 StatusText= OK");
+    }
+
+    // Kill gateway A outright; B keeps serving; A comes back on the same port and the
+    // connector, never restarted, dials it again.
+    drop(gateway_a);
+    expect_exit(
+        &probe_through(ports[0]),
+        1,
+        "Code=0x80072efd, Text=ERROR_WINHTTP_CANNOT_CONNECT",
+    );
+    expect_exit(&probe_through(ports[1]), 0, "StatusCode= 200");
+    gateway_a = spawn_until(
+        &["gateway", "--config", p(&configs[0])],
+        "Gateway listening",
+    )
+    .0;
+    assert!(
+        wait_for_channels(&lab, ports[0], 2),
+        "the connector did not come back to gateway A"
+    );
+    expect_exit(&probe_through(ports[0]), 0, "StatusCode= 200");
+    drop(gateway_a);
+    let written = std::fs::read_to_string(&log).unwrap();
+    let gateway_a = format!("to gateway localhost:{}", ports[0]);
+    assert!(
+        written
+            .lines()
+            .any(|l| l.contains(&gateway_a)
+                && (l.contains("reconnecting") || l.contains("retrying"))),
+        "{written}"
+    );
+}
