@@ -2,7 +2,6 @@
 //! the client-authentication certificate the filter chain selected, and the mapping of what
 //! comes back (or what goes wrong) to a [`Refusal`].
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,15 +43,7 @@ impl EndpointClient {
         trust: &RootSet,
         timeout: Duration,
     ) -> Result<EndpointClient, EndpointClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for root in &trust.certs {
-            roots.add(root.der().to_vec().into())?;
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+        let builder = pki::tls::client_config(trust)?;
         let identity = selected
             .and_then(|i| store.entries.get(i))
             .and_then(|entry| entry.usable_key().map(|key| (entry, key.clone_key())));

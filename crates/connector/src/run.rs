@@ -247,16 +247,8 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
     });
 
     let identity = pki::tls::Identity::load(&config.channel_cert, &config.channel_key)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for root in RootSet::load(&config.gateway_roots)?.certs {
-        roots.add(root.der().to_vec().into())?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(identity.chain, identity.key)?;
+    let mut tls = pki::tls::client_config(&RootSet::load(&config.gateway_roots)?)?
+        .with_client_auth_cert(identity.chain, identity.key)?;
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
     let tls = Arc::new(tls);
 

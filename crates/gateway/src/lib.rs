@@ -14,7 +14,7 @@ use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pki::tls::{judge_peer, AcceptAnyClientCert, PeerCert};
+use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use ring::rand::SecureRandom;
 use serde::Deserialize;
@@ -138,21 +138,16 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
     } else {
         RootSet::load(&config.connector_roots)?
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut hint_roots = device_roots.clone();
     hint_roots
         .certs
         .extend(connector_roots.certs.iter().cloned());
-    let verifier = Arc::new(AcceptAnyClientCert::new(
+    let tls = pki::tls::server_config(
+        identity,
         &hint_roots,
-        provider.signature_verification_algorithms,
         true,
-    ));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain, identity.key)?;
-    tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
+        &[tunnel::ALPN, b"h2", b"http/1.1"],
+    )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener =
         TcpListener::bind(config.listen)

@@ -63,6 +63,49 @@ impl Identity {
     }
 }
 
+/// A rustls client configuration that trusts `roots`, waiting for its client-auth choice.
+pub fn client_config(
+    roots: &RootSet,
+) -> std::result::Result<
+    rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    rustls::Error,
+> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in &roots.certs {
+        store.add(CertificateDer::from(root.der().to_vec()))?;
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(store),
+    )
+}
+
+/// A rustls server configuration for `identity` that asks for client certificates (when
+/// `ask_client_cert`), accepts any at the handshake with `hint_roots` as CA hints, and offers
+/// `alpn`. Who is trusted is decided per request with [`judge_peer`].
+pub fn server_config(
+    identity: Identity,
+    hint_roots: &RootSet,
+    ask_client_cert: bool,
+    alpn: &[&[u8]],
+) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = std::sync::Arc::new(AcceptAnyClientCert::new(
+        hint_roots,
+        provider.signature_verification_algorithms,
+        ask_client_cert,
+    ));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// What a server makes of the certificate a TLS peer presented.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerCert {

@@ -16,7 +16,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pki::tls::{judge_peer, AcceptAnyClientCert, PeerCert};
+use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -156,18 +156,13 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
     } else {
         RootSet::load(&config.trusted_roots)?
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(AcceptAnyClientCert::new(
-        &roots,
-        provider.signature_verification_algorithms,
-        config.client_certificates != ClientCertMode::Ignore,
-    ));
     let site_sign_cert_hex = pki::cert::hex_upper(identity.chain[0].as_ref());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain, identity.key)?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = pki::tls::server_config(
+        identity,
+        &roots,
+        config.client_certificates != ClientCertMode::Ignore,
+        &[b"h2", b"http/1.1"],
+    )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
 
     let listener = TcpListener::bind(config.listen)

@@ -107,15 +107,7 @@ fn parse_url(url: &str) -> Result<Target, ProbeError> {
 pub async fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
     let target = parse_url(&options.url)?;
     let roots = RootSet::load(&options.ca)?;
-    let mut store = rustls::RootCertStore::empty();
-    for root in &roots.certs {
-        store.add(root.der().to_vec().into())?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(store);
+    let builder = pki::tls::client_config(&roots)?;
     let mut tls = match (&options.cert, &options.key) {
         (Some(cert), Some(key)) => {
             let id = pki::tls::Identity::load(cert, key)?;
