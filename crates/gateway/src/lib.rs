@@ -27,7 +27,8 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// Address for devices and connector channels, e.g. "0.0.0.0:443".
+    /// Address for devices and connector channels (default "0.0.0.0:443").
+    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// The gateway's server certificate (PEM, leaf first) and key.
     pub cert: PathBuf,
@@ -42,6 +43,10 @@ pub struct GatewayConfig {
     /// Seconds to wait for a connector's answer to start.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
 }
 
 fn default_timeout() -> u64 {

@@ -32,6 +32,17 @@ fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
 impl System {
     /// Starts all three; `store` is the connector's client-cert store relative to the lab.
     fn start(store: &str, allowed_connectors: &str) -> System {
+        System::start_with(store, allowed_connectors, "\"ca/root.crt\"", |_| {})
+    }
+
+    /// `prepare` runs on the lab directory before the connector starts; `allowed_roots` is the
+    /// connector's TOML list of allowed root CA files.
+    fn start_with(
+        store: &str,
+        allowed_connectors: &str,
+        allowed_roots: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> System {
         let dir = tempfile::tempdir().unwrap();
         LabPki::issue(&LabOptions::default())
             .unwrap()
@@ -62,12 +73,13 @@ impl System {
         std::fs::write(
             p("connector.toml"),
             format!(
-                "connector_id = \"lab-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = true\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+                "connector_id = \"lab-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [{allowed_roots}]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = true\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
                 gateway.addr.port(),
                 mp.addr.port()
             ),
         )
         .unwrap();
+        prepare(dir.path());
         let connector_log = Arc::new(Mutex::new(Vec::new()));
         let connector = runtime
             .block_on(conn::start(
@@ -382,5 +394,48 @@ fn a_connector_the_gateway_does_not_allow_cannot_open_a_channel() {
         "{:?}",
         report.lines
     );
+    system.stop();
+}
+
+#[test]
+fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
+    // The connector allows (and so selects) a certificate from a root the management point
+    // does not trust: IIS answers 403.16 and the device sees CMGConnector_Forbidden.
+    let system = System::start_with(
+        "stranger-store",
+        "Portcullis Connector Channel",
+        "\"stranger-root.crt\"",
+        |lab| {
+            let root = LabCa::new_root("Stranger Root", 1).unwrap();
+            let cert = root
+                .issue(&LeafSpec::client_auth("connector-elsewhere", 30))
+                .unwrap();
+            std::fs::create_dir(lab.join("stranger-store")).unwrap();
+            std::fs::write(lab.join("stranger-store/c.crt"), &cert.cert_pem).unwrap();
+            std::fs::write(lab.join("stranger-store/c.key"), &cert.key_pem).unwrap();
+            std::fs::write(lab.join("stranger-root.crt"), &root.cert().cert_pem).unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(2));
+    let report = system.probe(
+        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
+        Some("device-001"),
+    );
+    assert_eq!(
+        report.outcome,
+        Outcome::HttpError {
+            status: 403,
+            text: "CMGConnector_Forbidden".into()
+        },
+        "{:?}",
+        report.lines
+    );
+    assert!(
+        report.lines.iter().any(|(_, l)| l.contains("IIS 403.16")),
+        "{:?}",
+        report.lines
+    );
+    let w3c = std::fs::read_to_string(system.path("logs/u_ex.log")).unwrap();
+    assert!(w3c.contains(" 403 16 0 "), "{w3c}");
     system.stop();
 }

@@ -14,7 +14,7 @@ use logs::cmtrace::{FileLog, Severity};
 /// One TLS port serves devices (HTTP/1.1 and HTTP/2) and connector channels (ALPN
 /// portcullis-tunnel/1). Configuration (TOML; paths relative to the file):
 ///
-///   listen = "0.0.0.0:443"
+///   listen = "0.0.0.0:443"                  # optional; this is the default
 ///   cert = "gateway/server.crt"
 ///   key = "gateway/server.key"
 ///   trusted_roots = ["ca/root.crt"]          # device certificates chain to these
