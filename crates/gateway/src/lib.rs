@@ -315,10 +315,7 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
         Err(refusal) => {
             (shared.log)(
                 if refusal.status >= 500 { 3 } else { 2 },
-                &format!(
-                    "Refused {} for device {}: {refusal}",
-                    "request", device.addr
-                ),
+                &format!("Refused a request from device {}: {refusal}", device.addr),
             );
             refusal_response(&refusal)
         }
