@@ -38,6 +38,7 @@ pub enum Cause {
     DeviceCertificateMissing,
     DeviceCertificateUntrusted { detail: String },
     DeviceCertificateNotTimeValid { detail: String },
+    DeviceCertificateRevoked { detail: String },
     InvalidToken { check: String },
     // Gateway -> connector.
     UnknownEndpoint { endpoint: u64 },
@@ -82,6 +83,11 @@ impl Refusal {
                 Hop::DeviceToGateway,
                 403,
                 "CMGService_Expiredclientcertificate",
+            ),
+            Cause::DeviceCertificateRevoked { .. } => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Revokedclientcertificate",
             ),
             Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
             Cause::UnknownEndpoint { .. } => {
@@ -151,6 +157,9 @@ impl Refusal {
             Cause::DeviceCertificateNotTimeValid { detail } => {
                 format!("the device's client certificate is not valid now: {detail}")
             }
+            Cause::DeviceCertificateRevoked { detail } => {
+                format!("the device's client certificate is revoked: {detail}")
+            }
             Cause::InvalidToken { check } => format!("the device's token was refused: {check}"),
             Cause::UnknownEndpoint { endpoint } => {
                 format!("no connector has ever announced endpoint {endpoint}")
@@ -189,6 +198,7 @@ impl Refusal {
             Cause::DeviceCertificateMissing => "Give the device a client authentication certificate from a CA the gateway trusts, or use a CCM_PROXY_SERVERAUTH route with a token.",
             Cause::DeviceCertificateUntrusted { .. } => "Add the device certificate's root CA to the gateway's trusted roots, or reissue the certificate from a trusted CA.",
             Cause::DeviceCertificateNotTimeValid { .. } => "Renew the device's certificate (or check the device's and the gateway's clocks).",
+            Cause::DeviceCertificateRevoked { .. } => "Issue the device a new certificate; the revoked one stays refused.",
             Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
             Cause::UnknownEndpoint { .. } => "Check the endpoint id in the URL against the connector's endpoint table (see ServiceMetadata).",
             Cause::NoChannel { .. } => "Start the connector serving this endpoint and check it can reach this gateway (its log says \"Maintaining connections...\").",
@@ -334,6 +344,7 @@ mod tests {
             Cause::DeviceCertificateMissing,
             Cause::DeviceCertificateUntrusted { detail: "x".into() },
             Cause::DeviceCertificateNotTimeValid { detail: "x".into() },
+            Cause::DeviceCertificateRevoked { detail: "x".into() },
             Cause::InvalidToken {
                 check: "expired".into(),
             },
@@ -387,6 +398,6 @@ mod tests {
             assert!(r.remedy().ends_with('.') && !r.reason().is_empty());
             texts.insert(r.text);
         }
-        assert_eq!(texts.len(), 16, "each cause has its own status text");
+        assert_eq!(texts.len(), 17, "each cause has its own status text");
     }
 }

@@ -229,7 +229,7 @@ async fn connection(
         .map(|c| c.as_ref().to_vec());
     let now = OffsetDateTime::now_utc();
     if is_channel {
-        let judged = judge_peer(leaf.as_deref(), &shared.connector_roots, now);
+        let judged = judge_peer(leaf.as_deref(), &shared.connector_roots, &[], now);
         let cert = match judged {
             PeerCert::Trusted(cert) => cert,
             other => {
@@ -283,7 +283,7 @@ async fn connection(
 
     let device = Arc::new(Device {
         addr: peer,
-        cert: judge_peer(leaf.as_deref(), &shared.device_roots, now),
+        cert: judge_peer(leaf.as_deref(), &shared.device_roots, &[], now),
     });
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
@@ -301,6 +301,7 @@ fn describe_peer(judged: &PeerCert) -> String {
         PeerCert::Trusted(cert) => format!("{} is trusted", cert.label()),
         PeerCert::Untrusted { detail } => format!("its certificate is not trusted: {detail}"),
         PeerCert::NotTimeValid { detail } => format!("its certificate is not valid now: {detail}"),
+        PeerCert::Revoked { detail } => format!("its certificate is revoked: {detail}"),
     }
 }
 
@@ -357,6 +358,11 @@ async fn route_request(
             }
             PeerCert::NotTimeValid { detail } => {
                 return Err(Refusal::new(Cause::DeviceCertificateNotTimeValid {
+                    detail: detail.clone(),
+                }))
+            }
+            PeerCert::Revoked { detail } => {
+                return Err(Refusal::new(Cause::DeviceCertificateRevoked {
                     detail: detail.clone(),
                 }))
             }

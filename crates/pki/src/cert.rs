@@ -181,6 +181,11 @@ impl Certificate {
         &self.der
     }
 
+    /// The DER of the issuer name.
+    pub fn issuer_der(&self) -> &[u8] {
+        &self.issuer_raw
+    }
+
     /// The DER of the subject name (what TLS servers send as CA hints).
     pub fn subject_der(&self) -> &[u8] {
         &self.subject_raw
@@ -260,7 +265,7 @@ pub fn common_name(subject: &str) -> Option<&str> {
 }
 
 /// A name as Windows and RFC 4514 print it: most specific first (`CN=host, O=Contoso`).
-fn name_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+pub(crate) fn name_text(name: &x509_parser::x509::X509Name<'_>) -> String {
     let registry = x509_parser::objects::oid_registry();
     let rdns: Vec<_> = name.iter().collect();
     rdns.iter()

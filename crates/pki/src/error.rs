@@ -63,6 +63,9 @@ pub enum PkiError {
     #[error("{key}: this private key does not belong to the certificate in {cert}")]
     KeyMismatch { key: PathBuf, cert: PathBuf },
 
+    #[error("{path}: bad certificate revocation list: {reason}")]
+    Crl { path: PathBuf, reason: String },
+
     #[error("{path}: {reason}")]
     Write { path: PathBuf, reason: String },
 

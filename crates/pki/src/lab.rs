@@ -123,6 +123,40 @@ impl LabCa {
         })
     }
 
+    /// A CRL (PEM) signed by this CA, revoking the certificates given (DER), valid for `days`.
+    pub fn crl(&self, revoked: &[&[u8]], days: i64) -> Result<String> {
+        use x509_parser::prelude::FromDer;
+        let now = OffsetDateTime::now_utc();
+        let mut revoked_certs = Vec::new();
+        for der in revoked {
+            let (_, cert) =
+                x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+                    PkiError::Issue {
+                        what: "CRL".into(),
+                        reason: format!("a certificate to revoke cannot be read: {e}"),
+                    }
+                })?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                revocation_time: now - Duration::minutes(5),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(days),
+            crl_number: random_serial("CRL")?,
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| issue_error("CRL", e))?;
+        crl.pem().map_err(|e| issue_error("CRL", e))
+    }
+
     pub fn cert(&self) -> &Issued {
         &self.issued
     }

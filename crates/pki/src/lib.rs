@@ -7,6 +7,7 @@
 
 pub mod cert;
 pub mod chain;
+pub mod crl;
 pub mod error;
 pub mod filter;
 pub mod lab;

@@ -113,11 +113,17 @@ pub enum PeerCert {
     Trusted(Box<Certificate>),
     Untrusted { detail: String },
     NotTimeValid { detail: String },
+    Revoked { detail: String },
 }
 
 /// Judges a peer's leaf certificate (DER) against `roots` at `now`: it must chain to one of
-/// them, and it and its chain must be valid now.
-pub fn judge_peer(der: Option<&[u8]>, roots: &RootSet, now: OffsetDateTime) -> PeerCert {
+/// them, it and its chain must be valid now, and no CRL in `crls` may revoke it.
+pub fn judge_peer(
+    der: Option<&[u8]>,
+    roots: &RootSet,
+    crls: &[crate::crl::RevocationList],
+    now: OffsetDateTime,
+) -> PeerCert {
     let Some(der) = der else {
         return PeerCert::None;
     };
@@ -152,6 +158,16 @@ pub fn judge_peer(der: Option<&[u8]>, roots: &RootSet, now: OffsetDateTime) -> P
                 bad.label(),
                 date_text(bad.not_before),
                 date_text(bad.not_after)
+            ),
+        };
+    }
+    if let Some(crl) = crls.iter().find(|crl| crl.revokes(&cert)) {
+        return PeerCert::Revoked {
+            detail: format!(
+                "{} (serial {}) is revoked by {}",
+                cert.label(),
+                cert.serial,
+                crl.source.display()
             ),
         };
     }

@@ -54,6 +54,10 @@ pub struct MpConfig {
     /// Roots a client certificate must chain to (files or directories).
     #[serde(default)]
     pub trusted_roots: Vec<PathBuf>,
+    /// Certificate revocation lists (PEM or DER) signed by a trusted root: a revoked client
+    /// certificate gets 403.13.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
     /// IIS-style W3C log file; none when absent.
     pub w3c_log: Option<PathBuf>,
     /// The management point's name in its answers.
@@ -84,6 +88,7 @@ impl MpConfig {
             .map(|p| config::resolve(path, p))
             .collect();
         cfg.w3c_log = cfg.w3c_log.as_deref().map(|p| config::resolve(path, p));
+        cfg.crls = cfg.crls.iter().map(|p| config::resolve(path, p)).collect();
         if cfg.client_certificates != ClientCertMode::Ignore && cfg.trusted_roots.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -144,6 +149,7 @@ impl RunningMp {
 struct Shared {
     config: MpConfig,
     roots: RootSet,
+    crls: Vec<pki::crl::RevocationList>,
     log: Option<W3cLog>,
     site_sign_cert_hex: String,
 }
@@ -182,9 +188,11 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
         })?),
         None => None,
     };
+    let crls = pki::crl::RevocationList::load_all(&config.crls, &roots)?;
     let shared = Arc::new(Shared {
         config,
         roots,
+        crls,
         log,
         site_sign_cert_hex,
     });
@@ -218,6 +226,7 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
                     client_cert: judge_peer(
                         client_cert.as_deref(),
                         &shared.roots,
+                        &shared.crls,
                         OffsetDateTime::now_utc(),
                     ),
                 });
@@ -303,6 +312,7 @@ fn respond(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> (u16, u1
         (PeerCert::None, ClientCertMode::Require) => Some(7),
         (PeerCert::Untrusted { .. }, _) => Some(16),
         (PeerCert::NotTimeValid { .. }, _) => Some(17),
+        (PeerCert::Revoked { .. }, _) => Some(13),
         _ => None,
     };
     if let Some(sub) = refusal {
@@ -367,6 +377,10 @@ fn iis_error(status: u16, substatus: u16) -> Response<Body> {
         (403, 17) => (
             "403.17 - Forbidden: Client certificate has expired or is not yet valid",
             "The client certificate used for this request has expired or is not yet valid.",
+        ),
+        (403, 13) => (
+            "403.13 - Forbidden: Client certificate revoked",
+            "The client certificate used for this request has been revoked by the Web server.",
         ),
         (404, _) => ("404.0 - Not Found", "The resource you are looking for has been removed, had its name changed, or is temporarily unavailable."),
         _ => ("Error", "The request failed."),

@@ -233,3 +233,59 @@ fn bad_configuration_names_the_file_and_the_key() {
         .to_string();
     assert!(err.contains("nope.crt: no such file or directory"), "{err}");
 }
+
+#[test]
+fn a_revoked_client_certificate_gets_403_13() {
+    let lab = Lab::new();
+    let root = LabCa::from_pem(
+        &std::fs::read_to_string(lab.path("ca/root.crt")).unwrap(),
+        &std::fs::read_to_string(lab.path("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    let revoked = root.issue(&LeafSpec::client_auth("REVOKED", 30)).unwrap();
+    std::fs::write(lab.path("revoked.crt"), &revoked.cert_pem).unwrap();
+    std::fs::write(lab.path("revoked.key"), &revoked.key_pem).unwrap();
+    std::fs::write(
+        lab.path("ca/root.crl"),
+        root.crl(&[&revoked.cert_der], 7).unwrap(),
+    )
+    .unwrap();
+    let device = (
+        lab.path("devices/device-001.crt"),
+        lab.path("devices/device-001.key"),
+    );
+    with_mp(&lab, "crls = [\"ca/root.crl\"]\n", |base| {
+        let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
+        let w = ["-w", "\n%{http_code}"];
+        let (status, body) = status_and_body(&curl(
+            &lab,
+            &url,
+            Some((&lab.path("revoked.crt"), &lab.path("revoked.key"))),
+            &w,
+        ));
+        assert_eq!(status, "403");
+        assert!(
+            body.contains("HTTP Error 403.13 - Forbidden: Client certificate revoked"),
+            "{body}"
+        );
+        let (status, _) = status_and_body(&curl(&lab, &url, Some((&device.0, &device.1)), &w));
+        assert_eq!(status, "200", "the CRL revokes only what it lists");
+    });
+    assert!(lab.w3c().contains(" 403 13 0 "), "{}", lab.w3c());
+
+    // A CRL signed by a CA the management point does not trust is refused at start.
+    let stranger = LabCa::new_root("Stranger Root", 1).unwrap();
+    std::fs::write(
+        lab.path("ca/root.crl"),
+        stranger.crl(&[&revoked.cert_der], 7).unwrap(),
+    )
+    .unwrap();
+    let config = MpConfig::load(&lab.config("crls = [\"ca/root.crl\"]\n")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let err = runtime
+        .block_on(mp::start(config))
+        .err()
+        .expect("start fails")
+        .to_string();
+    assert!(err.contains("root.crl: bad certificate revocation list: its issuer \"CN=Stranger Root, O=Portcullis Lab\" is not among the trusted roots"), "{err}");
+}

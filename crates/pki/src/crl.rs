@@ -1,0 +1,94 @@
+//! Certificate revocation lists: read (PEM `X509 CRL` or DER), checked against the CA that
+//! signed them, and asked whether they revoke a certificate.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::{PemObject, SectionKind};
+use time::OffsetDateTime;
+use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::cert::{hex_upper, Certificate};
+use crate::error::{PkiError, Result};
+use crate::load::read_limited;
+use crate::roots::RootSet;
+
+#[derive(Debug, Clone)]
+pub struct RevocationList {
+    pub source: PathBuf,
+    /// The issuing CA's subject, as printed.
+    pub issuer: String,
+    pub next_update: Option<OffsetDateTime>,
+    issuer_raw: Vec<u8>,
+    /// Revoked serial numbers, upper-case hex as [`Certificate::serial`].
+    serials: HashSet<String>,
+}
+
+impl RevocationList {
+    /// Reads a CRL and verifies its signature with the CA in `issuers` that issued it: a CRL
+    /// nobody trusted signed would let anyone revoke (or un-revoke) anything.
+    pub fn load(path: &Path, issuers: &RootSet) -> Result<RevocationList> {
+        let bytes = read_limited(path)?;
+        let der =
+            if bytes.starts_with(b"-----BEGIN") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+                <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(&bytes)
+                    .filter_map(|item| item.ok())
+                    .find(|(kind, _)| *kind == SectionKind::Crl)
+                    .map(|(_, der)| der)
+                    .ok_or_else(|| PkiError::Pem {
+                        path: path.to_path_buf(),
+                        reason: "no X509 CRL block in it".into(),
+                    })?
+            } else {
+                bytes
+            };
+        let bad = |reason: String| PkiError::Crl {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, crl) = CertificateRevocationList::from_der(&der)
+            .map_err(|e| bad(format!("not a CRL: {e}")))?;
+        let issuer_raw = crl.issuer().as_raw().to_vec();
+        let signer = issuers
+            .certs
+            .iter()
+            .find(|ca| ca.subject_der() == issuer_raw.as_slice())
+            .ok_or_else(|| {
+                bad(format!(
+                    "its issuer \"{}\" is not among the trusted roots",
+                    crate::cert::name_text(crl.issuer())
+                ))
+            })?;
+        let (_, signer_x509) = x509_parser::certificate::X509Certificate::from_der(signer.der())
+            .map_err(|e| bad(format!("the issuer's certificate cannot be read: {e}")))?;
+        crl.verify_signature(signer_x509.public_key())
+            .map_err(|_| {
+                bad(format!(
+                    "its signature does not verify with {}",
+                    signer.label()
+                ))
+            })?;
+        Ok(RevocationList {
+            source: path.to_path_buf(),
+            issuer: signer.subject.clone(),
+            next_update: crl.next_update().map(|t| t.to_datetime()),
+            issuer_raw,
+            serials: crl
+                .iter_revoked_certificates()
+                .map(|r| hex_upper(r.raw_serial()))
+                .collect(),
+        })
+    }
+
+    pub fn load_all(paths: &[PathBuf], issuers: &RootSet) -> Result<Vec<RevocationList>> {
+        paths
+            .iter()
+            .map(|p| RevocationList::load(p, issuers))
+            .collect()
+    }
+
+    pub fn revokes(&self, cert: &Certificate) -> bool {
+        cert.issuer_der() == self.issuer_raw.as_slice() && self.serials.contains(&cert.serial)
+    }
+}
