@@ -3,6 +3,7 @@
 //! reverse-HTTP/2 channel the connector dials and the gateway drives ([`tunnel`]).
 
 pub mod config;
+pub mod listener;
 pub mod refusal;
 pub mod route;
 pub mod tunnel;

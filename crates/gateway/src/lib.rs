@@ -19,8 +19,6 @@ use pki::RootSet;
 use ring::rand::SecureRandom;
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 /// `portcullis gateway --config FILE`.
@@ -114,14 +112,12 @@ pub use logs::Log;
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    listening: channel::listener::Listening,
 }
 
 impl RunningGateway {
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
+        self.listening.stop().await;
     }
 }
 
@@ -154,19 +150,6 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         &[tunnel::ALPN, b"h2", b"http/1.1"],
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| GatewayError::Listen {
-            addr: config.listen,
-            source,
-        })?;
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
         device_roots,
@@ -181,32 +164,26 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         log,
         random: ring::rand::SystemRandom::new(),
     });
+    let handler_shared = shared.clone();
+    let listening = channel::listener::listen(config.listen, move |tcp, peer| {
+        connection(acceptor.clone(), tcp, peer, handler_shared.clone())
+    })
+    .await
+    .map_err(|source| GatewayError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     (shared.log)(
         1,
-        &format!("Gateway listening on {addr} for devices and connector channels"),
+        &format!(
+            "Gateway listening on {} for devices and connector channels",
+            listening.addr
+        ),
     );
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stopped.changed() => break,
-            };
-            let Ok((tcp, peer)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let shared = shared.clone();
-            tokio::spawn(async move { connection(acceptor, tcp, peer, shared).await });
-        }
-    });
     Ok(RunningGateway {
-        addr,
+        addr: listening.addr,
         registry,
-        stop,
-        task,
+        listening,
     })
 }
 

@@ -20,8 +20,6 @@ use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::w3c::{W3cEntry, W3cLog};
@@ -130,19 +128,12 @@ pub enum MpError {
 /// A management point that is serving. Dropping it does not stop it; call [`RunningMp::stop`].
 pub struct RunningMp {
     pub addr: SocketAddr,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    listening: channel::listener::Listening,
 }
 
 impl RunningMp {
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-
-    /// Serves until the process is told to stop (Ctrl-C or SIGTERM).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+        self.listening.stop().await;
     }
 }
 
@@ -171,16 +162,6 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| MpError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| MpError::Listen {
-        addr: config.listen,
-        source,
-    })?;
     let log = match &config.w3c_log {
         Some(path) => Some(W3cLog::open(path).map_err(|source| MpError::Log {
             path: path.clone(),
@@ -189,6 +170,7 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
         None => None,
     };
     let crls = pki::crl::RevocationList::load_all(&config.crls, &roots)?;
+    let config_listen = config.listen;
     let shared = Arc::new(Shared {
         config,
         roots,
@@ -196,52 +178,56 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
         log,
         site_sign_cert_hex,
     });
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stopped.changed() => break,
-            };
-            let Ok((tcp, peer)) = accepted else {
-                // Out of file descriptors and the like: keep serving the others.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let client_cert = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .map(|der| der.as_ref().to_vec());
-                let conn = Arc::new(ConnInfo {
-                    peer,
-                    local: addr,
-                    client_cert: judge_peer(
-                        client_cert.as_deref(),
-                        &shared.roots,
-                        &shared.crls,
-                        OffsetDateTime::now_utc(),
-                    ),
-                });
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    let conn = conn.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &conn).await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
+    let listening = channel::listener::listen(config_listen, move |tcp, peer| {
+        connection(acceptor.clone(), tcp, peer, shared.clone())
+    })
+    .await
+    .map_err(|source| MpError::Listen {
+        addr: config_listen,
+        source,
+    })?;
+    Ok(RunningMp {
+        addr: listening.addr,
+        listening,
+    })
+}
+
+async fn connection(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let Ok(tls) = acceptor.accept(tcp).await else {
+        return;
+    };
+    let client_cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|der| der.as_ref().to_vec());
+    let conn = Arc::new(ConnInfo {
+        peer,
+        local,
+        client_cert: judge_peer(
+            client_cert.as_deref(),
+            &shared.roots,
+            &shared.crls,
+            OffsetDateTime::now_utc(),
+        ),
     });
-    Ok(RunningMp { addr, stop, task })
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &conn).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
 }
 
 struct ConnInfo {
