@@ -267,9 +267,15 @@ async fn connection(
         let device = device.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its request
+    // headers (slow-loris); HTTP/2 needs the same timer for its own timeouts.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
 }
 
 fn describe_peer(judged: &PeerCert) -> String {
