@@ -258,9 +258,15 @@ async fn connection(
         return;
     }
 
+    let cert = judge_peer(leaf.as_deref(), &shared.device_roots, &[], now);
+    let subject_header = match &cert {
+        PeerCert::Trusted(c) => header_safe(&c.subject),
+        _ => String::new(),
+    };
     let device = Arc::new(Device {
         addr: peer,
-        cert: judge_peer(leaf.as_deref(), &shared.device_roots, &[], now),
+        cert,
+        subject_header,
     });
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
@@ -291,6 +297,8 @@ fn describe_peer(judged: &PeerCert) -> String {
 struct Device {
     addr: SocketAddr,
     cert: PeerCert,
+    /// The trusted certificate's subject as a header value, made once per connection.
+    subject_header: String,
 }
 
 async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) -> Response<Body> {
@@ -332,7 +340,7 @@ async fn route_request(
     };
     let identity = match auth {
         Auth::MutualTls => match &device.cert {
-            PeerCert::Trusted(cert) => cert.clone(),
+            PeerCert::Trusted(cert) => cert.as_ref(),
             PeerCert::None => return Err(Refusal::new(Cause::DeviceCertificateMissing)),
             PeerCert::Untrusted { detail } => {
                 return Err(Refusal::new(Cause::DeviceCertificateUntrusted {
@@ -374,7 +382,7 @@ async fn route_request(
         .header(headers::MESSAGE_ID, &message_id)
         .header(headers::ENDPOINT, endpoint.to_string())
         .header(headers::DEVICE_THUMBPRINT, &identity.thumbprint)
-        .header(headers::DEVICE_SUBJECT, header_safe(&identity.subject))
+        .header(headers::DEVICE_SUBJECT, &device.subject_header)
         .header(headers::DEVICE_ADDRESS, device.addr.to_string());
     let forward = forward
         .body(http_body_util::BodyExt::boxed(body))

@@ -201,7 +201,9 @@ async fn connection(
     let Ok(local) = tcp.local_addr() else {
         return;
     };
-    let Ok(tls) = acceptor.accept(tcp).await else {
+    // A client that never finishes its handshake must not hold a task forever.
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(tcp));
+    let Ok(Ok(tls)) = handshake.await else {
         return;
     };
     let client_cert = tls
