@@ -82,6 +82,10 @@ pub struct Hello {
     pub connector_id: String,
     pub version: String,
     pub endpoints: Vec<EndpointInfo>,
+    /// Whether the connector has a client authentication certificate to present to its
+    /// endpoints (absent from older connectors: unknown, read as false).
+    #[serde(default)]
+    pub has_client_certificate: bool,
 }
 
 /// How long a channel may stay silent before a PING must be answered.
@@ -189,6 +193,28 @@ impl Registry {
                 (*id, name.clone(), live)
             })
             .collect();
+        list.sort();
+        list
+    }
+
+    /// Every connector holding a channel now: its id, its channels, and whether it has a
+    /// client authentication certificate for its endpoints (from its hello).
+    pub fn connectors(&self) -> Vec<(String, usize, bool)> {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<(String, usize, bool)> = Vec::new();
+        for c in channels.iter() {
+            match list
+                .iter_mut()
+                .find(|(id, _, _)| *id == c.hello.connector_id)
+            {
+                Some(entry) => entry.1 += 1,
+                None => list.push((
+                    c.hello.connector_id.clone(),
+                    1,
+                    c.hello.has_client_certificate,
+                )),
+            }
+        }
         list.sort();
         list
     }

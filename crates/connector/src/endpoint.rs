@@ -28,8 +28,8 @@ pub type Answer = Response<Incoming>;
 
 pub struct EndpointClient {
     client: Client<HttpsConnector<HttpConnector>, Body>,
-    /// Whether a client certificate is presented (the filter chain selected one).
-    presents_certificate: bool,
+    /// The client certificate presented (the filter chain selected one and its key is usable).
+    certificate: Option<String>,
     timeout: Duration,
 }
 
@@ -47,7 +47,7 @@ impl EndpointClient {
         let identity = selected
             .and_then(|i| store.entries.get(i))
             .and_then(|entry| entry.usable_key().map(|key| (entry, key.clone_key())));
-        let presents_certificate = identity.is_some();
+        let certificate = identity.as_ref().map(|(entry, _)| entry.cert.label());
         let tls = match identity {
             Some((entry, key)) => {
                 let mut chain = vec![entry.cert.der().to_vec().into()];
@@ -78,13 +78,18 @@ impl EndpointClient {
             .build(https);
         Ok(EndpointClient {
             client,
-            presents_certificate,
+            certificate,
             timeout,
         })
     }
 
     pub fn presents_certificate(&self) -> bool {
-        self.presents_certificate
+        self.certificate.is_some()
+    }
+
+    /// The presented certificate's subject and thumbprint, if there is one.
+    pub fn selected_label(&self) -> Option<String> {
+        self.certificate.clone()
     }
 
     /// Sends `request` (its URI is the endpoint's full URL). An answer the device should see as
@@ -111,7 +116,7 @@ impl EndpointClient {
             &url,
             response.status().as_u16(),
             substatus,
-            self.presents_certificate,
+            self.presents_certificate(),
         ) {
             Some(refusal) => Err(refusal),
             None => Ok(response),
@@ -124,7 +129,7 @@ impl EndpointClient {
             Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)) => {
                 Refusal::new(Cause::EndpointNeedsClientCertificate {
                     url,
-                    presented: self.presents_certificate,
+                    presented: self.presents_certificate(),
                 })
             }
             Some(tls) => Refusal::new(Cause::EndpointTlsFailed {

@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use channel::config::{self, ConfigError};
 use channel::refusal::Refusal;
 use channel::tunnel::{self, headers, refusal_response, Body, EndpointInfo, Hello};
@@ -20,6 +21,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use http_body_util::BodyExt;
+use logs::cmtrace::Severity;
 
 use crate::endpoint::{endpoint_url, forwarding_line, received_line, EndpointClient};
 
@@ -65,9 +67,17 @@ pub struct ConnectorConfig {
     /// Seconds an endpoint may take to answer.
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_secs: u64,
-    /// Log the whole certificate filter trail, not only its outcome.
+    /// Verbose logging: the whole certificate filter trail, not only its outcome, and a line
+    /// per message with the device and the certificate presented. Changes on reload (SIGHUP)
+    /// or an admin call, without a restart.
     #[serde(default)]
     pub verbose: bool,
+    /// Where the log goes: `[log]` file, max_size_kib, console.
+    #[serde(default)]
+    pub log: logs::logger::LogSettings,
+    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_channels() -> usize {
@@ -95,11 +105,24 @@ impl ConnectorConfig {
         cfg.channel_cert = config::resolve(path, &cfg.channel_cert);
         cfg.channel_key = config::resolve(path, &cfg.channel_key);
         cfg.client_cert_store = config::resolve(path, &cfg.client_cert_store);
+        cfg.log.file = cfg.log.file.as_deref().map(|p| config::resolve(path, p));
         let invalid = |key, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
             reason,
         };
+        if let Some((key, reason)) = cfg.log.problem() {
+            return Err(invalid(key, reason));
+        }
+        if let Some(addr) = cfg
+            .admin_listen
+            .filter(|a| !channel::admin::is_allowed_address(a))
+        {
+            return Err(invalid(
+                "admin_listen",
+                format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
+            ));
+        }
         if cfg.gateways.is_empty() {
             return Err(invalid(
                 "gateways",
@@ -184,6 +207,7 @@ pub use logs::Log;
 pub struct RunningConnector {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    service: Arc<Service>,
 }
 
 impl RunningConnector {
@@ -194,28 +218,87 @@ impl RunningConnector {
             let _ = task.await;
         }
     }
+
+    pub fn log(&self) -> &Log {
+        &self.service.log
+    }
+
+    /// Applies what can change while running from a freshly loaded configuration: `verbose`,
+    /// and the client certificate (the store is read and the filter chain runs again; the
+    /// new choice serves the next request). Says what changed.
+    pub fn reload(&self, config: &ConnectorConfig) -> Result<String, ConnectorError> {
+        let mut changed = Vec::new();
+        if self.service.log.set_verbose(config.verbose) != config.verbose {
+            changed.push(format!(
+                "verbose {}",
+                if config.verbose { "on" } else { "off" }
+            ));
+        }
+        let choice = choose_client_certificate(config, &self.service.log)?;
+        let label = choice.label.clone();
+        *self.service.trail.lock().unwrap_or_else(|p| p.into_inner()) = choice.trail;
+        self.service.client.store(Arc::new(choice.client));
+        changed.push(format!(
+            "client certificate re-selected: {}",
+            label.as_deref().unwrap_or("none")
+        ));
+        Ok(changed.join("; "))
+    }
+
+    /// Logs the certificate filter trail of the current choice (what verbose adds when it is
+    /// turned on while running).
+    pub fn log_trail(&self) {
+        let trail = self.service.trail.lock().unwrap_or_else(|p| p.into_inner());
+        for (severity, line) in trail.iter() {
+            self.service.log.write(*severity, line);
+        }
+    }
+
+    /// The chosen client certificate, if any.
+    pub fn client_certificate(&self) -> Option<String> {
+        self.service.client.load().selected_label()
+    }
 }
 
 struct Service {
     hello: Hello,
     endpoints: HashMap<u64, Uri>,
-    client: EndpointClient,
+    client: ArcSwap<EndpointClient>,
+    /// The last filter trail, replayed when verbose is turned on while running.
+    trail: Mutex<Vec<(Severity, String)>>,
     log: Log,
 }
 
-pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector, ConnectorError> {
+/// The outcome of running the filter chain on the configured store.
+struct Choice {
+    client: EndpointClient,
+    label: Option<String>,
+    trail: Vec<(Severity, String)>,
+}
+
+/// Reads the store, runs the filter chain and logs it (the whole trail when verbose, the
+/// outcome always), and builds the endpoint client that presents the chosen certificate.
+fn choose_client_certificate(
+    config: &ConnectorConfig,
+    log: &Log,
+) -> Result<Choice, ConnectorError> {
     let store = CertStore::load(
         &config.client_cert_store,
         &Pkcs12Password::from_env(&config.pfx_password_env),
     )?;
     let allowed = RootSet::load(&config.allowed_roots)?;
     let selection = select_client_cert(&store, &allowed, OffsetDateTime::now_utc());
+    let mut trail = Vec::new();
     for line in &selection.trail {
-        // The whole trail when verbose; the outcome (and warnings) always.
+        let severity = Severity::from_number(line.severity());
+        let text = line.to_string();
         let outcome = line.severity() > 1 || matches!(line, pki::TrailLine::Selected { .. });
-        if config.verbose || outcome {
-            log(line.severity(), &line.to_string());
+        if outcome {
+            log.write(severity, &text);
+        } else {
+            log.verbose(|| text.clone());
         }
+        trail.push((severity, text));
     }
     let client = EndpointClient::new(
         &store,
@@ -223,6 +306,16 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
         &RootSet::load(&config.endpoint_roots)?,
         Duration::from_secs(config.endpoint_timeout_secs),
     )?;
+    Ok(Choice {
+        label: client.selected_label(),
+        client,
+        trail,
+    })
+}
+
+pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector, ConnectorError> {
+    log.set_verbose(config.verbose);
+    let choice = choose_client_certificate(&config, &log)?;
     let endpoints = config
         .endpoints
         .iter()
@@ -240,9 +333,11 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
                     name: e.name.clone(),
                 })
                 .collect(),
+            has_client_certificate: choice.label.is_some(),
         },
         endpoints,
-        client,
+        client: ArcSwap::from_pointee(choice.client),
+        trail: Mutex::new(choice.trail),
         log: log.clone(),
     });
 
@@ -252,7 +347,7 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
     let tls = Arc::new(tls);
 
-    log(1, "Maintaining connections...");
+    log.info("Maintaining connections...");
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     for gateway in &config.gateways {
@@ -277,7 +372,11 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
             tasks.push(tokio::spawn(dial.run(stopped)));
         }
     }
-    Ok(RunningConnector { stop, tasks })
+    Ok(RunningConnector {
+        stop,
+        tasks,
+        service,
+    })
 }
 
 struct Dial {
@@ -308,20 +407,14 @@ impl Dial {
             };
             let gateway = format!("{}:{}", self.host, self.port);
             match outcome {
-                Ok(()) => (self.log)(
-                    2,
-                    &format!(
-                        "Channel {} to gateway {gateway} closed; reconnecting",
-                        self.number
-                    ),
-                ),
-                Err(why) => (self.log)(
-                    3,
-                    &format!(
-                        "Channel {} to gateway {gateway}: {why}; retrying",
-                        self.number
-                    ),
-                ),
+                Ok(()) => self.log.warn(&format!(
+                    "Channel {} to gateway {gateway} closed; reconnecting",
+                    self.number
+                )),
+                Err(why) => self.log.error(&format!(
+                    "Channel {} to gateway {gateway}: {why}; retrying",
+                    self.number
+                )),
             }
             if started.elapsed() >= HEALTHY_AFTER {
                 backoff = BACKOFF_FIRST;
@@ -382,7 +475,7 @@ impl Service {
             let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
                 endpoint: endpoint.unwrap_or(0),
             });
-            (self.log)(3, &format!("Message {message_id}: {refusal}"));
+            self.log.error(&format!("Message {message_id}: {refusal}"));
             return refusal_response(&refusal);
         };
         let path = request.uri().path();
@@ -396,7 +489,7 @@ impl Service {
             }
         };
         let url_text = url.to_string();
-        (self.log)(1, &forwarding_line(&message_id, &url_text));
+        self.log.info(&forwarding_line(&message_id, &url_text));
         let (parts, body) = request.into_parts();
         let mut forward = Request::builder().method(parts.method).uri(url);
         for (name, value) in &parts.headers {
@@ -409,38 +502,60 @@ impl Service {
                 detail: "the request cannot be rebuilt".into(),
             }));
         };
-        match self.client.forward(forward).await {
+        // The client of this moment: a reload swaps in a new one for later requests.
+        let client = self.client.load_full();
+        self.log.verbose(|| {
+            format!(
+                "Message {message_id}: device {} ({}) from {}; presenting {}",
+                header_text_of(&parts.headers, headers::DEVICE_SUBJECT).unwrap_or("-"),
+                header_text_of(&parts.headers, headers::DEVICE_THUMBPRINT).unwrap_or("-"),
+                header_text_of(&parts.headers, headers::DEVICE_ADDRESS).unwrap_or("-"),
+                client
+                    .selected_label()
+                    .map(|c| format!("client certificate {c}"))
+                    .unwrap_or_else(|| "no client certificate".into()),
+            )
+        });
+        let started = Instant::now();
+        let outcome = client.forward(forward).await;
+        self.log.verbose(|| {
+            format!(
+                "Message {message_id}: endpoint call took {} ms",
+                started.elapsed().as_millis()
+            )
+        });
+        match outcome {
             Ok(answer) => {
                 let status = answer.status();
-                (self.log)(
-                    1,
-                    &received_line(
-                        &message_id,
-                        &url_text,
-                        status.as_u16(),
-                        status.canonical_reason().unwrap_or(""),
-                    ),
-                );
+                self.log.info(&received_line(
+                    &message_id,
+                    &url_text,
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or(""),
+                ));
                 let (parts, body) = answer.into_parts();
                 Response::from_parts(parts, body.boxed())
             }
             Err(refusal) => {
-                (self.log)(
-                    3,
-                    &received_line(&message_id, &url_text, refusal.status, refusal.text),
-                );
-                (self.log)(
-                    3,
-                    &format!(
-                        "Message {message_id}: {}. {}",
-                        refusal.reason(),
-                        refusal.remedy()
-                    ),
-                );
+                self.log.error(&received_line(
+                    &message_id,
+                    &url_text,
+                    refusal.status,
+                    refusal.text,
+                ));
+                self.log.error(&format!(
+                    "Message {message_id}: {}. {}",
+                    refusal.reason(),
+                    refusal.remedy()
+                ));
                 refusal_response(&refusal)
             }
         }
     }
+}
+
+fn header_text_of<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn header_text(request: &Request<Incoming>, name: &str) -> Option<String> {

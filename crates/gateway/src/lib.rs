@@ -14,6 +14,7 @@ use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use logs::cmtrace::Severity;
 use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use ring::rand::SecureRandom;
@@ -41,6 +42,16 @@ pub struct GatewayConfig {
     /// Seconds to wait for a connector's answer to start.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+    /// Verbose logging: a line per device request and per channel event. Changes on reload
+    /// (SIGHUP) or an admin call, without a restart.
+    #[serde(default)]
+    pub verbose: bool,
+    /// Where the log goes: `[log]` file, max_size_kib, console.
+    #[serde(default)]
+    pub log: logs::logger::LogSettings,
+    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -66,11 +77,24 @@ impl GatewayConfig {
             .iter()
             .map(|p| config::resolve(path, p))
             .collect();
+        cfg.log.file = cfg.log.file.as_deref().map(|p| config::resolve(path, p));
         let invalid = |key, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
             reason: reason.to_string(),
         };
+        if let Some((key, reason)) = cfg.log.problem() {
+            return Err(invalid(key, &reason));
+        }
+        if let Some(addr) = cfg
+            .admin_listen
+            .filter(|a| !channel::admin::is_allowed_address(a))
+        {
+            return Err(invalid(
+                "admin_listen",
+                &format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
+            ));
+        }
         if cfg.trusted_roots.is_empty() {
             return Err(invalid(
                 "trusted_roots",
@@ -113,11 +137,26 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
     listening: channel::listener::Listening,
+    log: Log,
 }
 
 impl RunningGateway {
     pub async fn stop(self) {
         self.listening.stop().await;
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Applies what can change while running from a freshly loaded configuration (`verbose`);
+    /// says what changed.
+    pub fn reload(&self, config: &GatewayConfig) -> String {
+        if self.log.set_verbose(config.verbose) != config.verbose {
+            format!("verbose {}", if config.verbose { "on" } else { "off" })
+        } else {
+            "nothing that applies while running changed (listen, certificates and roots take effect at the next start)".into()
+        }
     }
 }
 
@@ -132,6 +171,7 @@ struct Shared {
 }
 
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
+    log.set_verbose(config.verbose);
     let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
     let device_roots = RootSet::load(&config.trusted_roots)?;
     let connector_roots = if config.connector_roots.is_empty() {
@@ -173,17 +213,15 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         addr: config.listen,
         source,
     })?;
-    (shared.log)(
-        1,
-        &format!(
-            "Gateway listening on {} for devices and connector channels",
-            listening.addr
-        ),
-    );
+    shared.log.info(&format!(
+        "Gateway listening on {} for devices and connector channels",
+        listening.addr
+    ));
     Ok(RunningGateway {
         addr: listening.addr,
         registry,
         listening,
+        log: shared.log.clone(),
     })
 }
 
@@ -210,13 +248,10 @@ async fn connection(
         let cert = match judged {
             PeerCert::Trusted(cert) => cert,
             other => {
-                (shared.log)(
-                    3,
-                    &format!(
-                        "Refused a connector channel from {peer}: {}",
-                        describe_peer(&other)
-                    ),
-                );
+                shared.log.error(&format!(
+                    "Refused a connector channel from {peer}: {}",
+                    describe_peer(&other)
+                ));
                 return;
             }
         };
@@ -226,13 +261,10 @@ async fn connection(
             .iter()
             .any(|a| a.eq_ignore_ascii_case(cn) || a.eq_ignore_ascii_case(&cert.thumbprint));
         if !allowed {
-            (shared.log)(
-                3,
-                &format!(
-                    "Refused a connector channel from {peer}: {} is not in allowed_connectors",
-                    cert.label()
-                ),
-            );
+            shared.log.error(&format!(
+                "Refused a connector channel from {peer}: {} is not in allowed_connectors",
+                cert.label()
+            ));
             return;
         }
         match tunnel::accept(tls, cert.label(), shared.registry.clone()).await {
@@ -243,17 +275,16 @@ async fn connection(
                     .iter()
                     .map(|e| format!("{} ({})", e.id, e.name))
                     .collect();
-                (shared.log)(
-                    1,
-                    &format!(
-                        "Connector {} opened channel {} from {peer}, serving endpoints {}",
-                        ch.hello.connector_id,
-                        ch.id,
-                        endpoints.join(", ")
-                    ),
-                );
+                shared.log.info(&format!(
+                    "Connector {} opened channel {} from {peer}, serving endpoints {}",
+                    ch.hello.connector_id,
+                    ch.id,
+                    endpoints.join(", ")
+                ));
             }
-            Err(e) => (shared.log)(3, &format!("Channel from {peer} failed: {e}")),
+            Err(e) => shared
+                .log
+                .error(&format!("Channel from {peer} failed: {e}")),
         }
         return;
     }
@@ -305,8 +336,12 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
     match route_request(request, shared, device).await {
         Ok(response) => response,
         Err(refusal) => {
-            (shared.log)(
-                if refusal.status >= 500 { 3 } else { 2 },
+            shared.log.write(
+                if refusal.status >= 500 {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
                 &format!("Refused a request from device {}: {refusal}", device.addr),
             );
             refusal_response(&refusal)
@@ -365,6 +400,7 @@ async fn route_request(
         }
     };
     let channel = shared.registry.pick(endpoint)?;
+    let started = std::time::Instant::now();
 
     let message_id = message_id(&shared.random);
     let target = match query {
@@ -392,6 +428,17 @@ async fn route_request(
             })
         })?;
 
+    shared.log.verbose(|| {
+        format!(
+            "Message {message_id}: {} {} from device {} ({}) to endpoint {endpoint} over channel {} of connector {}",
+            forward.method(),
+            forward.uri(),
+            device.addr,
+            identity.thumbprint,
+            channel.id,
+            channel.hello.connector_id,
+        )
+    });
     let response = tokio::time::timeout(shared.timeout, channel.send(forward))
         .await
         .map_err(|_| {
@@ -400,6 +447,13 @@ async fn route_request(
                 seconds: shared.timeout.as_secs(),
             })
         })??;
+    shared.log.verbose(|| {
+        format!(
+            "Message {message_id}: the connector answered {} after {} ms",
+            response.status().as_u16(),
+            started.elapsed().as_millis()
+        )
+    });
     let (mut parts, body) = response.into_parts();
     // The connector's status text becomes the reason phrase devices read over HTTP/1.1.
     if let Some(text) = parts.headers.get(headers::STATUS_TEXT).cloned() {
@@ -420,11 +474,18 @@ fn service_metadata(shared: &Shared) -> Response<Body> {
         .into_iter()
         .map(|(id, name, channels)| serde_json::json!({"id": id, "name": name, "channels": channels, "healthy": channels > 0}))
         .collect();
+    let connectors: Vec<serde_json::Value> = shared
+        .registry
+        .connectors()
+        .into_iter()
+        .map(|(id, channels, has_cert)| serde_json::json!({"connector_id": id, "channels": channels, "has_client_certificate": has_cert}))
+        .collect();
     let body = serde_json::json!({
         "service": "Portcullis gateway",
         "version": env!("CARGO_PKG_VERSION"),
         "channels": shared.registry.channel_count(),
         "endpoints": endpoints,
+        "connectors": connectors,
     });
     Response::builder()
         .header(hyper::header::CONTENT_TYPE, "application/json")

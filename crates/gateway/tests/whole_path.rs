@@ -26,7 +26,9 @@ struct System {
 
 fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
     let lines = lines.clone();
-    Arc::new(move |_, line: &str| lines.lock().unwrap().push(line.to_string()))
+    logs::Logger::new("TEST")
+        .with_sink(move |_, line: &str| lines.lock().unwrap().push(line.to_string()))
+        .into_log()
 }
 
 impl System {

@@ -7,6 +7,11 @@
 //! `time` ends with the offset from UTC in minutes, signed (`+000`, `-300`); `type` is 1 info,
 //! 2 warning, 3 error.
 
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
 use time::OffsetDateTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,45 +57,151 @@ impl Line<'_> {
     }
 }
 
-/// An append-only CMTrace log file. Each line is written whole under a lock, so lines from
-/// many tasks never interleave. (Rollover to `.lo_` comes with the logs issue.)
-pub struct FileLog {
-    component: String,
-    file: std::sync::Mutex<std::fs::File>,
+/// A log file that rolls over at a size limit as Configuration Manager's do: when the next line
+/// would take the file past the limit, the file becomes `name.lo_` (replacing the previous
+/// one) and a new `name.log` starts. Lines are written whole under one lock, so no line is
+/// torn or lost across a rollover, however many tasks write at once.
+pub struct RollingFile {
+    path: PathBuf,
+    rolled: PathBuf,
+    max_bytes: u64,
+    /// Written first in every new file (W3C's directives); made when the file starts.
+    header: Option<Header>,
+    /// Called under the lock right after each rollover, with the rolled file's path, before
+    /// any later line can roll it away (archiving, tests).
+    on_rollover: Option<Box<dyn Fn(&Path) + Send + Sync>>,
+    state: Mutex<FileState>,
 }
 
-impl FileLog {
-    pub fn open(path: &std::path::Path, component: &str) -> std::io::Result<FileLog> {
+type Header = Box<dyn Fn() -> String + Send + Sync>;
+
+struct FileState {
+    file: File,
+    size: u64,
+    /// Whether the current file holds any line (a header alone never rolls over).
+    has_lines: bool,
+}
+
+/// The default size at which a log rolls over: large enough for a busy connector's verbose
+/// lines between two looks, small enough to open in CMTrace.
+pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024;
+
+impl RollingFile {
+    pub fn open(path: &Path, max_bytes: u64) -> io::Result<RollingFile> {
+        Self::open_with_header(path, max_bytes, None)
+    }
+
+    /// As [`RollingFile::open`], with `header` written at the start of every new file.
+    pub fn open_with_header(
+        path: &Path,
+        max_bytes: u64,
+        header: Option<Header>,
+    ) -> io::Result<RollingFile> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(FileLog {
-            component: component.to_string(),
-            file: std::sync::Mutex::new(file),
+        let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+        let mut size = file.metadata()?.len();
+        let has_lines = size > 0;
+        if size == 0 {
+            if let Some(header) = &header {
+                let text = header();
+                file.write_all(text.as_bytes())?;
+                size = text.len() as u64;
+            }
+        }
+        Ok(RollingFile {
+            path: path.to_path_buf(),
+            rolled: rolled_name(path),
+            max_bytes: max_bytes.max(1),
+            header,
+            on_rollover: None,
+            state: Mutex::new(FileState {
+                file,
+                size,
+                has_lines,
+            }),
         })
     }
 
-    pub fn write(&self, severity: Severity, message: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let line = Line {
-            message,
-            component: &self.component,
-            severity,
-            thread: thread_number(),
-            at: OffsetDateTime::now_utc(),
-        };
-        let mut text = line.format();
-        text.push_str("\r\n");
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        file.write_all(text.as_bytes())
+    /// Calls `hook` with the rolled file's path after each rollover, while no other line can
+    /// be written.
+    pub fn with_rollover_hook(mut self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Self {
+        self.on_rollover = Some(Box::new(hook));
+        self
+    }
+
+    /// Where the previous file goes at a rollover: `name.lo_`.
+    pub fn rolled_path(&self) -> &Path {
+        &self.rolled
+    }
+
+    /// Appends `text` (one or more whole lines, line breaks included).
+    pub fn append(&self, text: &str) -> io::Result<()> {
+        // A poisoned lock only means another writer panicked mid-call; the file is still fine.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let len = text.len() as u64;
+        if state.has_lines && state.size + len > self.max_bytes {
+            state.file.flush()?;
+            std::fs::rename(&self.path, &self.rolled)?;
+            if let Some(hook) = &self.on_rollover {
+                hook(&self.rolled);
+            }
+            state.file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&self.path)?;
+            state.size = 0;
+            if let Some(header) = &self.header {
+                let text = header();
+                state.file.write_all(text.as_bytes())?;
+                state.size = text.len() as u64;
+            }
+        }
+        state.file.write_all(text.as_bytes())?;
+        state.size += len;
+        state.has_lines = true;
+        Ok(())
     }
 }
 
+/// `SMS_Cloud_ProxyConnector.log` -> `SMS_Cloud_ProxyConnector.lo_`.
+fn rolled_name(path: &Path) -> PathBuf {
+    match path.extension() {
+        Some(_) => path.with_extension("lo_"),
+        None => {
+            let mut name = path.as_os_str().to_owned();
+            name.push(".lo_");
+            PathBuf::from(name)
+        }
+    }
+}
+
+/// A CMTrace line for `component`, stamped now, with its CMTrace line break.
+pub fn stamped(component: &str, severity: Severity, message: &str) -> String {
+    let mut text = Line {
+        message,
+        component,
+        severity,
+        thread: thread_number(),
+        at: OffsetDateTime::now_utc(),
+    }
+    .format();
+    text.push_str("\r\n");
+    text
+}
+
 impl Severity {
+    /// `info`, `warning`, `error`: the console's words.
+    pub fn word(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+
     /// 1, 2, 3 as CMTrace numbers them; anything else is an error.
     pub fn from_number(n: u8) -> Severity {
         match n {

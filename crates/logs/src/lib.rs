@@ -1,8 +1,17 @@
-//! Log formats admins already read. Today: the CMTrace line. To come (see ARCHITECTURE.md):
-//! rollover writers, the W3C writer, parsers and the diagnosis rules.
+//! Log formats admins already read, and reading them back:
+//!
+//! - [`cmtrace`]: the CMTrace line and a file writer with rollover to `.lo_`;
+//! - [`w3c`]: IIS W3C extended lines, as the reference management point writes them;
+//! - [`console`]: plain or JSON lines on standard output, for containers;
+//! - [`logger`]: what components log through, with verbose switchable while running;
+//! - [`parse`]: CMTrace, W3C and console lines read back, hostile files included;
+//! - [`diagnose`]: the rules behind `portcullis doctor logs`.
 
 pub mod cmtrace;
+pub mod console;
+pub mod diagnose;
+pub mod logger;
+pub mod parse;
+pub mod w3c;
 
-/// Where a component's log lines go: severity (1 info, 2 warning, 3 error, as CMTrace's
-/// `type`) and the message. Components take one; the binary decides where it writes.
-pub type Log = std::sync::Arc<dyn Fn(u8, &str) + Send + Sync>;
+pub use logger::{Log, Logger};

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,7 +12,7 @@ use clap::{Args, ValueEnum};
 use pki::lab::layout;
 
 use crate::pki_cmd;
-use crate::serve_cmd::log_to;
+use crate::serve_cmd::{admin, ConnectorControl, GatewayControl};
 
 /// The endpoint id of the lab's management point, in Configuration Manager's style.
 pub const DEV_ENDPOINT: u64 = 72057594037927939;
@@ -98,29 +99,28 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     let gateway_config = write(
         "gateway.toml",
         format!(
-            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n",
+            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n",
             layout::GATEWAY_CERT,
             layout::GATEWAY_KEY,
             layout::ROOT_CERT
         ),
     )?;
-    let gateway = gateway::start(
-        gateway::GatewayConfig::load(&gateway_config)?,
-        log_to(
-            "SMS_CLOUD_PROXY_GATEWAY",
-            Some(&dir.join("logs/SMS_Cloud_ProxyGateway.log")),
-            false,
-        )?,
-    )
-    .await
-    .with_context(|| {
+    let config = gateway::GatewayConfig::load(&gateway_config)?;
+    let log = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
+    let admin_listen = config.admin_listen;
+    let gateway = Arc::new(gateway::start(config, log).await.with_context(|| {
         format!("starting the gateway (another program on port {port}? try --port 0)")
-    })?;
+    })?);
+    let gateway_control = Arc::new(GatewayControl {
+        path: gateway_config.clone(),
+        running: gateway.clone(),
+    });
+    let gateway_admin = admin(admin_listen, gateway_control.clone()).await?;
 
     let connector_config = write(
         "connector.toml",
         format!(
-            "connector_id = \"dev-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"{root}\"]\nchannel_cert = \"{}\"\nchannel_key = \"{}\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"{root}\"]\nendpoint_roots = [\"{root}\"]\nverbose = true\n\n[[endpoints]]\nid = {DEV_ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+            "connector_id = \"dev-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"{root}\"]\nchannel_cert = \"{}\"\nchannel_key = \"{}\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"{root}\"]\nendpoint_roots = [\"{root}\"]\nverbose = true\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyConnector.log\"\nconsole = \"off\"\n\n[[endpoints]]\nid = {DEV_ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
             gateway.addr.port(),
             layout::CHANNEL_CERT,
             layout::CHANNEL_KEY,
@@ -129,11 +129,15 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
         ),
     )?;
     let connector_log = dir.join("logs/SMS_Cloud_ProxyConnector.log");
-    let connector = connector::run::start(
-        connector::run::ConnectorConfig::load(&connector_config)?,
-        log_to("SMS_CLOUD_PROXYCONNECTOR", Some(&connector_log), false)?,
-    )
-    .await?;
+    let config = connector::run::ConnectorConfig::load(&connector_config)?;
+    let log = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
+    let admin_listen = config.admin_listen;
+    let connector = Arc::new(connector::run::start(config, log).await?);
+    let connector_control = Arc::new(ConnectorControl {
+        path: connector_config.clone(),
+        running: connector.clone(),
+    });
+    let connector_admin = admin(admin_listen, connector_control.clone()).await?;
 
     let deadline = Instant::now() + Duration::from_secs(10);
     // The connector opens two channels (its default); wait for both, within bounds.
@@ -181,11 +185,17 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     );
     println!("\nRunning; press Ctrl-C to stop.");
 
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    connector.stop().await;
-    gateway.stop().await;
+    crate::serve_cmd::until_stopped(&*connector_control).await?;
+    for admin in [gateway_admin, connector_admin].into_iter().flatten() {
+        admin.stop().await;
+    }
+    drop((gateway_control, connector_control));
+    if let Ok(connector) = Arc::try_unwrap(connector) {
+        connector.stop().await;
+    }
+    if let Ok(gateway) = Arc::try_unwrap(gateway) {
+        gateway.stop().await;
+    }
     mp.stop().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,13 +1,17 @@
-//! `portcullis gateway` and `portcullis connector`: run one component until Ctrl-C, logging
-//! to standard output and, with `--log`, to a CMTrace file.
+//! `portcullis gateway` and `portcullis connector`: run one component until Ctrl-C or SIGTERM,
+//! logging to standard output and to a CMTrace file; SIGHUP or the admin surface's
+//! `POST /reload` re-reads the configuration, `PUT /verbose` turns verbose logging on or off.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use channel::admin::Control;
 use clap::Args;
-use logs::cmtrace::{FileLog, Severity};
+use logs::logger::{ConsoleSetting, LogSettings};
+use logs::{Log, Logger};
 
 /// Run a gateway instance.
 ///
@@ -21,14 +25,28 @@ use logs::cmtrace::{FileLog, Severity};
 ///   connector_roots = ["ca/root.crt"]        # optional; default trusted_roots
 ///   allowed_connectors = ["Portcullis Connector Channel"]   # CN or SHA-1 thumbprint
 ///   request_timeout_secs = 120               # optional
+///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
+///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
+///
+///   [log]                                    # optional
+///   file = "logs/SMS_Cloud_ProxyGateway.log" # CMTrace; rolls over to .lo_
+///   max_size_kib = 10240
+///   console = "plain"                        # plain, json or off
+///
+/// Signals: SIGHUP re-reads the file and applies `verbose` at once; Ctrl-C or SIGTERM stops.
+/// Admin surface (admin_listen): GET /status, PUT /verbose with body on|off, POST /reload,
+/// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct GatewayArgs {
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Also write the service log, in CMTrace format, here.
+    /// Write the service log, in CMTrace format, here (overrides [log] file).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Standard output: plain lines, JSON lines, or nothing (overrides [log] console).
+    #[arg(long, value_name = "STYLE", value_parser = parse_console)]
+    pub console: Option<ConsoleSetting>,
 }
 
 /// Run a connector.
@@ -45,84 +63,245 @@ pub struct GatewayArgs {
 ///   client_cert_store = "connector/store"
 ///   allowed_roots = ["ca/root.crt"]
 ///   endpoint_roots = ["ca/root.crt"]
-///   verbose = false                          # true: log the whole filter trail
+///   verbose = false                          # the whole filter trail, a line per message
+///   admin_listen = "127.0.0.1:9442"          # optional; loopback only
+///
+///   [log]                                    # optional
+///   file = "logs/SMS_Cloud_ProxyConnector.log"   # CMTrace; rolls over to .lo_
+///   max_size_kib = 10240
+///   console = "plain"                        # plain, json or off
 ///
 ///   [[endpoints]]
 ///   id = 72057594037927939
 ///   name = "SMS_MP"
 ///   url = "https://InternalMP.contoso.com"
+///
+/// Signals: SIGHUP re-reads the file: `verbose` applies at once, and the store is read and the
+/// filter chain runs again (a new certificate serves the next request). Ctrl-C or SIGTERM
+/// stops. Admin surface (admin_listen): GET /status, PUT /verbose with body on|off (turning
+/// it on logs the filter trail of the current choice), POST /reload.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Also write the log, in CMTrace format, here (e.g. SMS_Cloud_ProxyConnector.log).
+    /// Write the log, in CMTrace format, here (e.g. SMS_Cloud_ProxyConnector.log; overrides
+    /// [log] file).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Standard output: plain lines, JSON lines, or nothing (overrides [log] console).
+    #[arg(long, value_name = "STYLE", value_parser = parse_console)]
+    pub console: Option<ConsoleSetting>,
 }
 
-/// A log that appends each line to a CMTrace file when one is given and, when `console`,
-/// prints it with its time.
-pub fn log_to(
-    component: &'static str,
+fn parse_console(text: &str) -> Result<ConsoleSetting, String> {
+    match text {
+        "plain" => Ok(ConsoleSetting::Plain),
+        "json" => Ok(ConsoleSetting::Json),
+        "off" => Ok(ConsoleSetting::Off),
+        other => Err(format!(
+            "\"{other}\" is not a console style: plain, json or off"
+        )),
+    }
+}
+
+/// The logger a component's `[log]` settings describe, with the command line's `--log` and
+/// `--console` taking precedence.
+pub fn logger(
+    component: &str,
+    settings: &LogSettings,
     file: Option<&PathBuf>,
-    console: bool,
-) -> anyhow::Result<logs::Log> {
-    let file = match file {
-        Some(path) => Some(
-            FileLog::open(path, component)
-                .with_context(|| format!("{}: cannot open the log", path.display()))?,
-        ),
-        None => None,
+    console: Option<ConsoleSetting>,
+) -> anyhow::Result<Logger> {
+    let mut settings = settings.clone();
+    if let Some(file) = file {
+        settings.file = Some(file.clone());
+    }
+    if let Some(console) = console {
+        settings.console = console;
+    }
+    settings.logger(component).with_context(|| {
+        format!(
+            "{}: cannot open the log",
+            settings.file.as_deref().unwrap_or(Path::new("-")).display()
+        )
+    })
+}
+
+/// Reloads a gateway's configuration file on SIGHUP or `POST /reload`.
+pub struct GatewayControl {
+    pub path: PathBuf,
+    pub running: Arc<gateway::RunningGateway>,
+}
+
+impl Control for GatewayControl {
+    fn log(&self) -> &Log {
+        self.running.log()
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        let loaded = gateway::GatewayConfig::load(&self.path).map_err(|e| e.to_string());
+        reloaded(
+            self.log(),
+            &self.path,
+            loaded.map(|c| self.running.reload(&c)),
+        )
+    }
+}
+
+/// Reloads a connector's configuration file on SIGHUP or `POST /reload`; turning verbose on
+/// replays the certificate filter trail of the current choice.
+pub struct ConnectorControl {
+    pub path: PathBuf,
+    pub running: Arc<connector::run::RunningConnector>,
+}
+
+impl Control for ConnectorControl {
+    fn log(&self) -> &Log {
+        self.running.log()
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        let loaded = connector::run::ConnectorConfig::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.running.reload(&c).map_err(|e| e.to_string()));
+        reloaded(self.log(), &self.path, loaded)
+    }
+
+    fn set_verbose(&self, on: bool, by: &str) {
+        let was = self.log().set_verbose(on);
+        if was != on {
+            self.log().info(&format!(
+                "Verbose logging turned {} ({by})",
+                if on { "on" } else { "off" }
+            ));
+            if on {
+                self.running.log_trail();
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({ "client_certificate": self.running.client_certificate() })
+    }
+}
+
+/// Logs a reload's outcome; a refused reload keeps the running settings.
+fn reloaded(log: &Log, path: &Path, outcome: Result<String, String>) -> Result<String, String> {
+    match outcome {
+        Ok(summary) => {
+            log.info(&format!(
+                "Configuration reloaded from {}: {summary}",
+                path.display()
+            ));
+            Ok(summary)
+        }
+        Err(why) => {
+            log.error(&format!(
+                "Configuration reload refused, the running settings stay: {why}"
+            ));
+            Err(why)
+        }
+    }
+}
+
+/// Serves the admin surface when the configuration asks for one, and says where.
+pub async fn admin(
+    addr: Option<SocketAddr>,
+    control: Arc<dyn Control>,
+) -> anyhow::Result<Option<channel::listener::Listening>> {
+    let Some(addr) = addr else {
+        return Ok(None);
     };
-    Ok(Arc::new(move |severity: u8, line: &str| {
-        if let Some(file) = &file {
-            // A full disk must not stop the service; the console still has the line.
-            let _ = file.write(Severity::from_number(severity), line);
+    let listening = channel::admin::serve(addr, control.clone())
+        .await
+        .with_context(|| format!("admin_listen {addr}: cannot listen"))?;
+    control.log().info(&format!(
+        "Admin surface on http://{}: GET /status, PUT /verbose (on|off), POST /reload",
+        listening.addr
+    ));
+    Ok(Some(listening))
+}
+
+/// Runs until Ctrl-C or SIGTERM; SIGHUP reloads the configuration.
+pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    control.log().info("SIGHUP: reloading the configuration");
+                    let _ = control.reload();
+                }
+                _ = terminate.recv() => return Ok(()),
+                stopped = tokio::signal::ctrl_c() => return stopped.context("waiting for Ctrl-C"),
+            }
         }
-        if !console {
-            return;
-        }
-        let now = time::OffsetDateTime::now_utc();
-        let level = match severity {
-            1 => "info",
-            2 => "warning",
-            _ => "error",
-        };
-        println!(
-            "{:02}:{:02}:{:02}.{:03} {component} {level}: {line}",
-            now.hour(),
-            now.minute(),
-            now.second(),
-            now.millisecond()
-        );
-    }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = control;
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
 }
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let config = gateway::GatewayConfig::load(&args.config)?;
-    let log = log_to("SMS_CLOUD_PROXY_GATEWAY", args.log.as_ref(), true)?;
+    let log = logger(
+        "SMS_CLOUD_PROXY_GATEWAY",
+        &config.log,
+        args.log.as_ref(),
+        args.console,
+    )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let running = gateway::start(config, log).await?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        running.stop().await;
+        let admin_listen = config.admin_listen;
+        let running = Arc::new(gateway::start(config, log.into_log()).await?);
+        let control = Arc::new(GatewayControl {
+            path: args.config.clone(),
+            running: running.clone(),
+        });
+        let admin = admin(admin_listen, control.clone()).await?;
+        until_stopped(&*control).await?;
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
+        drop(control);
+        if let Ok(running) = Arc::try_unwrap(running) {
+            running.stop().await;
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
 
 pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     let config = connector::run::ConnectorConfig::load(&args.config)?;
-    let log = log_to("SMS_CLOUD_PROXYCONNECTOR", args.log.as_ref(), true)?;
+    let log = logger(
+        "SMS_CLOUD_PROXYCONNECTOR",
+        &config.log,
+        args.log.as_ref(),
+        args.console,
+    )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let running = connector::run::start(config, log).await?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        running.stop().await;
+        let admin_listen = config.admin_listen;
+        let running = Arc::new(connector::run::start(config, log.into_log()).await?);
+        let control = Arc::new(ConnectorControl {
+            path: args.config.clone(),
+            running: running.clone(),
+        });
+        let admin = admin(admin_listen, control.clone()).await?;
+        until_stopped(&*control).await?;
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
+        drop(control);
+        if let Ok(running) = Arc::try_unwrap(running) {
+            running.stop().await;
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -3,4 +3,3 @@
 
 pub mod mp;
 pub mod probe;
-pub mod w3c;

@@ -22,8 +22,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio_rustls::TlsAcceptor;
 
-use crate::w3c::{W3cEntry, W3cLog};
 use channel::config::{self, ConfigError};
+use logs::w3c::{W3cEntry, W3cLog};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

@@ -100,7 +100,7 @@ fn iis_substatus_for_each_client_certificate_case() {
     });
 
     let log = lab.w3c();
-    assert!(log.contains("#Fields: date time s-ip cs-method cs-uri-stem cs-uri-query s-port cs-username c-ip cs(User-Agent) cs(Referer) sc-status sc-substatus sc-win32-status sc-bytes time-taken\n"), "{log}");
+    assert!(log.contains("#Fields: date time s-ip cs-method cs-uri-stem cs-uri-query s-port cs-username c-ip cs(User-Agent) cs(Referer) sc-status sc-substatus sc-win32-status sc-bytes time-taken\r\n"), "{log}");
     for (stem, result) in [
         ("/SMS_MP/.sms_aut MPLIST", "200 0 0"),
         ("/SMS_MP/.sms_aut MPLIST", "403 7 0"),

@@ -1,10 +1,10 @@
 //! IIS W3C extended log lines, as the management point's IIS writes them. The seed case:
 //! `2026-11-24 14:03:07 10.0.0.5 GET /SMS_MP/.sms_aut SITESIGNCERT 443 - 10.0.0.9 SMS+CCM+5.0 - 403 7 0 5573 11`
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
+
+use crate::cmtrace::{RollingFile, DEFAULT_MAX_BYTES};
 
 use time::OffsetDateTime;
 
@@ -78,46 +78,42 @@ impl W3cEntry<'_> {
     }
 }
 
-/// An append-only W3C log file with its `#Fields:` header. Each line is written whole, under a
-/// lock, so concurrent requests never interleave.
+/// A W3C log file with its directives (`#Software`, `#Version`, `#Date`, `#Fields`) at the top
+/// of every file, rolling over to `.lo_` at a size limit. Each line is written whole, so
+/// concurrent requests never interleave.
 pub struct W3cLog {
-    file: Mutex<std::fs::File>,
+    file: RollingFile,
 }
 
 impl W3cLog {
     pub fn open(path: &Path) -> std::io::Result<W3cLog> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        if file.metadata()?.len() == 0 {
-            let now = OffsetDateTime::now_utc();
-            let header = format!(
-                "#Software: Portcullis reference management point\n#Version: 1.0\n#Date: {:04}-{:02}-{:02} {:02}:{:02}:{:02}\n#Fields: {FIELDS}\n",
-                now.year(),
-                u8::from(now.month()),
-                now.day(),
-                now.hour(),
-                now.minute(),
-                now.second()
-            );
-            file.write_all(header.as_bytes())?;
-        }
-        Ok(W3cLog {
-            file: Mutex::new(file),
-        })
+        Self::open_with_limit(path, DEFAULT_MAX_BYTES)
+    }
+
+    pub fn open_with_limit(path: &Path, max_bytes: u64) -> std::io::Result<W3cLog> {
+        let file = RollingFile::open_with_header(path, max_bytes, Some(Box::new(header)))?;
+        Ok(W3cLog { file })
     }
 
     pub fn write(&self, entry: &W3cEntry<'_>) -> std::io::Result<()> {
         let mut line = entry.line();
-        line.push('\n');
-        // A poisoned lock only means another writer panicked mid-call; the file is still fine.
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        file.write_all(line.as_bytes())
+        line.push_str("\r\n");
+        self.file.append(&line)
     }
+}
+
+/// The directives IIS writes at the top of each log file.
+fn header() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!(
+        "#Software: Portcullis reference management point\r\n#Version: 1.0\r\n#Date: {:04}-{:02}-{:02} {:02}:{:02}:{:02}\r\n#Fields: {FIELDS}\r\n",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
 }
 
 #[cfg(test)]

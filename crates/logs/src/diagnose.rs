@@ -1,0 +1,1 @@
+//! The rules behind doctor logs: to come.

@@ -1,0 +1,179 @@
+//! The writers: CMTrace and W3C line shapes pinned byte for byte, and rollover under
+//! concurrent writers losing or tearing no line.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use logs::cmtrace::{Line, RollingFile, Severity};
+use logs::w3c::{W3cEntry, W3cLog, FIELDS};
+use logs::Logger;
+
+#[test]
+fn cmtrace_golden_lines() {
+    let at = time::macros::datetime!(2026-11-24 14:03:07.123 UTC);
+    let cases = [
+        (
+            Severity::Info,
+            "Maintaining connections...",
+            "<![LOG[Maintaining connections...]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"1\" thread=\"7\" file=\"\">",
+        ),
+        (
+            Severity::Warning,
+            "Filtered cert count with client auth: 0",
+            "<![LOG[Filtered cert count with client auth: 0]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"2\" thread=\"7\" file=\"\">",
+        ),
+        (
+            Severity::Error,
+            "first line\r\nsecond line",
+            "<![LOG[first line\r\nsecond line]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"3\" thread=\"7\" file=\"\">",
+        ),
+    ];
+    for (severity, message, expected) in cases {
+        let line = Line {
+            message,
+            component: "SMS_CLOUD_PROXYCONNECTOR",
+            severity,
+            thread: 7,
+            at,
+        };
+        assert_eq!(line.format(), expected);
+    }
+    // Another zone: the offset is minutes, signed, three digits; local date and time.
+    let east = Line {
+        message: "m",
+        component: "C",
+        severity: Severity::Info,
+        thread: 1,
+        at: time::macros::datetime!(2026-12-31 23:59:59.999 +08:00),
+    };
+    assert!(east
+        .format()
+        .contains("time=\"23:59:59.999+480\" date=\"12-31-2026\""));
+}
+
+#[test]
+fn w3c_golden_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u_ex261124.log");
+    let log = W3cLog::open(&path).unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    log.write(&W3cEntry {
+        at: time::macros::datetime!(2026-11-24 14:03:07 UTC),
+        server_ip: ip("10.0.0.5"),
+        method: "GET",
+        uri_stem: "/SMS_MP/.sms_aut",
+        uri_query: Some("SITESIGNCERT"),
+        server_port: 443,
+        username: None,
+        client_ip: ip("10.0.0.9"),
+        user_agent: Some("SMS CCM 5.0"),
+        referer: None,
+        status: 403,
+        substatus: 7,
+        win32_status: 0,
+        bytes_sent: 5573,
+        time_taken_ms: 11,
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert_eq!(lines[0], "#Software: Portcullis reference management point");
+    assert_eq!(lines[1], "#Version: 1.0");
+    assert!(lines[2].starts_with("#Date: 20"), "{}", lines[2]);
+    assert_eq!(lines[3], format!("#Fields: {FIELDS}"));
+    assert_eq!(
+        lines[4],
+        "2026-11-24 14:03:07 10.0.0.5 GET /SMS_MP/.sms_aut SITESIGNCERT 443 - 10.0.0.9 SMS+CCM+5.0 - 403 7 0 5573 11"
+    );
+    assert_eq!(lines[5], "");
+    assert_eq!(lines.len(), 6);
+}
+
+#[test]
+fn w3c_rollover_repeats_the_directives() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u_ex.log");
+    let log = W3cLog::open_with_limit(&path, 600).unwrap();
+    let ip = "127.0.0.1".parse::<IpAddr>().unwrap();
+    for n in 0..20u64 {
+        log.write(&W3cEntry {
+            at: time::OffsetDateTime::now_utc(),
+            server_ip: ip,
+            method: "GET",
+            uri_stem: "/SMS_MP/.sms_aut",
+            uri_query: Some("MPLIST"),
+            server_port: 443,
+            username: None,
+            client_ip: ip,
+            user_agent: None,
+            referer: None,
+            status: 200,
+            substatus: 0,
+            win32_status: 0,
+            bytes_sent: n,
+            time_taken_ms: 1,
+        })
+        .unwrap();
+    }
+    for file in [path.clone(), path.with_extension("lo_")] {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("#Software:"), "{}", file.display());
+        assert!(text.contains("#Fields: "), "{}", file.display());
+    }
+}
+
+/// Many tasks write numbered lines through one logger while the file rolls over again and
+/// again; every rolled file is copied away by the rollover hook before it can be replaced, so
+/// each line must be found exactly once, and whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_across_rollovers_lose_and_tear_nothing() {
+    const TASKS: usize = 16;
+    const LINES: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("SMS_Cloud_ProxyConnector.log");
+    let archive = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let keep = archive.clone();
+    let file = RollingFile::open(&path, 16 * 1024)
+        .unwrap()
+        .with_rollover_hook(move |rolled| {
+            keep.lock()
+                .unwrap()
+                .push(std::fs::read_to_string(rolled).unwrap());
+        });
+    let log = Logger::new("SMS_CLOUD_PROXYCONNECTOR")
+        .with_rolling_file(file)
+        .into_log();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..LINES {
+                log.info(&format!("task {t} line {n} {}", "x".repeat(n % 50)));
+                if n % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rolled = archive.lock().unwrap().clone();
+    assert!(rolled.len() >= 5, "only {} rollovers", rolled.len());
+    for text in &rolled {
+        assert!(text.len() <= 16 * 1024, "a rolled file passed the limit");
+    }
+    let mut all = rolled.concat();
+    all.push_str(&std::fs::read_to_string(&path).unwrap());
+    let mut seen = HashSet::new();
+    for record in all.split_terminator("\r\n") {
+        assert!(
+            record.starts_with("<![LOG[task ") && record.ends_with("file=\"\">"),
+            "torn line: {record:?}"
+        );
+        let message = &record[6..record.find("]LOG]!>").unwrap()];
+        assert!(seen.insert(message.to_string()), "twice: {message}");
+    }
+    assert_eq!(seen.len(), TASKS * LINES);
+}
