@@ -147,6 +147,13 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     let channels = gateway.registry.channel_count();
 
     let g = gateway.addr.port();
+    write(
+        "analyze.toml",
+        format!(
+            "gateway = \"https://localhost:{g}\"\nca = [\"{}\"]\nendpoint = {DEV_ENDPOINT}\npath = \"SMS_MP/.sms_aut?MPLIST\"\ndevice_cert = \"devices/device-001.crt\"\ndevice_key = \"devices/device-001.key\"\nconnector_config = \"connector.toml\"\n",
+            layout::ROOT_CERT
+        ),
+    )?;
     let shown = |p: &str| dir.join(p).display().to_string();
     let (root, cert, key) = (
         shown(layout::ROOT_CERT),
@@ -183,6 +190,21 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
         crate::this_program(),
         shown(store)
     );
+    println!(
+        "  {} analyze --config {}",
+        crate::this_program(),
+        shown("analyze.toml")
+    );
+    println!("\nWhen something fails:");
+    println!("  {} doctor logs {}", crate::this_program(), shown("logs"));
+    for (name, admin) in [("gateway", &gateway_admin), ("connector", &connector_admin)] {
+        if let Some(admin) = admin {
+            println!(
+                "  curl -X PUT --data on http://{}/verbose    # verbose {name} log, no restart",
+                admin.addr
+            );
+        }
+    }
     println!("\nRunning; press Ctrl-C to stop.");
 
     crate::serve_cmd::until_stopped(&*connector_control).await?;

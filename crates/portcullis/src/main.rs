@@ -1,5 +1,6 @@
 //! The `portcullis` binary: command-line parsing and wiring. The work is done in the crates.
 
+mod analyze_cmd;
 mod dev;
 mod doctor;
 mod mp_cmd;
@@ -24,21 +25,20 @@ struct Cli {
     command: Command,
 }
 
+// Variants without a doc comment take their arguments' (about and the long help, with the
+// configuration each one reads), so `--help` shows all of it.
 #[derive(Subcommand)]
 enum Command {
     /// Bring the lab system up on this machine and print what to try.
     Dev(dev::DevArgs),
-    /// Run a gateway instance.
     Gateway(serve_cmd::GatewayArgs),
-    /// Run a connector.
     Connector(serve_cmd::ConnectorArgs),
-    /// Run the reference management point (labs and tests).
     Mp(mp_cmd::MpArgs),
-    /// Make one request as a managed device does, reported like LocationServices.log.
     Probe(probe_cmd::ProbeArgs),
     /// Lab PKI: make a root CA and every certificate a lab needs.
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
+    Analyze(analyze_cmd::AnalyzeArgs),
     /// Diagnose: explain what a component would do, and what to fix.
     #[command(subcommand)]
     Doctor(doctor::DoctorCommand),
@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         Command::Mp(args) => mp_cmd::run(args),
         Command::Probe(args) => probe_cmd::run(args),
         Command::Doctor(cmd) => doctor::run(cmd),
+        Command::Analyze(args) => analyze_cmd::run(args),
     };
     match result {
         Ok(code) => code,

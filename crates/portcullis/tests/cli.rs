@@ -392,7 +392,7 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
         "{shown}"
     );
     let tries = try_lines(&shown);
-    assert_eq!(tries.len(), 4, "{shown}");
+    assert_eq!(tries.len(), 5, "{shown}");
     for line in &tries {
         let run = Command::new("sh")
             .arg("-c")
@@ -440,6 +440,32 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
         1,
         "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired",
     );
+    // The analyzer, with the store beside it, stops at the connector's certificate.
+    let analysis = analyze(&tmp.path().join("portcullis-dev/analyze.toml"), 1);
+    assert_eq!(failed_step(&analysis), 7, "{analysis}");
+    assert!(
+        analysis["steps"][6]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("Filtered cert count with client auth: 0"),
+        "{analysis}"
+    );
+    // Far from the connector, the gateway's ServiceMetadata tells the same.
+    let config = tmp.path().join("portcullis-dev/analyze.toml");
+    let remote = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("connector_config = \"connector.toml\"\n", "");
+    let remote_file = tmp.path().join("portcullis-dev/analyze-remote.toml");
+    std::fs::write(&remote_file, remote).unwrap();
+    let analysis = analyze(&remote_file, 1);
+    assert_eq!(failed_step(&analysis), 7, "{analysis}");
+    assert!(
+        analysis["steps"][6]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("connector dev-connector has no client authentication certificate"),
+        "{analysis}"
+    );
     drop(child);
     let log = std::fs::read_to_string(
         tmp.path()
@@ -456,6 +482,135 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
     );
     let w3c = std::fs::read_to_string(tmp.path().join("portcullis-dev/logs/u_ex.log")).unwrap();
     assert!(w3c.contains(" 403 7 0 "), "{w3c}");
+}
+
+/// Runs `portcullis analyze --json` and checks its exit status.
+fn analyze(config: &Path, code: i32) -> serde_json::Value {
+    let out = portcullis(&["analyze", "--config", p(config), "--json"]);
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The number of the step that failed (0: none).
+fn failed_step(analysis: &serde_json::Value) -> u64 {
+    analysis["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["passed"] == false)
+        .map_or(0, |s| s["number"].as_u64().unwrap())
+}
+
+#[test]
+fn analyze_passes_a_healthy_system_and_stops_at_each_broken_hop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, shown) = start_dev(tmp.path(), &[]);
+    let dev = tmp.path().join("portcullis-dev");
+    let healthy = std::fs::read_to_string(dev.join("analyze.toml")).unwrap();
+    let analysis = analyze(&dev.join("analyze.toml"), 0);
+    let steps = analysis["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8, "{analysis}");
+    assert!(steps.iter().all(|s| s["passed"] == true), "{analysis}");
+
+    let gateway = healthy
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let mp = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("Reference management point: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let other = new_lab(tmp.path());
+    let other_root = p(&other.join("ca/root.crt")).to_string();
+    let other_cert = p(&other.join("devices/device-001.crt")).to_string();
+    let other_key = p(&other.join("devices/device-001.key")).to_string();
+    let cases: Vec<(&str, String, String, u64, &str)> = vec![
+        (
+            "unresolvable name",
+            gateway.clone(),
+            "https://no-such-gateway.invalid:8443".into(),
+            1,
+            "does not resolve",
+        ),
+        (
+            "closed port",
+            gateway.clone(),
+            format!("https://127.0.0.1:{}", free_port()),
+            2,
+            "cannot connect",
+        ),
+        (
+            "untrusted gateway certificate",
+            "ca/root.crt".into(),
+            other_root,
+            3,
+            "INVALID_CA",
+        ),
+        (
+            "untrusted device",
+            "devices/device-001.crt".into(),
+            other_cert,
+            4,
+            "CMGService_Untrustedclientcertificate",
+        ),
+        (
+            "not a gateway",
+            gateway.clone(),
+            mp,
+            4,
+            "not as a Portcullis gateway",
+        ),
+        (
+            "unknown endpoint",
+            "endpoint = 72057594037927939".into(),
+            "endpoint = 12345".into(),
+            6,
+            "no connector has announced endpoint 12345",
+        ),
+        (
+            "endpoint refusal",
+            "?MPLIST".into(),
+            "?NOSUCHTHING".into(),
+            8,
+            "",
+        ),
+    ];
+    for (name, from, to, step, cause) in cases {
+        let mut config = healthy.replace(&from, &to);
+        if name == "untrusted device" {
+            config = config.replace("devices/device-001.key", &other_key);
+        }
+        assert_ne!(config, healthy, "{name}");
+        let file = dev.join("analyze-broken.toml");
+        std::fs::write(&file, config).unwrap();
+        let analysis = analyze(&file, 1);
+        assert_eq!(failed_step(&analysis), step, "{name}: {analysis}");
+        let failed = &analysis["steps"][step as usize - 1];
+        assert!(
+            failed["cause"].as_str().unwrap().contains(cause),
+            "{name}: {analysis}"
+        );
+        assert!(!failed["fix"].as_str().unwrap().is_empty(), "{name}");
+        assert_eq!(
+            analysis["steps"].as_array().unwrap().len() as u64,
+            step,
+            "{name}"
+        );
+    }
+    drop(child);
+
+    // A bad configuration is refused with the key named.
+    let file = dev.join("analyze-broken.toml");
+    std::fs::write(&file, healthy.replace("https://", "http://")).unwrap();
+    expect_exit(
+        &portcullis(&["analyze", "--config", p(&file)]),
+        2,
+        "key `gateway`",
+    );
 }
 
 #[test]
@@ -722,4 +877,160 @@ fn two_gateways_one_connector_and_a_gateway_restart() {
                 && (l.contains("reconnecting") || l.contains("retrying"))),
         "{written}"
     );
+}
+
+/// Waits up to 10 s for `path` to hold `needle` `times` times or more; returns the text.
+fn wait_for_text(path: &Path, needle: &str, times: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.matches(needle).count() >= times || std::time::Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn admin_call(method: &str, url: &str, body: Option<&str>) -> (String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(body) = body {
+        cmd.args(["--data", body]);
+    }
+    let out = cmd.arg(url).output().expect("curl must be installed");
+    let all = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = all.rsplit_once('\n').unwrap_or((&all, ""));
+    (body.to_string(), code.to_string())
+}
+
+/// Verbose logging turned on and off against a running connector process, by an admin call
+/// and by SIGHUP after editing its configuration: what it writes changes, with no restart.
+#[test]
+fn verbose_logging_changes_while_the_connector_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    std::fs::write(
+        lab.join("mp.toml"),
+        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
+    )
+    .unwrap();
+    let (_mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
+    let mp_port = line.trim().rsplit(':').next().unwrap().to_string();
+    let port = free_port();
+    std::fs::write(
+        lab.join("gateway.toml"),
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n"),
+    )
+    .unwrap();
+    let _gateway = spawn_until(
+        &["gateway", "--config", p(&lab.join("gateway.toml"))],
+        "Gateway listening",
+    );
+    let admin = free_port();
+    let connector_toml = |verbose: bool| {
+        format!(
+            "connector_id = \"c1\"\ngateways = [\"localhost:{port}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"connector/store\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = {verbose}\nadmin_listen = \"127.0.0.1:{admin}\"\n\n[log]\nfile = \"SMS_Cloud_ProxyConnector.log\"\nconsole = \"json\"\n\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n"
+        )
+    };
+    let config = lab.join("connector.toml");
+    std::fs::write(&config, connector_toml(false)).unwrap();
+    let (connector, first) = spawn_until(
+        &["connector", "--config", p(&config)],
+        "Maintaining connections...",
+    );
+    // console = "json": standard output carries one JSON object per line.
+    let first: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
+    assert_eq!(first["message"], "Maintaining connections...");
+    assert_eq!(first["component"], "SMS_CLOUD_PROXYCONNECTOR");
+    assert!(wait_for_channels(&lab, port, 2));
+    let log = lab.join("SMS_Cloud_ProxyConnector.log");
+    let probe = || {
+        let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
+        let out = portcullis(&[
+            "probe",
+            &url,
+            "--ca",
+            p(&lab.join("ca/root.crt")),
+            "--cert",
+            p(&lab.join("devices/device-001.crt")),
+            "--key",
+            p(&lab.join("devices/device-001.key")),
+        ]);
+        expect_exit(&out, 0, "StatusCode= 200");
+    };
+    const PER_MESSAGE: &str = "; presenting client certificate CN=Portcullis Connector";
+    const TRAIL: &str = "Filtered cert count with digital signature: 1";
+
+    // Off: the outcome only.
+    probe();
+    let text = wait_for_text(&log, "Received response", 1);
+    assert!(
+        text.contains("Selected client authentication cert"),
+        "{text}"
+    );
+    assert!(!text.contains(TRAIL), "{text}");
+    assert!(!text.contains(PER_MESSAGE), "{text}");
+
+    // On by an admin call: the trail of the current choice, then a line per message.
+    let base = format!("http://127.0.0.1:{admin}");
+    let (body, code) = admin_call("PUT", &format!("{base}/verbose"), Some("on"));
+    assert_eq!(code, "200", "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["verbose"], true);
+    assert_eq!(status["component"], "SMS_CLOUD_PROXYCONNECTOR");
+    assert!(status["client_certificate"]
+        .as_str()
+        .unwrap()
+        .contains("CN=Portcullis Connector"));
+    probe();
+    let text = wait_for_text(&log, PER_MESSAGE, 1);
+    assert!(
+        text.contains("Verbose logging turned on (admin call)"),
+        "{text}"
+    );
+    assert!(text.contains(TRAIL), "{text}");
+    assert_eq!(text.matches(PER_MESSAGE).count(), 1, "{text}");
+    let (body, code) = admin_call("PUT", &format!("{base}/verbose"), Some("loud"));
+    assert_eq!(code, "400", "{body}");
+    assert!(body.contains("\"loud\" is not a verbose setting"), "{body}");
+
+    // Off by SIGHUP after editing the file: messages get no verbose line any more.
+    let hup = || {
+        let pid = connector.0.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    std::fs::write(&config, connector_toml(false)).unwrap();
+    hup();
+    wait_for_text(&log, "Configuration reloaded from", 1);
+    probe();
+    let text = wait_for_text(&log, "Received response", 3);
+    assert_eq!(text.matches(PER_MESSAGE).count(), 1, "{text}");
+
+    // A broken file is refused and the connector keeps serving with what it had.
+    std::fs::write(&config, "verbose = maybe\n").unwrap();
+    hup();
+    let text = wait_for_text(&log, "Configuration reload refused", 1);
+    assert!(text.contains("the running settings stay"), "{text}");
+    probe();
+
+    // On again by SIGHUP: the filter runs again and its whole trail is written.
+    std::fs::write(&config, connector_toml(true)).unwrap();
+    hup();
+    wait_for_text(&log, "Configuration reloaded from", 2);
+    probe();
+    let text = wait_for_text(&log, PER_MESSAGE, 2);
+    assert_eq!(text.matches(PER_MESSAGE).count(), 2, "{text}");
+    assert_eq!(text.matches(TRAIL).count(), 2, "{text}");
 }

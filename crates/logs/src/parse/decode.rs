@@ -66,15 +66,33 @@ pub(crate) fn sniff_encoding(head: &[u8]) -> Result<(Encoding, usize), String> {
 }
 
 /// Refuses binary data: more than one character in 20 a control character other than tab,
-/// line breaks, form feed and escape.
+/// line breaks, form feed and escape (NUL padding aside).
 fn check_text(encoding: Encoding, body: &[u8]) -> Result<Encoding, String> {
     let (total, bad) = match encoding {
-        Encoding::Utf8 | Encoding::Utf8Bom => (
-            body.len(),
-            body.iter()
-                .filter(|b| is_binary_char(u32::from(**b)))
-                .count(),
-        ),
+        Encoding::Utf8 | Encoding::Utf8Bom => {
+            // Runs of 16 NULs or more are padding (Windows leaves them after a crash), not
+            // content; shorter ones count against the file.
+            let (mut total, mut bad, mut i) = (0, 0, 0);
+            while i < body.len() {
+                if body[i] == 0 {
+                    let start = i;
+                    while i < body.len() && body[i] == 0 {
+                        i += 1;
+                    }
+                    if i - start < 16 {
+                        total += i - start;
+                        bad += i - start;
+                    }
+                    continue;
+                }
+                total += 1;
+                if is_binary_char(u32::from(body[i])) {
+                    bad += 1;
+                }
+                i += 1;
+            }
+            (total, bad)
+        }
         Encoding::Utf16Le | Encoding::Utf16Be => {
             let units = body.chunks_exact(2).map(|p| unit(encoding, p[0], p[1]));
             let mut total = 0;

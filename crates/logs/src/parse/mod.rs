@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::cmtrace::Severity;
 pub use decode::Encoding;
+pub use w3c::DEFAULT_FIELDS as W3C_DEFAULT_FIELDS;
 
 /// The most a record (or one physical line) may hold; longer ones are skipped and counted.
 pub const MAX_RECORD: usize = 1024 * 1024;

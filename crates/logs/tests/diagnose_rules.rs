@@ -1,0 +1,263 @@
+//! The rule table on lines in the shapes the original product (and Portcullis) write them.
+
+use logs::diagnose::{Diagnosis, Report, Rules};
+
+/// A CMTrace line as Configuration Manager writes it.
+fn cm(message: &str, component: &str, kind: u8) -> String {
+    format!(
+        "<![LOG[{message}]LOG]!><time=\"10:11:12.345+480\" date=\"11-24-2026\" component=\"{component}\" context=\"\" type=\"{kind}\" thread=\"5460\" file=\"\">\r\n"
+    )
+}
+
+fn diagnose(files: &[(&str, String)]) -> Report {
+    let rules = Rules::builtin().unwrap_or_else(|e| panic!("{e}"));
+    let mut d = Diagnosis::new(&rules);
+    for (name, text) in files {
+        d.read_from(text.as_bytes(), name)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    d.finish()
+}
+
+fn ids(report: &Report) -> Vec<&str> {
+    report.findings.iter().map(|f| f.id.as_str()).collect()
+}
+
+const W3C_HEADER: &str = "#Software: Microsoft Internet Information Services 10.0\r\n#Version: 1.0\r\n#Date: 2026-11-24 14:00:00\r\n#Fields: date time s-ip cs-method cs-uri-stem cs-uri-query s-port cs-username c-ip cs(User-Agent) cs(Referer) sc-status sc-substatus sc-win32-status sc-bytes time-taken\r\n";
+
+fn w3c(status: u16, substatus: u16) -> String {
+    format!("2026-11-24 14:03:07 10.0.0.5 GET /SMS_MP/.sms_aut SITESIGNCERT 443 - 10.0.0.9 SMS+CCM+5.0 - {status} {substatus} 0 5573 11\r\n")
+}
+
+fn device_status(status: u16, text: &str) -> String {
+    cm("[CCMHTTP] ERROR: URL=https://cmgsccm.contoso.com/CCM_PROXY_MUTUALAUTH/3456/SMS_MP/.sms_aut?SITESIGNCERT, Port=443, Options=31, Code=0, Text=CCM_E_BAD_HTTP_STATUS_CODE", "LocationServices", 3)
+        + &cm(&format!("[CCMHTTP] ERROR INFO: StatusCode= {status} StatusText= {text}"), "LocationServices", 3)
+}
+
+fn seed_trail() -> String {
+    [
+        "Filtered cert count with digital signature: 7",
+        "Not allowed cert: CN=old.contoso.com; Issuer=CN=Other Root",
+        "No private key cert: CN=nokey.contoso.com",
+        "Filtered cert count with allowed root CA: 3",
+        "Filtered cert count with private key: 3",
+        "Not client auth cert: CN=web.contoso.com",
+        "Filtered cert count with client auth: 0",
+        "Maintaining connections...",
+    ]
+    .iter()
+    .map(|m| cm(m, "SMS_CLOUD_PROXYCONNECTOR", 1))
+    .collect()
+}
+
+#[test]
+fn the_seed_case_is_one_finding_across_device_connector_and_iis() {
+    let connector = seed_trail()
+        + &cm("Forwarding proxy message 1f3c-77 to URL: https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT", "SMS_CLOUD_PROXYCONNECTOR", 1)
+        + &cm("Received response https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT for message 1f3c-77: HTTP/1.1 403 CMGConnector_Clientcertificaterequired", "SMS_CLOUD_PROXYCONNECTOR", 3);
+    let report = diagnose(&[
+        (
+            "LocationServices.log",
+            device_status(403, "CMGConnector_Clientcertificaterequired"),
+        ),
+        ("SMS_Cloud_ProxyConnector.log", connector),
+        ("u_ex261124.log", format!("{W3C_HEADER}{}{}", w3c(200, 0), w3c(403, 7))),
+    ]);
+    assert_eq!(ids(&report), ["connector-client-cert-required"], "{report:#?}");
+    let f = &report.findings[0];
+    // Device line, trail's "client auth: 0" (absorbed), connector line, IIS line.
+    assert_eq!(f.count, 4, "{f:#?}");
+    let places: Vec<String> = f.evidence.iter().map(|e| format!("{}:{}", e.file, e.line)).collect();
+    assert_eq!(
+        places,
+        [
+            "LocationServices.log:2",
+            "SMS_Cloud_ProxyConnector.log:7",
+            "SMS_Cloud_ProxyConnector.log:10",
+            "u_ex261124.log:6"
+        ]
+    );
+    assert!(f.evidence[3].text.ends_with("403 7 0 5573 11"));
+    // The URL the device called, from the line before its status line.
+    assert!(
+        f.cause.contains("https://cmgsccm.contoso.com/CCM_PROXY_MUTUALAUTH/3456/SMS_MP/.sms_aut?SITESIGNCERT"),
+        "{}",
+        f.cause
+    );
+    let supporting: Vec<&str> = f.supporting.iter().map(|e| e.text.as_str()).collect();
+    assert!(supporting.contains(&"Not client auth cert: CN=web.contoso.com"), "{supporting:?}");
+    assert!(supporting.contains(&"Filtered cert count with digital signature: 7"));
+    assert!(supporting.contains(&"Maintaining connections..."));
+    assert!(supporting[0].starts_with("[CCMHTTP] ERROR: URL="), "{supporting:?}");
+    assert!(f.resolution.contains("Client Authentication"));
+
+    let text = report.render_text();
+    assert!(text.contains("LocationServices.log:2: [CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired"), "{text}");
+    assert!(text.contains("1 known failure found."), "{text}");
+    assert!(text.contains("u_ex261124.log: IIS W3C extended, UTF-8, 2 records"), "{text}");
+}
+
+#[test]
+fn a_trail_ending_at_client_auth_zero_alone_is_a_finding() {
+    let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", seed_trail())]);
+    assert_eq!(ids(&report), ["connector-no-client-auth-cert"]);
+    let f = &report.findings[0];
+    assert!(f.cause.contains("at the client auth stage"), "{}", f.cause);
+    assert_eq!(f.evidence[0].line, 7);
+    assert_eq!(f.supporting.len(), 7, "{:#?}", f.supporting);
+}
+
+#[test]
+fn winhttp_flags_each_name_their_cause() {
+    let secure = cm("[CCMHTTP] ERROR: URL=https://cmgsccm.contoso.com/CCM_Proxy_MutualAuth/72057594037927940/SMS_MP/.sms_aut?MPLIST, Port=443, Options=1472, Code=12175, Text=ERROR_WINHTTP_SECURE_FAILURE", "CcmMessaging", 3);
+    for (flag, id, words) in [
+        ("CERT_REV_FAILED", "winhttp-cert-rev-failed", "revocation list"),
+        ("INVALID_CA", "winhttp-invalid-ca", "Trusted Root"),
+        ("CERT_CN_INVALID", "winhttp-cert-cn-invalid", "subject alternative name"),
+        ("CERT_DATE_INVALID", "winhttp-cert-date-invalid", "validity period"),
+    ] {
+        let log = cm("[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_SECURE_FAILURE Encountered", "CcmMessaging", 1)
+            + &cm(&format!("[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_{flag} is set"), "CcmMessaging", 1)
+            + &secure;
+        let report = diagnose(&[("CcmMessaging.log", log)]);
+        assert_eq!(ids(&report), [id], "{flag}: {report:#?}");
+        let f = &report.findings[0];
+        assert_eq!(f.count, 3, "the bare secure-failure lines join the flag's finding");
+        assert!(f.cause.contains(words), "{}", f.cause);
+        assert!(f.cause.contains("https://cmgsccm.contoso.com/CCM_Proxy_MutualAuth"), "{}", f.cause);
+    }
+    // Two flags on one failure: two findings.
+    let log = cm("[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_INVALID_CA is set", "CcmMessaging", 1)
+        + &cm("[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_CERT_CN_INVALID is set", "CcmMessaging", 1)
+        + &secure;
+    assert_eq!(
+        ids(&diagnose(&[("CcmMessaging.log", log)])),
+        ["winhttp-invalid-ca", "winhttp-cert-cn-invalid"]
+    );
+}
+
+#[test]
+fn a_bare_secure_failure_in_any_spelling() {
+    for line in [
+        "[CCMHTTP] ERROR: URL=https://cmg/CCM_PROXY_MUTUALAUTH/1/SMS_MP/.sms_aut?MPLIST, Port=443, Options=31, Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE",
+        "Failed to send request to cmg. Error 0x80072F8F",
+        "Request failed with error 0x2f8f",
+        "WinHttpSendRequest failed: error 12175",
+        "hr = -2147012721",
+    ] {
+        let report = diagnose(&[("LocationServices.log", cm(line, "LocationServices", 3))]);
+        assert_eq!(ids(&report), ["winhttp-secure-failure"], "{line}");
+    }
+    // Our probe's own second line names the rustls reason: that decides the flag.
+    let probe = cm("[CCMHTTP] ERROR: URL=https://cmg:8443/CCM_PROXY_MUTUALAUTH/1/SMS_MP/.sms_aut?MPLIST, Port=8443, Options=31, Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE", "LocationServices", 3)
+        + &cm("[CCMHTTP] ERROR INFO: TLS with cmg failed: invalid peer certificate: UnknownIssuer", "LocationServices", 3);
+    let report = diagnose(&[("LocationServices.log", probe)]);
+    assert_eq!(ids(&report), ["winhttp-invalid-ca"]);
+    assert!(report.findings[0].cause.contains("https://cmg:8443/"), "{}", report.findings[0].cause);
+}
+
+#[test]
+fn iis_403_substatus_decides_and_absorbs_the_device_view() {
+    for (sub, id) in [
+        (13, "endpoint-forbidden-revoked"),
+        (16, "endpoint-forbidden-untrusted"),
+        (17, "endpoint-forbidden-expired"),
+        (4, "endpoint-forbidden"),
+    ] {
+        let report = diagnose(&[
+            ("LocationServices.log", device_status(403, "CMGConnector_Forbidden")),
+            ("u_ex261124.log", format!("{W3C_HEADER}{}", w3c(403, sub))),
+        ]);
+        assert_eq!(ids(&report), [id], "403.{sub}: {report:#?}");
+        assert_eq!(report.findings[0].count, 2);
+    }
+    let report = diagnose(&[("LocationServices.log", device_status(403, "CMGConnector_Forbidden"))]);
+    assert_eq!(ids(&report), ["endpoint-forbidden"]);
+}
+
+#[test]
+fn other_status_texts_of_the_original() {
+    for (status, text, id) in [
+        (401, "CMGConnector_Unauthorized", "endpoint-unauthorized"),
+        (500, "CMGConnector_InternalServerError", "endpoint-internal-error"),
+        (401, "CMGService_Invalid_Token", "token-invalid"),
+    ] {
+        let report = diagnose(&[("LocationServices.log", device_status(status, text))]);
+        assert_eq!(ids(&report), [id], "{text}");
+        assert!(report.findings[0].cause.contains("https://cmgsccm.contoso.com/") || id == "token-invalid");
+    }
+    let report = diagnose(&[("u_ex261124.log", format!("{W3C_HEADER}{}", w3c(500, 0)))]);
+    assert_eq!(ids(&report), ["endpoint-internal-error"]);
+}
+
+#[test]
+fn connector_channel_failures() {
+    let connector = cm("Maintaining connections...", "SMS_CLOUD_PROXYCONNECTOR", 1)
+        + &cm("Channel 1 to gateway cmg.contoso.com:443: TLS failed: invalid peer certificate: UnknownIssuer; retrying", "SMS_CLOUD_PROXYCONNECTOR", 3)
+        + &cm("Channel 2 to gateway cmg2.contoso.com:443: cannot connect: Connection refused (os error 111); retrying", "SMS_CLOUD_PROXYCONNECTOR", 3);
+    let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", connector.clone())]);
+    assert_eq!(ids(&report), ["connector-channel-tls", "connector-channel-connect"]);
+    assert!(report.findings[0].cause.contains("cmg.contoso.com:443"));
+    assert!(report.findings[0].cause.contains("UnknownIssuer"));
+    assert!(report.findings[1].cause.contains("Connection refused"));
+
+    let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";
+    let report = diagnose(&[
+        ("SMS_Cloud_ProxyConnector.log", connector),
+        ("gateway.log", gateway.to_string()),
+    ]);
+    assert_eq!(ids(&report), ["gateway-refused-connector", "connector-channel-connect"]);
+    assert_eq!(report.findings[0].count, 2);
+    assert!(report.findings[0].cause.contains("not in allowed_connectors"));
+}
+
+#[test]
+fn clean_logs_find_nothing() {
+    let connector = cm("Selected client authentication cert: CN=connector.contoso.com: latest expiry", "SMS_CLOUD_PROXYCONNECTOR", 1)
+        + &cm("Filtered cert count with client auth: 1", "SMS_CLOUD_PROXYCONNECTOR", 1)
+        + &cm("Maintaining connections...", "SMS_CLOUD_PROXYCONNECTOR", 1)
+        + &cm("Received response https://mp/SMS_MP/.sms_aut?MPLIST for message 1: HTTP/1.1 200 OK", "SMS_CLOUD_PROXYCONNECTOR", 1);
+    let device = cm("[CCMHTTP] OK: URL=https://cmg/CCM_PROXY_MUTUALAUTH/1/SMS_MP/.sms_aut?MPLIST, Port=443, StatusCode= 200 StatusText= OK, Bytes=512", "LocationServices", 1);
+    let report = diagnose(&[
+        ("SMS_Cloud_ProxyConnector.log", connector),
+        ("LocationServices.log", device),
+        ("u_ex261124.log", format!("{W3C_HEADER}{}", w3c(200, 0))),
+        ("empty.log", String::new()),
+    ]);
+    assert!(report.findings.is_empty(), "{report:#?}");
+    assert!(report
+        .render_text()
+        .contains("No known failure found in 6 records from 4 files."));
+}
+
+#[test]
+fn evidence_is_capped_and_counted_and_json_has_the_documented_shape() {
+    let many: String = (0..60)
+        .map(|_| device_status(401, "CMGConnector_Unauthorized"))
+        .collect();
+    let report = diagnose(&[("LocationServices.log", many)]);
+    let f = &report.findings[0];
+    assert_eq!(f.count, 60);
+    assert_eq!(f.evidence.len(), logs::diagnose::MAX_EVIDENCE);
+    assert!(report.render_text().contains("and 55 more"));
+    let json = serde_json::to_value(&report).unwrap();
+    let finding = &json["findings"][0];
+    for key in ["id", "title", "cause", "resolution", "evidence", "supporting", "count"] {
+        assert!(!finding[key].is_null(), "{key} in {finding}");
+    }
+    assert_eq!(finding["evidence"][0]["file"], "LocationServices.log");
+    assert_eq!(finding["evidence"][0]["line"], 2);
+    assert_eq!(json["files"][0]["format"], "cmtrace");
+    assert_eq!(json["files"][0]["records"], 120);
+    assert_eq!(json["files"][0]["skipped"], 0);
+}
+
+#[test]
+fn findings_come_in_order_of_first_appearance() {
+    let log = device_status(500, "CMGConnector_InternalServerError")
+        + &device_status(401, "CMGConnector_Unauthorized")
+        + &device_status(500, "CMGConnector_InternalServerError");
+    let report = diagnose(&[("LocationServices.log", log)]);
+    assert_eq!(ids(&report), ["endpoint-internal-error", "endpoint-unauthorized"]);
+    assert_eq!(report.findings[0].count, 2);
+}

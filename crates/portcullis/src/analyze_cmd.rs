@@ -1,0 +1,136 @@
+//! `portcullis analyze --config FILE`: the connection analyzer.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use channel::config::{self, ConfigError};
+use clap::Args;
+use serde::Deserialize;
+use testkit::analyze::{AnalyzeOptions, LocalStore};
+
+/// Check every hop a device's request takes, in order, and stop at the first that fails.
+///
+/// Steps: 1 name resolution of the gateway, 2 TCP, 3 TLS with the gateway's server
+/// certificate (chain, name, expiry), 4 device authentication, 5 ServiceMetadata, 6 a live
+/// channel for the endpoint, 7 the connector's client certificate, 8 a real request to the
+/// endpoint. Each prints PASS or FAIL and its time; a failure prints its cause and its fix.
+///
+/// Configuration (TOML; paths relative to the file; `portcullis dev` writes one):
+///
+///   gateway = "https://cmg.contoso.com"      # as devices name it; port 443 unless given
+///   ca = ["ca/root.crt"]                     # roots devices trust for the gateway
+///   endpoint = 72057594037927939             # the endpoint id
+///   path = "SMS_MP/.sms_aut?MPLIST"          # optional; the request to make
+///   device_cert = "devices/device-001.crt"   # a device's client certificate and key
+///   device_key = "devices/device-001.key"
+///   timeout_secs = 10                        # optional; per step
+///   connector_config = "connector.toml"      # optional, when run beside the connector:
+///                                            # its store is checked here too
+///
+/// Exit status: 0 when every step passed, 1 when one failed, 2 on a bad configuration.
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct AnalyzeArgs {
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print the steps as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnalyzeConfig {
+    gateway: String,
+    ca: Vec<PathBuf>,
+    endpoint: u64,
+    #[serde(default = "default_path")]
+    path: String,
+    #[serde(default)]
+    device_cert: Option<PathBuf>,
+    #[serde(default)]
+    device_key: Option<PathBuf>,
+    #[serde(default = "default_timeout")]
+    timeout_secs: u64,
+    #[serde(default)]
+    connector_config: Option<PathBuf>,
+}
+
+fn default_path() -> String {
+    "SMS_MP/.sms_aut?MPLIST".into()
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+fn load(path: &Path) -> Result<AnalyzeOptions, ConfigError> {
+    let cfg: AnalyzeConfig = config::load_toml(path)?;
+    let invalid = |key, reason: &str| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        reason: reason.to_string(),
+    };
+    if cfg.ca.is_empty() {
+        return Err(invalid(
+            "ca",
+            "list the root CA file(s) devices trust for the gateway",
+        ));
+    }
+    if cfg.device_cert.is_some() != cfg.device_key.is_some() {
+        return Err(invalid(
+            "device_cert",
+            "device_cert and device_key go together",
+        ));
+    }
+    if cfg.timeout_secs == 0 || cfg.timeout_secs > 300 {
+        return Err(invalid("timeout_secs", "must be between 1 and 300"));
+    }
+    if !cfg.gateway.starts_with("https://") {
+        return Err(invalid(
+            "gateway",
+            "give the gateway as devices name it: https://host[:port]",
+        ));
+    }
+    let connector_store = match &cfg.connector_config {
+        Some(file) => {
+            let file = config::resolve(path, file);
+            let connector = connector::run::ConnectorConfig::load(&file)?;
+            Some(LocalStore {
+                store: connector.client_cert_store,
+                allowed_roots: connector.allowed_roots,
+                pfx_password_env: connector.pfx_password_env,
+            })
+        }
+        None => None,
+    };
+    let resolve = |p: &PathBuf| config::resolve(path, p);
+    Ok(AnalyzeOptions {
+        gateway: cfg.gateway,
+        ca: cfg.ca.iter().map(resolve).collect(),
+        endpoint: cfg.endpoint,
+        path: cfg.path,
+        device_cert: cfg.device_cert.as_ref().map(resolve),
+        device_key: cfg.device_key.as_ref().map(resolve),
+        timeout: Duration::from_secs(cfg.timeout_secs),
+        connector_store,
+    })
+}
+
+pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
+    let options = load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let analysis = runtime.block_on(testkit::analyze::analyze(&options))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&analysis)?);
+    } else {
+        print!("{}", analysis.render_text());
+    }
+    Ok(if analysis.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
