@@ -382,37 +382,43 @@ async fn handshake(
     Ok(((), detail))
 }
 
-/// The cause and fix for a failed handshake, named the way WinHTTP's secure-failure flags
-/// name them (devices log those).
+/// The cause and fix for a failed handshake, named by the WinHTTP secure-failure flag a
+/// device would log for it.
 fn tls_failure(host: &str, error: &std::io::Error) -> (String, String) {
-    use rustls::CertificateError as C;
-    let rustls_error = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    match rustls_error {
-        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => (
-            "the gateway's server certificate does not chain to a trusted root (WinHTTP: INVALID_CA)".into(),
-            "Give devices (and this analyzer's `ca`) the root CA that issued the gateway's certificate, or reissue it from a CA they trust; send the intermediates with the certificate.".into(),
+    let flag = probe::secure_failure_flag(error);
+    let (what, fix) = match flag.name {
+        "INVALID_CA" => (
+            "the gateway's server certificate does not chain to a trusted root".to_string(),
+            "Give devices (and this analyzer's `ca`) the root CA that issued the gateway's certificate, or reissue it from a CA they trust; send the intermediates with the certificate.".to_string(),
         ),
-        Some(rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => (
-            format!("the gateway's server certificate does not name {host} (WinHTTP: CERT_CN_INVALID): {error}"),
+        "CERT_CN_INVALID" => (
+            format!("the gateway's server certificate does not name {host}"),
             format!("Reissue the gateway's certificate with {host} in its subject alternative names, or use the name it carries."),
         ),
-        Some(rustls::Error::InvalidCertificate(
-            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
-        )) => (
-            format!("the gateway's server certificate is not valid now (WinHTTP: CERT_DATE_INVALID): {error}"),
-            "Renew the gateway's server certificate (and check the clocks).".into(),
+        "CERT_DATE_INVALID" => (
+            "the gateway's server certificate is not valid now".to_string(),
+            "Renew the gateway's server certificate (and check the clocks).".to_string(),
         ),
-        Some(rustls::Error::InvalidCertificate(C::Revoked)) => (
-            "the gateway's server certificate is revoked (WinHTTP: CERT_REVOKED)".into(),
-            "Issue the gateway a new server certificate.".into(),
+        "CERT_REVOKED" => (
+            "the gateway's server certificate is revoked".to_string(),
+            "Issue the gateway a new server certificate.".to_string(),
+        ),
+        "CERT_REV_FAILED" => (
+            "the revocation status of the gateway's server certificate cannot be checked".to_string(),
+            "Publish a current CRL where devices can fetch it.".to_string(),
         ),
         _ => (
-            format!("the TLS handshake failed: {error}"),
-            "Check that the port serves TLS 1.2 or 1.3 with a server certificate devices trust.".into(),
+            "the TLS handshake failed".to_string(),
+            "Check that the port serves TLS 1.2 or 1.3 with a server certificate devices trust.".to_string(),
         ),
-    }
+    };
+    (
+        format!(
+            "{what} (WinHTTP 0x80072f8f, WINHTTP_CALLBACK_STATUS_FLAG_{}): {error}",
+            flag.name
+        ),
+        fix,
+    )
 }
 
 /// The gateway's status text and the reason and remedy lines of its explaining body.

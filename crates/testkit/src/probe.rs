@@ -137,6 +137,7 @@ pub async fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
                 "no complete answer within {} s",
                 options.timeout.as_secs_f32()
             ),
+            secure_flag: None,
         }),
     };
     Ok(report(&options.url, target.port, result))
@@ -146,6 +147,42 @@ struct Failure {
     code: u32,
     text: &'static str,
     cause: String,
+    /// For a TLS failure, the flag WinHTTP's secure-failure callback would set.
+    secure_flag: Option<SecureFlag>,
+}
+
+/// One of WinHTTP's secure-failure flags (`WINHTTP_CALLBACK_STATUS_FLAG_*`), which the
+/// Configuration Manager client logs when a TLS handshake fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecureFlag {
+    pub value: u32,
+    /// The name after `WINHTTP_CALLBACK_STATUS_FLAG_`, e.g. `INVALID_CA`.
+    pub name: &'static str,
+}
+
+/// The secure-failure flag for a failed handshake, from the rustls error inside `error`.
+pub fn secure_failure_flag(error: &std::io::Error) -> SecureFlag {
+    use rustls::CertificateError as C;
+    let flag = |value, name| SecureFlag { value, name };
+    let rustls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(certificate)) => match certificate {
+            C::UnknownIssuer | C::BadSignature => flag(0x8, "INVALID_CA"),
+            C::NotValidForName | C::NotValidForNameContext { .. } => flag(0x10, "CERT_CN_INVALID"),
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => flag(0x20, "CERT_DATE_INVALID"),
+            C::Revoked => flag(0x4, "CERT_REVOKED"),
+            C::UnknownRevocationStatus
+            | C::ExpiredRevocationList
+            | C::ExpiredRevocationListContext { .. } => flag(0x1, "CERT_REV_FAILED"),
+            _ => flag(0x2, "INVALID_CERT"),
+        },
+        _ => flag(0x8000_0000, "SECURITY_CHANNEL_ERROR"),
+    }
 }
 
 struct Answer {
@@ -179,6 +216,7 @@ async fn exchange(
                 code,
                 text,
                 cause: format!("cannot connect to {}:{}: {e}", target.host, target.port),
+                secure_flag: None,
             }
         })?;
     let stream = tokio_rustls::TlsConnector::from(tls)
@@ -188,6 +226,7 @@ async fn exchange(
             code: 0x8007_2f8f,
             text: "ERROR_WINHTTP_SECURE_FAILURE",
             cause: format!("TLS with {} failed: {e}", target.host),
+            secure_flag: Some(secure_failure_flag(&e)),
         })?;
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(stream);
@@ -195,6 +234,7 @@ async fn exchange(
         code: 0x8007_2efe,
         text: "ERROR_WINHTTP_CONNECTION_ERROR",
         cause: format!("the connection failed: {e}"),
+        secure_flag: None,
     };
 
     let path = target
@@ -223,6 +263,7 @@ async fn exchange(
         code: 0x8007_2efe,
         text: "ERROR_WINHTTP_CONNECTION_ERROR",
         cause: format!("cannot build the request: {e}"),
+        secure_flag: None,
     })?;
 
     let response = if h2 {
@@ -332,6 +373,19 @@ fn report(url: &str, port: u16, result: Result<Answer, Failure>) -> ProbeReport 
             }
         }
         Err(failure) => {
+            if let Some(flag) = failure.secure_flag {
+                // What the client's WinHTTP callback logs before the error itself.
+                for line in [
+                    "WINHTTP_CALLBACK_STATUS_SECURE_FAILURE Encountered".to_string(),
+                    format!("dwStatusInformation is 0x{:x}", flag.value),
+                    format!("WINHTTP_CALLBACK_STATUS_FLAG_{} is set", flag.name),
+                ] {
+                    lines.push((
+                        Severity::Error,
+                        format!("[CCMHTTP] AsyncCallback(): {line}"),
+                    ));
+                }
+            }
             lines.push((
                 Severity::Error,
                 format!(

@@ -96,9 +96,18 @@ fn an_untrusted_server_certificate_is_a_secure_failure() {
                 text: "ERROR_WINHTTP_SECURE_FAILURE"
             }
         );
-        assert!(text(&report)[0].contains("Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE"));
+        // As the client logs it: WinHTTP's callback with its flag, then the error.
+        assert_eq!(
+            text(&report)[..3],
+            [
+                "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_SECURE_FAILURE Encountered",
+                "[CCMHTTP] AsyncCallback(): dwStatusInformation is 0x8",
+                "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_INVALID_CA is set",
+            ]
+        );
+        assert!(text(&report)[3].contains("Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE"));
         assert!(
-            text(&report)[1].contains("UnknownIssuer"),
+            text(&report)[4].contains("UnknownIssuer"),
             "{:?}",
             text(&report)
         );
