@@ -39,6 +39,7 @@ pub enum Cause {
     DeviceCertificateUntrusted { detail: String },
     DeviceCertificateNotTimeValid { detail: String },
     DeviceCertificateRevoked { detail: String },
+    DeviceRevocationUnknown { detail: String },
     InvalidToken { check: String },
     // Gateway -> connector.
     UnknownEndpoint { endpoint: u64 },
@@ -88,6 +89,11 @@ impl Refusal {
                 Hop::DeviceToGateway,
                 403,
                 "CMGService_Revokedclientcertificate",
+            ),
+            Cause::DeviceRevocationUnknown { .. } => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Revocationcheckfailed",
             ),
             Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
             Cause::UnknownEndpoint { .. } => {
@@ -160,6 +166,9 @@ impl Refusal {
             Cause::DeviceCertificateRevoked { detail } => {
                 format!("the device's client certificate is revoked: {detail}")
             }
+            Cause::DeviceRevocationUnknown { detail } => {
+                format!("the revocation status of the device's certificate cannot be checked: {detail}")
+            }
             Cause::InvalidToken { check } => format!("the device's token was refused: {check}"),
             Cause::UnknownEndpoint { endpoint } => {
                 format!("no connector has ever announced endpoint {endpoint}")
@@ -199,6 +208,7 @@ impl Refusal {
             Cause::DeviceCertificateUntrusted { .. } => "Add the device certificate's root CA to the gateway's trusted roots, or reissue the certificate from a trusted CA.",
             Cause::DeviceCertificateNotTimeValid { .. } => "Renew the device's certificate (or check the device's and the gateway's clocks).",
             Cause::DeviceCertificateRevoked { .. } => "Issue the device a new certificate; the revoked one stays refused.",
+            Cause::DeviceRevocationUnknown { .. } => "Publish a current CRL from the device certificate's issuer and list it in the gateway's crls (reload with SIGHUP), or set crl_policy = \"allow-and-warn\".",
             Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
             Cause::UnknownEndpoint { .. } => "Check the endpoint id in the URL against the connector's endpoint table (see ServiceMetadata).",
             Cause::NoChannel { .. } => "Start the connector serving this endpoint and check it can reach this gateway (its log says \"Maintaining connections...\").",
@@ -345,6 +355,7 @@ mod tests {
             Cause::DeviceCertificateUntrusted { detail: "x".into() },
             Cause::DeviceCertificateNotTimeValid { detail: "x".into() },
             Cause::DeviceCertificateRevoked { detail: "x".into() },
+            Cause::DeviceRevocationUnknown { detail: "x".into() },
             Cause::InvalidToken {
                 check: "expired".into(),
             },

@@ -34,6 +34,8 @@ pub mod headers {
     pub const DEVICE_THUMBPRINT: &str = "x-portcullis-device-thumbprint";
     pub const DEVICE_SUBJECT: &str = "x-portcullis-device-subject";
     pub const DEVICE_ADDRESS: &str = "x-portcullis-device-address";
+    /// The id (jti) of the token a device authenticated with on a SERVERAUTH route.
+    pub const DEVICE_TOKEN_ID: &str = "x-portcullis-device-token-id";
     /// The status text, for HTTP/2 hops where there is no reason phrase.
     pub const STATUS_TEXT: &str = "x-portcullis-status-text";
 

@@ -22,6 +22,12 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio_rustls::TlsAcceptor;
 
+pub mod device_auth;
+pub mod token;
+
+use arc_swap::ArcSwap;
+use device_auth::{CrlPolicy, DeviceAuth, Judgement};
+
 /// `portcullis gateway --config FILE`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +58,20 @@ pub struct GatewayConfig {
     /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// Check device certificates against the CRLs in `crls` (reloaded on SIGHUP).
+    #[serde(default)]
+    pub verify_client_revocation: bool,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// When a device certificate's revocation status is unknown: "refuse" or "allow-and-warn".
+    #[serde(default)]
+    pub crl_policy: CrlPolicy,
+    /// Site token keys and checks for CCM_PROXY_SERVERAUTH routes.
+    #[serde(default)]
+    pub tokens: Option<token::TokenSettings>,
+    /// TLS versions and cipher suites offered to devices and connectors.
+    #[serde(default)]
+    pub tls: pki::tls::TlsPolicy,
 }
 
 fn default_listen() -> SocketAddr {
@@ -78,6 +98,15 @@ impl GatewayConfig {
             .map(|p| config::resolve(path, p))
             .collect();
         cfg.log.file = cfg.log.file.as_deref().map(|p| config::resolve(path, p));
+        cfg.crls = cfg.crls.iter().map(|p| config::resolve(path, p)).collect();
+        if let Some(tokens) = &mut cfg.tokens {
+            tokens.keys = tokens
+                .keys
+                .iter()
+                .map(|p| config::resolve(path, p))
+                .collect();
+            tokens.revoked = tokens.revoked.as_deref().map(|p| config::resolve(path, p));
+        }
         let invalid = |key, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -94,6 +123,21 @@ impl GatewayConfig {
                 "admin_listen",
                 &format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
             ));
+        }
+        if cfg.verify_client_revocation && cfg.crls.is_empty() {
+            return Err(invalid(
+                "crls",
+                "verify_client_revocation is on: list the CRL file(s) of the device certificates' issuers",
+            ));
+        }
+        if cfg.tokens.as_ref().is_some_and(|t| t.keys.is_empty()) {
+            return Err(invalid(
+                "tokens.keys",
+                "list at least one site public key (PEM) to check tokens with",
+            ));
+        }
+        if let Err(reason) = cfg.tls.check() {
+            return Err(invalid("tls", &reason));
         }
         if cfg.trusted_roots.is_empty() {
             return Err(invalid(
@@ -123,6 +167,8 @@ pub enum GatewayError {
     Pki(#[from] pki::PkiError),
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Auth(#[from] device_auth::AuthError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -137,7 +183,7 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
     listening: channel::listener::Listening,
-    log: Log,
+    shared: Arc<Shared>,
 }
 
 impl RunningGateway {
@@ -146,22 +192,29 @@ impl RunningGateway {
     }
 
     pub fn log(&self) -> &Log {
-        &self.log
+        &self.shared.log
     }
 
-    /// Applies what can change while running from a freshly loaded configuration (`verbose`);
-    /// says what changed.
-    pub fn reload(&self, config: &GatewayConfig) -> String {
-        if self.log.set_verbose(config.verbose) != config.verbose {
-            format!("verbose {}", if config.verbose { "on" } else { "off" })
-        } else {
-            "nothing that applies while running changed (listen, certificates and roots take effect at the next start)".into()
-        }
+    /// Applies what can change while running from a freshly loaded configuration: `verbose`,
+    /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
+    /// revoked token ids). Open connections are judged again on their next request. Says what
+    /// applies now; on an error nothing changes.
+    pub fn reload(&self, config: &GatewayConfig) -> Result<String, GatewayError> {
+        let generation = self.shared.auth.load().generation + 1;
+        let auth = load_device_auth(config, generation, &self.shared.log)?;
+        let described = auth.describe();
+        self.shared.auth.store(Arc::new(auth));
+        let was = self.shared.log.set_verbose(config.verbose);
+        Ok(format!(
+            "verbose {}{}; devices: {described} (listen, server certificate and connector settings take effect at the next start)",
+            if config.verbose { "on" } else { "off" },
+            if was == config.verbose { "" } else { " (changed)" },
+        ))
     }
 }
 
 struct Shared {
-    device_roots: RootSet,
+    auth: ArcSwap<DeviceAuth>,
     connector_roots: RootSet,
     allowed_connectors: Vec<String>,
     registry: Arc<Registry>,
@@ -173,26 +226,28 @@ struct Shared {
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
     log.set_verbose(config.verbose);
     let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
-    let device_roots = RootSet::load(&config.trusted_roots)?;
+    let auth = load_device_auth(&config, 0, &log)?;
+    log.info(&format!("Devices: {}", auth.describe()));
     let connector_roots = if config.connector_roots.is_empty() {
-        device_roots.clone()
+        auth.roots.clone()
     } else {
         RootSet::load(&config.connector_roots)?
     };
-    let mut hint_roots = device_roots.clone();
+    let mut hint_roots = auth.roots.clone();
     hint_roots
         .certs
         .extend(connector_roots.certs.iter().cloned());
-    let tls = pki::tls::server_config(
+    let tls = pki::tls::server_config_with_policy(
         identity,
         &hint_roots,
         true,
         &[tunnel::ALPN, b"h2", b"http/1.1"],
+        &config.tls,
     )?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
-        device_roots,
+        auth: ArcSwap::from_pointee(auth),
         connector_roots,
         allowed_connectors: config
             .allowed_connectors
@@ -221,8 +276,29 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         addr: listening.addr,
         registry,
         listening,
-        log: shared.log.clone(),
+        shared,
     })
+}
+
+/// Loads how devices are judged, logging every CRL that cannot be used (the CRL policy then
+/// decides for the devices it would have covered).
+fn load_device_auth(
+    config: &GatewayConfig,
+    generation: u64,
+    log: &Log,
+) -> Result<DeviceAuth, GatewayError> {
+    let auth = DeviceAuth::load(
+        generation,
+        &config.trusted_roots,
+        config
+            .verify_client_revocation
+            .then_some((config.crls.as_slice(), config.crl_policy)),
+        config.tokens.as_ref(),
+    )?;
+    for problem in auth.revocation.iter().flat_map(|r| &r.unreadable) {
+        log.error(&format!("CRL cannot be used: {problem}"));
+    }
+    Ok(auth)
 }
 
 async fn connection(
@@ -289,15 +365,11 @@ async fn connection(
         return;
     }
 
-    let cert = judge_peer(leaf.as_deref(), &shared.device_roots, &[], now);
-    let subject_header = match &cert {
-        PeerCert::Trusted(c) => header_safe(&c.subject),
-        _ => String::new(),
-    };
+    let judgement = shared.auth.load().judge(leaf.as_deref(), now);
     let device = Arc::new(Device {
         addr: peer,
-        cert,
-        subject_header,
+        leaf,
+        state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
     });
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
@@ -327,9 +399,67 @@ fn describe_peer(judged: &PeerCert) -> String {
 
 struct Device {
     addr: SocketAddr,
-    cert: PeerCert,
-    /// The trusted certificate's subject as a header value, made once per connection.
+    /// The certificate it presented (DER), kept to judge it again after a reload.
+    leaf: Option<Vec<u8>>,
+    state: std::sync::Mutex<Arc<DeviceState>>,
+}
+
+/// A device connection's judged certificate, as of one [`DeviceAuth`] generation.
+struct DeviceState {
+    judgement: Judgement,
+    /// The trusted certificate's subject as a header value, made once per judgement.
     subject_header: String,
+}
+
+impl DeviceState {
+    fn new(judgement: Judgement, addr: SocketAddr, log: &Log) -> DeviceState {
+        if let Some(warning) = &judgement.warning {
+            log.warn(&format!("Device {addr}: {warning}"));
+        }
+        let subject_header = match &judgement.cert {
+            Ok(cert) => header_safe(&cert.subject),
+            Err(_) => String::new(),
+        };
+        DeviceState {
+            judgement,
+            subject_header,
+        }
+    }
+}
+
+impl Device {
+    /// The judgement under the gateway's current settings: judged again when a reload has
+    /// changed them since.
+    fn state(&self, shared: &Shared) -> Arc<DeviceState> {
+        let auth = shared.auth.load();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.judgement.generation != auth.generation {
+            let judgement = auth.judge(self.leaf.as_deref(), OffsetDateTime::now_utc());
+            *state = Arc::new(DeviceState::new(judgement, self.addr, &shared.log));
+        }
+        state.clone()
+    }
+}
+
+/// The device identity a request carries to the connector.
+enum Identity<'a> {
+    Certificate {
+        thumbprint: &'a str,
+        subject: &'a str,
+    },
+    Token {
+        subject: String,
+        id: String,
+    },
+}
+
+impl std::fmt::Display for Identity<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Certificate { thumbprint, .. } => write!(f, "certificate {thumbprint}"),
+            Identity::Token { subject, id } => write!(f, "token {id} for {subject}"),
+        }
+    }
 }
 
 async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) -> Response<Body> {
@@ -373,30 +503,38 @@ async fn route_request(
             query,
         } => (auth, endpoint, path, query),
     };
+    // Who the device is, as the connector will be told: a certificate, or a token's subject.
+    let state;
     let identity = match auth {
-        Auth::MutualTls => match &device.cert {
-            PeerCert::Trusted(cert) => cert.as_ref(),
-            PeerCert::None => return Err(Refusal::new(Cause::DeviceCertificateMissing)),
-            PeerCert::Untrusted { detail } => {
-                return Err(Refusal::new(Cause::DeviceCertificateUntrusted {
-                    detail: detail.clone(),
-                }))
+        Auth::MutualTls => {
+            state = device.state(shared);
+            match &state.judgement.cert {
+                Ok(cert) => Identity::Certificate {
+                    thumbprint: &cert.thumbprint,
+                    subject: &state.subject_header,
+                },
+                Err(cause) => return Err(Refusal::new(cause.clone())),
             }
-            PeerCert::NotTimeValid { detail } => {
-                return Err(Refusal::new(Cause::DeviceCertificateNotTimeValid {
-                    detail: detail.clone(),
-                }))
-            }
-            PeerCert::Revoked { detail } => {
-                return Err(Refusal::new(Cause::DeviceCertificateRevoked {
-                    detail: detail.clone(),
-                }))
-            }
-        },
+        }
         Auth::Token => {
-            return Err(Refusal::new(Cause::InvalidToken {
-                check: "token authentication is not configured on this gateway".into(),
-            }))
+            let auth = shared.auth.load();
+            let Some(tokens) = &auth.tokens else {
+                return Err(Refusal::new(Cause::InvalidToken {
+                    check: "token authentication is not configured on this gateway ([tokens] keys)"
+                        .into(),
+                }));
+            };
+            let authorization = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap_or("(not text)"));
+            let claims = tokens
+                .check(authorization, endpoint, path, OffsetDateTime::now_utc())
+                .map_err(|check| Refusal::new(Cause::InvalidToken { check }))?;
+            Identity::Token {
+                subject: header_safe(claims.sub.as_deref().unwrap_or_default()),
+                id: claims.jti.unwrap_or_default(),
+            }
         }
     };
     let channel = shared.registry.pick(endpoint)?;
@@ -417,9 +555,18 @@ async fn route_request(
     forward = forward
         .header(headers::MESSAGE_ID, &message_id)
         .header(headers::ENDPOINT, endpoint.to_string())
-        .header(headers::DEVICE_THUMBPRINT, &identity.thumbprint)
-        .header(headers::DEVICE_SUBJECT, &device.subject_header)
         .header(headers::DEVICE_ADDRESS, device.addr.to_string());
+    forward = match &identity {
+        Identity::Certificate {
+            thumbprint,
+            subject,
+        } => forward
+            .header(headers::DEVICE_THUMBPRINT, *thumbprint)
+            .header(headers::DEVICE_SUBJECT, *subject),
+        Identity::Token { subject, id } => forward
+            .header(headers::DEVICE_SUBJECT, subject)
+            .header(headers::DEVICE_TOKEN_ID, id),
+    };
     let forward = forward
         .body(http_body_util::BodyExt::boxed(body))
         .map_err(|e| {
@@ -434,7 +581,7 @@ async fn route_request(
             forward.method(),
             forward.uri(),
             device.addr,
-            identity.thumbprint,
+            identity,
             channel.id,
             channel.hello.connector_id,
         )

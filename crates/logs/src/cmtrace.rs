@@ -69,11 +69,12 @@ pub struct RollingFile {
     header: Option<Header>,
     /// Called under the lock right after each rollover, with the rolled file's path, before
     /// any later line can roll it away (archiving, tests).
-    on_rollover: Option<Box<dyn Fn(&Path) + Send + Sync>>,
+    on_rollover: Option<RolloverHook>,
     state: Mutex<FileState>,
 }
 
 type Header = Box<dyn Fn() -> String + Send + Sync>;
+type RolloverHook = Box<dyn Fn(&Path) + Send + Sync>;
 
 struct FileState {
     file: File,

@@ -92,3 +92,70 @@ impl RevocationList {
         cert.issuer_der() == self.issuer_raw.as_slice() && self.serials.contains(&cert.serial)
     }
 }
+
+/// What the configured CRLs say about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationStatus {
+    /// A current CRL from its issuer does not list it.
+    Good,
+    Revoked {
+        detail: String,
+    },
+    /// No current CRL from its issuer is at hand: the answer is unknown.
+    Unknown {
+        why: String,
+    },
+}
+
+/// Checks `cert` against the CRLs from its issuer. A listing in any of them revokes it; with
+/// none from its issuer, or only stale ones (past their next update), the status is unknown.
+pub fn status(
+    cert: &Certificate,
+    crls: &[RevocationList],
+    now: OffsetDateTime,
+) -> RevocationStatus {
+    let from_issuer: Vec<&RevocationList> = crls
+        .iter()
+        .filter(|crl| crl.issuer_raw.as_slice() == cert.issuer_der())
+        .collect();
+    if let Some(crl) = from_issuer.iter().find(|crl| crl.revokes(cert)) {
+        return RevocationStatus::Revoked {
+            detail: format!(
+                "{} (serial {}) is revoked by {}",
+                cert.label(),
+                cert.serial,
+                crl.source.display()
+            ),
+        };
+    }
+    if from_issuer.is_empty() {
+        return RevocationStatus::Unknown {
+            why: format!("no CRL from its issuer \"{}\" is loaded", cert.issuer),
+        };
+    }
+    let current = from_issuer
+        .iter()
+        .any(|crl| crl.next_update.is_none_or(|next| next >= now));
+    if !current {
+        let stale: Vec<String> = from_issuer
+            .iter()
+            .map(|crl| {
+                format!(
+                    "{} (next update was {})",
+                    crl.source.display(),
+                    crl.next_update
+                        .map(crate::filter::date_text)
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        return RevocationStatus::Unknown {
+            why: format!(
+                "the CRL from \"{}\" is stale: {}",
+                cert.issuer,
+                stale.join(", ")
+            ),
+        };
+    }
+    RevocationStatus::Good
+}

@@ -277,6 +277,23 @@ pub mod layout {
     pub const CLIENT_AUTH_KEY: &str = "connector/store/client-auth.key";
     pub const DEVICES: &str = "devices";
     pub const README: &str = "README.md";
+    pub const SITE_TOKEN_KEY: &str = "site/token.key";
+    pub const SITE_TOKEN_PUB: &str = "site/token.pub";
+}
+
+/// A new site token key pair: the private key (PEM PKCS#8) and its public key (PEM SPKI).
+/// P-256 for ES256, or Ed25519 for EdDSA.
+pub fn token_key_pair(ed25519: bool) -> Result<(String, String)> {
+    let algorithm = if ed25519 {
+        &rcgen::PKCS_ED25519
+    } else {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    };
+    let pair = rcgen::KeyPair::generate_for(algorithm).map_err(|e| PkiError::Issue {
+        what: "site token key".into(),
+        reason: e.to_string(),
+    })?;
+    Ok((pair.serialize_pem(), pair.public_key_pem()))
 }
 
 pub struct LabPki {
@@ -378,6 +395,19 @@ impl LabPki {
                 &root.issue(&device)?,
             );
         }
+        let (token_key, token_pub) = token_key_pair(false)?;
+        files.push(LabFile {
+            path: layout::SITE_TOKEN_KEY.into(),
+            purpose: "the site's token signing key (ES256): `portcullis token issue --key` signs device tokens with it".into(),
+            contents: token_key,
+            secret: true,
+        });
+        files.push(LabFile {
+            path: layout::SITE_TOKEN_PUB.into(),
+            purpose: "the site's token public key: the gateway's [tokens] keys check CCM_PROXY_SERVERAUTH tokens with it".into(),
+            contents: token_pub,
+            secret: false,
+        });
         let readme = readme_text(&files);
         files.push(LabFile {
             path: layout::README.into(),
@@ -420,7 +450,8 @@ fn write_error(path: &Path, e: std::io::Error) -> PkiError {
     }
 }
 
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> std::io::Result<()> {
+/// Writes `contents` to `path`; a `secret` (a private key) is readable by its owner only.
+pub fn write_file(path: &Path, contents: &[u8], secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

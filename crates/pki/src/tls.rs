@@ -83,6 +83,90 @@ pub fn client_config(
     )
 }
 
+/// Which TLS versions and cipher suites a server offers: TLS 1.2 as the floor, TLS 1.3
+/// preferred, and only suites rustls implements (all AEAD with forward secrecy), so no
+/// configuration can pick an unsafe one.
+///
+/// ```toml
+/// [tls]
+/// min_version = "1.2"        # or "1.3"
+/// cipher_suites = ["TLS13_AES_256_GCM_SHA384", "TLS13_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"]
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPolicy {
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Empty: every suite rustls offers, in its order of preference.
+    #[serde(default)]
+    pub cipher_suites: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsPolicy {
+    /// Why this policy cannot be used, naming the suite or the version.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.provider().map(|_| ())
+    }
+
+    fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        match self.min_version {
+            TlsVersion::Tls12 => rustls::DEFAULT_VERSIONS,
+            TlsVersion::Tls13 => &TLS13_ONLY,
+        }
+    }
+
+    /// The ring provider with only the chosen suites, in the order given.
+    pub fn provider(&self) -> std::result::Result<rustls::crypto::CryptoProvider, String> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        let all = provider.cipher_suites.clone();
+        let known = || {
+            all.iter()
+                .map(|s| format!("{:?}", s.suite()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.cipher_suites.is_empty() {
+            let mut chosen = Vec::new();
+            for name in &self.cipher_suites {
+                let suite = all
+                    .iter()
+                    .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name.trim()))
+                    .ok_or_else(|| {
+                        format!(
+                            "cipher suite \"{name}\" is not one of the safe suites offered: {}",
+                            known()
+                        )
+                    })?;
+                chosen.push(*suite);
+            }
+            provider.cipher_suites = chosen;
+        }
+        let has = |version: rustls::ProtocolVersion| {
+            provider
+                .cipher_suites
+                .iter()
+                .any(|s| s.version().version == version)
+        };
+        if !has(rustls::ProtocolVersion::TLSv1_3) {
+            return Err("no TLS 1.3 cipher suite is listed: TLS 1.3 is always offered, list at least one TLS13_* suite".into());
+        }
+        if self.min_version == TlsVersion::Tls12 && !has(rustls::ProtocolVersion::TLSv1_2) {
+            return Err("min_version is 1.2 but no TLS 1.2 suite is listed: list a TLS_ECDHE_* suite or set min_version = \"1.3\"".into());
+        }
+        Ok(provider)
+    }
+}
+
 /// A rustls server configuration for `identity` that asks for client certificates (when
 /// `ask_client_cert`), accepts any at the handshake with `hint_roots` as CA hints, and offers
 /// `alpn`. Who is trusted is decided per request with [`judge_peer`].
@@ -92,14 +176,31 @@ pub fn server_config(
     ask_client_cert: bool,
     alpn: &[&[u8]],
 ) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    server_config_with_policy(
+        identity,
+        hint_roots,
+        ask_client_cert,
+        alpn,
+        &TlsPolicy::default(),
+    )
+}
+
+/// [`server_config`] with the versions and suites of `policy`.
+pub fn server_config_with_policy(
+    identity: Identity,
+    hint_roots: &RootSet,
+    ask_client_cert: bool,
+    alpn: &[&[u8]],
+    policy: &TlsPolicy,
+) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
+    let provider = std::sync::Arc::new(policy.provider().map_err(rustls::Error::General)?);
     let verifier = std::sync::Arc::new(AcceptAnyClientCert::new(
         hint_roots,
         provider.signature_verification_algorithms,
         ask_client_cert,
     ));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(policy.versions())?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

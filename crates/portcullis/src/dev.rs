@@ -56,6 +56,19 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
+    if !dir.join(layout::SITE_TOKEN_KEY).exists() {
+        // A lab made before site token keys existed: add them.
+        let (key, public) = pki::lab::token_key_pair(false)?;
+        let site = dir.join(layout::SITE_TOKEN_KEY);
+        if let Some(parent) = site.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        pki::lab::write_file(&site, key.as_bytes(), true)
+            .with_context(|| format!("writing {}", site.display()))?;
+        std::fs::write(dir.join(layout::SITE_TOKEN_PUB), public)
+            .with_context(|| format!("writing {}", layout::SITE_TOKEN_PUB))?;
+    }
     let store = match args.scenario {
         Scenario::Healthy => layout::CONNECTOR_STORE.to_string(),
         Scenario::MissingClientCert => seed_store(dir)?,
@@ -99,10 +112,11 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     let gateway_config = write(
         "gateway.toml",
         format!(
-            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n",
+            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n\n[tokens]\nkeys = [\"{}\"]\n",
             layout::GATEWAY_CERT,
             layout::GATEWAY_KEY,
-            layout::ROOT_CERT
+            layout::ROOT_CERT,
+            layout::SITE_TOKEN_PUB,
         ),
     )?;
     let config = gateway::GatewayConfig::load(&gateway_config)?;
@@ -183,6 +197,22 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     println!(
         "  {} probe '{url}' --ca {root} --cert {cert} --key {key}",
         crate::this_program()
+    );
+    let (token, _) = gateway::token::issue(
+        &dir.join(layout::SITE_TOKEN_KEY),
+        &gateway::token::IssueRequest {
+            subject: "DEVICE-TOKEN-001".into(),
+            days: 7,
+            endpoints: vec![DEV_ENDPOINT],
+            issuer: gateway::token::default_issuer(),
+            audience: gateway::token::default_audience(),
+            kind: gateway::token::TokenKind::Device,
+            not_before_offset_secs: 0,
+        },
+        time::OffsetDateTime::now_utc(),
+    )?;
+    println!(
+        "  curl --cacert {root} -H 'Authorization: Bearer {token}' 'https://localhost:{g}/CCM_PROXY_SERVERAUTH/{DEV_ENDPOINT}/SMS_MP/.sms_aut?MPLIST'"
     );
     println!("  curl --cacert {root} 'https://localhost:{g}/CCM_PROXY_MUTUALAUTH/ServiceMetadata'");
     println!(

@@ -7,6 +7,7 @@ mod mp_cmd;
 mod pki_cmd;
 mod probe_cmd;
 mod serve_cmd;
+mod token_cmd;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ enum Command {
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
     Analyze(analyze_cmd::AnalyzeArgs),
+    /// Site token keys, and device tokens for CCM_PROXY_SERVERAUTH routes.
+    #[command(subcommand)]
+    Token(token_cmd::TokenCommand),
     /// Diagnose: explain what a component would do, and what to fix.
     #[command(subcommand)]
     Doctor(doctor::DoctorCommand),
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe_cmd::run(args),
         Command::Doctor(cmd) => doctor::run(cmd),
         Command::Analyze(args) => analyze_cmd::run(args),
+        Command::Token(cmd) => token_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

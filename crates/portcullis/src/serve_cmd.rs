@@ -140,12 +140,10 @@ impl Control for GatewayControl {
     }
 
     fn reload(&self) -> Result<String, String> {
-        let loaded = gateway::GatewayConfig::load(&self.path).map_err(|e| e.to_string());
-        reloaded(
-            self.log(),
-            &self.path,
-            loaded.map(|c| self.running.reload(&c)),
-        )
+        let loaded = gateway::GatewayConfig::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.running.reload(&c).map_err(|e| e.to_string()));
+        reloaded(self.log(), &self.path, loaded)
     }
 }
 

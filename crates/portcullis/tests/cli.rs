@@ -392,7 +392,7 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
         "{shown}"
     );
     let tries = try_lines(&shown);
-    assert_eq!(tries.len(), 5, "{shown}");
+    assert_eq!(tries.len(), 6, "{shown}");
     for line in &tries {
         let run = Command::new("sh")
             .arg("-c")
@@ -402,6 +402,12 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
             .unwrap();
         assert!(run.status.success(), "{line}: {}", text(&run));
         if line.starts_with("curl") && line.contains("MPLIST") {
+            // The token line is the only SERVERAUTH one, and it carries the lab's token.
+            assert_eq!(
+                line.contains("CCM_PROXY_SERVERAUTH"),
+                line.contains("Authorization: Bearer ey"),
+                "{line}"
+            );
             assert!(
                 String::from_utf8_lossy(&run.stdout).starts_with("<MPList>"),
                 "{}",

@@ -1,9 +1,14 @@
 //! The connection analyzer behind `portcullis analyze`: checks the path a device takes, hop by
 //! hop, and stops at the first failure, naming it, its cause and its fix.
 //!
-//! 1. name resolution of the gateway; 2. TCP; 3. TLS with the gateway's server certificate
-//! (chain, name, expiry); 4. device authentication; 5. ServiceMetadata; 6. a live channel for
-//! the endpoint; 7. the connector's certificate choice; 8. a real request to the endpoint.
+//! 1. name resolution of the gateway;
+//! 2. TCP;
+//! 3. TLS with the gateway's server certificate (chain, name, expiry);
+//! 4. device authentication;
+//! 5. ServiceMetadata;
+//! 6. a live channel for the endpoint;
+//! 7. the connector's certificate choice;
+//! 8. a real request to the endpoint.
 //!
 //! Device authentication is checked without reaching any endpoint: the gateway judges the
 //! device before it looks for a channel, so a request for endpoint 0 (never announced) comes

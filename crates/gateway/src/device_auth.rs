@@ -1,0 +1,174 @@
+//! How the gateway judges devices: the roots their certificates must chain to, the CRLs that
+//! may revoke them and what to do when revocation cannot be checked, and the site's token
+//! keys. Built from the configuration at start and again on every reload, then swapped in
+//! whole; a connection judged under an older one is judged again on its next request, so a
+//! revocation or a key leaving the configuration takes effect at once.
+
+use std::path::PathBuf;
+
+use channel::refusal::Cause;
+use pki::crl::{RevocationList, RevocationStatus};
+use pki::tls::{judge_peer, PeerCert};
+use pki::{Certificate, RootSet};
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::token::{TokenPolicy, TokenSettings};
+
+/// What to do with a device certificate whose revocation status is unknown: no CRL from its
+/// issuer could be read, or the CRL is past its next update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlPolicy {
+    /// Refuse the device with `403 CMGService_Revocationcheckfailed` (the safe default).
+    #[default]
+    Refuse,
+    /// Let it in and log a warning.
+    AllowAndWarn,
+}
+
+pub struct DeviceAuth {
+    /// Bumped on every reload; connections judged under an older one are judged again.
+    pub generation: u64,
+    pub roots: RootSet,
+    /// Present when `verify_client_revocation` is on.
+    pub revocation: Option<Revocation>,
+    /// Present when `[tokens]` is configured.
+    pub tokens: Option<TokenPolicy>,
+}
+
+pub struct Revocation {
+    pub crls: Vec<RevocationList>,
+    /// CRL files that could not be read or verified, with why.
+    pub unreadable: Vec<String>,
+    pub policy: CrlPolicy,
+}
+
+/// A device connection's certificate, as judged.
+#[derive(Clone)]
+pub struct Judgement {
+    pub generation: u64,
+    pub cert: Result<Box<Certificate>, Cause>,
+    /// Set when the device was let in with its revocation status unknown (allow-and-warn).
+    pub warning: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("[tokens]: {0}")]
+    Token(#[from] crate::token::TokenError),
+}
+
+impl DeviceAuth {
+    /// Loads roots, CRLs and token keys. Unreadable CRLs are not fatal: they are reported and
+    /// the CRL policy decides for the devices they would have covered.
+    pub fn load(
+        generation: u64,
+        trusted_roots: &[PathBuf],
+        revocation: Option<(&[PathBuf], CrlPolicy)>,
+        tokens: Option<&TokenSettings>,
+    ) -> Result<DeviceAuth, AuthError> {
+        let roots = RootSet::load(trusted_roots)?;
+        let revocation = revocation.map(|(files, policy)| {
+            let mut crls = Vec::new();
+            let mut unreadable = Vec::new();
+            for file in files {
+                match RevocationList::load(file, &roots) {
+                    Ok(crl) => crls.push(crl),
+                    Err(e) => unreadable.push(e.to_string()),
+                }
+            }
+            Revocation {
+                crls,
+                unreadable,
+                policy,
+            }
+        });
+        let tokens = tokens.map(TokenPolicy::load).transpose()?;
+        Ok(DeviceAuth {
+            generation,
+            roots,
+            revocation,
+            tokens,
+        })
+    }
+
+    /// One line for the log: what devices are judged against now.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!("{} trusted root(s)", self.roots.certs.len())];
+        match &self.revocation {
+            Some(r) => parts.push(format!(
+                "revocation checked with {} CRL(s){} (unknown status: {})",
+                r.crls.len(),
+                if r.unreadable.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} unreadable", r.unreadable.len())
+                },
+                match r.policy {
+                    CrlPolicy::Refuse => "refuse",
+                    CrlPolicy::AllowAndWarn => "allow and warn",
+                }
+            )),
+            None => parts.push("revocation not checked".into()),
+        }
+        match &self.tokens {
+            Some(t) => parts.push(format!("tokens: {}", t.describe())),
+            None => parts.push("no token keys (CCM_PROXY_SERVERAUTH refused)".into()),
+        }
+        parts.join("; ")
+    }
+
+    /// Judges a device's leaf certificate (DER): trusted root, validity, then revocation.
+    pub fn judge(&self, leaf: Option<&[u8]>, now: OffsetDateTime) -> Judgement {
+        let judged = |cert, warning| Judgement {
+            generation: self.generation,
+            cert,
+            warning,
+        };
+        let cert = match judge_peer(leaf, &self.roots, &[], now) {
+            PeerCert::Trusted(cert) => cert,
+            PeerCert::None => return judged(Err(Cause::DeviceCertificateMissing), None),
+            PeerCert::Untrusted { detail } => {
+                return judged(Err(Cause::DeviceCertificateUntrusted { detail }), None)
+            }
+            PeerCert::NotTimeValid { detail } => {
+                return judged(Err(Cause::DeviceCertificateNotTimeValid { detail }), None)
+            }
+            PeerCert::Revoked { detail } => {
+                return judged(Err(Cause::DeviceCertificateRevoked { detail }), None)
+            }
+        };
+        let Some(revocation) = &self.revocation else {
+            return judged(Ok(cert), None);
+        };
+        match pki::crl::status(&cert, &revocation.crls, now) {
+            RevocationStatus::Good => judged(Ok(cert), None),
+            RevocationStatus::Revoked { detail } => {
+                judged(Err(Cause::DeviceCertificateRevoked { detail }), None)
+            }
+            RevocationStatus::Unknown { why } => {
+                let mut detail = format!("{}: {why}", cert.label());
+                if !revocation.unreadable.is_empty() {
+                    detail.push_str(&format!(
+                        " (unreadable CRL: {})",
+                        revocation.unreadable.join("; ")
+                    ));
+                }
+                match revocation.policy {
+                    CrlPolicy::Refuse => {
+                        judged(Err(Cause::DeviceRevocationUnknown { detail }), None)
+                    }
+                    CrlPolicy::AllowAndWarn => judged(
+                        Ok(cert),
+                        Some(format!(
+                            "Revocation status unknown, allowed by crl_policy = \"allow-and-warn\": {detail}"
+                        )),
+                    ),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! A whole system on loopback for the gateway's tests: a lab PKI, the reference management
+//! point, a gateway and a connector, in one runtime, with their log lines recorded.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use connector::run::{self as conn, ConnectorConfig};
+use gateway::GatewayConfig;
+use pki::lab::{LabOptions, LabPki};
+use testkit::mp::{self, MpConfig};
+use testkit::probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
+
+pub const ENDPOINT: u64 = 72057594037927939;
+
+pub struct System {
+    pub dir: tempfile::TempDir,
+    pub runtime: tokio::runtime::Runtime,
+    pub mp: Option<mp::RunningMp>,
+    pub gateway: Option<gateway::RunningGateway>,
+    pub connector: Option<conn::RunningConnector>,
+    pub connector_log: Arc<Mutex<Vec<String>>>,
+    pub gateway_log: Arc<Mutex<Vec<String>>>,
+    /// The gateway's configuration without `listen`, for reloads.
+    gateway_toml: String,
+}
+
+pub fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
+    let lines = lines.clone();
+    logs::Logger::new("TEST")
+        .with_sink(move |_, line: &str| lines.lock().unwrap().push(line.to_string()))
+        .into_log()
+}
+
+impl System {
+    /// Starts all three; `store` is the connector's client-cert store relative to the lab.
+    pub fn start(store: &str, allowed_connectors: &str) -> System {
+        System::start_with(store, allowed_connectors, "\"ca/root.crt\"", |_| {})
+    }
+
+    /// `prepare` runs on the lab directory before the connector starts; `allowed_roots` is the
+    /// connector's TOML list of allowed root CA files.
+    pub fn start_with(
+        store: &str,
+        allowed_connectors: &str,
+        allowed_roots: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> System {
+        let dir = tempfile::tempdir().unwrap();
+        LabPki::issue(&LabOptions::default())
+            .unwrap()
+            .write(dir.path(), false)
+            .unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let p = |rel: &str| dir.path().join(rel);
+        std::fs::write(
+            p("mp.toml"),
+            "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
+        )
+        .unwrap();
+        let mp = runtime
+            .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
+            .unwrap();
+        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n");
+        std::fs::write(
+            p("gateway.toml"),
+            format!("listen = \"127.0.0.1:0\"\n{gateway_toml}"),
+        )
+        .unwrap();
+        let gateway_log = Arc::new(Mutex::new(Vec::new()));
+        let gateway = runtime
+            .block_on(gateway::start(
+                GatewayConfig::load(&p("gateway.toml")).unwrap(),
+                recorder(&gateway_log),
+            ))
+            .unwrap();
+        std::fs::write(
+            p("connector.toml"),
+            format!(
+                "connector_id = \"lab-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [{allowed_roots}]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = true\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+                gateway.addr.port(),
+                mp.addr.port()
+            ),
+        )
+        .unwrap();
+        prepare(dir.path());
+        let connector_log = Arc::new(Mutex::new(Vec::new()));
+        let connector = runtime
+            .block_on(conn::start(
+                ConnectorConfig::load(&p("connector.toml")).unwrap(),
+                recorder(&connector_log),
+            ))
+            .unwrap();
+        System {
+            dir,
+            runtime,
+            mp: Some(mp),
+            gateway: Some(gateway),
+            connector: Some(connector),
+            connector_log,
+            gateway_log,
+            gateway_toml,
+        }
+    }
+
+    /// Rewrites the gateway's configuration with `extra` TOML after its usual keys and
+    /// reloads the running gateway from it, as SIGHUP does.
+    pub fn reload_gateway(&self, extra: &str) -> Result<String, String> {
+        let port = self.gateway.as_ref().unwrap().addr.port();
+        let file = self.path("gateway.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\n{}{extra}",
+                self.gateway_toml
+            ),
+        )
+        .unwrap();
+        let config = GatewayConfig::load(&file).map_err(|e| e.to_string())?;
+        self.gateway
+            .as_ref()
+            .unwrap()
+            .reload(&config)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn base(&self) -> String {
+        format!(
+            "https://localhost:{}",
+            self.gateway.as_ref().unwrap().addr.port()
+        )
+    }
+
+    /// Waits (bounded) until the gateway holds `n` channels.
+    pub fn wait_for_channels(&self, n: usize) -> bool {
+        self.wait_for_channels_within(n, Duration::from_secs(10))
+    }
+
+    pub fn wait_for_channels_within(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.gateway.as_ref().unwrap().registry.channel_count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn probe(&self, path: &str, device: Option<&str>) -> probe::ProbeReport {
+        self.probe_with(path, device, None)
+    }
+
+    /// A request with a device certificate (`devices/<device>.crt`) and/or a bearer token.
+    pub fn probe_with(
+        &self,
+        path: &str,
+        device: Option<&str>,
+        token: Option<&str>,
+    ) -> probe::ProbeReport {
+        let options = ProbeOptions {
+            url: format!("{}{path}", self.base()),
+            ca: vec![self.path("ca/root.crt")],
+            cert: device.map(|d| self.path(&format!("devices/{d}.crt"))),
+            key: device.map(|d| self.path(&format!("devices/{d}.key"))),
+            token: token.map(str::to_string),
+            timeout: Duration::from_secs(20),
+            http2: false,
+            keep_body: DEFAULT_KEPT_BODY,
+        };
+        self.runtime.block_on(probe::probe(&options)).unwrap()
+    }
+
+    pub fn stop(mut self) {
+        self.runtime.block_on(async {
+            if let Some(c) = self.connector.take() {
+                c.stop().await;
+            }
+            if let Some(g) = self.gateway.take() {
+                g.stop().await;
+            }
+            if let Some(m) = self.mp.take() {
+                m.stop().await;
+            }
+        });
+    }
+}
+
+pub fn curl(system: &System, path: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--cacert"])
+        .arg(system.path("ca/root.crt"))
+        .arg("--cert")
+        .arg(system.path("devices/device-001.crt"))
+        .arg("--key")
+        .arg(system.path("devices/device-001.key"))
+        .args(extra)
+        .arg(format!("{}{path}", system.base()))
+        .output()
+        .expect("curl must be installed (apt-get install curl)")
+}
