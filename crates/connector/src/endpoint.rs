@@ -13,6 +13,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use pki::crl::{CrlPolicy, RevocationList};
 use pki::{CertStore, RootSet};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -25,6 +26,25 @@ pub enum EndpointClientError {
 
 /// What the endpoint said, when it is to be passed to the device as it is.
 pub type Answer = Response<Incoming>;
+
+/// What the endpoints' server certificates are checked against.
+pub struct EndpointTrust {
+    pub roots: RootSet,
+    /// When not empty, each endpoint's certificate is checked against these CRLs.
+    pub crls: Vec<RevocationList>,
+    /// Whether an endpoint whose issuer has no current CRL here is refused or accepted.
+    pub crl_policy: CrlPolicy,
+}
+
+impl From<RootSet> for EndpointTrust {
+    fn from(roots: RootSet) -> Self {
+        EndpointTrust {
+            roots,
+            crls: Vec::new(),
+            crl_policy: CrlPolicy::Refuse,
+        }
+    }
+}
 
 pub struct EndpointClient {
     client: Client<HttpsConnector<HttpConnector>, Body>,
@@ -40,10 +60,18 @@ impl EndpointClient {
     pub fn new(
         store: &CertStore,
         selected: Option<usize>,
-        trust: &RootSet,
+        trust: &EndpointTrust,
         timeout: Duration,
     ) -> Result<EndpointClient, EndpointClientError> {
-        let builder = pki::tls::client_config(trust)?;
+        let builder = if trust.crls.is_empty() {
+            pki::tls::client_config(&trust.roots)?
+        } else {
+            pki::tls::client_config_checking_revocation(
+                &trust.roots,
+                &trust.crls,
+                trust.crl_policy == CrlPolicy::AllowAndWarn,
+            )?
+        };
         let identity = selected
             .and_then(|i| store.entries.get(i))
             .and_then(|entry| entry.usable_key().map(|key| (entry, key.clone_key())));

@@ -23,7 +23,10 @@ use tokio::sync::watch;
 use http_body_util::BodyExt;
 use logs::cmtrace::Severity;
 
-use crate::endpoint::{endpoint_url, forwarding_line, received_line, EndpointClient};
+use crate::endpoint::{
+    endpoint_url, forwarding_line, received_line, EndpointClient, EndpointTrust,
+};
+use pki::crl::{CrlPolicy, RevocationList};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +66,14 @@ pub struct ConnectorConfig {
     pub pfx_password_env: String,
     /// Roots the endpoints' server certificates must chain to.
     pub endpoint_roots: Vec<PathBuf>,
+    /// CRLs (from the endpoint roots) the endpoints' server certificates are checked against;
+    /// empty: no revocation check. Re-read on reload.
+    #[serde(default)]
+    pub endpoint_crls: Vec<PathBuf>,
+    /// An endpoint whose issuer has no current CRL in `endpoint_crls`: "refuse" or
+    /// "allow-and-warn".
+    #[serde(default)]
+    pub endpoint_crl_policy: CrlPolicy,
     pub endpoints: Vec<EndpointConfig>,
     /// Seconds an endpoint may take to answer.
     #[serde(default = "default_endpoint_timeout")]
@@ -102,6 +113,7 @@ impl ConnectorConfig {
         cfg.gateway_roots = resolve_all(&cfg.gateway_roots);
         cfg.allowed_roots = resolve_all(&cfg.allowed_roots);
         cfg.endpoint_roots = resolve_all(&cfg.endpoint_roots);
+        cfg.endpoint_crls = resolve_all(&cfg.endpoint_crls);
         cfg.channel_cert = config::resolve(path, &cfg.channel_cert);
         cfg.channel_key = config::resolve(path, &cfg.channel_key);
         cfg.client_cert_store = config::resolve(path, &cfg.client_cert_store);
@@ -300,10 +312,26 @@ fn choose_client_certificate(
         }
         trail.push((severity, text));
     }
+    let roots = RootSet::load(&config.endpoint_roots)?;
+    let trust = EndpointTrust {
+        crls: RevocationList::load_all(&config.endpoint_crls, &roots)?,
+        roots,
+        crl_policy: config.endpoint_crl_policy,
+    };
+    if !trust.crls.is_empty() {
+        log.info(&format!(
+            "Endpoint server certificates are checked against {} CRL(s); an endpoint whose issuer has no current CRL is {}",
+            trust.crls.len(),
+            match trust.crl_policy {
+                CrlPolicy::Refuse => "refused",
+                CrlPolicy::AllowAndWarn => "allowed",
+            }
+        ));
+    }
     let client = EndpointClient::new(
         &store,
         selection.selected,
-        &RootSet::load(&config.endpoint_roots)?,
+        &trust,
         Duration::from_secs(config.endpoint_timeout_secs),
     )?;
     Ok(Choice {

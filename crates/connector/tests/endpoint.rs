@@ -52,7 +52,13 @@ impl Lab {
         let allowed = RootSet::load(allowed).unwrap();
         let selection = select_client_cert(&store, &allowed, time::OffsetDateTime::now_utc());
         let trust = RootSet::load(&[self.path(trust)]).unwrap();
-        EndpointClient::new(&store, selection.selected, &trust, Duration::from_secs(10)).unwrap()
+        EndpointClient::new(
+            &store,
+            selection.selected,
+            &trust.into(),
+            Duration::from_secs(10),
+        )
+        .unwrap()
     }
 
     fn get(
@@ -246,5 +252,75 @@ fn a_large_body_streams_both_ways_through_the_client() {
         response.into_body().collect().await.unwrap().to_bytes()
     });
     assert!(echoed == blob, "echo differs: {} bytes back", echoed.len());
+    lab.runtime.block_on(mp.stop());
+}
+
+/// The connector checks the endpoint's server certificate against CRLs when given some: a
+/// revoked certificate is a named TLS failure, an unlisted one passes, and an endpoint whose
+/// issuer has no CRL here follows the policy.
+#[test]
+fn endpoint_server_certificates_are_checked_against_crls() {
+    use pki::crl::{CrlPolicy, RevocationList};
+
+    let lab = Lab::new();
+    let mp = lab.start_mp();
+    let root = LabCa::from_pem(
+        &std::fs::read_to_string(lab.path("ca/root.crt")).unwrap(),
+        &std::fs::read_to_string(lab.path("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    let mp_der = RootSet::load(&[lab.path("mp/server.crt")]).unwrap().certs[0]
+        .der()
+        .to_vec();
+    std::fs::write(lab.path("revoked.crl"), root.crl(&[&mp_der], 7).unwrap()).unwrap();
+    std::fs::write(lab.path("empty.crl"), root.crl(&[], 7).unwrap()).unwrap();
+    let stranger = LabCa::new_root("Stranger Root", 1).unwrap();
+    let store = CertStore::load(&lab.path("connector/store"), &Pkcs12Password::empty()).unwrap();
+    let roots = RootSet::load(&[lab.path("ca/root.crt")]).unwrap();
+    let selected = select_client_cert(&store, &roots, time::OffsetDateTime::now_utc()).selected;
+    let client = |crl: Option<&str>, extra_root: bool, policy| {
+        let mut trust_roots = roots.clone();
+        if extra_root {
+            trust_roots
+                .certs
+                .push(pki::Certificate::from_der(&stranger.cert().cert_der).unwrap());
+        }
+        let crls = match crl {
+            Some(file) => vec![RevocationList::load(&lab.path(file), &trust_roots).unwrap()],
+            None => Vec::new(),
+        };
+        let trust = connector::endpoint::EndpointTrust {
+            roots: trust_roots,
+            crls,
+            crl_policy: policy,
+        };
+        EndpointClient::new(&store, selected, &trust, Duration::from_secs(10)).unwrap()
+    };
+    let port = mp.addr.port();
+    let get = |c: &EndpointClient| lab.get(c, port, "/SMS_MP/.sms_aut", Some("MPLIST"));
+
+    let refusal = get(&client(Some("revoked.crl"), false, CrlPolicy::Refuse)).unwrap_err();
+    assert_eq!(refusal.text, "CMGConnector_Endpointtlsfailed");
+    assert!(refusal.reason().contains("Revoked"), "{}", refusal.reason());
+    assert_eq!(
+        get(&client(Some("empty.crl"), false, CrlPolicy::Refuse))
+            .unwrap()
+            .0,
+        200
+    );
+    // Only a CRL from another CA: the endpoint's status is unknown.
+    std::fs::write(lab.path("stranger.crl"), stranger.crl(&[], 7).unwrap()).unwrap();
+    let refusal = get(&client(Some("stranger.crl"), true, CrlPolicy::Refuse)).unwrap_err();
+    assert!(
+        refusal.reason().contains("UnknownRevocationStatus"),
+        "{}",
+        refusal.reason()
+    );
+    assert_eq!(
+        get(&client(Some("stranger.crl"), true, CrlPolicy::AllowAndWarn))
+            .unwrap()
+            .0,
+        200
+    );
     lab.runtime.block_on(mp.stop());
 }

@@ -7,25 +7,12 @@
 use std::path::PathBuf;
 
 use channel::refusal::Cause;
-use pki::crl::{RevocationList, RevocationStatus};
+use pki::crl::{CrlPolicy, RevocationList, RevocationStatus};
 use pki::tls::{judge_peer, PeerCert};
 use pki::{Certificate, RootSet};
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::token::{TokenPolicy, TokenSettings};
-
-/// What to do with a device certificate whose revocation status is unknown: no CRL from its
-/// issuer could be read, or the CRL is past its next update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CrlPolicy {
-    /// Refuse the device with `403 CMGService_Revocationcheckfailed` (the safe default).
-    #[default]
-    Refuse,
-    /// Let it in and log a warning.
-    AllowAndWarn,
-}
 
 pub struct DeviceAuth {
     /// Bumped on every reload; connections judged under an older one are judged again.

@@ -26,7 +26,8 @@ pub mod device_auth;
 pub mod token;
 
 use arc_swap::ArcSwap;
-use device_auth::{CrlPolicy, DeviceAuth, Judgement};
+use device_auth::{DeviceAuth, Judgement};
+use pki::crl::CrlPolicy;
 
 /// `portcullis gateway --config FILE`.
 #[derive(Debug, Clone, Deserialize)]

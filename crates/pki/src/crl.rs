@@ -14,6 +14,18 @@ use crate::error::{PkiError, Result};
 use crate::load::read_limited;
 use crate::roots::RootSet;
 
+/// What to do with a certificate whose revocation status is unknown: no current CRL from its
+/// issuer could be read, or its CRL is past its next update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlPolicy {
+    /// Refuse it (the safe default).
+    #[default]
+    Refuse,
+    /// Accept it and log a warning.
+    AllowAndWarn,
+}
+
 #[derive(Debug, Clone)]
 pub struct RevocationList {
     pub source: PathBuf,
@@ -21,6 +33,8 @@ pub struct RevocationList {
     pub issuer: String,
     pub next_update: Option<OffsetDateTime>,
     issuer_raw: Vec<u8>,
+    /// The CRL as read (DER), for rustls' own revocation checks.
+    der: Vec<u8>,
     /// Revoked serial numbers, upper-case hex as [`Certificate::serial`].
     serials: HashSet<String>,
 }
@@ -74,6 +88,7 @@ impl RevocationList {
             issuer: signer.subject.clone(),
             next_update: crl.next_update().map(|t| t.to_datetime()),
             issuer_raw,
+            der: der.clone(),
             serials: crl
                 .iter_revoked_certificates()
                 .map(|r| hex_upper(r.raw_serial()))
@@ -86,6 +101,10 @@ impl RevocationList {
             .iter()
             .map(|p| RevocationList::load(p, issuers))
             .collect()
+    }
+
+    pub fn der(&self) -> &[u8] {
+        &self.der
     }
 
     pub fn revokes(&self, cert: &Certificate) -> bool {

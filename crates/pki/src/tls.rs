@@ -83,6 +83,45 @@ pub fn client_config(
     )
 }
 
+/// A rustls client configuration that trusts `roots` and checks the server's certificate
+/// against `crls` (its own certificate only; the CAs are the configured roots). With
+/// `allow_unknown`, a server whose issuer has no current CRL here is accepted; otherwise it is
+/// refused as unknown. A CRL past its next update counts as unknown.
+pub fn client_config_checking_revocation(
+    roots: &RootSet,
+    crls: &[crate::crl::RevocationList],
+    allow_unknown: bool,
+) -> std::result::Result<
+    rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    rustls::Error,
+> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in &roots.certs {
+        store.add(CertificateDer::from(root.der().to_vec()))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(store),
+        provider.clone(),
+    )
+    .with_crls(
+        crls.iter()
+            .map(|crl| rustls_pki_types::CertificateRevocationListDer::from(crl.der().to_vec())),
+    )
+    .only_check_end_entity_revocation()
+    .enforce_revocation_expiration();
+    if allow_unknown {
+        builder = builder.allow_unknown_revocation_status();
+    }
+    let verifier = builder
+        .build()
+        .map_err(|e| rustls::Error::General(format!("server certificate verifier: {e}")))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier))
+}
+
 /// Which TLS versions and cipher suites a server offers: TLS 1.2 as the floor, TLS 1.3
 /// preferred, and only suites rustls implements (all AEAD with forward secrecy), so no
 /// configuration can pick an unsafe one.

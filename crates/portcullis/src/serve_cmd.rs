@@ -25,6 +25,9 @@ use logs::{Log, Logger};
 ///   connector_roots = ["ca/root.crt"]        # optional; default trusted_roots
 ///   allowed_connectors = ["Portcullis Connector Channel"]   # CN or SHA-1 thumbprint
 ///   request_timeout_secs = 120               # optional
+///   verify_client_revocation = false         # check device certificates against crls
+///   crls = ["ca/root.crl"]                   # re-read on SIGHUP
+///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
 ///
@@ -33,7 +36,21 @@ use logs::{Log, Logger};
 ///   max_size_kib = 10240
 ///   console = "plain"                        # plain, json or off
 ///
-/// Signals: SIGHUP re-reads the file and applies `verbose` at once; Ctrl-C or SIGTERM stops.
+///   [tokens]                                 # optional: CCM_PROXY_SERVERAUTH routes
+///   keys = ["site/token.pub"]                # the site's public key(s); several to rotate
+///   issuer = "portcullis-site"               # the defaults
+///   audience = "portcullis-gateway"
+///   revoked = "site/revoked-tokens.txt"      # optional: token ids, one per line
+///   leeway_secs = 60
+///   registration_paths = ["ccm_system_tokenauth/request"]   # where bulk tokens enrol
+///
+///   [tls]                                    # optional
+///   min_version = "1.2"                      # or "1.3"
+///   cipher_suites = []                       # empty: all of rustls' safe suites
+///
+/// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
+/// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again.
+/// Ctrl-C or SIGTERM stops.
 /// Admin surface (admin_listen): GET /status, PUT /verbose with body on|off, POST /reload,
 /// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
 #[derive(Args)]
@@ -63,6 +80,8 @@ pub struct GatewayArgs {
 ///   client_cert_store = "connector/store"
 ///   allowed_roots = ["ca/root.crt"]
 ///   endpoint_roots = ["ca/root.crt"]
+///   endpoint_crls = ["ca/root.crl"]          # optional: check endpoints' certificates
+///   endpoint_crl_policy = "refuse"           # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # the whole filter trail, a line per message
 ///   admin_listen = "127.0.0.1:9442"          # optional; loopback only
 ///
