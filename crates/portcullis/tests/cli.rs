@@ -634,6 +634,103 @@ fn every_command_has_help() {
     let out = portcullis(&["doctor", "certs", "--help"]);
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("Exit status: 0 a certificate is selected; 1 none is; 2 bad usage"));
+    // Each long-running or configured command's help shows its configuration.
+    for (args, needle) in [
+        (vec!["gateway", "--help"], "[tokens]"),
+        (vec!["connector", "--help"], "admin_listen"),
+        (vec!["analyze", "--help"], "connector_config"),
+        (vec!["mp", "--help"], "client_certificates"),
+        (vec!["probe", "--help"], "Exit status"),
+        (vec!["token", "issue", "--help"], "--subject"),
+        (vec!["token", "keygen", "--help"], "rotation"),
+    ] {
+        let out = portcullis(&args);
+        assert!(out.status.success(), "{args:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains(needle), "{args:?}: {help}");
+    }
+}
+
+/// The token commands: a key pair, then a token the gateway's checks accept (ES256 and
+/// EdDSA), with bad input named.
+#[test]
+fn token_keygen_and_issue() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dir, flag, alg) in [("es", None, "ES256"), ("ed", Some("--ed25519"), "EdDSA")] {
+        let out_dir = tmp.path().join(dir);
+        let mut args = vec!["token", "keygen", "--out", p(&out_dir)];
+        args.extend(flag);
+        let out = portcullis(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        expect_exit(&portcullis(&args), 2, "already there");
+        let key = out_dir.join("token.key");
+        let out = portcullis(&[
+            "token",
+            "issue",
+            "--key",
+            p(&key),
+            "--subject",
+            "DEVICE-9",
+            "--days",
+            "2",
+            "--endpoints",
+            "7,8",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("token id (jti): "));
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let settings = gateway::token::TokenSettings {
+            keys: vec![out_dir.join("token.pub")],
+            issuer: gateway::token::default_issuer(),
+            audience: gateway::token::default_audience(),
+            revoked: None,
+            leeway_secs: 60,
+            registration_paths: vec![],
+        };
+        let policy = gateway::token::TokenPolicy::load(&settings).unwrap();
+        let bearer = format!("Bearer {token}");
+        let claims = policy
+            .check(
+                Some(&bearer),
+                8,
+                "SMS_MP/.sms_aut",
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap_or_else(|e| panic!("{alg}: {e}"));
+        assert_eq!(claims.sub.as_deref(), Some("DEVICE-9"));
+        assert_eq!(claims.endpoints, [7, 8]);
+    }
+    expect_exit(
+        &portcullis(&["token", "issue", "--key", "/no/such.key", "--subject", "D"]),
+        2,
+        "/no/such.key",
+    );
+    expect_exit(
+        &portcullis(&[
+            "token",
+            "issue",
+            "--key",
+            p(&tmp.path().join("es/token.pub")),
+            "--subject",
+            "D",
+        ]),
+        2,
+        "not a private key",
+    );
+    expect_exit(
+        &portcullis(&[
+            "token",
+            "issue",
+            "--key",
+            p(&tmp.path().join("es/token.key")),
+            "--subject",
+            "D",
+            "--days",
+            "0",
+        ]),
+        2,
+        "--days",
+    );
 }
 
 /// Kills the child when the test ends, pass or fail.
