@@ -28,8 +28,7 @@ pub trait Control: Send + Sync + 'static {
     /// Re-reads the configuration and applies what can change while running; says what changed.
     fn reload(&self) -> Result<String, String>;
 
-    /// Turns verbose logging on or off. Components override this to add what verbose shows
-    /// at the moment it is turned on (the connector replays its certificate filter trail).
+    /// Turns verbose logging on or off.
     fn set_verbose(&self, on: bool, by: &str) {
         let was = self.log().set_verbose(on);
         if was != on {
@@ -37,8 +36,15 @@ pub trait Control: Send + Sync + 'static {
                 "Verbose logging turned {} ({by})",
                 if on { "on" } else { "off" }
             ));
+            if on {
+                self.verbose_turned_on();
+            }
         }
     }
+
+    /// What verbose adds at the moment it is turned on (the connector replays its certificate
+    /// filter trail); nothing by default.
+    fn verbose_turned_on(&self) {}
 
     /// Extra fields for `GET /status`.
     fn status(&self) -> serde_json::Value {

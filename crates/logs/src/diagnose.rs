@@ -52,6 +52,8 @@ pub const SHOWN_EVIDENCE: usize = 5;
 pub const SHOWN_SUPPORTING: usize = 12;
 /// Characters of a line kept as evidence text.
 const MAX_TEXT: usize = 600;
+/// Bytes of the previous record kept for `before` context.
+const MAX_CONTEXT: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -155,9 +157,7 @@ fn placeholders(
     let mut at = 0;
     std::iter::from_fn(move || loop {
         let open = at + template.get(at..)?.find('{')?;
-        let Some(close) = template[open..].find('}').map(|c| open + c) else {
-            return None;
-        };
+        let close = template[open..].find('}').map(|c| open + c)?;
         at = open + 1;
         let inner = &template[open + 1..close];
         let (name, fallback) = match inner.split_once('|') {
@@ -202,6 +202,7 @@ impl Rules {
         let mut support_patterns = Vec::new();
         let mut support_regexes = Vec::new();
         let mut seen = HashSet::new();
+        let mut names_per_rule: Vec<HashSet<String>> = Vec::new();
         for (index, spec) in table.rule.iter().enumerate() {
             let bad = |what: String| RulesError::Rule {
                 index: index + 1,
@@ -209,6 +210,14 @@ impl Rules {
                 what,
             };
             let regex = |kind: &str, pattern: &str| {
+                // A Unicode word boundary sends the regex engine down its slow path on
+                // non-ASCII text; the table writes ASCII ones.
+                let bare = pattern.replace(r"(?-u:\b)", "").replace(r"(?-u:\B)", "");
+                if bare.contains(r"\b") || bare.contains(r"\B") {
+                    return Err(bad(format!(
+                        "{kind} regex {pattern:?}: write word boundaries as (?-u:\\b), ASCII"
+                    )));
+                }
                 Regex::new(pattern).map_err(|e| bad(format!("{kind} regex {pattern:?}: {e}")))
             };
             if spec.id.is_empty()
@@ -290,19 +299,7 @@ impl Rules {
                 support_patterns.push(r.as_str().to_string());
                 support_regexes.push((index, r));
             }
-            for (what, text) in [
-                ("title", &spec.title),
-                ("cause", &spec.cause),
-                ("resolution", &spec.resolution),
-            ] {
-                for (_, name, _) in placeholders(text) {
-                    if !names.contains(name) {
-                        return Err(bad(format!(
-                            "the {what} uses {{{name}}}, which no pattern of this rule captures"
-                        )));
-                    }
-                }
-            }
+            names_per_rule.push(names);
             let mut absorbed_by = Vec::new();
             for id in &spec.absorbed_by {
                 match table.rule[..index].iter().position(|r| &r.id == id) {
@@ -324,6 +321,32 @@ impl Rules {
                 after,
                 absorbed_by,
             });
+        }
+        // Placeholders: captured by the rule, or by a rule absorbed into it.
+        for (index, (rule, spec)) in rules.iter().zip(&table.rule).enumerate() {
+            let mut names = names_per_rule[index].clone();
+            for (other, r) in rules.iter().enumerate() {
+                if r.absorbed_by.contains(&index) {
+                    names.extend(names_per_rule[other].iter().cloned());
+                }
+            }
+            for (what, text) in [
+                ("title", &spec.title),
+                ("cause", &spec.cause),
+                ("resolution", &spec.resolution),
+            ] {
+                for (_, name, _) in placeholders(text) {
+                    if !names.contains(name) {
+                        return Err(RulesError::Rule {
+                            index: index + 1,
+                            id: rule.id.clone(),
+                            what: format!(
+                                "the {what} uses {{{name}}}, which no pattern of this rule (or of a rule absorbed into it) captures"
+                            ),
+                        });
+                    }
+                }
+            }
         }
         let set = |patterns: Vec<String>| {
             RegexSet::new(patterns).map_err(|e| RulesError::Toml(format!("regex set: {e}")))
@@ -660,13 +683,18 @@ impl<'r> Diagnosis<'r> {
                 context.awaiting_after.push(index);
             }
         }
+        let mut end = record.message.len().min(MAX_CONTEXT);
+        while !record.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let kept = &record.message[..end];
         match &mut context.previous {
             Some((line, text)) => {
                 *line = record.line;
                 text.clear();
-                text.push_str(&record.message[..record.message.len().min(64 * 1024)]);
+                text.push_str(kept);
             }
-            None => context.previous = Some((record.line, record.message.clone())),
+            None => context.previous = Some((record.line, kept.to_string())),
         }
     }
 
@@ -687,9 +715,29 @@ impl<'r> Diagnosis<'r> {
             let Some(target) = target else { continue };
             let from = std::mem::take(&mut self.seen[index]);
             let into = &mut self.seen[target];
-            into.first = into.first.min(from.first).or(from.first);
-            into.count += from.count;
-            into.evidence.extend(from.evidence);
+            // Evidence that the absorbing rule calls supporting (the trail's "client auth: 0"
+            // under the 403 it causes) stays with the rest of the trail.
+            let explains = |text: &str| {
+                rules
+                    .support_regexes
+                    .iter()
+                    .any(|(rule, r)| *rule == target && r.is_match(text))
+            };
+            let mut moved = 0;
+            let unkept = from.count - from.evidence.len() as u64;
+            for (seq, e) in from.evidence {
+                if explains(&e.text) {
+                    into.support(seq, &e.file, e.line, &e.text);
+                } else {
+                    into.evidence.push((seq, e));
+                    moved += 1;
+                }
+            }
+            // Evidence past the kept ones cannot be told apart: counted as evidence.
+            into.count += moved + unkept;
+            if moved + unkept > 0 {
+                into.first = into.first.min(from.first).or(from.first);
+            }
             into.evidence.sort_by_key(|(seq, _)| *seq);
             into.evidence.truncate(MAX_EVIDENCE);
             for (n, v) in from.captures {
@@ -884,6 +932,9 @@ mod tests {
             err.to_string().contains("rule 1 (x): message regex"),
             "{err}"
         );
+        let err = Rules::from_toml(&rule(r"match = [{ message = '\bx' }]")).unwrap_err();
+        assert!(err.to_string().contains("(?-u:\\b)"), "{err}");
+        assert!(Rules::from_toml(&rule(r"match = [{ message = '(?-u:\b)x' }]")).is_ok());
         let err = Rules::from_toml(&rule("match = []")).unwrap_err();
         assert!(err.to_string().contains("never fire"), "{err}");
         let err = Rules::from_toml(&rule("match = [{ message = 'a' }]\nabsorbed_by = ['y']"))

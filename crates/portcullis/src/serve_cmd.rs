@@ -185,17 +185,8 @@ impl Control for ConnectorControl {
         reloaded(self.log(), &self.path, loaded)
     }
 
-    fn set_verbose(&self, on: bool, by: &str) {
-        let was = self.log().set_verbose(on);
-        if was != on {
-            self.log().info(&format!(
-                "Verbose logging turned {} ({by})",
-                if on { "on" } else { "off" }
-            ));
-            if on {
-                self.running.log_trail();
-            }
-        }
+    fn verbose_turned_on(&self) {
+        self.running.log_trail();
     }
 
     fn status(&self) -> serde_json::Value {
@@ -240,6 +231,20 @@ pub async fn admin(
     Ok(Some(listening))
 }
 
+/// Serves the admin surface (when configured) and reloads on SIGHUP until Ctrl-C or SIGTERM;
+/// the control is dropped when it returns, so the component can be stopped.
+pub async fn serve_until_stopped(
+    admin_listen: Option<SocketAddr>,
+    control: Arc<dyn Control>,
+) -> anyhow::Result<()> {
+    let admin = admin(admin_listen, control.clone()).await?;
+    until_stopped(&*control).await?;
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
+    Ok(())
+}
+
 /// Runs until Ctrl-C or SIGTERM; SIGHUP reloads the configuration.
 pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
     #[cfg(unix)]
@@ -277,16 +282,11 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let running = Arc::new(gateway::start(config, log.into_log()).await?);
-        let control = Arc::new(GatewayControl {
+        let control = GatewayControl {
             path: args.config.clone(),
             running: running.clone(),
-        });
-        let admin = admin(admin_listen, control.clone()).await?;
-        until_stopped(&*control).await?;
-        if let Some(admin) = admin {
-            admin.stop().await;
-        }
-        drop(control);
+        };
+        serve_until_stopped(admin_listen, Arc::new(control)).await?;
         if let Ok(running) = Arc::try_unwrap(running) {
             running.stop().await;
         }
@@ -306,16 +306,11 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let running = Arc::new(connector::run::start(config, log.into_log()).await?);
-        let control = Arc::new(ConnectorControl {
+        let control = ConnectorControl {
             path: args.config.clone(),
             running: running.clone(),
-        });
-        let admin = admin(admin_listen, control.clone()).await?;
-        until_stopped(&*control).await?;
-        if let Some(admin) = admin {
-            admin.stop().await;
-        }
-        drop(control);
+        };
+        serve_until_stopped(admin_listen, Arc::new(control)).await?;
         if let Ok(running) = Arc::try_unwrap(running) {
             running.stop().await;
         }

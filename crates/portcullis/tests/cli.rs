@@ -1,6 +1,6 @@
 //! The `portcullis` binary driven as SPEC.md's interface table says, as a real process.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn portcullis(args: &[&str]) -> Output {
@@ -841,6 +841,41 @@ fn spawn_until(args: &[&str], marker: &str) -> (Child, String) {
     (child, found)
 }
 
+/// The reference management point as a process on a free port: the process and its port.
+fn spawn_mp(lab: &Path) -> (Child, String) {
+    std::fs::write(
+        lab.join("mp.toml"),
+        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
+    )
+    .unwrap();
+    let (mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    (mp, port)
+}
+
+/// Writes `lab/gateway-<port>.toml` listening on `port`, with `extra` TOML after the usual
+/// keys, and returns its path.
+fn gateway_config(lab: &Path, port: u16, extra: &str) -> PathBuf {
+    let file = lab.join(format!("gateway-{port}.toml"));
+    std::fs::write(
+        &file,
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{extra}"),
+    )
+    .unwrap();
+    file
+}
+
+/// A connector configuration for gateways on `ports`, endpoint 7 at the management point on
+/// `mp_port`, the client certificate store `store`, and `extra` top-level TOML (which may open
+/// tables of its own: it goes before `[[endpoints]]`).
+fn connector_config(ports: &[u16], mp_port: &str, store: &str, extra: &str) -> String {
+    let gateways: Vec<String> = ports.iter().map(|p| format!("\"localhost:{p}\"")).collect();
+    format!(
+        "connector_id = \"c1\"\ngateways = [{}]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\n{extra}\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n",
+        gateways.join(", ")
+    )
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -880,24 +915,12 @@ fn wait_for_channels(lab: &Path, port: u16, n: u64) -> bool {
 fn two_gateways_one_connector_and_a_gateway_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = new_lab(tmp.path());
-    std::fs::write(
-        lab.join("mp.toml"),
-        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
-    )
-    .unwrap();
-    let (_mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
-    let mp_port = line.trim().rsplit(':').next().unwrap().to_string();
+    let (_mp, mp_port) = spawn_mp(&lab);
     let ports = [free_port(), free_port()];
-    let gateway_config = |port: u16| {
-        let file = lab.join(format!("gateway-{port}.toml"));
-        std::fs::write(
-            &file,
-            format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n"),
-        )
-        .unwrap();
-        file
-    };
-    let configs = [gateway_config(ports[0]), gateway_config(ports[1])];
+    let configs = [
+        gateway_config(&lab, ports[0], ""),
+        gateway_config(&lab, ports[1], ""),
+    ];
     let mut gateway_a = spawn_until(
         &["gateway", "--config", p(&configs[0])],
         "Gateway listening",
@@ -910,10 +933,7 @@ fn two_gateways_one_connector_and_a_gateway_restart() {
     .0;
     std::fs::write(
         lab.join("connector.toml"),
-        format!(
-            "connector_id = \"c1\"\ngateways = [\"localhost:{}\", \"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"connector/store\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\n\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n",
-            ports[0], ports[1]
-        ),
+        connector_config(&ports, &mp_port, "connector/store", ""),
     )
     .unwrap();
     let log = tmp.path().join("SMS_Cloud_ProxyConnector.log");
@@ -1020,27 +1040,19 @@ fn admin_call(method: &str, url: &str, body: Option<&str>) -> (String, String) {
 fn verbose_logging_changes_while_the_connector_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = new_lab(tmp.path());
-    std::fs::write(
-        lab.join("mp.toml"),
-        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
-    )
-    .unwrap();
-    let (_mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
-    let mp_port = line.trim().rsplit(':').next().unwrap().to_string();
+    let (_mp, mp_port) = spawn_mp(&lab);
     let port = free_port();
-    std::fs::write(
-        lab.join("gateway.toml"),
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n"),
-    )
-    .unwrap();
     let _gateway = spawn_until(
-        &["gateway", "--config", p(&lab.join("gateway.toml"))],
+        &["gateway", "--config", p(&gateway_config(&lab, port, ""))],
         "Gateway listening",
     );
     let admin = free_port();
     let connector_toml = |verbose: bool| {
-        format!(
-            "connector_id = \"c1\"\ngateways = [\"localhost:{port}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"connector/store\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = {verbose}\nadmin_listen = \"127.0.0.1:{admin}\"\n\n[log]\nfile = \"SMS_Cloud_ProxyConnector.log\"\nconsole = \"json\"\n\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n"
+        connector_config(
+            &[port],
+            &mp_port,
+            "connector/store",
+            &format!("verbose = {verbose}\nadmin_listen = \"127.0.0.1:{admin}\"\n\n[log]\nfile = \"SMS_Cloud_ProxyConnector.log\"\nconsole = \"json\"\n"),
         )
     };
     let config = lab.join("connector.toml");
