@@ -456,6 +456,35 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
             .contains("Filtered cert count with client auth: 0"),
         "{analysis}"
     );
+    // The probe's LocationServices.log beside the components' logs: doctor logs names the cause
+    // with evidence from the device, the connector and the management point's IIS log.
+    let logs = tmp.path().join("portcullis-dev/logs");
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{probe} --log {}",
+            p(&logs.join("LocationServices.log"))
+        ))
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1), "{}", text(&run));
+    let report = doctor_logs(&[&logs], 1);
+    let finding = finding(&report, "connector-client-cert-required");
+    let evidence = finding["evidence"].to_string();
+    for file in [
+        "LocationServices.log",
+        "SMS_Cloud_ProxyConnector.log",
+        "u_ex.log",
+    ] {
+        assert!(evidence.contains(file), "{file}: {evidence}");
+    }
+    assert!(
+        finding["supporting"]
+            .to_string()
+            .contains("Filtered cert count with client auth: 0"),
+        "{finding}"
+    );
     // Far from the connector, the gateway's ServiceMetadata tells the same.
     let config = tmp.path().join("portcullis-dev/analyze.toml");
     let remote = std::fs::read_to_string(&config)
@@ -488,6 +517,143 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
     );
     let w3c = std::fs::read_to_string(tmp.path().join("portcullis-dev/logs/u_ex.log")).unwrap();
     assert!(w3c.contains(" 403 7 0 "), "{w3c}");
+}
+
+/// Runs `portcullis doctor logs --json` on `paths` and checks its exit status.
+fn doctor_logs(paths: &[&Path], code: i32) -> serde_json::Value {
+    let mut args = vec!["doctor", "logs", "--json"];
+    args.extend(paths.iter().map(|path| p(path)));
+    let out = portcullis(&args);
+    assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The finding with rule `id` in a `doctor logs --json` report.
+fn finding<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} finding in {report}"))
+}
+
+/// Our own failing scenarios, as processes writing their logs: an untrusted device
+/// certificate, an expired token, and no channel for the endpoint. `doctor logs` on the
+/// gateway's and the connector's logs names each cause.
+#[test]
+fn doctor_logs_names_the_cause_of_our_own_failing_scenarios() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    let other = new_lab(&tmp.path().join("elsewhere"));
+    let (_mp, mp_port) = spawn_mp(&lab);
+    let port = free_port();
+    let gateway_log = lab.join("logs/SMS_Cloud_ProxyGateway.log");
+    let config = gateway_config(
+        &lab,
+        port,
+        "\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n",
+    );
+    let _gateway = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening");
+    std::fs::write(
+        lab.join("connector.toml"),
+        connector_config(
+            &[port],
+            &mp_port,
+            "connector/store",
+            "\n[log]\nfile = \"logs/SMS_Cloud_ProxyConnector.log\"\n",
+        ),
+    )
+    .unwrap();
+    let connector = spawn_until(
+        &["connector", "--config", p(&lab.join("connector.toml"))],
+        "Maintaining connections...",
+    )
+    .0;
+    assert!(wait_for_channels(&lab, port, 2));
+    let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
+    let root = lab.join("ca/root.crt");
+    let stranger = [
+        other.join("devices/device-001.crt"),
+        other.join("devices/device-001.key"),
+    ];
+    expect_exit(
+        &portcullis(&[
+            "probe",
+            &url,
+            "--ca",
+            p(&root),
+            "--cert",
+            p(&stranger[0]),
+            "--key",
+            p(&stranger[1]),
+        ]),
+        1,
+        "CMGService_Untrustedclientcertificate",
+    );
+    let expired = gateway::token::issue(
+        &lab.join("site/token.key"),
+        &gateway::token::IssueRequest {
+            subject: "DEVICE-OLD".into(),
+            days: 1,
+            endpoints: vec![],
+            issuer: gateway::token::default_issuer(),
+            audience: gateway::token::default_audience(),
+            kind: gateway::token::TokenKind::Device,
+            not_before_offset_secs: 0,
+        },
+        time::OffsetDateTime::now_utc() - time::Duration::days(3),
+    )
+    .unwrap()
+    .0;
+    let token_url = url.replace("MUTUALAUTH", "SERVERAUTH");
+    expect_exit(
+        &portcullis(&["probe", &token_url, "--ca", p(&root), "--token", &expired]),
+        1,
+        "CMGService_Invalid_Token",
+    );
+    drop(connector);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while channels_at(&lab, port) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let device = [
+        lab.join("devices/device-001.crt"),
+        lab.join("devices/device-001.key"),
+    ];
+    expect_exit(
+        &portcullis(&[
+            "probe",
+            &url,
+            "--ca",
+            p(&root),
+            "--cert",
+            p(&device[0]),
+            "--key",
+            p(&device[1]),
+        ]),
+        1,
+        "CMGService_Noconnectorchannel",
+    );
+    wait_for_text(&gateway_log, "CMGService_Noconnectorchannel", 1);
+
+    let report = doctor_logs(&[&lab.join("logs")], 1);
+    let untrusted = finding(&report, "device-cert-untrusted");
+    assert!(untrusted["evidence"]
+        .to_string()
+        .contains("SMS_Cloud_ProxyGateway.log"));
+    let token = finding(&report, "token-invalid");
+    assert!(
+        token["cause"].as_str().unwrap().contains("expired"),
+        "{token}"
+    );
+    finding(&report, "no-connector-channel");
+    // The text form says the same, with its resolution.
+    let out = portcullis(&["doctor", "logs", p(&gateway_log)]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("CMGService_Noconnectorchannel"), "{shown}");
+    assert!(shown.contains("Resolution:"), "{shown}");
 }
 
 /// Runs `portcullis analyze --json` and checks its exit status.
