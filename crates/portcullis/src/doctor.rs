@@ -128,6 +128,7 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<ExitCode> {
                 diagnosis.note(note);
             }
             for file in files {
+                announce_if_large(&file);
                 match diagnosis.read_path(&file) {
                     Ok(_) => {}
                     Err(ParseError::NotText { why, .. }) => diagnosis.note(format!(
@@ -141,6 +142,7 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         } else {
+            announce_if_large(path);
             diagnosis.read_path(path)?;
         }
     }
@@ -155,6 +157,21 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Files from this size on get a progress line on standard error while they are read.
+const LARGE_FILE: u64 = 64 * 1024 * 1024;
+
+fn announce_if_large(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.len() >= LARGE_FILE {
+            eprintln!(
+                "Reading {} ({} MiB)...",
+                path.display(),
+                meta.len() / (1024 * 1024)
+            );
+        }
+    }
 }
 
 /// Directories deeper than this are not read.
