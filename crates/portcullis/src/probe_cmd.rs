@@ -1,6 +1,5 @@
 //! `portcullis probe URL ...`: a device-side request.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,10 +74,8 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         println!("{line}");
     }
     if let Some(path) = &args.log {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        // Rolls over to LocationServices.lo_ like the client's own log.
+        let file = cmtrace::RollingFile::open(path, cmtrace::DEFAULT_MAX_BYTES)
             .with_context(|| format!("{}: cannot open the log", path.display()))?;
         let now = time::OffsetDateTime::now_utc();
         let mut text = String::new();
@@ -93,7 +90,7 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             text.push_str(&entry.format());
             text.push_str("\r\n");
         }
-        file.write_all(text.as_bytes())
+        file.append(&text)
             .with_context(|| format!("{}: cannot write the log", path.display()))?;
     }
     if let Some(path) = &args.output {
