@@ -1,6 +1,7 @@
 //! The `portcullis` binary: command-line parsing and wiring. The work is done in the crates.
 
 mod analyze_cmd;
+mod bench_cmd;
 mod dev;
 mod doctor;
 mod mp_cmd;
@@ -40,6 +41,9 @@ enum Command {
     #[command(subcommand)]
     Pki(pki_cmd::PkiCommand),
     Analyze(analyze_cmd::AnalyzeArgs),
+    /// Load, idle connections, and the side-by-side comparison with nginx and rathole.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
     /// Site token keys, and device tokens for CCM_PROXY_SERVERAUTH routes.
     #[command(subcommand)]
     Token(token_cmd::TokenCommand),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Doctor(cmd) => doctor::run(cmd),
         Command::Analyze(args) => analyze_cmd::run(args),
         Command::Token(cmd) => token_cmd::run(cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

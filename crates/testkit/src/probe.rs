@@ -9,7 +9,7 @@
 //! Transport failures carry the WinHTTP error the client would log (0x80072f8f for a TLS
 //! failure, 0x80072efd when nothing answers, ...), followed by the cause in plain words.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,11 +104,17 @@ fn parse_url(url: &str) -> Result<Target, ProbeError> {
     Ok(Target { uri, host, port })
 }
 
-pub async fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
-    let target = parse_url(&options.url)?;
-    let roots = RootSet::load(&options.ca)?;
+/// A device's TLS client: trusts `ca`, presents `cert`/`key` when given, offers h2 first
+/// when `http2` (else HTTP/1.1 only, like the Configuration Manager client).
+pub fn device_tls(
+    ca: &[PathBuf],
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    http2: bool,
+) -> Result<rustls::ClientConfig, ProbeError> {
+    let roots = RootSet::load(ca)?;
     let builder = pki::tls::client_config(&roots)?;
-    let mut tls = match (&options.cert, &options.key) {
+    let mut tls = match (cert, key) {
         (Some(cert), Some(key)) => {
             let id = pki::tls::Identity::load(cert, key)?;
             builder.with_client_auth_cert(id.chain, id.key)?
@@ -117,15 +123,33 @@ pub async fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
         (Some(_), None) => return Err(ProbeError::CertWithoutKey("--cert given without --key")),
         (None, Some(_)) => return Err(ProbeError::CertWithoutKey("--key given without --cert")),
     };
-    tls.alpn_protocols = if options.http2 {
+    tls.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
         vec![b"http/1.1".to_vec()]
     };
-    let server_name = ServerName::try_from(target.host.clone()).map_err(|_| ProbeError::Url {
-        url: options.url.clone(),
+    Ok(tls)
+}
+
+/// The host part of an https:// URL as a TLS server name, and its port.
+pub fn server_name_of(url: &str) -> Result<(ServerName<'static>, String, u16), ProbeError> {
+    let target = parse_url(url)?;
+    let name = ServerName::try_from(target.host.clone()).map_err(|_| ProbeError::Url {
+        url: url.to_string(),
         reason: format!("\"{}\" is not a valid host name", target.host),
     })?;
+    Ok((name, target.host, target.port))
+}
+
+pub async fn probe(options: &ProbeOptions) -> Result<ProbeReport, ProbeError> {
+    let target = parse_url(&options.url)?;
+    let tls = device_tls(
+        &options.ca,
+        options.cert.as_deref(),
+        options.key.as_deref(),
+        options.http2,
+    )?;
+    let (server_name, _, _) = server_name_of(&options.url)?;
 
     let attempt = exchange(&target, server_name, Arc::new(tls), options);
     let result = match tokio::time::timeout(options.timeout, attempt).await {

@@ -1,0 +1,456 @@
+//! The load generator behind `portcullis bench load`: devices with mutual TLS making HTTP/1.1
+//! requests, over kept-alive connections or with a new TLS handshake per request, as fast as
+//! answers come (closed loop) or at a fixed total rate, for a duration or a request count.
+//!
+//! At a fixed rate, latency is measured from when each request was due, not when it was sent,
+//! so a stalled server is not hidden by the generator waiting for it (coordinated omission).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// HTTP/1.1 keep-alive: one TLS handshake per connection.
+    Keepalive,
+    /// A new TCP connection and TLS handshake for every request.
+    Handshake,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Keepalive => "keepalive",
+            Mode::Handshake => "handshake",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `https://host:port/path?query`.
+    pub url: String,
+    pub ca: Vec<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Concurrent connections (closed loop: requests in flight).
+    pub connections: usize,
+    pub mode: Mode,
+    /// Total requests per second; `None`: as fast as answers come.
+    pub rate: Option<f64>,
+    /// Stop after this long...
+    pub duration: Option<Duration>,
+    /// ...or after this many requests, whichever comes first.
+    pub requests: Option<u64>,
+    /// In handshake mode, resume TLS sessions (devices do); off, every handshake is full.
+    pub tls_resumption: bool,
+    /// A request that takes longer is an error.
+    pub timeout: Duration,
+    /// A progress line on standard error while it runs.
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Setup(#[from] testkit::probe::ProbeError),
+    #[error("{0}")]
+    Options(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub url: String,
+    pub mode: Mode,
+    pub connections: usize,
+    pub elapsed_s: f64,
+    /// Requests answered 2xx.
+    pub ok: u64,
+    /// Everything else: non-2xx answers and transport failures.
+    pub errors: u64,
+    /// Errors by what they were: `403 CMGConnector_Clientcertificaterequired`, `tls: ...`.
+    pub errors_by_kind: BTreeMap<String, u64>,
+    pub rps: f64,
+    /// Latency of answered requests (2xx or not).
+    pub latency: Latency,
+    pub body_bytes: u64,
+}
+
+impl LoadReport {
+    pub fn render_text(&self) -> String {
+        let l = &self.latency;
+        let mut out = format!(
+            "{} {} connection(s), {} mode, {:.1} s\n  requests: {} ok, {} errors, {:.0} req/s, {:.1} MiB of bodies\n  latency:  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  (mean {:.2} ms)\n",
+            self.url,
+            self.connections,
+            self.mode.name(),
+            self.elapsed_s,
+            self.ok,
+            self.errors,
+            self.rps,
+            self.body_bytes as f64 / (1024.0 * 1024.0),
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            l.mean_ms
+        );
+        if !self.errors_by_kind.is_empty() {
+            out.push_str("  errors by kind:\n");
+            for (kind, n) in &self.errors_by_kind {
+                out.push_str(&format!("    {n:>8}  {kind}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    host: String,
+    port: u16,
+    path: String,
+    authority: String,
+    deadline: Option<Instant>,
+    /// Requests started so far, against `requests`.
+    started: AtomicU64,
+    limit: Option<u64>,
+    done: AtomicU64,
+    failed: AtomicU64,
+    timeout: Duration,
+}
+
+impl Shared {
+    /// Whether another request may start now.
+    fn ticket(&self) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        match self.limit {
+            Some(limit) => self.started.fetch_add(1, Ordering::Relaxed) < limit,
+            None => true,
+        }
+    }
+}
+
+/// One worker's tallies, merged at the end.
+struct Tally {
+    histogram: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+    ok: u64,
+    failed: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            // 1 µs to 5 minutes at 3 significant figures: constant bounds that always hold.
+            histogram: Histogram::new_with_bounds(1, 300_000_000, 3)
+                .expect("constant histogram bounds"),
+            errors: BTreeMap::new(),
+            ok: 0,
+            failed: 0,
+            bytes: 0,
+        }
+    }
+
+    fn error(&mut self, shared: &Shared, kind: String) {
+        self.failed += 1;
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        *self.errors.entry(kind).or_default() += 1;
+    }
+}
+
+/// The most connections one run may open.
+pub const MAX_CONNECTIONS: usize = 100_000;
+
+pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
+    if options.connections == 0 || options.connections > MAX_CONNECTIONS {
+        return Err(LoadError::Options(format!(
+            "--connections must be between 1 and {MAX_CONNECTIONS}"
+        )));
+    }
+    if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(LoadError::Options("--rate must be a positive number".into()));
+    }
+    let duration = match (options.duration, options.requests) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (d, _) => d,
+    };
+    let mut tls = testkit::probe::device_tls(
+        &options.ca,
+        options.cert.as_deref(),
+        options.key.as_deref(),
+        false,
+    )?;
+    if options.mode == Mode::Handshake && !options.tls_resumption {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
+    let (name, host, port) = testkit::probe::server_name_of(&options.url)?;
+    let uri: hyper::Uri = options
+        .url
+        .parse()
+        .map_err(|e| LoadError::Options(format!("URL \"{}\": {e}", options.url)))?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let started_at = Instant::now();
+    let shared = Arc::new(Shared {
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        name,
+        authority: if port == 443 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        },
+        host,
+        port,
+        path,
+        deadline: duration.map(|d| started_at + d),
+        started: AtomicU64::new(0),
+        limit: options.requests,
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        timeout: options.timeout,
+    });
+    let progress = options.progress.then(|| {
+        let shared = shared.clone();
+        tokio::spawn(progress_line(shared, started_at))
+    });
+    let interval = options
+        .rate
+        .map(|rate| Duration::from_secs_f64(options.connections as f64 / rate));
+    let mut workers = Vec::with_capacity(options.connections);
+    for n in 0..options.connections {
+        let shared = shared.clone();
+        let mode = options.mode;
+        // Spread the first sends over one interval so a fixed rate is smooth from the start.
+        let offset = interval.map(|i| i.mul_f64(n as f64 / options.connections as f64));
+        workers.push(tokio::spawn(async move {
+            worker(&shared, mode, interval, offset, started_at).await
+        }));
+    }
+    let mut total = Tally::new();
+    for worker in workers {
+        if let Ok(tally) = worker.await {
+            let _ = total.histogram.add(&tally.histogram);
+            for (kind, n) in tally.errors {
+                *total.errors.entry(kind).or_default() += n;
+            }
+            total.ok += tally.ok;
+            total.failed += tally.failed;
+            total.bytes += tally.bytes;
+        }
+    }
+    if let Some(progress) = progress {
+        progress.abort();
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+    }
+    let elapsed = started_at.elapsed().as_secs_f64();
+    let h = &total.histogram;
+    let ms = |us: u64| us as f64 / 1000.0;
+    Ok(LoadReport {
+        url: options.url.clone(),
+        mode: options.mode,
+        connections: options.connections,
+        elapsed_s: elapsed,
+        ok: total.ok,
+        errors: total.failed,
+        errors_by_kind: total.errors,
+        rps: if elapsed > 0.0 {
+            total.ok as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency: if h.is_empty() {
+            Latency::default()
+        } else {
+            Latency {
+                p50_ms: ms(h.value_at_quantile(0.50)),
+                p90_ms: ms(h.value_at_quantile(0.90)),
+                p99_ms: ms(h.value_at_quantile(0.99)),
+                p999_ms: ms(h.value_at_quantile(0.999)),
+                max_ms: ms(h.max()),
+                mean_ms: h.mean() / 1000.0,
+            }
+        },
+        body_bytes: total.bytes,
+    })
+}
+
+async fn progress_line(shared: Arc<Shared>, started: Instant) {
+    let terminal = std::io::stderr().is_terminal();
+    let every = if terminal {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    let mut last = 0u64;
+    loop {
+        tokio::time::sleep(every).await;
+        let done = shared.done.load(Ordering::Relaxed);
+        let failed = shared.failed.load(Ordering::Relaxed);
+        let line = format!(
+            "{:>6.1} s  {done} requests  {:.0} req/s now  {failed} errors",
+            started.elapsed().as_secs_f64(),
+            (done - last) as f64 / every.as_secs_f64()
+        );
+        last = done;
+        if terminal {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(shared: &Shared) -> Result<Sender, String> {
+    let tcp = TcpStream::connect((shared.host.as_str(), shared.port))
+        .await
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = shared
+        .tls
+        .connect(shared.name.clone(), tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// One request on `sender`: the status and its text, and the body's length.
+async fn exchange(shared: &Shared, sender: &mut Sender) -> Result<(u16, String, u64), String> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("connection: {e}"))?;
+    let request = Request::get(shared.path.as_str())
+        .header(hyper::header::HOST, shared.authority.as_str())
+        .header(hyper::header::USER_AGENT, "SMS CCM 5.0")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("connection: {e}"))?;
+    let status = response.status().as_u16();
+    let text = if (200..300).contains(&status) {
+        String::new()
+    } else {
+        response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).to_string())
+            .unwrap_or_else(|| {
+                response
+                    .status()
+                    .canonical_reason()
+                    .unwrap_or("")
+                    .to_string()
+            })
+    };
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            bytes += data.len() as u64;
+        }
+    }
+    Ok((status, text, bytes))
+}
+
+async fn worker(
+    shared: &Shared,
+    mode: Mode,
+    interval: Option<Duration>,
+    offset: Option<Duration>,
+    started: Instant,
+) -> Tally {
+    let mut tally = Tally::new();
+    let mut sender: Option<Sender> = None;
+    let mut due = offset.map(|o| started + o);
+    while shared.ticket() {
+        // At a fixed rate, wait for this request's turn; latency counts from then.
+        let from = match (due, interval) {
+            (Some(at), Some(step)) => {
+                tokio::time::sleep_until(at.into()).await;
+                due = Some(at + step);
+                at
+            }
+            _ => Instant::now(),
+        };
+        let attempt = async {
+            let mut current = match (mode, sender.take()) {
+                (Mode::Keepalive, Some(s)) => s,
+                _ => connect(shared).await?,
+            };
+            let answer = exchange(shared, &mut current).await?;
+            if mode == Mode::Keepalive {
+                sender = Some(current);
+            }
+            Ok::<_, String>(answer)
+        };
+        let outcome = match tokio::time::timeout(shared.timeout, attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("timeout: no answer within {:?}", shared.timeout)),
+        };
+        let took = from.elapsed();
+        shared.done.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok((status, text, bytes)) => {
+                let _ = tally
+                    .histogram
+                    .record((took.as_micros() as u64).max(1));
+                tally.bytes += bytes;
+                if (200..300).contains(&status) {
+                    tally.ok += 1;
+                } else {
+                    tally.error(shared, format!("{status} {text}"));
+                }
+            }
+            Err(kind) => {
+                sender = None;
+                tally.error(shared, kind);
+                // A refused or broken connection must not become a hot loop.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tally
+}
