@@ -1,2 +1,317 @@
 //! `portcullis bench connections`: many idle device connections with mutual TLS held open to
 //! one gateway, to measure what each costs the gateway in memory and how fast they open.
+//!
+//! The bench starts its own gateway process (this binary, a fresh lab PKI) so it can read the
+//! gateway's memory, opens the connections from many source addresses across 127.0.0.0/8 (one
+//! address has only some 28,000 ports toward one server port), holds them, and reads the
+//! gateway's resident memory again.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone)]
+pub struct ConnectionsOptions {
+    /// This very binary: the gateway is started from it.
+    pub program: PathBuf,
+    pub count: usize,
+    /// Handshakes in flight at once while opening.
+    pub concurrency: usize,
+    /// How long to hold the connections before measuring.
+    pub hold: Duration,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionsReport {
+    pub requested: usize,
+    pub opened: usize,
+    /// Connections still open after the hold.
+    pub held: usize,
+    pub failures: BTreeMap<String, usize>,
+    pub open_s: f64,
+    pub opened_per_s: f64,
+    pub gateway_rss_before_mib: f64,
+    pub gateway_rss_after_mib: f64,
+    /// (after - before) / held, in KiB.
+    pub rss_per_connection_kib: f64,
+    /// The open-file limit of this process (the gateway raises its own likewise).
+    pub fd_limit: u64,
+    pub source_addresses: usize,
+}
+
+impl ConnectionsReport {
+    pub fn render_text(&self) -> String {
+        let mut out = format!(
+            "{} of {} idle mutual-TLS connections opened in {:.2} s ({:.0}/s) from {} source addresses; {} still open after the hold\n  gateway RSS: {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection\n  open-file limit: {}\n",
+            self.opened,
+            self.requested,
+            self.open_s,
+            self.opened_per_s,
+            self.source_addresses,
+            self.held,
+            self.gateway_rss_before_mib,
+            self.gateway_rss_after_mib,
+            self.rss_per_connection_kib,
+            self.fd_limit
+        );
+        for (kind, n) in &self.failures {
+            out.push_str(&format!("  failed: {n} x {kind}\n"));
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionsError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Probe(#[from] testkit::probe::ProbeError),
+}
+
+/// Connections per source address: one address has 28,232 ephemeral ports, but the kernel finds
+/// a free one for bind() more slowly the more are taken, so few per address opens fastest.
+const PER_SOURCE: usize = 1_000;
+
+/// Kills the gateway when the bench ends, however it ends.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Resident memory of `pid` in KiB (VmRSS), 0 when unreadable.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` line of /proc/<pid>/status.
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn free_port() -> Result<u16, ConnectionsError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ConnectionsError::Setup(format!("no free port: {e}")))
+}
+
+fn start_gateway(program: &Path, dir: &Path) -> Result<(Gateway, u16), ConnectionsError> {
+    let setup =
+        |what: &str, e: &dyn std::fmt::Display| ConnectionsError::Setup(format!("{what}: {e}"));
+    pki::lab::LabPki::issue(&pki::lab::LabOptions::default())
+        .and_then(|lab| lab.write(dir, false))
+        .map_err(|e| setup("lab PKI", &e))?;
+    let port = free_port()?;
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n"),
+    )
+    .map_err(|e| setup("writing gateway.toml", &e))?;
+    let child = Command::new(program)
+        .args(["gateway", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| setup(&format!("starting {}", program.display()), &e))?;
+    let gateway = Gateway(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+            return Err(ConnectionsError::Setup(format!(
+                "the gateway did not listen on {port} within 20 s; its log:\n{log}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((gateway, port))
+}
+
+pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, ConnectionsError> {
+    let fd_limit = channel::listener::raise_fd_limit();
+    if options.count == 0 {
+        return Err(ConnectionsError::Setup("--count must be at least 1".into()));
+    }
+    // Each connection is one descriptor here and one in the gateway.
+    if fd_limit > 0 && options.count as u64 + 64 > fd_limit {
+        return Err(ConnectionsError::Setup(format!(
+            "--count {} needs more open files than this machine allows ({fd_limit}: `ulimit -Hn`); the gateway needs as many. Raise the hard limit (as root: ulimit -Hn, or LimitNOFILE= in a systemd unit) or ask for fewer",
+            options.count
+        )));
+    }
+    let dir = tempfile_dir()?;
+    let (gateway, port) = start_gateway(&options.program, dir.path())?;
+    let pid = gateway.0.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+
+    let tls = testkit::probe::device_tls(
+        &[dir.path().join("ca/root.crt")],
+        Some(&dir.path().join("devices/device-001.crt")),
+        Some(&dir.path().join("devices/device-001.key")),
+        false,
+    )?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let name = rustls_pki_types::ServerName::try_from("localhost")
+        .map_err(|e| ConnectionsError::Setup(e.to_string()))?;
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let sources = options.count.div_ceil(PER_SOURCE).max(1);
+    let gate = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let open_now = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let started = Instant::now();
+    let progress = options.progress.then(|| {
+        let opened = opened.clone();
+        let count = options.count;
+        tokio::spawn(async move {
+            let terminal = std::io::stderr().is_terminal();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let line = format!(
+                    "{:>5.1} s  {} of {count} connections open",
+                    started.elapsed().as_secs_f64(),
+                    opened.load(Ordering::Relaxed)
+                );
+                if terminal {
+                    eprint!("\r{line}   ");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        })
+    });
+    let mut tasks = Vec::with_capacity(options.count);
+    let (release, released) = tokio::sync::watch::channel(false);
+    for i in 0..options.count {
+        // 127.0.1.1, 127.0.1.2, ... (then 127.0.2.x ...): spread so no address runs short.
+        let n = (i % sources) as u32 + 1;
+        let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 1, 0)) + n + n / 255);
+        let permit = gate.clone().acquire_owned().await;
+        let connector = connector.clone();
+        let name = name.clone();
+        let opened = opened.clone();
+        let open_now = open_now.clone();
+        let failures = failures.clone();
+        let mut released = released.clone();
+        tasks.push(tokio::spawn(async move {
+            let attempt = async {
+                let socket =
+                    tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {}", e.kind()))?;
+                socket
+                    .bind(SocketAddr::from((source, 0)))
+                    .map_err(|e| format!("bind {source}: {}", e.kind()))?;
+                let tcp = socket
+                    .connect(target)
+                    .await
+                    .map_err(|e| format!("connect: {}", e.kind()))?;
+                connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("tls: {e}"))
+            };
+            let stream = tokio::time::timeout(Duration::from_secs(30), attempt).await;
+            drop(permit);
+            let mut stream = match stream {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(kind)) => {
+                    *failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(kind)
+                        .or_default() += 1;
+                    return;
+                }
+                Err(_) => {
+                    *failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry("timeout: 30 s".into())
+                        .or_default() += 1;
+                    return;
+                }
+            };
+            opened.fetch_add(1, Ordering::Relaxed);
+            open_now.fetch_add(1, Ordering::Relaxed);
+            // Idle: wait for the gateway to close it, or for the bench to end.
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                _ = stream.read(&mut byte) => {}
+                _ = released.changed() => {}
+            }
+            open_now.fetch_sub(1, Ordering::Relaxed);
+        }));
+    }
+    // Every attempt has finished its handshake (or failed) once all permits are free again.
+    let _all = gate
+        .acquire_many(options.concurrency.max(1) as u32)
+        .await
+        .map_err(|e| ConnectionsError::Setup(e.to_string()))?;
+    let open_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(options.hold).await;
+    let after = rss_kib(pid);
+    let held = open_now.load(Ordering::Relaxed);
+    if let Some(progress) = progress {
+        progress.abort();
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+    }
+    let _ = release.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    drop(gateway);
+    let opened = opened.load(Ordering::Relaxed);
+    let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(ConnectionsReport {
+        requested: options.count,
+        opened,
+        held,
+        failures,
+        open_s,
+        opened_per_s: if open_s > 0.0 {
+            opened as f64 / open_s
+        } else {
+            0.0
+        },
+        gateway_rss_before_mib: before as f64 / 1024.0,
+        gateway_rss_after_mib: after as f64 / 1024.0,
+        rss_per_connection_kib: if held > 0 {
+            after.saturating_sub(before) as f64 / held as f64
+        } else {
+            0.0
+        },
+        fd_limit,
+        source_addresses: sources,
+    })
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir, ConnectionsError> {
+    tempfile::tempdir().map_err(|e| ConnectionsError::Setup(format!("temporary directory: {e}")))
+}

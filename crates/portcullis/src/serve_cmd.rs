@@ -281,7 +281,12 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
-        let running = Arc::new(gateway::start(config, log.into_log()).await?);
+        let log = log.into_log();
+        let files = channel::listener::raise_fd_limit();
+        log.info(&format!(
+            "Open-file limit: {files} (each device or channel connection takes one)"
+        ));
+        let running = Arc::new(gateway::start(config, log).await?);
         let control = GatewayControl {
             path: args.config.clone(),
             running: running.clone(),
