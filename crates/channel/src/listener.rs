@@ -80,7 +80,10 @@ pub fn raise_fd_limit() -> u64 {
                 }
             }
         }
-        limit.rlim_cur as u64
+        // rlim_t is u64 on Linux but not on every platform.
+        #[allow(clippy::unnecessary_cast)]
+        let current = limit.rlim_cur as u64;
+        current
     }
     #[cfg(not(unix))]
     {
