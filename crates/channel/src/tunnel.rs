@@ -43,6 +43,20 @@ pub mod headers {
         name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
     }
 
+    /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place. Looks first, so
+    /// the common request (nothing to drop) costs no allocation.
+    pub fn strip(map: &mut hyper::HeaderMap) {
+        let unwanted =
+            |name: &hyper::header::HeaderName| is_internal(name.as_str()) || is_hop_by_hop(name.as_str());
+        if map.keys().any(unwanted) {
+            let names: Vec<hyper::header::HeaderName> =
+                map.keys().filter(|n| unwanted(n)).cloned().collect();
+            for name in names {
+                map.remove(&name);
+            }
+        }
+    }
+
     /// Connection-specific headers that must not cross a hop (RFC 9110 7.6.1).
     pub fn is_hop_by_hop(name: &str) -> bool {
         [

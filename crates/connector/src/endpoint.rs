@@ -120,19 +120,19 @@ impl EndpointClient {
         self.certificate.clone()
     }
 
-    /// Sends `request` (its URI is the endpoint's full URL). An answer the device should see as
-    /// it is comes back as `Ok`; a refusal the connector recognises as `Err`.
-    pub async fn forward(&self, request: Request<Body>) -> Result<Answer, Refusal> {
-        let url = request.uri().to_string();
+    /// Sends `request` (its URI is the endpoint's full URL, `url` as text, for refusals). An
+    /// answer the device should see as it is comes back as `Ok`; a refusal the connector
+    /// recognises as `Err`.
+    pub async fn forward(&self, request: Request<Body>, url: &str) -> Result<Answer, Refusal> {
         let call = self.client.request(request);
         let response = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => {
                 return Err(Refusal::new(Cause::EndpointTimeout {
-                    url,
+                    url: url.to_string(),
                     seconds: self.timeout.as_secs(),
                 }))
             }
-            Ok(Err(e)) => return Err(self.transport_refusal(url, &e)),
+            Ok(Err(e)) => return Err(self.transport_refusal(url.to_string(), &e)),
             Ok(Ok(response)) => response,
         };
         let substatus = response
@@ -141,7 +141,7 @@ impl EndpointClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         match classify_endpoint_answer(
-            &url,
+            url,
             response.status().as_u16(),
             substatus,
             self.presents_certificate(),

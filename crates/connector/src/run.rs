@@ -498,7 +498,8 @@ impl Service {
                 .unwrap_or_else(|_| Response::new(tunnel::empty()));
         }
         let message_id = header_text(&request, headers::MESSAGE_ID).unwrap_or_else(|| "-".into());
-        let endpoint = header_text(&request, headers::ENDPOINT).and_then(|e| e.parse::<u64>().ok());
+        let endpoint = header_text_of(request.headers(), headers::ENDPOINT)
+            .and_then(|e| e.parse::<u64>().ok());
         let Some(base) = endpoint.and_then(|e| self.endpoints.get(&e)) else {
             let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
                 endpoint: endpoint.unwrap_or(0),
@@ -518,34 +519,29 @@ impl Service {
         };
         let url_text = url.to_string();
         self.log.info(&forwarding_line(&message_id, &url_text));
-        let (parts, body) = request.into_parts();
-        let mut forward = Request::builder().method(parts.method).uri(url);
-        for (name, value) in &parts.headers {
-            if !headers::is_internal(name.as_str()) && !headers::is_hop_by_hop(name.as_str()) {
-                forward = forward.header(name, value);
-            }
-        }
-        let Ok(forward) = forward.body(body.boxed()) else {
-            return refusal_response(&Refusal::new(channel::refusal::Cause::BadRoute {
-                detail: "the request cannot be rebuilt".into(),
-            }));
-        };
         // The client of this moment: a reload swaps in a new one for later requests.
         let client = self.client.load_full();
         self.log.verbose(|| {
+            let header = |name| header_text_of(request.headers(), name).unwrap_or("-");
             format!(
                 "Message {message_id}: device {} ({}) from {}; presenting {}",
-                header_text_of(&parts.headers, headers::DEVICE_SUBJECT).unwrap_or("-"),
-                header_text_of(&parts.headers, headers::DEVICE_THUMBPRINT).unwrap_or("-"),
-                header_text_of(&parts.headers, headers::DEVICE_ADDRESS).unwrap_or("-"),
+                header(headers::DEVICE_SUBJECT),
+                header(headers::DEVICE_THUMBPRINT),
+                header(headers::DEVICE_ADDRESS),
                 client
                     .selected_label()
                     .map(|c| format!("client certificate {c}"))
                     .unwrap_or_else(|| "no client certificate".into()),
             )
         });
+        // The request goes on as it came, edited in place: the endpoint's URL, and without
+        // the channel's metadata or hop-by-hop headers.
+        let (mut parts, body) = request.into_parts();
+        parts.uri = url;
+        headers::strip(&mut parts.headers);
+        let forward = Request::from_parts(parts, body.boxed());
         let started = Instant::now();
-        let outcome = client.forward(forward).await;
+        let outcome = client.forward(forward, &url_text).await;
         self.log.verbose(|| {
             format!(
                 "Message {message_id}: endpoint call took {} ms",

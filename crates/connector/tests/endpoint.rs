@@ -70,6 +70,7 @@ impl Lab {
     ) -> Result<(u16, Bytes), channel::refusal::Refusal> {
         let base = format!("https://localhost:{port}").parse().unwrap();
         let uri = endpoint_url(&base, path, query).unwrap();
+        let url = uri.to_string();
         let request = hyper::Request::get(uri)
             .body(
                 Full::new(Bytes::new())
@@ -78,7 +79,7 @@ impl Lab {
             )
             .unwrap();
         self.runtime.block_on(async {
-            let response = client.forward(request).await?;
+            let response = client.forward(request, &url).await?;
             let status = response.status().as_u16();
             Ok((
                 status,
@@ -248,7 +249,7 @@ fn a_large_body_streams_both_ways_through_the_client() {
         )
         .unwrap();
     let echoed = lab.runtime.block_on(async {
-        let response = client.forward(request).await.unwrap();
+        let response = client.forward(request, "echo").await.unwrap();
         response.into_body().collect().await.unwrap().to_bytes()
     });
     assert!(echoed == blob, "echo differs: {} bytes back", echoed.len());

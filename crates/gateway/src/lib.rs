@@ -12,6 +12,7 @@ use channel::refusal::{Cause, Refusal};
 use channel::route::{self, Auth, Route};
 use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use logs::cmtrace::Severity;
@@ -221,7 +222,7 @@ struct Shared {
     registry: Arc<Registry>,
     timeout: Duration,
     log: Log,
-    random: ring::rand::SystemRandom,
+    message_ids: MessageIds,
 }
 
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
@@ -258,7 +259,7 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
         log,
-        random: ring::rand::SystemRandom::new(),
+        message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
     });
     let handler_shared = shared.clone();
     let listening = channel::listener::listen(config.listen, move |tcp, peer| {
@@ -369,6 +370,7 @@ async fn connection(
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
     let device = Arc::new(Device {
         addr: peer,
+        addr_header: never_indexed(&peer.to_string()),
         leaf,
         state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
     });
@@ -400,6 +402,8 @@ fn describe_peer(judged: &PeerCert) -> String {
 
 struct Device {
     addr: SocketAddr,
+    /// `addr` as a never-indexed header value, made once per connection.
+    addr_header: HeaderValue,
     /// The certificate it presented (DER), kept to judge it again after a reload.
     leaf: Option<Vec<u8>>,
     state: std::sync::Mutex<Arc<DeviceState>>,
@@ -408,8 +412,10 @@ struct Device {
 /// A device connection's judged certificate, as of one [`DeviceAuth`] generation.
 struct DeviceState {
     judgement: Judgement,
-    /// The trusted certificate's subject as a header value, made once per judgement.
-    subject_header: String,
+    /// The trusted certificate's subject and thumbprint as header values, made once per
+    /// judgement rather than per request.
+    subject_header: HeaderValue,
+    thumbprint_header: HeaderValue,
 }
 
 impl DeviceState {
@@ -417,13 +423,14 @@ impl DeviceState {
         if let Some(warning) = &judgement.warning {
             log.warn(&format!("Device {addr}: {warning}"));
         }
-        let subject_header = match &judgement.cert {
-            Ok(cert) => header_safe(&cert.subject),
-            Err(_) => String::new(),
+        let (subject_header, thumbprint_header) = match &judgement.cert {
+            Ok(cert) => (header_value(&cert.subject), header_value(&cert.thumbprint)),
+            Err(_) => (HeaderValue::from_static(""), HeaderValue::from_static("")),
         };
         DeviceState {
             judgement,
             subject_header,
+            thumbprint_header,
         }
     }
 }
@@ -445,8 +452,8 @@ impl Device {
 /// The device identity a request carries to the connector.
 enum Identity<'a> {
     Certificate {
-        thumbprint: &'a str,
-        subject: &'a str,
+        thumbprint: &'a HeaderValue,
+        subject: &'a HeaderValue,
     },
     Token {
         subject: String,
@@ -457,7 +464,11 @@ enum Identity<'a> {
 impl std::fmt::Display for Identity<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Identity::Certificate { thumbprint, .. } => write!(f, "certificate {thumbprint}"),
+            Identity::Certificate { thumbprint, .. } => write!(
+                f,
+                "certificate {}",
+                thumbprint.to_str().unwrap_or("(not text)")
+            ),
             Identity::Token { subject, id } => write!(f, "token {id} for {subject}"),
         }
     }
@@ -510,8 +521,8 @@ async fn route_request(
         Auth::MutualTls => {
             state = device.state(shared);
             match &state.judgement.cert {
-                Ok(cert) => Identity::Certificate {
-                    thumbprint: &cert.thumbprint,
+                Ok(_) => Identity::Certificate {
+                    thumbprint: &state.thumbprint_header,
                     subject: &state.subject_header,
                 },
                 Err(cause) => return Err(Refusal::new(cause.clone())),
@@ -533,7 +544,7 @@ async fn route_request(
                 .check(authorization, endpoint, path, OffsetDateTime::now_utc())
                 .map_err(|check| Refusal::new(Cause::InvalidToken { check }))?;
             Identity::Token {
-                subject: header_safe(claims.sub.as_deref().unwrap_or_default()),
+                subject: claims.sub.unwrap_or_default(),
                 id: claims.jti.unwrap_or_default(),
             }
         }
@@ -541,40 +552,40 @@ async fn route_request(
     let channel = shared.registry.pick(endpoint)?;
     let started = std::time::Instant::now();
 
-    let message_id = message_id(&shared.random);
+    let message_id = shared.message_ids.next();
     let target = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
-    let (parts, body) = request.into_parts();
-    let mut forward = Request::builder().method(parts.method).uri(target);
-    for (name, value) in &parts.headers {
-        if !headers::is_internal(name.as_str()) && !headers::is_hop_by_hop(name.as_str()) {
-            forward = forward.header(name, value);
-        }
-    }
-    forward = forward
-        .header(headers::MESSAGE_ID, &message_id)
-        .header(headers::ENDPOINT, endpoint.to_string())
-        .header(headers::DEVICE_ADDRESS, device.addr.to_string());
-    forward = match &identity {
+    let (mut parts, body) = request.into_parts();
+    parts.uri = target.parse().map_err(|e: hyper::http::uri::InvalidUri| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })?;
+    // The device's own headers go on as they are, minus hop-by-hop ones and any claim to be
+    // Portcullis metadata; the map is edited in place rather than rebuilt.
+    headers::strip(&mut parts.headers);
+    let map = &mut parts.headers;
+    // Values unique to a request or a connection are sent never-indexed, so they do not churn
+    // the channel's HPACK table (the connector decodes every header of every request).
+    map.insert(headers::MESSAGE_ID, never_indexed(&message_id));
+    map.insert(headers::ENDPOINT, HeaderValue::from(endpoint));
+    map.insert(headers::DEVICE_ADDRESS, device.addr_header.clone());
+    match &identity {
         Identity::Certificate {
             thumbprint,
             subject,
-        } => forward
-            .header(headers::DEVICE_THUMBPRINT, *thumbprint)
-            .header(headers::DEVICE_SUBJECT, *subject),
-        Identity::Token { subject, id } => forward
-            .header(headers::DEVICE_SUBJECT, subject)
-            .header(headers::DEVICE_TOKEN_ID, id),
-    };
-    let forward = forward
-        .body(http_body_util::BodyExt::boxed(body))
-        .map_err(|e| {
-            Refusal::new(Cause::BadRoute {
-                detail: e.to_string(),
-            })
-        })?;
+        } => {
+            map.insert(headers::DEVICE_THUMBPRINT, (*thumbprint).clone());
+            map.insert(headers::DEVICE_SUBJECT, (*subject).clone());
+        }
+        Identity::Token { subject, id } => {
+            map.insert(headers::DEVICE_SUBJECT, header_value(subject));
+            map.insert(headers::DEVICE_TOKEN_ID, never_indexed(id));
+        }
+    }
+    let forward = Request::from_parts(parts, http_body_util::BodyExt::boxed(body));
 
     shared.log.verbose(|| {
         format!(
@@ -641,14 +652,43 @@ fn service_metadata(shared: &Shared) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(tunnel::empty()))
 }
 
-fn message_id(random: &ring::rand::SystemRandom) -> String {
-    let mut bytes = [0u8; 16];
-    if random.fill(&mut bytes).is_err() {
-        // The id only has to be unique enough to follow one request through the logs.
-        let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
-        bytes.copy_from_slice(&nanos.to_be_bytes());
+/// Message ids: 8 random bytes chosen at start (so two gateway instances or two runs do not
+/// repeat each other) and a counter, as 32 hex digits. The id only has to follow one request
+/// through the logs; a counter costs no system call per request, where fresh randomness did.
+struct MessageIds {
+    prefix: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl MessageIds {
+    fn new(random: &ring::rand::SystemRandom) -> MessageIds {
+        let mut bytes = [0u8; 8];
+        if random.fill(&mut bytes).is_err() {
+            let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+            bytes.copy_from_slice(&(nanos as u64).to_be_bytes());
+        }
+        MessageIds {
+            prefix: u64::from_be_bytes(bytes),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
     }
-    pki::cert::hex_upper(&bytes).to_ascii_lowercase()
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.prefix)
+    }
+}
+
+/// A header value for text that may hold anything (subjects): made visible ASCII.
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::try_from(header_safe(text)).unwrap_or_else(|_| HeaderValue::from_static("?"))
+}
+
+/// A header value HPACK must never add to its table.
+fn never_indexed(text: &str) -> HeaderValue {
+    let mut value = header_value(text);
+    value.set_sensitive(true);
+    value
 }
 
 /// Header values must be visible ASCII; subjects may hold anything.
