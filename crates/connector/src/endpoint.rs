@@ -99,7 +99,6 @@ impl EndpointClient {
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))

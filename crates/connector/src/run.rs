@@ -538,6 +538,8 @@ impl Service {
         // the channel's metadata or hop-by-hop headers.
         let (mut parts, body) = request.into_parts();
         parts.uri = url;
+        // It came over the channel as HTTP/2; to the endpoint it goes as HTTP/1.1.
+        parts.version = hyper::Version::HTTP_11;
         headers::strip(&mut parts.headers);
         let forward = Request::from_parts(parts, body.boxed());
         let started = Instant::now();

@@ -566,6 +566,9 @@ async fn route_request(
     // The device's own headers go on as they are, minus hop-by-hop ones and any claim to be
     // Portcullis metadata; the map is edited in place rather than rebuilt.
     headers::strip(&mut parts.headers);
+    // What the device's own connection carried (HTTP/2 stream state, upgrades) stays here.
+    parts.version = hyper::Version::HTTP_11;
+    parts.extensions = hyper::http::Extensions::new();
     let map = &mut parts.headers;
     // Values unique to a request or a connection are sent never-indexed, so they do not churn
     // the channel's HPACK table (the connector decodes every header of every request).
