@@ -54,10 +54,26 @@ impl Chain {
 /// Builds `leaf`'s chain from `pool`, preferring issuers in the order the pool lists them (put
 /// the roots you want the chain to reach first).
 pub fn build(leaf: &Certificate, pool: &[&Certificate]) -> Chain {
+    build_to_anchor(leaf, pool, |_| false)
+}
+
+/// As [`build`], but a certificate for which `is_anchor` holds ends the chain as a root
+/// without its self-signature being checked: a configured trust anchor is trusted as it is,
+/// and checking it again on every device connection would cost a signature verification each.
+pub fn build_to_anchor(
+    leaf: &Certificate,
+    pool: &[&Certificate],
+    is_anchor: impl Fn(&Certificate) -> bool,
+) -> Chain {
     let mut certs = vec![leaf.clone()];
     loop {
         let current = &certs[certs.len() - 1];
-        if current.is_self_issued() && current.is_signed_by(current) {
+        let at_root = if current.is_self_issued() {
+            is_anchor(current) || current.is_signed_by(current)
+        } else {
+            false
+        };
+        if at_root {
             return Chain {
                 certs,
                 end: ChainEnd::Root,

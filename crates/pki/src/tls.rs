@@ -276,7 +276,7 @@ pub fn judge_peer(
         }
     };
     let pool: Vec<&Certificate> = roots.certs.iter().collect();
-    let chain = crate::chain::build(&cert, &pool);
+    let chain = crate::chain::build_to_anchor(&cert, &pool, |c| roots.contains(c));
     if !chain.certs.iter().any(|c| roots.contains(c)) {
         return PeerCert::Untrusted {
             detail: format!(
