@@ -4,7 +4,10 @@
 //! whole; a connection judged under an older one is judged again on its next request, so a
 //! revocation or a key leaving the configuration takes effect at once.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use channel::refusal::Cause;
 use pki::crl::{CrlPolicy, RevocationList, RevocationStatus};
@@ -22,7 +25,26 @@ pub struct DeviceAuth {
     pub revocation: Option<Revocation>,
     /// Present when `[tokens]` is configured.
     pub tokens: Option<TokenPolicy>,
+    /// Devices already judged trusted under these settings, so a device that reconnects
+    /// costs no chain verification (one P-256 signature check each).
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// The earliest moment a trusted root stops being valid: no cached judgement outlives it.
+    roots_valid_until: OffsetDateTime,
 }
+
+/// A device certificate judged trusted, and how long that judgement may be reused.
+struct Cached {
+    cert: Box<Certificate>,
+    warning: Option<String>,
+    valid_from: OffsetDateTime,
+    valid_until: OffsetDateTime,
+    stored: Instant,
+}
+
+/// The most device certificates remembered; past it the cache starts over.
+const CACHE_ENTRIES: usize = 16_384;
+/// A cached judgement is redone after this long, so a CRL going stale is noticed.
+const CACHE_TTL: Duration = Duration::from_secs(300);
 
 pub struct Revocation {
     pub crls: Vec<RevocationList>,
@@ -74,11 +96,19 @@ impl DeviceAuth {
             }
         });
         let tokens = tokens.map(TokenPolicy::load).transpose()?;
+        let roots_valid_until = roots
+            .certs
+            .iter()
+            .map(|r| r.not_after)
+            .min()
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         Ok(DeviceAuth {
             generation,
             roots,
             revocation,
             tokens,
+            cache: Mutex::new(HashMap::new()),
+            roots_valid_until,
         })
     }
 
@@ -108,8 +138,51 @@ impl DeviceAuth {
         parts.join("; ")
     }
 
-    /// Judges a device's leaf certificate (DER): trusted root, validity, then revocation.
+    /// Judges a device's leaf certificate (DER): trusted root, validity, then revocation. A
+    /// certificate judged trusted before under these settings is taken from the cache while
+    /// it and the roots are valid and for at most [`CACHE_TTL`].
     pub fn judge(&self, leaf: Option<&[u8]>, now: OffsetDateTime) -> Judgement {
+        let Some(der) = leaf else {
+            return self.judge_uncached(None, now);
+        };
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hit) = cache.get(&key) {
+                if now >= hit.valid_from
+                    && now <= hit.valid_until
+                    && hit.stored.elapsed() < CACHE_TTL
+                {
+                    return Judgement {
+                        generation: self.generation,
+                        cert: Ok(hit.cert.clone()),
+                        warning: hit.warning.clone(),
+                    };
+                }
+            }
+        }
+        let judged = self.judge_uncached(leaf, now);
+        if let Ok(cert) = &judged.cert {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(
+                key,
+                Cached {
+                    cert: cert.clone(),
+                    warning: judged.warning.clone(),
+                    valid_from: cert.not_before,
+                    valid_until: cert.not_after.min(self.roots_valid_until),
+                    stored: Instant::now(),
+                },
+            );
+        }
+        judged
+    }
+
+    fn judge_uncached(&self, leaf: Option<&[u8]>, now: OffsetDateTime) -> Judgement {
         let judged = |cert, warning| Judgement {
             generation: self.generation,
             cert,
