@@ -243,6 +243,11 @@ pub fn server_config_with_policy(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain, identity.key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Session tickets let a returning client resume without a full handshake (no signature
+    // either way), and cost the server no memory per session: the state travels in the
+    // ticket, encrypted with keys that rotate every 6 hours. Resumed sessions keep the
+    // client's certificate, so it is judged as on the first connection.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)
 }
 
