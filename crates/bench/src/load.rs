@@ -198,7 +198,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         )));
     }
     if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err(LoadError::Options("--rate must be a positive number".into()));
+        return Err(LoadError::Options(
+            "--rate must be a positive number".into(),
+        ));
     }
     let duration = match (options.duration, options.requests) {
         (None, None) => Some(Duration::from_secs(10)),
@@ -434,9 +436,7 @@ async fn worker(
         shared.done.fetch_add(1, Ordering::Relaxed);
         match outcome {
             Ok((status, text, bytes)) => {
-                let _ = tally
-                    .histogram
-                    .record((took.as_micros() as u64).max(1));
+                let _ = tally.histogram.record((took.as_micros() as u64).max(1));
                 tally.bytes += bytes;
                 if (200..300).contains(&status) {
                     tally.ok += 1;

@@ -43,34 +43,35 @@ pub mod headers {
         name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
     }
 
-    /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place. Looks first, so
-    /// the common request (nothing to drop) costs no allocation.
+    /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place, in one pass over
+    /// the names (allocating only when there is something to drop).
     pub fn strip(map: &mut hyper::HeaderMap) {
-        let unwanted =
-            |name: &hyper::header::HeaderName| is_internal(name.as_str()) || is_hop_by_hop(name.as_str());
-        if map.keys().any(unwanted) {
-            let names: Vec<hyper::header::HeaderName> =
-                map.keys().filter(|n| unwanted(n)).cloned().collect();
-            for name in names {
-                map.remove(&name);
+        // A HeaderName is always lower case, so exact comparisons suffice here.
+        let mut unwanted = Vec::new();
+        for name in map.keys() {
+            let text = name.as_str();
+            if text.starts_with(PREFIX) || is_hop_by_hop_lower(text) {
+                unwanted.push(name.clone());
             }
+        }
+        for name in unwanted {
+            map.remove(&name);
         }
     }
 
-    /// Connection-specific headers that must not cross a hop (RFC 9110 7.6.1).
-    pub fn is_hop_by_hop(name: &str) -> bool {
-        [
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "transfer-encoding",
-            "upgrade",
-            "te",
-            "trailer",
-            "host",
-        ]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+    /// Connection-specific headers that must not cross a hop (RFC 9110 7.6.1), lower case.
+    fn is_hop_by_hop_lower(name: &str) -> bool {
+        matches!(
+            name,
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "te"
+                | "trailer"
+                | "host"
+        )
     }
 }
 
