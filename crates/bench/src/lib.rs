@@ -4,3 +4,4 @@
 pub mod compare;
 pub mod connections;
 pub mod load;
+pub mod procstat;

@@ -25,6 +25,73 @@ pub enum BenchCommand {
     ///
     /// Exit status: 0 when every request got a 2xx answer; 1 when any failed; 2 on bad usage.
     Load(LoadArgs),
+    /// Hold many idle device connections (mutual TLS) to a gateway and report its memory per
+    /// connection and how fast they opened.
+    ///
+    /// Starts its own gateway process (a fresh lab PKI in a temporary directory), reads the
+    /// gateway's resident memory, opens --count connections from source addresses spread over
+    /// 127.0.1.0 and up (1,000 per address), holds them for --hold seconds, and reads the memory
+    /// again. Each connection is one open file here and one in the gateway: the count is bound
+    /// by the hard open-file limit (`ulimit -Hn`), which both processes raise themselves to.
+    ///
+    /// Exit status: 0 when every connection opened and was still open after the hold; 1
+    /// otherwise; 2 on bad usage.
+    Connections(ConnectionsArgs),
+    /// Measure Portcullis side by side with nginx+rathole and nginx, behind the same management
+    /// point, under the same load.
+    ///
+    /// One run on loopback, all state in a temporary directory (removed at the end unless
+    /// --keep): a lab PKI, one reference management point (`portcullis mp`, client
+    /// certificates required) shared by every system, then for each system and mode a fresh
+    /// start, a wait until it answers (at most 20 s), --warmup seconds of load, --duration
+    /// seconds measured, and a stop. Systems:
+    ///
+    ///   direct          devices straight to the management point (the floor; no proxy)
+    ///   portcullis      device -> gateway -> channel -> connector -> management point
+    ///   nginx+rathole   nginx terminating device mutual TLS, proxying over TLS (the
+    ///                   connector's client-auth certificate, upstream keep-alive pool) into a
+    ///                   rathole tunnel (plain TCP transport) whose client sits beside the
+    ///                   management point
+    ///   nginx           nginx as a single-hop mutual-TLS reverse proxy
+    ///
+    /// Modes: keepalive (HTTP/1.1 keep-alive) and handshake (a new TCP connection and full TLS
+    /// handshake per request). Every run: --connections devices with certificate device-001,
+    /// closed loop, GET /SMS_MP/.sms_aut?MPLIST.
+    ///
+    /// Prints one table: req/s, p50/p99 latency, the CPU seconds (user + system over the
+    /// measured run) and summed peak RSS (VmHWM) of the system's own processes (nginx's
+    /// workers included; "-" for direct), errors, and each row's req/s relative to portcullis
+    /// in the same mode. --json prints {"rows":[{"system", "mode", "rps", "p50_ms", "p99_ms",
+    /// "cpu_s", "peak_rss_mib", "errors", ...}], "skipped": [...], "failed": [...]}.
+    ///
+    /// Tools: nginx (Debian's /usr/sbin/nginx, or on PATH) and rathole (on PATH, or
+    /// target/bench-tools/bin/rathole). scripts/install-bench-tools.sh installs both
+    /// (apt-get install nginx; cargo install rathole --root target/bench-tools). A system
+    /// whose tool is missing is skipped with a line saying so.
+    ///
+    /// The load generator runs in this process, on the same machine: the figures are only
+    /// comparable with each other, and only when the machine is otherwise idle. Use a release
+    /// build (cargo build --release -p portcullis).
+    ///
+    /// Exit status: 0 when every run completed with no errors; 1 when a run failed or had
+    /// errors, or a requested system was skipped; 2 on bad usage.
+    #[command(verbatim_doc_comment)]
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct ConnectionsArgs {
+    /// How many connections.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub count: usize,
+    /// Handshakes in flight at once while opening.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds to hold them before measuring.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub hold: f64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,7 +156,32 @@ fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Load(args) => load(args),
+        BenchCommand::Connections(args) => connections(args),
+        BenchCommand::Compare(args) => compare(args),
     }
+}
+
+fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
+    let options = bench::connections::ConnectionsOptions {
+        program: std::env::current_exe().context("finding this program")?,
+        count: args.count,
+        concurrency: args.concurrency,
+        hold: Duration::try_from_secs_f64(args.hold)
+            .with_context(|| format!("--hold: {} is not a number of seconds", args.hold))?,
+        progress: true,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = runtime.block_on(bench::connections::run(&options))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    Ok(if report.held == report.requested {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
@@ -101,7 +193,10 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         connections: args.connections,
         mode: args.mode.into(),
         rate: args.rate,
-        duration: args.duration.map(|d| seconds(d, "--duration")).transpose()?,
+        duration: args
+            .duration
+            .map(|d| seconds(d, "--duration"))
+            .transpose()?,
         requests: args.requests,
         tls_resumption: args.tls_resumption,
         timeout: seconds(args.timeout, "--timeout")?,
@@ -115,6 +210,100 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         print!("{}", report.render_text());
     }
     Ok(if report.errors == 0 && report.ok > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SystemArg {
+    Direct,
+    Portcullis,
+    #[value(name = "nginx+rathole")]
+    NginxRathole,
+    Nginx,
+}
+
+impl From<SystemArg> for bench::compare::System {
+    fn from(s: SystemArg) -> Self {
+        use bench::compare::System;
+        match s {
+            SystemArg::Direct => System::Direct,
+            SystemArg::Portcullis => System::Portcullis,
+            SystemArg::NginxRathole => System::NginxRathole,
+            SystemArg::Nginx => System::Nginx,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Systems to run, in this order, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,portcullis,nginx+rathole,nginx"
+    )]
+    pub systems: Vec<SystemArg>,
+    /// Modes to run for each system, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "keepalive,handshake"
+    )]
+    pub modes: Vec<ModeArg>,
+    /// Concurrent device connections (closed loop) in every run.
+    #[arg(long, short = 'c', value_name = "N", default_value_t = 32)]
+    pub connections: usize,
+    /// Seconds of measured load per system and mode.
+    #[arg(long, short = 'd', value_name = "SECS", default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of load before each measured run, not counted (0: none).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub warmup: f64,
+    /// nginx to run (default: /usr/sbin/nginx, then nginx on PATH).
+    #[arg(long, value_name = "FILE")]
+    pub nginx: Option<PathBuf>,
+    /// rathole to run (default: rathole on PATH, then target/bench-tools/bin/rathole).
+    #[arg(long, value_name = "FILE")]
+    pub rathole: Option<PathBuf>,
+    /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
+    let mut options = bench::compare::CompareOptions::new(
+        std::env::current_exe().context("finding this program")?,
+    );
+    options.systems = args.systems.iter().map(|&s| s.into()).collect();
+    options.modes = args.modes.iter().map(|&m| m.into()).collect();
+    options.connections = args.connections;
+    options.duration = seconds(args.duration, "--duration")?;
+    options.warmup = if args.warmup == 0.0 {
+        Duration::ZERO
+    } else {
+        seconds(args.warmup, "--warmup")?
+    };
+    options.nginx = args.nginx;
+    options.rathole = args.rathole;
+    options.keep = args.keep;
+    let report = bench::compare::run(&options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    let clean = report.failed.is_empty()
+        && report.skipped.is_empty()
+        && report.rows.iter().all(|r| r.errors == 0 && r.ok > 0);
+    Ok(if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -1,0 +1,196 @@
+//! `portcullis bench load` and `portcullis bench compare`, briefly, as processes: they run,
+//! every request is answered, the JSON has what it promises. No performance assertions.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// A child process killed when dropped (also when an assertion fails).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `portcullis dev --port 0` in `dir`: the process and the device URL of its "Try:" lines.
+fn start_dev(dir: &Path) -> (Child, String) {
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["dev", "--port", "0"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("portcullis dev starts"),
+    );
+    let mut reader = std::io::BufReader::new(child.0.stdout.take().expect("piped stdout"));
+    let mut shown = String::new();
+    let mut url = None;
+    for _ in 0..200 {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        shown.push_str(&line);
+        if url.is_none() && line.trim_start().starts_with("curl") && line.contains("--cert") {
+            url = line.split('\'').nth(1).map(str::to_string);
+        }
+        if line.starts_with("Running; press Ctrl-C") {
+            break;
+        }
+    }
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let url = url.unwrap_or_else(|| panic!("no device URL in dev's output:\n{shown}"));
+    (child, url)
+}
+
+#[test]
+fn bench_load_against_dev_in_both_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_dev, url) = start_dev(tmp.path());
+    let lab = tmp.path().join("portcullis-dev");
+    for mode in ["keepalive", "handshake"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["bench", "load", &url, "--ca"])
+            .arg(lab.join("ca/root.crt"))
+            .arg("--cert")
+            .arg(lab.join("devices/device-001.crt"))
+            .arg("--key")
+            .arg(lab.join("devices/device-001.key"))
+            .args([
+                "--mode",
+                mode,
+                "--connections",
+                "4",
+                "--duration",
+                "0.5",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{mode}: {}", text(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{mode}: not JSON ({e}): {}", text(&out)));
+        assert_eq!(report["mode"], mode, "{report}");
+        assert!(report["ok"].as_u64().unwrap_or(0) > 0, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert!(report["rps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
+        assert!(report["latency"]["p99_ms"].as_f64().is_some(), "{report}");
+    }
+}
+
+/// rathole where `bench compare` looks for it: on PATH, or target/bench-tools/bin.
+fn rathole_found() -> bool {
+    let program = PathBuf::from(env!("CARGO_BIN_EXE_portcullis"));
+    let in_target = program
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("bench-tools/bin/rathole"));
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("rathole"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    in_target.into_iter().chain(on_path).any(|p| p.is_file())
+}
+
+#[test]
+fn bench_compare_runs_every_system_it_can_and_reports_each_row() {
+    let mut systems = vec!["direct", "portcullis"];
+    if Path::new("/usr/sbin/nginx").exists() {
+        systems.push("nginx");
+        if rathole_found() {
+            systems.push("nginx+rathole");
+        } else {
+            eprintln!(
+                "rathole not installed (scripts/install-bench-tools.sh): nginx+rathole not run"
+            );
+        }
+    } else {
+        eprintln!("nginx not installed (scripts/install-bench-tools.sh): nginx systems not run");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["bench", "compare", "--systems", &systems.join(",")])
+        .args(["--duration", "0.5", "--warmup", "0.1", "--connections", "4"])
+        .arg("--json")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), systems.len() * 2, "{said}");
+    for system in &systems {
+        for mode in ["keepalive", "handshake"] {
+            let row = rows
+                .iter()
+                .find(|r| r["system"] == *system && r["mode"] == mode)
+                .unwrap_or_else(|| panic!("no {system} {mode} row: {said}"));
+            assert!(row["rps"].as_f64().unwrap_or(0.0) > 0.0, "{row}");
+            assert_eq!(row["errors"], 0, "{row}");
+            for key in ["p50_ms", "p99_ms", "cpu_s", "peak_rss_mib"] {
+                assert!(row[key].as_f64().is_some(), "{key} in {row}");
+            }
+            let proxy = *system != "direct";
+            assert_eq!(
+                row["peak_rss_mib"].as_f64().unwrap_or(0.0) > 0.0,
+                proxy,
+                "{row}"
+            );
+            if *system == "portcullis" {
+                assert_eq!(row["vs_portcullis"].as_f64(), Some(1.0), "{row}");
+            }
+        }
+    }
+    assert!(
+        report["failed"].as_array().is_some_and(|f| f.is_empty()),
+        "{said}"
+    );
+    // Progress on standard error names each run.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("portcullis keepalive"), "{stderr}");
+}
+
+#[test]
+fn bench_compare_names_the_install_script_for_a_missing_tool() {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "compare",
+            "--systems",
+            "nginx",
+            "--modes",
+            "keepalive",
+        ])
+        .args([
+            "--nginx",
+            "/nonexistent/nginx",
+            "--duration",
+            "0.2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
+    assert_eq!(report["rows"].as_array().map(Vec::len), Some(0), "{said}");
+    assert_eq!(report["skipped"][0]["system"], "nginx", "{said}");
+    assert!(said.contains("skipping nginx"), "{said}");
+    assert!(said.contains("scripts/install-bench-tools.sh"), "{said}");
+}
