@@ -418,12 +418,28 @@ async fn worker(
             _ => Instant::now(),
         };
         let attempt = async {
-            let mut current = match (mode, sender.take()) {
-                (Mode::Keepalive, Some(s)) => s,
-                _ => connect(shared).await?,
+            // A kept-alive connection the server has since closed is replaced, as a device's
+            // HTTP stack does; so is one that fails before any answer (the server closed it
+            // while the request was on its way). Neither is the server failing a request.
+            let reused = match (mode, sender.take()) {
+                (Mode::Keepalive, Some(s)) if !s.is_closed() => Some(s),
+                _ => None,
             };
-            let answer = exchange(shared, &mut current).await?;
-            if mode == Mode::Keepalive {
+            let was_reused = reused.is_some();
+            let mut current = match reused {
+                Some(current) => current,
+                None => connect(shared).await?,
+            };
+            let answer = match exchange(shared, &mut current).await {
+                Ok(answer) => answer,
+                Err(_) if was_reused => {
+                    current = connect(shared).await?;
+                    exchange(shared, &mut current).await?
+                }
+                Err(e) => return Err(e),
+            };
+            if mode == Mode::Keepalive && !current.is_closed() {
+                current.ready().await.ok();
                 sender = Some(current);
             }
             Ok::<_, String>(answer)
