@@ -111,16 +111,8 @@ impl From<ModeArg> for Mode {
 
 #[derive(Args)]
 pub struct LoadArgs {
-    /// e.g. https://localhost:8443/CCM_PROXY_MUTUALAUTH/72057594037927939/SMS_MP/.sms_aut?MPLIST
-    pub url: String,
-    /// Root CA(s) the server's certificate must chain to.
-    #[arg(long, value_name = "F", required = true)]
-    pub ca: Vec<PathBuf>,
-    /// The device's client certificate (PEM) and key.
-    #[arg(long, value_name = "F", requires = "key")]
-    pub cert: Option<PathBuf>,
-    #[arg(long, value_name = "F", requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: crate::probe_cmd::DeviceArgs,
     /// Concurrent connections.
     #[arg(long, short = 'c', value_name = "N", default_value_t = 32)]
     pub connections: usize,
@@ -144,6 +136,25 @@ pub struct LoadArgs {
     pub timeout: f64,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Prints a bench's report as JSON or text; exit 0 when the run was `clean`, 1 otherwise.
+fn show(
+    report: &impl serde::Serialize,
+    text: &str,
+    json: bool,
+    clean: bool,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn seconds(value: f64, what: &str) -> anyhow::Result<Duration> {
@@ -172,24 +183,16 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let report = runtime.block_on(bench::connections::run(&options))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render_text());
-    }
-    Ok(if report.held == report.requested {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let clean = report.held == report.requested;
+    show(&report, &report.render_text(), args.json, clean)
 }
 
 fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let options = LoadOptions {
-        url: args.url,
-        ca: args.ca,
-        cert: args.cert,
-        key: args.key,
+        url: args.device.url,
+        ca: args.device.ca,
+        cert: args.device.cert,
+        key: args.device.key,
         connections: args.connections,
         mode: args.mode.into(),
         rate: args.rate,
@@ -204,16 +207,8 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let report = runtime.block_on(bench::load::run(&options))?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render_text());
-    }
-    Ok(if report.errors == 0 && report.ok > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    let clean = report.errors == 0 && report.ok > 0;
+    show(&report, &report.render_text(), args.json, clean)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -295,17 +290,8 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     options.rathole = args.rathole;
     options.keep = args.keep;
     let report = bench::compare::run(&options)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render_text());
-    }
     let clean = report.failed.is_empty()
         && report.skipped.is_empty()
         && report.rows.iter().all(|r| r.errors == 0 && r.ok > 0);
-    Ok(if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    show(&report, &report.render_text(), args.json, clean)
 }

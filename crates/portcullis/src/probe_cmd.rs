@@ -23,17 +23,8 @@ use testkit::probe::{self, ProbeOptions};
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ProbeArgs {
-    /// The URL, e.g. https://localhost:8443/CCM_PROXY_MUTUALAUTH/72057594037927939/SMS_MP/.sms_aut?MPLIST
-    pub url: String,
-    /// Root CA(s) the gateway's server certificate must chain to (file or directory; repeat).
-    #[arg(long, value_name = "F", required = true)]
-    pub ca: Vec<PathBuf>,
-    /// The device's client certificate (PEM), for CCM_PROXY_MUTUALAUTH routes.
-    #[arg(long, value_name = "F", requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// The private key of --cert.
-    #[arg(long, value_name = "F", requires = "cert")]
-    pub key: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// A bearer token, for CCM_PROXY_SERVERAUTH routes.
     #[arg(long, value_name = "T")]
     pub token: Option<String>,
@@ -51,14 +42,31 @@ pub struct ProbeArgs {
     pub http2: bool,
 }
 
+/// What a device request needs: where, whom to trust, and the device's certificate. Shared by
+/// `probe` and `bench load`.
+#[derive(Args)]
+pub struct DeviceArgs {
+    /// The URL, e.g. https://localhost:8443/CCM_PROXY_MUTUALAUTH/72057594037927939/SMS_MP/.sms_aut?MPLIST
+    pub url: String,
+    /// Root CA(s) the gateway's server certificate must chain to (file or directory; repeat).
+    #[arg(long, value_name = "F", required = true)]
+    pub ca: Vec<PathBuf>,
+    /// The device's client certificate (PEM), for CCM_PROXY_MUTUALAUTH routes.
+    #[arg(long, value_name = "F", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert.
+    #[arg(long, value_name = "F", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
 const MAX_OUTPUT_BODY: usize = 256 * 1024 * 1024;
 
 pub fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let options = ProbeOptions {
-        url: args.url.clone(),
-        ca: args.ca.clone(),
-        cert: args.cert.clone(),
-        key: args.key.clone(),
+        url: args.device.url.clone(),
+        ca: args.device.ca.clone(),
+        cert: args.device.cert.clone(),
+        key: args.device.key.clone(),
         token: args.token.clone(),
         timeout: Duration::from_secs(args.timeout.max(1)),
         http2: args.http2,
