@@ -341,6 +341,32 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
     assert!(body.contains("revoked.crl"), "{body}");
     assert_eq!(status("device-002").0, 200);
 
+    // A CRL past its next update is stale: the status is unknown, and refused by default.
+    openssl(
+        &ca,
+        &[
+            "ca",
+            "-config",
+            cnf,
+            "-gencrl",
+            "-crlsec",
+            "1",
+            "-out",
+            "stale.crl",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    system
+        .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/stale.crl\"]\n")
+        .unwrap();
+    assert_eq!(
+        status("device-002"),
+        (403, "CMGService_Revocationcheckfailed".to_string())
+    );
+    let report = system.probe(&path, Some("device-002"));
+    let body = String::from_utf8_lossy(&report.body);
+    assert!(body.contains("is stale"), "{body}");
+
     // A CRL that cannot be read: refused by default, let in with a warning when allowed.
     system
         .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/missing.crl\"]\n")
