@@ -518,7 +518,8 @@ impl Service {
             }
         };
         let url_text = url.to_string();
-        self.log.info(&forwarding_line(&message_id, &url_text));
+        self.log
+            .info_with(|| forwarding_line(&message_id, &url_text));
         // The client of this moment: a reload swaps in a new one for later requests.
         let client = self.client.load_full();
         self.log.verbose(|| {
@@ -553,12 +554,14 @@ impl Service {
         match outcome {
             Ok(answer) => {
                 let status = answer.status();
-                self.log.info(&received_line(
-                    &message_id,
-                    &url_text,
-                    status.as_u16(),
-                    status.canonical_reason().unwrap_or(""),
-                ));
+                self.log.info_with(|| {
+                    received_line(
+                        &message_id,
+                        &url_text,
+                        status.as_u16(),
+                        status.canonical_reason().unwrap_or(""),
+                    )
+                });
                 let (parts, body) = answer.into_parts();
                 Response::from_parts(parts, body.boxed())
             }
