@@ -115,34 +115,3 @@ fn header() -> String {
         now.second()
     )
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_seed_line_shape() {
-        let entry = W3cEntry {
-            at: time::macros::datetime!(2026-11-24 14:03:07 UTC),
-            server_ip: "10.0.0.5".parse().unwrap(),
-            method: "GET",
-            uri_stem: "/SMS_MP/.sms_aut",
-            uri_query: Some("SITESIGNCERT"),
-            server_port: 443,
-            username: None,
-            client_ip: "10.0.0.9".parse().unwrap(),
-            user_agent: Some("SMS CCM 5.0"),
-            referer: None,
-            status: 403,
-            substatus: 7,
-            win32_status: 0,
-            bytes_sent: 5573,
-            time_taken_ms: 11,
-        };
-        assert_eq!(
-            entry.line(),
-            "2026-11-24 14:03:07 10.0.0.5 GET /SMS_MP/.sms_aut SITESIGNCERT 443 - 10.0.0.9 SMS+CCM+5.0 - 403 7 0 5573 11"
-        );
-        assert_eq!(entry.line().split(' ').count(), FIELDS.split(' ').count());
-    }
-}

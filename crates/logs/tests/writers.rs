@@ -86,6 +86,8 @@ fn w3c_golden_file() {
         lines[4],
         "2026-11-24 14:03:07 10.0.0.5 GET /SMS_MP/.sms_aut SITESIGNCERT 443 - 10.0.0.9 SMS+CCM+5.0 - 403 7 0 5573 11"
     );
+    // Every field is one space-separated word, as many as #Fields names.
+    assert_eq!(lines[4].split(' ').count(), FIELDS.split(' ').count());
     assert_eq!(lines[5], "");
     assert_eq!(lines.len(), 6);
 }

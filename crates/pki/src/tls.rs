@@ -63,6 +63,15 @@ impl Identity {
     }
 }
 
+/// `roots` as rustls trust anchors.
+fn root_store(roots: &RootSet) -> std::result::Result<rustls::RootCertStore, rustls::Error> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in &roots.certs {
+        store.add(CertificateDer::from(root.der().to_vec()))?;
+    }
+    Ok(store)
+}
+
 /// A rustls client configuration that trusts `roots`, waiting for its client-auth choice.
 pub fn client_config(
     roots: &RootSet,
@@ -70,16 +79,12 @@ pub fn client_config(
     rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
     rustls::Error,
 > {
-    let mut store = rustls::RootCertStore::empty();
-    for root in &roots.certs {
-        store.add(CertificateDer::from(root.der().to_vec()))?;
-    }
     Ok(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(store),
+        .with_root_certificates(root_store(roots)?),
     )
 }
 
@@ -95,13 +100,9 @@ pub fn client_config_checking_revocation(
     rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
     rustls::Error,
 > {
-    let mut store = rustls::RootCertStore::empty();
-    for root in &roots.certs {
-        store.add(CertificateDer::from(root.der().to_vec()))?;
-    }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        std::sync::Arc::new(store),
+        std::sync::Arc::new(root_store(roots)?),
         provider.clone(),
     )
     .with_crls(

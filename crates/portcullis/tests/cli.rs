@@ -573,21 +573,21 @@ fn doctor_logs_names_the_cause_of_our_own_failing_scenarios() {
     assert!(wait_for_channels(&lab, port, 2));
     let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
     let root = lab.join("ca/root.crt");
-    let stranger = [
-        other.join("devices/device-001.crt"),
-        other.join("devices/device-001.key"),
-    ];
-    expect_exit(
-        &portcullis(&[
+    // A device of `pki` (a lab directory) probes the MUTUALAUTH URL.
+    let probe_as = |pki: &Path| {
+        portcullis(&[
             "probe",
             &url,
             "--ca",
             p(&root),
             "--cert",
-            p(&stranger[0]),
+            p(&pki.join("devices/device-001.crt")),
             "--key",
-            p(&stranger[1]),
-        ]),
+            p(&pki.join("devices/device-001.key")),
+        ])
+    };
+    expect_exit(
+        &probe_as(&other),
         1,
         "CMGService_Untrustedclientcertificate",
     );
@@ -617,24 +617,7 @@ fn doctor_logs_names_the_cause_of_our_own_failing_scenarios() {
     while channels_at(&lab, port) > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let device = [
-        lab.join("devices/device-001.crt"),
-        lab.join("devices/device-001.key"),
-    ];
-    expect_exit(
-        &portcullis(&[
-            "probe",
-            &url,
-            "--ca",
-            p(&root),
-            "--cert",
-            p(&device[0]),
-            "--key",
-            p(&device[1]),
-        ]),
-        1,
-        "CMGService_Noconnectorchannel",
-    );
+    expect_exit(&probe_as(&lab), 1, "CMGService_Noconnectorchannel");
     wait_for_text(&gateway_log, "CMGService_Noconnectorchannel", 1);
 
     let report = doctor_logs(&[&lab.join("logs")], 1);
