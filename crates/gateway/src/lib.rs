@@ -379,24 +379,15 @@ async fn connection(
         let device = device.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) }
     });
-    // ALPN already said which HTTP the device speaks, so the connection is served by that
-    // protocol directly rather than by sniffing its first bytes through an extra layer.
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let io = TokioIo::new(tls);
-    if h2 {
-        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .serve_connection(io, service)
-            .await;
-    } else {
-        // With a timer, hyper drops a client that takes over 30 s to send its request headers
-        // (slow-loris).
-        let _ = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(io, service)
-            .await;
-    }
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its request
+    // headers (slow-loris); HTTP/2 needs the same timer for its own timeouts.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
 }
 
 fn describe_peer(judged: &PeerCert) -> String {
