@@ -247,9 +247,19 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         let shared = shared.clone();
         tokio::spawn(progress_line(shared, started_at))
     });
+    // Each connection sends every connections/rate seconds; a rate so small that the interval
+    // is not a duration at all is refused rather than allowed to panic.
     let interval = options
         .rate
-        .map(|rate| Duration::from_secs_f64(options.connections as f64 / rate));
+        .map(|rate| {
+            Duration::try_from_secs_f64(options.connections as f64 / rate).map_err(|_| {
+                LoadError::Options(format!(
+                    "--rate {rate} is too small for {} connections",
+                    options.connections
+                ))
+            })
+        })
+        .transpose()?;
     let mut workers = Vec::with_capacity(options.connections);
     for n in 0..options.connections {
         let shared = shared.clone();

@@ -285,6 +285,93 @@ pub fn classify_endpoint_answer(
     Some(Refusal::new(cause))
 }
 
+impl Cause {
+    /// One of each cause, with details as they might read, for tests and documentation. The
+    /// match below names every variant, so adding one does not compile until someone comes
+    /// here (and adds an example to the list beside it).
+    pub fn examples() -> Vec<Cause> {
+        let url = || "https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT".to_string();
+        let all = vec![
+            Cause::BadRoute {
+                detail: "no CCM_PROXY_ prefix".into(),
+            },
+            Cause::DeviceCertificateMissing,
+            Cause::DeviceCertificateUntrusted {
+                detail: "issuer CN=Fabrikam Root is not trusted".into(),
+            },
+            Cause::DeviceCertificateNotTimeValid {
+                detail: "expired 2026-01-01".into(),
+            },
+            Cause::DeviceCertificateRevoked {
+                detail: "serial 01".into(),
+            },
+            Cause::DeviceRevocationUnknown {
+                detail: "no CRL from CN=Contoso Issuing CA".into(),
+            },
+            Cause::InvalidToken {
+                check: "expired".into(),
+            },
+            Cause::UnknownEndpoint { endpoint: 3456 },
+            Cause::NoChannel { endpoint: 3456 },
+            Cause::ConnectorTimeout {
+                endpoint: 3456,
+                seconds: 30,
+            },
+            Cause::ChannelBroken {
+                detail: "stream reset".into(),
+            },
+            Cause::EndpointNeedsClientCertificate {
+                url: url(),
+                presented: false,
+            },
+            Cause::EndpointForbidden {
+                url: url(),
+                substatus: None,
+            },
+            Cause::EndpointUnauthorized { url: url() },
+            Cause::EndpointFailed {
+                url: url(),
+                status: 500,
+            },
+            Cause::EndpointUnreachable {
+                url: url(),
+                detail: "connection refused".into(),
+            },
+            Cause::EndpointTlsFailed {
+                url: url(),
+                detail: "invalid peer certificate: UnknownIssuer".into(),
+            },
+            Cause::EndpointTimeout {
+                url: url(),
+                seconds: 30,
+            },
+        ];
+        for cause in &all {
+            match cause {
+                Cause::BadRoute { .. }
+                | Cause::DeviceCertificateMissing
+                | Cause::DeviceCertificateUntrusted { .. }
+                | Cause::DeviceCertificateNotTimeValid { .. }
+                | Cause::DeviceCertificateRevoked { .. }
+                | Cause::DeviceRevocationUnknown { .. }
+                | Cause::InvalidToken { .. }
+                | Cause::UnknownEndpoint { .. }
+                | Cause::NoChannel { .. }
+                | Cause::ConnectorTimeout { .. }
+                | Cause::ChannelBroken { .. }
+                | Cause::EndpointNeedsClientCertificate { .. }
+                | Cause::EndpointForbidden { .. }
+                | Cause::EndpointUnauthorized { .. }
+                | Cause::EndpointFailed { .. }
+                | Cause::EndpointUnreachable { .. }
+                | Cause::EndpointTlsFailed { .. }
+                | Cause::EndpointTimeout { .. } => {}
+            }
+        }
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,50 +435,7 @@ mod tests {
 
     #[test]
     fn every_refusal_has_a_status_text_in_the_original_style_and_a_remedy() {
-        let url = || URL.to_string();
-        let all = [
-            Cause::BadRoute { detail: "x".into() },
-            Cause::DeviceCertificateMissing,
-            Cause::DeviceCertificateUntrusted { detail: "x".into() },
-            Cause::DeviceCertificateNotTimeValid { detail: "x".into() },
-            Cause::DeviceCertificateRevoked { detail: "x".into() },
-            Cause::DeviceRevocationUnknown { detail: "x".into() },
-            Cause::InvalidToken {
-                check: "expired".into(),
-            },
-            Cause::UnknownEndpoint { endpoint: 1 },
-            Cause::NoChannel { endpoint: 1 },
-            Cause::ConnectorTimeout {
-                endpoint: 1,
-                seconds: 30,
-            },
-            Cause::ChannelBroken { detail: "x".into() },
-            Cause::EndpointNeedsClientCertificate {
-                url: url(),
-                presented: false,
-            },
-            Cause::EndpointForbidden {
-                url: url(),
-                substatus: None,
-            },
-            Cause::EndpointUnauthorized { url: url() },
-            Cause::EndpointFailed {
-                url: url(),
-                status: 500,
-            },
-            Cause::EndpointUnreachable {
-                url: url(),
-                detail: "refused".into(),
-            },
-            Cause::EndpointTlsFailed {
-                url: url(),
-                detail: "UnknownIssuer".into(),
-            },
-            Cause::EndpointTimeout {
-                url: url(),
-                seconds: 30,
-            },
-        ];
+        let all = Cause::examples();
         let mut texts = std::collections::HashSet::new();
         let count = all.len();
         for cause in all {

@@ -39,10 +39,6 @@ pub mod headers {
     /// The status text, for HTTP/2 hops where there is no reason phrase.
     pub const STATUS_TEXT: &str = "x-portcullis-status-text";
 
-    pub fn is_internal(name: &str) -> bool {
-        name.len() >= PREFIX.len() && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
-    }
-
     /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place, in one pass over
     /// the names (allocating only when there is something to drop).
     pub fn strip(map: &mut hyper::HeaderMap) {

@@ -572,7 +572,11 @@ async fn route_request(
     let map = &mut parts.headers;
     // Values unique to a request or a connection are sent never-indexed, so they do not churn
     // the channel's HPACK table (the connector decodes every header of every request).
-    map.insert(headers::MESSAGE_ID, never_indexed(&message_id));
+    // Hex digits only: a valid header value as it is, with no sanitising copy.
+    let mut id_header =
+        HeaderValue::from_str(&message_id).unwrap_or_else(|_| never_indexed(&message_id));
+    id_header.set_sensitive(true);
+    map.insert(headers::MESSAGE_ID, id_header);
     map.insert(headers::ENDPOINT, HeaderValue::from(endpoint));
     map.insert(headers::DEVICE_ADDRESS, device.addr_header.clone());
     match &identity {

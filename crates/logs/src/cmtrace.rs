@@ -132,11 +132,6 @@ impl RollingFile {
         self
     }
 
-    /// Where the previous file goes at a rollover: `name.lo_`.
-    pub fn rolled_path(&self) -> &Path {
-        &self.rolled
-    }
-
     /// Appends `text` (one or more whole lines, line breaks included).
     pub fn append(&self, text: &str) -> io::Result<()> {
         // A poisoned lock only means another writer panicked mid-call; the file is still fine.

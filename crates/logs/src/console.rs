@@ -22,19 +22,6 @@ pub enum ConsoleFormat {
     Json,
 }
 
-impl std::str::FromStr for ConsoleFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "plain" => Ok(ConsoleFormat::Plain),
-            "json" => Ok(ConsoleFormat::Json),
-            other => Err(format!(
-                "\"{other}\" is not a console format (plain or json)"
-            )),
-        }
-    }
-}
-
 /// `2026-11-25T06:30:57.123Z`: UTC, milliseconds.
 pub fn timestamp(at: OffsetDateTime) -> String {
     let at = at.to_offset(time::UtcOffset::UTC);

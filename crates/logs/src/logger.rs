@@ -64,11 +64,6 @@ impl Logger {
         self
     }
 
-    pub fn with_verbose(self, on: bool) -> Logger {
-        self.set_verbose(on);
-        self
-    }
-
     pub fn into_log(self) -> Log {
         Arc::new(self)
     }
@@ -166,6 +161,20 @@ pub enum ConsoleSetting {
     Plain,
     Json,
     Off,
+}
+
+impl std::str::FromStr for ConsoleSetting {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "plain" => Ok(ConsoleSetting::Plain),
+            "json" => Ok(ConsoleSetting::Json),
+            "off" => Ok(ConsoleSetting::Off),
+            other => Err(format!(
+                "\"{other}\" is not a console style: plain, json or off"
+            )),
+        }
+    }
 }
 
 fn default_max_size_kib() -> u64 {

@@ -84,9 +84,9 @@ pub struct ConnectionsArgs {
     /// How many connections.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub count: usize,
-    /// Handshakes in flight at once while opening.
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    pub concurrency: usize,
+    /// Handshakes in flight at once while opening (1 to 65536).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub concurrency: u32,
     /// Seconds to hold them before measuring.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub hold: f64,
@@ -176,7 +176,7 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
     let options = bench::connections::ConnectionsOptions {
         program: std::env::current_exe().context("finding this program")?,
         count: args.count,
-        concurrency: args.concurrency,
+        concurrency: args.concurrency as usize,
         hold: Duration::try_from_secs_f64(args.hold)
             .with_context(|| format!("--hold: {} is not a number of seconds", args.hold))?,
         progress: true,

@@ -62,7 +62,7 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Standard output: plain lines, JSON lines, or nothing (overrides [log] console).
-    #[arg(long, value_name = "STYLE", value_parser = parse_console)]
+    #[arg(long, value_name = "STYLE")]
     pub console: Option<ConsoleSetting>,
 }
 
@@ -109,19 +109,8 @@ pub struct ConnectorArgs {
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Standard output: plain lines, JSON lines, or nothing (overrides [log] console).
-    #[arg(long, value_name = "STYLE", value_parser = parse_console)]
+    #[arg(long, value_name = "STYLE")]
     pub console: Option<ConsoleSetting>,
-}
-
-fn parse_console(text: &str) -> Result<ConsoleSetting, String> {
-    match text {
-        "plain" => Ok(ConsoleSetting::Plain),
-        "json" => Ok(ConsoleSetting::Json),
-        "off" => Ok(ConsoleSetting::Off),
-        other => Err(format!(
-            "\"{other}\" is not a console style: plain, json or off"
-        )),
-    }
 }
 
 /// The logger a component's `[log]` settings describe, with the command line's `--log` and

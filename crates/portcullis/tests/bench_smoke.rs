@@ -1,64 +1,28 @@
 //! `portcullis bench load` and `portcullis bench compare`, briefly, as processes: they run,
 //! every request is answered, the JSON has what it promises. No performance assertions.
 
-use std::io::BufRead;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-/// A child process killed when dropped (also when an assertion fails).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::{start_dev, text, try_lines, Child};
 
 /// `portcullis dev --port 0` in `dir`: the process and the device URL of its "Try:" lines.
-fn start_dev(dir: &Path) -> (Child, String) {
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["dev", "--port", "0"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("portcullis dev starts"),
-    );
-    let mut reader = std::io::BufReader::new(child.0.stdout.take().expect("piped stdout"));
-    let mut shown = String::new();
-    let mut url = None;
-    for _ in 0..200 {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        shown.push_str(&line);
-        if url.is_none() && line.trim_start().starts_with("curl") && line.contains("--cert") {
-            url = line.split('\'').nth(1).map(str::to_string);
-        }
-        if line.starts_with("Running; press Ctrl-C") {
-            break;
-        }
-    }
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let url = url.unwrap_or_else(|| panic!("no device URL in dev's output:\n{shown}"));
+fn start_dev_url(dir: &Path) -> (Child, String) {
+    let (child, shown) = start_dev(dir, &[]);
+    let url = try_lines(&shown)
+        .iter()
+        .find(|l| l.starts_with("curl") && l.contains("--cert"))
+        .and_then(|l| l.split('\'').nth(1).map(str::to_string))
+        .unwrap_or_else(|| panic!("no device URL in dev's output:\n{shown}"));
     (child, url)
 }
 
 #[test]
 fn bench_load_against_dev_in_both_modes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_dev, url) = start_dev(tmp.path());
+    let (_dev, url) = start_dev_url(tmp.path());
     let lab = tmp.path().join("portcullis-dev");
     for mode in ["keepalive", "handshake"] {
         let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))

@@ -1,32 +1,11 @@
 //! The `portcullis` binary driven as SPEC.md's interface table says, as a real process.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn portcullis(args: &[&str]) -> Output {
-    portcullis_in(Path::new("."), args, &[])
-}
-
-fn portcullis_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.args(args).current_dir(dir);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("portcullis runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
+use common::{p, portcullis, portcullis_in, start_dev, text, try_lines, Child};
 
 fn openssl(args: &[&str]) -> Output {
     Command::new("openssl")
@@ -346,43 +325,6 @@ fn doctor_certs_reads_a_pfx_with_the_password_from_the_environment() {
     );
 }
 
-/// Starts `portcullis dev` in `dir` and reads its output up to the "Running" line.
-fn start_dev(dir: &Path, extra: &[&str]) -> (Child, String) {
-    use std::io::BufRead;
-    let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .args(["dev", "--port", "0"])
-            .args(extra)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut shown = String::new();
-    let mut reader = std::io::BufReader::new(child.0.stdout.take().unwrap());
-    for _ in 0..200 {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        shown.push_str(&line);
-        if line.starts_with("Running; press Ctrl-C") {
-            break;
-        }
-    }
-    (child, shown)
-}
-
-fn try_lines(shown: &str) -> Vec<String> {
-    shown
-        .lines()
-        .skip_while(|l| *l != "Try:")
-        .skip(1)
-        .take_while(|l| !l.is_empty())
-        .map(|l| l.trim().to_string())
-        .collect()
-}
-
 #[test]
 fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
     let tmp = tempfile::tempdir().unwrap();
@@ -447,14 +389,10 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
         "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired",
     );
     // The analyzer, with the store beside it, stops at the connector's certificate.
-    let analysis = analyze(&tmp.path().join("portcullis-dev/analyze.toml"), 1);
-    assert_eq!(failed_step(&analysis), 7, "{analysis}");
-    assert!(
-        analysis["steps"][6]["cause"]
-            .as_str()
-            .unwrap()
-            .contains("Filtered cert count with client auth: 0"),
-        "{analysis}"
+    assert_stops_at(
+        &tmp.path().join("portcullis-dev/analyze.toml"),
+        7,
+        "Filtered cert count with client auth: 0",
     );
     // The probe's LocationServices.log beside the components' logs: doctor logs names the cause
     // with evidence from the device, the connector and the management point's IIS log.
@@ -492,14 +430,10 @@ fn dev_missing_client_cert_scenario_shows_the_seed_failure() {
         .replace("connector_config = \"connector.toml\"\n", "");
     let remote_file = tmp.path().join("portcullis-dev/analyze-remote.toml");
     std::fs::write(&remote_file, remote).unwrap();
-    let analysis = analyze(&remote_file, 1);
-    assert_eq!(failed_step(&analysis), 7, "{analysis}");
-    assert!(
-        analysis["steps"][6]["cause"]
-            .as_str()
-            .unwrap()
-            .contains("connector dev-connector has no client authentication certificate"),
-        "{analysis}"
+    assert_stops_at(
+        &remote_file,
+        7,
+        "connector dev-connector has no client authentication certificate",
     );
     drop(child);
     let log = std::fs::read_to_string(
@@ -646,14 +580,22 @@ fn analyze(config: &Path, code: i32) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// The number of the step that failed (0: none).
-fn failed_step(analysis: &serde_json::Value) -> u64 {
-    analysis["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["passed"] == false)
-        .map_or(0, |s| s["number"].as_u64().unwrap())
+/// Runs `analyze` on `config` and checks it stopped at `step` (the last it ran) with a cause
+/// holding `cause` and a fix.
+fn assert_stops_at(config: &Path, step: u64, cause: &str) {
+    let analysis = analyze(config, 1);
+    let steps = analysis["steps"].as_array().unwrap();
+    let failed = steps.iter().find(|s| s["passed"] == false);
+    let number = failed.map_or(0, |s| s["number"].as_u64().unwrap());
+    assert_eq!(number, step, "{}: {analysis}", config.display());
+    assert_eq!(steps.len() as u64, step, "{analysis}");
+    let failed = &steps[step as usize - 1];
+    assert!(
+        failed["cause"].as_str().unwrap().contains(cause),
+        "{}: {analysis}",
+        config.display()
+    );
+    assert!(!failed["fix"].as_str().unwrap().is_empty(), "{analysis}");
 }
 
 #[test]
@@ -740,21 +682,9 @@ fn analyze_passes_a_healthy_system_and_stops_at_each_broken_hop() {
             config = config.replace("devices/device-001.key", &other_key);
         }
         assert_ne!(config, healthy, "{name}");
-        let file = dev.join("analyze-broken.toml");
+        let file = dev.join(format!("analyze-{}.toml", name.replace(' ', "-")));
         std::fs::write(&file, config).unwrap();
-        let analysis = analyze(&file, 1);
-        assert_eq!(failed_step(&analysis), step, "{name}: {analysis}");
-        let failed = &analysis["steps"][step as usize - 1];
-        assert!(
-            failed["cause"].as_str().unwrap().contains(cause),
-            "{name}: {analysis}"
-        );
-        assert!(!failed["fix"].as_str().unwrap().is_empty(), "{name}");
-        assert_eq!(
-            analysis["steps"].as_array().unwrap().len() as u64,
-            step,
-            "{name}"
-        );
+        assert_stops_at(&file, step, cause);
     }
     drop(child);
 
@@ -880,16 +810,6 @@ fn token_keygen_and_issue() {
         2,
         "--days",
     );
-}
-
-/// Kills the child when the test ends, pass or fail.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -1,30 +1,18 @@
 //! `portcullis doctor logs`, driven as a process on logs in the shapes the original product
 //! writes them, and every refusal Portcullis emits recognised by the rule table.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
 
 use channel::refusal::{Cause, Refusal};
+use common::{p, portcullis, text};
 use logs::diagnose::{Diagnosis, Rules};
 
 fn doctor_logs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["doctor", "logs"])
-        .args(args)
-        .output()
-        .expect("portcullis runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
+    let mut all = vec!["doctor", "logs"];
+    all.extend_from_slice(args);
+    portcullis(&all)
 }
 
 /// A CMTrace line as Configuration Manager writes it (UTC+8 offset, as in the field).
@@ -238,89 +226,6 @@ fn help_says_what_it_reads_and_the_exit_codes() {
     }
 }
 
-/// Every cause there is: adding a variant to `Cause` breaks this match until it is listed.
-fn every_cause() -> Vec<Cause> {
-    let url = || "https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT".to_string();
-    let all = vec![
-        Cause::BadRoute {
-            detail: "no CCM_PROXY_ prefix".into(),
-        },
-        Cause::DeviceCertificateMissing,
-        Cause::DeviceCertificateUntrusted {
-            detail: "issuer CN=Fabrikam Root is not trusted".into(),
-        },
-        Cause::DeviceCertificateNotTimeValid {
-            detail: "expired 2026-01-01".into(),
-        },
-        Cause::DeviceCertificateRevoked {
-            detail: "serial 01".into(),
-        },
-        Cause::DeviceRevocationUnknown {
-            detail: "no CRL from CN=Contoso Issuing CA".into(),
-        },
-        Cause::InvalidToken {
-            check: "expired".into(),
-        },
-        Cause::UnknownEndpoint { endpoint: 3456 },
-        Cause::NoChannel { endpoint: 3456 },
-        Cause::ConnectorTimeout {
-            endpoint: 3456,
-            seconds: 30,
-        },
-        Cause::ChannelBroken {
-            detail: "stream reset".into(),
-        },
-        Cause::EndpointNeedsClientCertificate {
-            url: url(),
-            presented: false,
-        },
-        Cause::EndpointForbidden {
-            url: url(),
-            substatus: None,
-        },
-        Cause::EndpointUnauthorized { url: url() },
-        Cause::EndpointFailed {
-            url: url(),
-            status: 500,
-        },
-        Cause::EndpointUnreachable {
-            url: url(),
-            detail: "connection refused".into(),
-        },
-        Cause::EndpointTlsFailed {
-            url: url(),
-            detail: "invalid peer certificate: UnknownIssuer".into(),
-        },
-        Cause::EndpointTimeout {
-            url: url(),
-            seconds: 30,
-        },
-    ];
-    for cause in &all {
-        match cause {
-            Cause::BadRoute { .. }
-            | Cause::DeviceCertificateMissing
-            | Cause::DeviceCertificateUntrusted { .. }
-            | Cause::DeviceCertificateNotTimeValid { .. }
-            | Cause::DeviceCertificateRevoked { .. }
-            | Cause::DeviceRevocationUnknown { .. }
-            | Cause::InvalidToken { .. }
-            | Cause::UnknownEndpoint { .. }
-            | Cause::NoChannel { .. }
-            | Cause::ConnectorTimeout { .. }
-            | Cause::ChannelBroken { .. }
-            | Cause::EndpointNeedsClientCertificate { .. }
-            | Cause::EndpointForbidden { .. }
-            | Cause::EndpointUnauthorized { .. }
-            | Cause::EndpointFailed { .. }
-            | Cause::EndpointUnreachable { .. }
-            | Cause::EndpointTlsFailed { .. }
-            | Cause::EndpointTimeout { .. } => {}
-        }
-    }
-    all
-}
-
 /// The findings for one log, read in-process.
 fn findings(name: &str, log: &str) -> Vec<(String, String, String)> {
     static RULES: std::sync::OnceLock<Rules> = std::sync::OnceLock::new();
@@ -339,7 +244,7 @@ fn findings(name: &str, log: &str) -> Vec<(String, String, String)> {
 fn every_status_text_portcullis_sends_is_recognised() {
     let at = time::macros::datetime!(2026-11-24 14:03:07.123 UTC);
     let mut ids = std::collections::HashSet::new();
-    for cause in every_cause() {
+    for cause in Cause::examples() {
         let refusal = Refusal::new(cause);
         // The gateway's line, the connector's, and the device's, each alone.
         let lines = [
@@ -384,7 +289,7 @@ fn every_status_text_portcullis_sends_is_recognised() {
     }
     assert_eq!(
         ids.len(),
-        every_cause().len(),
+        Cause::examples().len(),
         "each status text has its own rule: {ids:?}"
     );
 }

@@ -176,12 +176,7 @@ fn attributes(s: &str) -> (Vec<(String, String)>, usize) {
 }
 
 fn build(line: u64, message: String, fields: Vec<(String, String)>) -> Record {
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |name: &str| super::field_in(&fields, name);
     let time = match (get("date"), get("time")) {
         (Some(d), Some(t)) => Some(format!("{d} {t}")),
         (None, Some(t)) => Some(t.to_string()),

@@ -107,11 +107,16 @@ pub struct Record {
 impl Record {
     /// A field's value by name, ignoring ASCII case.
     pub fn field(&self, name: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        field_in(&self.fields, name)
     }
+}
+
+/// The value of field `name` (without regard to case) among `fields`.
+fn field_in<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// What reading a file found.

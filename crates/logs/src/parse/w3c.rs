@@ -76,12 +76,7 @@ impl LineParser for W3cParser {
             .zip(&values)
             .map(|(n, v)| (n.clone(), (*v).to_string()))
             .collect();
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        let get = |name: &str| super::field_in(&fields, name);
         let time = match (get("date"), get("time")) {
             (Some(d), Some(t)) => Some(format!("{d} {t}")),
             (_, t) => t.map(str::to_string),
