@@ -161,7 +161,7 @@ impl Certificate {
             subject: name_text(x509.subject()),
             issuer: name_text(x509.issuer()),
             sans,
-            serial: hex_upper(x509.raw_serial()),
+            serial: serial_text(x509.raw_serial()),
             not_before: x509.validity().not_before.to_datetime(),
             not_after: x509.validity().not_after.to_datetime(),
             key_usage,
@@ -322,6 +322,17 @@ fn key_usage_names(flags: u16) -> Vec<String> {
         .collect()
 }
 
+/// A serial number as the integer's value in hex, the way `openssl x509 -serial` prints it: DER
+/// prefixes a 0x00 sign byte when the top bit is set, and that byte is not part of the number.
+/// Certificates and CRL entries both go through here, so revocation lookups agree.
+pub fn serial_text(raw: &[u8]) -> String {
+    let significant = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    hex_upper(&raw[significant.min(raw.len())..])
+}
+
 pub fn hex_upper(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
@@ -330,4 +341,17 @@ pub fn hex_upper(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02X}");
             s
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serial_text;
+
+    #[test]
+    fn serial_text_drops_the_der_sign_byte_only() {
+        assert_eq!(serial_text(&[0x00, 0x81, 0x55]), "8155");
+        assert_eq!(serial_text(&[0x7F, 0x00]), "7F00");
+        assert_eq!(serial_text(&[0x00]), "00");
+        assert_eq!(serial_text(&[]), "");
+    }
 }

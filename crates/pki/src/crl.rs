@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::cert::{hex_upper, Certificate};
+use crate::cert::{serial_text, Certificate};
 use crate::error::{PkiError, Result};
 use crate::load::read_limited;
 use crate::roots::RootSet;
@@ -91,7 +91,7 @@ impl RevocationList {
             der: der.clone(),
             serials: crl
                 .iter_revoked_certificates()
-                .map(|r| hex_upper(r.raw_serial()))
+                .map(|r| serial_text(r.raw_serial()))
                 .collect(),
         })
     }
