@@ -59,28 +59,59 @@ impl Line<'_> {
 
 /// A log file that rolls over at a size limit as Configuration Manager's do: when the next line
 /// would take the file past the limit, the file becomes `name.lo_` (replacing the previous
-/// one) and a new `name.log` starts. Lines are written whole under one lock, so no line is
-/// torn or lost across a rollover, however many tasks write at once.
+/// one) and a new `name.log` starts.
+///
+/// Writers never wait on one another's disk writes: [`RollingFile::append`] queues its lines
+/// under a short lock, and whichever caller finds no write in progress writes everything queued
+/// (its own lines and those queued meanwhile) in one system call per batch, until the queue is
+/// empty. A busy component's lines thus cost a copy, not a contended lock and a write each,
+/// and every line is still written whole, once, in order, before any caller that could see it
+/// has gone on for long. Rollover happens between queued appends, never inside one.
 pub struct RollingFile {
     path: PathBuf,
     rolled: PathBuf,
     max_bytes: u64,
     /// Written first in every new file (W3C's directives); made when the file starts.
     header: Option<Header>,
-    /// Called under the lock right after each rollover, with the rolled file's path, before
-    /// any later line can roll it away (archiving, tests).
+    /// Called right after each rollover, with the rolled file's path, before any later line
+    /// can roll it away (archiving, tests).
     on_rollover: Option<RolloverHook>,
+    queue: Mutex<Queue>,
+    /// Touched only by the caller that holds `Queue::writing`.
     state: Mutex<FileState>,
 }
 
 type Header = Box<dyn Fn() -> String + Send + Sync>;
 type RolloverHook = Box<dyn Fn(&Path) + Send + Sync>;
 
+#[derive(Default)]
+struct Queue {
+    /// The queued appends' text, back to back.
+    bytes: Vec<u8>,
+    /// Where each queued append ends in `bytes`: rollover decisions are made per append.
+    ends: Vec<usize>,
+    /// Whether some caller is writing the queue out now.
+    writing: bool,
+}
+
 struct FileState {
     file: File,
     size: u64,
     /// Whether the current file holds any line (a header alone never rolls over).
     has_lines: bool,
+}
+
+/// Queued text beyond which callers wait for the write under way.
+const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+
+struct ReleaseOnPanic<'a>(&'a Mutex<Queue>);
+
+impl Drop for ReleaseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).writing = false;
+        }
+    }
 }
 
 /// The default size at which a log rolls over: large enough for a busy connector's verbose
@@ -117,6 +148,7 @@ impl RollingFile {
             max_bytes: max_bytes.max(1),
             header,
             on_rollover: None,
+            queue: Mutex::new(Queue::default()),
             state: Mutex::new(FileState {
                 file,
                 size,
@@ -132,32 +164,100 @@ impl RollingFile {
         self
     }
 
-    /// Appends `text` (one or more whole lines, line breaks included).
+    /// Appends `text` (one or more whole lines, line breaks included). When another caller is
+    /// writing at the moment, that caller writes `text` too and this one returns at once;
+    /// an error writing is returned to the caller that was writing.
     pub fn append(&self, text: &str) -> io::Result<()> {
-        // A poisoned lock only means another writer panicked mid-call; the file is still fine.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let len = text.len() as u64;
-        if state.has_lines && state.size + len > self.max_bytes {
-            state.file.flush()?;
-            std::fs::rename(&self.path, &self.rolled)?;
-            if let Some(hook) = &self.on_rollover {
-                hook(&self.rolled);
+        let mut batch = {
+            // A poisoned lock only means another writer panicked mid-call; the queue is whole
+            // (it changes only by complete pushes and swaps).
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.bytes.extend_from_slice(text.as_bytes());
+            let end = queue.bytes.len();
+            queue.ends.push(end);
+            if queue.writing {
+                let backlog = queue.bytes.len();
+                drop(queue);
+                if backlog > MAX_QUEUED_BYTES {
+                    // The disk is slower than the callers: wait for the write under way, so
+                    // a stalled disk holds callers back instead of filling memory.
+                    drop(self.state.lock().unwrap_or_else(|p| p.into_inner()));
+                }
+                return Ok(());
             }
-            state.file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(&self.path)?;
-            state.size = 0;
-            if let Some(header) = &self.header {
-                let text = header();
-                state.file.write_all(text.as_bytes())?;
-                state.size = text.len() as u64;
+            queue.writing = true;
+            Queue::default()
+        };
+        // Should a write panic (a rollover hook, say), the next caller must be able to write.
+        let _release = ReleaseOnPanic(&self.queue);
+        let mut outcome = Ok(());
+        loop {
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                batch.bytes.clear();
+                batch.ends.clear();
+                std::mem::swap(&mut queue.bytes, &mut batch.bytes);
+                std::mem::swap(&mut queue.ends, &mut batch.ends);
+                if batch.ends.is_empty() {
+                    queue.writing = false;
+                    // The emptied buffers go back, so a steady writer allocates nothing.
+                    if queue.bytes.capacity() < batch.bytes.capacity() {
+                        std::mem::swap(&mut queue.bytes, &mut batch.bytes);
+                        std::mem::swap(&mut queue.ends, &mut batch.ends);
+                    }
+                    return outcome;
+                }
+            }
+            if let Err(e) = self.write_batch(&batch) {
+                outcome = Err(e);
             }
         }
-        state.file.write_all(text.as_bytes())?;
-        state.size += len;
-        state.has_lines = true;
+    }
+
+    /// Writes queued appends in as few writes as the rollover rule allows.
+    fn write_batch(&self, batch: &Queue) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut start = 0;
+        // Appends from `start` up to `until` go in the next write.
+        let mut until = 0;
+        let mut size = state.size;
+        for &end in &batch.ends {
+            let len = (end - until) as u64;
+            let has_lines = state.has_lines || until > start;
+            if has_lines && size + len > self.max_bytes {
+                state.file.write_all(&batch.bytes[start..until])?;
+                state.has_lines |= until > start;
+                self.roll_over(&mut state)?;
+                start = until;
+                size = state.size;
+            }
+            size += len;
+            until = end;
+        }
+        state.file.write_all(&batch.bytes[start..until])?;
+        state.size = size;
+        state.has_lines |= until > start;
+        Ok(())
+    }
+
+    fn roll_over(&self, state: &mut FileState) -> io::Result<()> {
+        state.file.flush()?;
+        std::fs::rename(&self.path, &self.rolled)?;
+        if let Some(hook) = &self.on_rollover {
+            hook(&self.rolled);
+        }
+        state.file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&self.path)?;
+        state.size = 0;
+        state.has_lines = false;
+        if let Some(header) = &self.header {
+            let text = header();
+            state.file.write_all(text.as_bytes())?;
+            state.size = text.len() as u64;
+        }
         Ok(())
     }
 }
@@ -219,6 +319,40 @@ fn thread_number() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One queued batch that holds several files' worth of appends rolls over between appends,
+    /// as many times as it needs, and writes each append once.
+    #[test]
+    fn a_batch_rolls_over_between_its_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let rolled = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let keep = rolled.clone();
+        let file = RollingFile::open(&path, 100)
+            .unwrap()
+            .with_rollover_hook(move |p| {
+                keep.lock()
+                    .unwrap()
+                    .push(std::fs::read_to_string(p).unwrap())
+            });
+        let mut batch = Queue::default();
+        let mut expected = String::new();
+        for n in 0..40 {
+            // 3 to 60 bytes: some appends share a file, one per file near the limit.
+            let text = format!("{n:02}{}\r\n", "y".repeat(n * 7 % 57));
+            expected.push_str(&text);
+            batch.bytes.extend_from_slice(text.as_bytes());
+            batch.ends.push(batch.bytes.len());
+        }
+        file.write_batch(&batch).unwrap();
+        let mut files = rolled.lock().unwrap().clone();
+        files.push(std::fs::read_to_string(&path).unwrap());
+        assert!(files.len() > 10, "{} files", files.len());
+        for text in &files {
+            assert!(text.len() <= 100 && !text.is_empty(), "{text:?}");
+        }
+        assert_eq!(files.concat(), expected);
+    }
 
     #[test]
     fn the_spec_line_shape() {
