@@ -10,7 +10,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use time::OffsetDateTime;
 
@@ -59,15 +60,29 @@ impl Line<'_> {
 
 /// A log file that rolls over at a size limit as Configuration Manager's do: when the next line
 /// would take the file past the limit, the file becomes `name.lo_` (replacing the previous
-/// one) and a new `name.log` starts.
+/// one) and a new `name.log` starts. Rollover happens between appends, never inside one, so no
+/// line is torn or lost across it.
 ///
-/// Writers never wait on one another's disk writes: [`RollingFile::append`] queues its lines
-/// under a short lock, and whichever caller finds no write in progress writes everything queued
-/// (its own lines and those queued meanwhile) in one system call per batch, until the queue is
-/// empty. A busy component's lines thus cost a copy, not a contended lock and a write each,
-/// and every line is still written whole, once, in order, before any caller that could see it
-/// has gone on for long. Rollover happens between queued appends, never inside one.
+/// Writers never wait on one another's disk writes. Every append is queued under a short lock;
+/// whoever then writes takes everything queued (its own lines and those queued meanwhile) in
+/// one system call per batch, until the queue is empty.
+/// - [`RollingFile::append`] writes before it returns, unless a write is under way, in which
+///   case that writer takes the line too and this caller goes on at once.
+/// - [`RollingFile::append_soon`] leaves the line to a writer thread that wakes at most every
+///   [`LINGER`]: a busy component's per-request lines then cost a copy, not a write each.
+///   [`RollingFile::flush`] and dropping the file write whatever is still queued.
 pub struct RollingFile {
+    inner: Arc<Inner>,
+    /// The writer thread behind `append_soon`, started by its first call.
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// How long a line given to [`RollingFile::append_soon`] may wait for its write: long enough
+/// to gather a busy component's lines into one write, short enough that anyone watching the
+/// file sees them at once.
+pub const LINGER: Duration = Duration::from_millis(2);
+
+struct Inner {
     path: PathBuf,
     rolled: PathBuf,
     max_bytes: u64,
@@ -75,8 +90,10 @@ pub struct RollingFile {
     header: Option<Header>,
     /// Called right after each rollover, with the rolled file's path, before any later line
     /// can roll it away (archiving, tests).
-    on_rollover: Option<RolloverHook>,
+    on_rollover: OnceLock<RolloverHook>,
     queue: Mutex<Queue>,
+    /// Wakes the writer thread when a line is left to it, or when the file is dropped.
+    wake: Condvar,
     /// Touched only by the caller that holds `Queue::writing`.
     state: Mutex<FileState>,
 }
@@ -92,6 +109,17 @@ struct Queue {
     ends: Vec<usize>,
     /// Whether some caller is writing the queue out now.
     writing: bool,
+    /// Whether the writer thread has been woken for lines and has not taken them yet.
+    flush_due: bool,
+    /// Set when the file is dropped: the writer thread writes what is left and ends.
+    stop: bool,
+}
+
+impl Queue {
+    fn push(&mut self, text: &str) {
+        self.bytes.extend_from_slice(text.as_bytes());
+        self.ends.push(self.bytes.len());
+    }
 }
 
 struct FileState {
@@ -104,14 +132,10 @@ struct FileState {
 /// Queued text beyond which callers wait for the write under way.
 const MAX_QUEUED_BYTES: usize = 4 * 1024 * 1024;
 
-struct ReleaseOnPanic<'a>(&'a Mutex<Queue>);
-
-impl Drop for ReleaseOnPanic<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).writing = false;
-        }
-    }
+/// A poisoned lock only means a writer panicked mid-call (a rollover hook, say); the queue
+/// changes only by whole pushes and swaps, and the file state stays usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The default size at which a log rolls over: large enough for a busy connector's verbose
@@ -143,57 +167,161 @@ impl RollingFile {
             }
         }
         Ok(RollingFile {
-            path: path.to_path_buf(),
-            rolled: rolled_name(path),
-            max_bytes: max_bytes.max(1),
-            header,
-            on_rollover: None,
-            queue: Mutex::new(Queue::default()),
-            state: Mutex::new(FileState {
-                file,
-                size,
-                has_lines,
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                rolled: rolled_name(path),
+                max_bytes: max_bytes.max(1),
+                header,
+                on_rollover: OnceLock::new(),
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                state: Mutex::new(FileState {
+                    file,
+                    size,
+                    has_lines,
+                }),
             }),
+            flusher: Mutex::new(None),
         })
     }
 
     /// Calls `hook` with the rolled file's path after each rollover, while no other line can
-    /// be written.
-    pub fn with_rollover_hook(mut self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Self {
-        self.on_rollover = Some(Box::new(hook));
+    /// be written. Only the first hook set counts.
+    pub fn with_rollover_hook(self, hook: impl Fn(&Path) + Send + Sync + 'static) -> Self {
+        let _ = self.inner.on_rollover.set(Box::new(hook));
         self
     }
 
-    /// Appends `text` (one or more whole lines, line breaks included). When another caller is
-    /// writing at the moment, that caller writes `text` too and this one returns at once;
-    /// an error writing is returned to the caller that was writing.
+    /// Appends `text` (one or more whole lines, line breaks included) and writes it, with
+    /// anything queued before it, before returning; when another caller is writing at the
+    /// moment, that caller writes `text` too and this one returns at once. An error writing is
+    /// returned to the caller that was writing.
     pub fn append(&self, text: &str) -> io::Result<()> {
-        let mut batch = {
-            // A poisoned lock only means another writer panicked mid-call; the queue is whole
-            // (it changes only by complete pushes and swaps).
-            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.bytes.extend_from_slice(text.as_bytes());
-            let end = queue.bytes.len();
-            queue.ends.push(end);
-            if queue.writing {
-                let backlog = queue.bytes.len();
+        let mut queue = lock(&self.inner.queue);
+        queue.push(text);
+        if queue.writing {
+            self.inner.hold_back_if_behind(queue);
+            return Ok(());
+        }
+        queue.writing = true;
+        drop(queue);
+        self.inner.write_queued()
+    }
+
+    /// Appends `text` (whole lines) for the writer thread to write within [`LINGER`], in order
+    /// with every other append. For lines written on every request.
+    pub fn append_soon(&self, text: &str) {
+        let mut queue = lock(&self.inner.queue);
+        queue.push(text);
+        if queue.writing || queue.flush_due {
+            // A writer under way or already woken takes this line too.
+            self.inner.hold_back_if_behind(queue);
+            return;
+        }
+        queue.flush_due = true;
+        drop(queue);
+        self.start_flusher();
+        self.inner.wake.notify_one();
+    }
+
+    /// Writes everything queued so far before returning.
+    pub fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn start_flusher(&self) {
+        let mut flusher = lock(&self.flusher);
+        if flusher.is_none() {
+            let inner = self.inner.clone();
+            // Without the thread, lines are still written by the next append or flush.
+            *flusher = std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(move || inner.flusher_loop())
+                .ok();
+        }
+    }
+}
+
+impl Drop for RollingFile {
+    fn drop(&mut self) {
+        lock(&self.inner.queue).stop = true;
+        self.inner.wake.notify_one();
+        match lock(&self.flusher).take() {
+            Some(thread) => {
+                let _ = thread.join();
+            }
+            None => {
+                let _ = self.inner.flush();
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// With the queue past its bound, waits for the write under way: a stalled disk then holds
+    /// callers back instead of filling memory.
+    fn hold_back_if_behind(&self, queue: MutexGuard<'_, Queue>) {
+        let behind = queue.bytes.len() > MAX_QUEUED_BYTES;
+        drop(queue);
+        if behind {
+            drop(lock(&self.state));
+        }
+    }
+
+    fn flusher_loop(&self) {
+        loop {
+            let mut queue = lock(&self.queue);
+            while !queue.flush_due && !queue.stop {
+                queue = self.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+            if queue.stop {
                 drop(queue);
-                if backlog > MAX_QUEUED_BYTES {
-                    // The disk is slower than the callers: wait for the write under way, so
-                    // a stalled disk holds callers back instead of filling memory.
-                    drop(self.state.lock().unwrap_or_else(|p| p.into_inner()));
-                }
-                return Ok(());
+                let _ = self.flush();
+                return;
+            }
+            drop(queue);
+            // Lines queued meanwhile share the write.
+            std::thread::sleep(LINGER);
+            let mut queue = lock(&self.queue);
+            queue.flush_due = false;
+            if queue.writing {
+                continue;
             }
             queue.writing = true;
-            Queue::default()
-        };
+            drop(queue);
+            // Nobody waits for these lines; a failed write is the next append's to report.
+            let _ = self.write_queued();
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        loop {
+            let mut queue = lock(&self.queue);
+            if !queue.writing {
+                if queue.ends.is_empty() {
+                    return Ok(());
+                }
+                queue.writing = true;
+                drop(queue);
+                return self.write_queued();
+            }
+            drop(queue);
+            // Someone else is writing; wait for that write, then look again.
+            drop(lock(&self.state));
+            std::thread::yield_now();
+        }
+    }
+
+    /// Writes the queue out until it is empty, then gives up `Queue::writing`, which the
+    /// caller holds.
+    fn write_queued(&self) -> io::Result<()> {
         // Should a write panic (a rollover hook, say), the next caller must be able to write.
         let _release = ReleaseOnPanic(&self.queue);
+        let mut batch = Queue::default();
         let mut outcome = Ok(());
         loop {
             {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let mut queue = lock(&self.queue);
                 batch.bytes.clear();
                 batch.ends.clear();
                 std::mem::swap(&mut queue.bytes, &mut batch.bytes);
@@ -216,7 +344,7 @@ impl RollingFile {
 
     /// Writes queued appends in as few writes as the rollover rule allows.
     fn write_batch(&self, batch: &Queue) -> io::Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         let mut start = 0;
         // Appends from `start` up to `until` go in the next write.
         let mut until = 0;
@@ -226,7 +354,6 @@ impl RollingFile {
             let has_lines = state.has_lines || until > start;
             if has_lines && size + len > self.max_bytes {
                 state.file.write_all(&batch.bytes[start..until])?;
-                state.has_lines |= until > start;
                 self.roll_over(&mut state)?;
                 start = until;
                 size = state.size;
@@ -243,7 +370,7 @@ impl RollingFile {
     fn roll_over(&self, state: &mut FileState) -> io::Result<()> {
         state.file.flush()?;
         std::fs::rename(&self.path, &self.rolled)?;
-        if let Some(hook) = &self.on_rollover {
+        if let Some(hook) = self.on_rollover.get() {
             hook(&self.rolled);
         }
         state.file = OpenOptions::new()
@@ -259,6 +386,16 @@ impl RollingFile {
             state.size = text.len() as u64;
         }
         Ok(())
+    }
+}
+
+struct ReleaseOnPanic<'a>(&'a Mutex<Queue>);
+
+impl Drop for ReleaseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(self.0).writing = false;
+        }
     }
 }
 
@@ -344,7 +481,7 @@ mod tests {
             batch.bytes.extend_from_slice(text.as_bytes());
             batch.ends.push(batch.bytes.len());
         }
-        file.write_batch(&batch).unwrap();
+        file.inner.write_batch(&batch).unwrap();
         let mut files = rolled.lock().unwrap().clone();
         files.push(std::fs::read_to_string(&path).unwrap());
         assert!(files.len() > 10, "{} files", files.len());
@@ -352,6 +489,28 @@ mod tests {
             assert!(text.len() <= 100 && !text.is_empty(), "{text:?}");
         }
         assert_eq!(files.concat(), expected);
+    }
+
+    /// Lines left to the writer thread reach the file by themselves, soon, and those still
+    /// queued when the file is dropped are written then.
+    #[test]
+    fn lines_left_to_the_writer_thread_are_written_soon_and_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let file = RollingFile::open(&path, 1 << 20).unwrap();
+        file.append_soon("first\r\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&path).unwrap() != "first\r\n" {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for n in 0..1000 {
+            file.append_soon(&format!("{n}\r\n"));
+        }
+        drop(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 1001);
+        assert!(text.ends_with("\r\n999\r\n"), "{text}");
     }
 
     #[test]

@@ -109,12 +109,29 @@ impl Logger {
         }
     }
 
+    /// Writes every line given so far to its file: before the component stops.
+    pub fn flush(&self) {
+        for sink in &self.sinks {
+            if let Sink::File(file) = sink {
+                let _ = file.flush();
+            }
+        }
+    }
+
     pub fn write(&self, severity: Severity, message: &str) {
         for sink in &self.sinks {
             match sink {
                 Sink::File(file) => {
-                    // A full disk must not stop the service; the other sinks still get the line.
-                    let _ = file.append(&cmtrace::stamped(&self.component, severity, message));
+                    let line = cmtrace::stamped(&self.component, severity, message);
+                    // Informational lines (every request's) are written within a few
+                    // milliseconds, gathered; warnings and errors at once, with everything
+                    // before them. A full disk must not stop the service.
+                    match severity {
+                        Severity::Info => file.append_soon(&line),
+                        Severity::Warning | Severity::Error => {
+                            let _ = file.append(&line);
+                        }
+                    }
                 }
                 Sink::Console(format) => {
                     let line = console::format(

@@ -120,11 +120,15 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
         ),
     )?;
     let config = gateway::GatewayConfig::load(&gateway_config)?;
-    let log = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
+    let gateway_logger = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
     let admin_listen = config.admin_listen;
-    let gateway = Arc::new(gateway::start(config, log).await.with_context(|| {
-        format!("starting the gateway (another program on port {port}? try --port 0)")
-    })?);
+    let gateway = Arc::new(
+        gateway::start(config, gateway_logger.clone())
+            .await
+            .with_context(|| {
+                format!("starting the gateway (another program on port {port}? try --port 0)")
+            })?,
+    );
     let gateway_control = Arc::new(GatewayControl {
         path: gateway_config.clone(),
         running: gateway.clone(),
@@ -144,9 +148,9 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     )?;
     let connector_log = dir.join("logs/SMS_Cloud_ProxyConnector.log");
     let config = connector::run::ConnectorConfig::load(&connector_config)?;
-    let log = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
+    let connector_logger = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
     let admin_listen = config.admin_listen;
-    let connector = Arc::new(connector::run::start(config, log).await?);
+    let connector = Arc::new(connector::run::start(config, connector_logger.clone()).await?);
     let connector_control = Arc::new(ConnectorControl {
         path: connector_config.clone(),
         running: connector.clone(),
@@ -249,5 +253,7 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
         gateway.stop().await;
     }
     mp.stop().await;
+    gateway_logger.flush();
+    connector_logger.flush();
     Ok(ExitCode::SUCCESS)
 }

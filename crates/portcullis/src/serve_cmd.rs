@@ -275,16 +275,17 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         log.info(&format!(
             "Open-file limit: {files} (each device or channel connection takes one)"
         ));
-        let running = Arc::new(gateway::start(config, log).await?);
+        let running = Arc::new(gateway::start(config, log.clone()).await?);
         let control = GatewayControl {
             path: args.config.clone(),
             running: running.clone(),
         };
-        serve_until_stopped(admin_listen, Arc::new(control)).await?;
+        let served = serve_until_stopped(admin_listen, Arc::new(control)).await;
         if let Ok(running) = Arc::try_unwrap(running) {
             running.stop().await;
         }
-        Ok(ExitCode::SUCCESS)
+        log.flush();
+        served.map(|()| ExitCode::SUCCESS)
     })
 }
 
@@ -299,15 +300,17 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
-        let running = Arc::new(connector::run::start(config, log.into_log()).await?);
+        let log = log.into_log();
+        let running = Arc::new(connector::run::start(config, log.clone()).await?);
         let control = ConnectorControl {
             path: args.config.clone(),
             running: running.clone(),
         };
-        serve_until_stopped(admin_listen, Arc::new(control)).await?;
+        let served = serve_until_stopped(admin_listen, Arc::new(control)).await;
         if let Ok(running) = Arc::try_unwrap(running) {
             running.stop().await;
         }
-        Ok(ExitCode::SUCCESS)
+        log.flush();
+        served.map(|()| ExitCode::SUCCESS)
     })
 }
