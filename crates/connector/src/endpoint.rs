@@ -2,17 +2,16 @@
 //! the client-authentication certificate the filter chain selected, and the mapping of what
 //! comes back (or what goes wrong) to a [`Refusal`].
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use channel::refusal::{classify_endpoint_answer, Cause, Refusal};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::{Request, Response, Uri};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use pki::crl::{CrlPolicy, RevocationList};
 use pki::{CertStore, RootSet};
 
@@ -47,7 +46,7 @@ impl From<RootSet> for EndpointTrust {
 }
 
 pub struct EndpointClient {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pool: Pool,
     /// The client certificate presented (the filter chain selected one and its key is usable).
     certificate: Option<String>,
     timeout: Duration,
@@ -76,7 +75,7 @@ impl EndpointClient {
             .and_then(|i| store.entries.get(i))
             .and_then(|entry| entry.usable_key().map(|key| (entry, key.clone_key())));
         let certificate = identity.as_ref().map(|(entry, _)| entry.cert.label());
-        let tls = match identity {
+        let mut tls = match identity {
             Some((entry, key)) => {
                 let mut chain = vec![entry.cert.der().to_vec().into()];
                 // Send the intermediates the store holds, so the endpoint can build the chain.
@@ -91,20 +90,9 @@ impl EndpointClient {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(EndpointClient {
-            client,
+            pool: Pool::new(tls),
             certificate,
             timeout,
         })
@@ -123,7 +111,7 @@ impl EndpointClient {
     /// answer the device should see as it is comes back as `Ok`; a refusal the connector
     /// recognises as `Err`.
     pub async fn forward(&self, request: Request<Body>, url: &str) -> Result<Answer, Refusal> {
-        let call = self.client.request(request);
+        let call = self.pool.send(request);
         let response = match tokio::time::timeout(self.timeout, call).await {
             Err(_) => {
                 return Err(Refusal::new(Cause::EndpointTimeout {
@@ -150,7 +138,7 @@ impl EndpointClient {
         }
     }
 
-    fn transport_refusal(&self, url: String, error: &hyper_util::client::legacy::Error) -> Refusal {
+    fn transport_refusal(&self, url: String, error: &(dyn std::error::Error + 'static)) -> Refusal {
         match find_tls_error(error) {
             // TLS 1.3 servers that demand a certificate say so with an alert.
             Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)) => {
@@ -169,6 +157,196 @@ impl EndpointClient {
             }),
         }
     }
+}
+
+/// Why a call to an endpoint got no answer; the cause (I/O, TLS, HTTP) is the source.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("the endpoint URL {0} has no https host")]
+    NotHttps(String),
+    #[error("connecting to {0}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("TLS handshake with {0}")]
+    Tls(String, #[source] std::io::Error),
+    #[error("HTTP/1.1 with {0}")]
+    Http(String, #[source] hyper::Error),
+}
+
+/// Keep-alive HTTP/1.1 connections to the endpoints, over TLS, reused most recent first.
+///
+/// Written on hyper's connection API instead of hyper-util's pooled client, which cost the
+/// connector about 14k instructions per request in boxed futures, pool hashing and moves
+/// (callgrind): endpoints are few, so each keeps a short list, scanned for a connection that
+/// is ready for its next request.
+struct Pool {
+    tls: tokio_rustls::TlsConnector,
+    endpoints: Mutex<Vec<EndpointConnections>>,
+}
+
+struct EndpointConnections {
+    /// `host:port` as dialled.
+    authority: String,
+    idle: Vec<Pooled>,
+}
+
+struct Pooled {
+    sender: http1::SendRequest<Body>,
+    last_used: Instant,
+}
+
+/// A connection unused this long is closed rather than reused (IIS closes its own after 120 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connections kept per endpoint; more are closed when their request is done.
+const MAX_KEPT: usize = 256;
+
+impl Pool {
+    fn new(tls: rustls::ClientConfig) -> Pool {
+        Pool {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            endpoints: Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn send(&self, mut request: Request<Body>) -> Result<Answer, CallError> {
+        let uri = request.uri().clone();
+        let target = Target::of(&uri).ok_or_else(|| CallError::NotHttps(uri.to_string()))?;
+        // HTTP/1.1 wants the origin form and a Host header (the device's was removed).
+        *request.uri_mut() = uri
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+        if let Ok(host) = hyper::header::HeaderValue::from_str(&target.host_header) {
+            request.headers_mut().insert(hyper::header::HOST, host);
+        }
+        if let Some(mut sender) = self.checkout(&target.authority) {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.put_back(&target.authority, sender);
+                    return Ok(response);
+                }
+                Err(mut failed) => match failed.take_message() {
+                    // The endpoint closed the kept connection before the request went out:
+                    // the request is whole, so it goes again on a new connection.
+                    Some(unsent) => request = unsent,
+                    None => {
+                        return Err(CallError::Http(target.authority, failed.into_error()));
+                    }
+                },
+            }
+        }
+        let mut sender = self.connect(&target).await?;
+        match sender.send_request(request).await {
+            Ok(response) => {
+                self.put_back(&target.authority, sender);
+                Ok(response)
+            }
+            Err(e) => Err(CallError::Http(target.authority, e)),
+        }
+    }
+
+    /// The most recently used connection to `authority` that can take a request now; closed
+    /// and stale ones are dropped on the way. One whose answer was read a moment ago may not
+    /// say it is ready until its task runs again; the request then opens another, and the
+    /// pool holds one connection more than the requests in flight.
+    fn checkout(&self, authority: &str) -> Option<http1::SendRequest<Body>> {
+        let mut endpoints = lock(&self.endpoints);
+        let endpoint = endpoints.iter_mut().find(|e| e.authority == authority)?;
+        let now = Instant::now();
+        endpoint
+            .idle
+            .retain(|p| !p.sender.is_closed() && now.duration_since(p.last_used) < IDLE_TIMEOUT);
+        let ready = endpoint.idle.iter().rposition(|p| p.sender.is_ready())?;
+        Some(endpoint.idle.swap_remove(ready).sender)
+    }
+
+    /// Keeps `sender` for later requests. Its response body may still be streaming; it is
+    /// taken again only once it says it is ready.
+    fn put_back(&self, authority: &str, sender: http1::SendRequest<Body>) {
+        let mut endpoints = lock(&self.endpoints);
+        let index = match endpoints.iter().position(|e| e.authority == authority) {
+            Some(i) => i,
+            None => {
+                endpoints.push(EndpointConnections {
+                    authority: authority.to_string(),
+                    idle: Vec::new(),
+                });
+                endpoints.len() - 1
+            }
+        };
+        let idle = &mut endpoints[index].idle;
+        if idle.len() < MAX_KEPT {
+            idle.push(Pooled {
+                sender,
+                last_used: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self, target: &Target) -> Result<http1::SendRequest<Body>, CallError> {
+        let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| CallError::Connect(target.authority.clone(), e))?;
+        // Requests are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|e| {
+            CallError::Tls(
+                target.authority.clone(),
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            )
+        })?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| CallError::Tls(target.authority.clone(), e))?;
+        let (sender, connection) = http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| CallError::Http(target.authority.clone(), e))?;
+        // The connection's own errors reach the request that was on it.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// Where an endpoint URL points.
+struct Target {
+    /// Host name or address, without IPv6 brackets: for DNS, TCP and the TLS server name.
+    host: String,
+    port: u16,
+    /// `host:port`, the pool's key.
+    authority: String,
+    /// The Host header: the port only when it is not 443.
+    host_header: String,
+}
+
+impl Target {
+    fn of(uri: &Uri) -> Option<Target> {
+        if uri.scheme_str() != Some("https") {
+            return None;
+        }
+        let authority = uri.authority()?;
+        let bracketed = authority.host();
+        let host = bracketed.trim_start_matches('[').trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(443);
+        let host_header = if port == 443 {
+            bracketed.to_string()
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        Some(Target {
+            host: host.to_string(),
+            port,
+            authority: format!("{bracketed}:{port}"),
+            host_header,
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The pool's lists stay whole whatever panicked while holding the lock.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The rustls error somewhere in the chain of causes, if the failure was TLS. The TLS layers

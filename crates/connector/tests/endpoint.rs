@@ -325,3 +325,88 @@ fn endpoint_server_certificates_are_checked_against_crls() {
     );
     lab.runtime.block_on(mp.stop());
 }
+
+/// A bare HTTP/1.1 endpoint over TLS that answers every request `200 ok` claiming keep-alive,
+/// counts the connections it accepts, and after `answers_per_connection` answers closes the
+/// connection without a word: what an endpoint's idle timeout does to a kept connection.
+async fn counting_endpoint(
+    lab: &Lab,
+    answers_per_connection: usize,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let identity =
+        pki::tls::Identity::load(&lab.path("mp/server.crt"), &lab.path("mp/server.key")).unwrap();
+    let roots = RootSet::load(&[lab.path("ca/root.crt")]).unwrap();
+    let config = pki::tls::server_config(identity, &roots, false, &[b"http/1.1"]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut answered = 0;
+                let mut buf = [0u8; 4096];
+                while answered < answers_per_connection {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok";
+                        if tls.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        answered += 1;
+                    }
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn kept_connections_are_reused_and_closed_ones_are_not() {
+    let lab = Lab::new();
+    let client = lab.client(
+        &lab.path("connector/store"),
+        &[lab.path("ca/root.crt")],
+        "ca/root.crt",
+    );
+    let _guard = lab.runtime.enter();
+    let (keeps, kept_count) = lab.runtime.block_on(counting_endpoint(&lab, usize::MAX));
+    for _ in 0..20 {
+        assert_eq!(
+            lab.get(&client, keeps, "/SMS_MP/.sms_aut", Some("MPLIST"))
+                .unwrap()
+                .0,
+            200
+        );
+    }
+    // A connection whose answer was just read may not be ready for the next request at once,
+    // so the pool may open a second; never more for requests one after another.
+    let opened = kept_count.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&opened),
+        "twenty requests one after another opened {opened} connections"
+    );
+
+    // This endpoint drops each connection after one answer, though it said keep-alive: the
+    // next request must not be lost on the closed connection it kept.
+    let (drops, dropped_count) = lab.runtime.block_on(counting_endpoint(&lab, 1));
+    for n in 0..20 {
+        let answer = lab.get(&client, drops, "/SMS_MP/.sms_aut", Some("MPLIST"));
+        assert_eq!(answer.map(|a| a.0).ok(), Some(200), "request {n}");
+    }
+    assert_eq!(dropped_count.load(std::sync::atomic::Ordering::SeqCst), 20);
+}
