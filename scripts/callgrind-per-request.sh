@@ -6,6 +6,7 @@
 #   scripts/callgrind-per-request.sh [N1] [N2]          # keep-alive, defaults 500 2500
 #   MODE=handshake scripts/callgrind-per-request.sh 200 700
 #   MODE=handshake EXTRA=--tls-resumption scripts/callgrind-per-request.sh 200 700
+#   KEEP=/tmp/cg scripts/callgrind-per-request.sh     # also keep the callgrind files there
 #
 # Needs valgrind and curl, and a release build (cargo build --release -p portcullis).
 set -euo pipefail
@@ -44,6 +45,7 @@ run() {
 }
 total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",","",$1); print $1; done=1}'; }
 run "$N1"; run "$N2"
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/gw.* "$work"/cn.* "$KEEP"/; fi
 for c in gw:gateway cn:connector; do
   a=$(total "$work/${c%%:*}.$N1"); b=$(total "$work/${c%%:*}.$N2")
   echo "${c#*:}: $(( (b - a) / (N2 - N1) )) instructions per request (${MODE:-keepalive}${EXTRA:+ $EXTRA})"

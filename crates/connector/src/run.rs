@@ -497,8 +497,8 @@ impl Service {
                 .body(tunnel::full(body))
                 .unwrap_or_else(|_| Response::new(tunnel::empty()));
         }
-        let message_id = header_text(&request, headers::MESSAGE_ID).unwrap_or_else(|| "-".into());
-        let endpoint = header_text_of(request.headers(), headers::ENDPOINT)
+        let message_id = header_text(&request, &headers::MESSAGE_ID).unwrap_or_else(|| "-".into());
+        let endpoint = header_text_of(request.headers(), &headers::ENDPOINT)
             .and_then(|e| e.parse::<u64>().ok());
         let Some(base) = endpoint.and_then(|e| self.endpoints.get(&e)) else {
             let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
@@ -526,9 +526,9 @@ impl Service {
             let header = |name| header_text_of(request.headers(), name).unwrap_or("-");
             format!(
                 "Message {message_id}: device {} ({}) from {}; presenting {}",
-                header(headers::DEVICE_SUBJECT),
-                header(headers::DEVICE_THUMBPRINT),
-                header(headers::DEVICE_ADDRESS),
+                header(&headers::DEVICE_SUBJECT),
+                header(&headers::DEVICE_THUMBPRINT),
+                header(&headers::DEVICE_ADDRESS),
                 client
                     .selected_label()
                     .map(|c| format!("client certificate {c}"))
@@ -583,11 +583,14 @@ impl Service {
     }
 }
 
-fn header_text_of<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+fn header_text_of<'a>(
+    headers: &'a hyper::HeaderMap,
+    name: &hyper::header::HeaderName,
+) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn header_text(request: &Request<Incoming>, name: &str) -> Option<String> {
+fn header_text(request: &Request<Incoming>, name: &hyper::header::HeaderName) -> Option<String> {
     request
         .headers()
         .get(name)
