@@ -87,6 +87,9 @@ pub struct CompareOptions {
     pub keep: bool,
     /// Progress lines on standard error.
     pub progress: bool,
+    /// Times the whole sequence of systems and modes is run; each row is the round with the
+    /// median req/s, so a noisy machine's drift touches every system alike.
+    pub rounds: usize,
 }
 
 impl CompareOptions {
@@ -103,6 +106,7 @@ impl CompareOptions {
             ready_timeout: Duration::from_secs(20),
             keep: false,
             progress: true,
+            rounds: 1,
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct Row {
     pub max_ms: f64,
     /// req/s relative to `portcullis` in the same mode (`None` when it did not run).
     pub vs_portcullis: Option<f64>,
+    /// req/s of every round that completed, in the order run; the row is the median one.
+    pub rps_rounds: Vec<f64>,
     /// The system's processes measured (0 for `direct`).
     pub processes: usize,
     pub errors_by_kind: BTreeMap<String, u64>,
@@ -150,6 +156,7 @@ pub struct CompareReport {
     pub connections: usize,
     pub duration_s: f64,
     pub warmup_s: f64,
+    pub rounds: usize,
     /// The kept temporary directory (`--keep`).
     pub dir: Option<PathBuf>,
 }
@@ -193,6 +200,11 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
     }
     if options.duration.is_zero() {
         return Err(CompareError::Options("--duration must be positive".into()));
+    }
+    if !(1..=100).contains(&options.rounds) {
+        return Err(CompareError::Options(
+            "--rounds must be between 1 and 100".into(),
+        ));
     }
     let mut systems: Vec<System> = Vec::new();
     for s in &options.systems {
@@ -244,6 +256,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
         connections: options.connections,
         duration_s: options.duration.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
+        rounds: options.rounds,
         dir,
     })
 }
@@ -270,69 +283,38 @@ fn run_in(
     let lab = Lab { dir: lab };
 
     let mut mp = start_mp(dir, &lab, options)?;
-    let mut rows = Vec::new();
+    let mut rounds: Vec<Vec<Row>> = vec![Vec::new(); systems.len() * modes.len()];
     let mut failed = Vec::new();
-    let total = systems.len() * modes.len();
+    let total = systems.len() * modes.len() * options.rounds;
     let mut n = 0;
-    for &system in systems {
-        for &mode in modes {
-            n += 1;
-            let what = format!("{} {}", system.name(), mode.name());
-            if options.progress {
-                eprintln!(
-                    "bench compare [{n}/{total}] {what}: starting; then {:.1} s warm-up, {:.1} s measured, {} connections",
-                    options.warmup.as_secs_f64(),
-                    options.duration.as_secs_f64(),
-                    options.connections
-                );
-            }
-            let run_dir = dir.join(format!("{}-{}", slug(system), mode.name()));
-            std::fs::create_dir_all(&run_dir)
-                .map_err(io(format!("creating {}", run_dir.display())))?;
-            let measured =
-                bring_up(system, &run_dir, &lab, &mp, tools, options).and_then(|mut up| {
-                    measure(&runtime, &mut up, &lab, mode, options, &mut mp)
-                        .map_err(|e| format!("{e}{}", up.tails()))
-                });
-            match measured {
-                Ok((report, cpu_s, peak_rss_kib, processes)) => {
-                    if options.progress {
-                        eprintln!(
-                            "bench compare [{n}/{total}] {what}: {:.0} req/s, p99 {:.2} ms, {} errors",
-                            report.rps, report.latency.p99_ms, report.errors
-                        );
-                    }
-                    rows.push(Row {
-                        system,
-                        mode,
-                        rps: report.rps,
-                        p50_ms: report.latency.p50_ms,
-                        p99_ms: report.latency.p99_ms,
-                        cpu_s,
-                        peak_rss_mib: peak_rss_kib as f64 / 1024.0,
-                        errors: report.errors,
-                        ok: report.ok,
-                        p90_ms: report.latency.p90_ms,
-                        p999_ms: report.latency.p999_ms,
-                        max_ms: report.latency.max_ms,
-                        vs_portcullis: None,
-                        processes,
-                        errors_by_kind: report.errors_by_kind,
-                    });
-                }
-                Err(reason) => {
-                    if options.progress {
-                        eprintln!("bench compare [{n}/{total}] {what}: FAILED: {reason}");
-                    }
-                    failed.push(NotRun {
+    for round in 1..=options.rounds {
+        for (s, &system) in systems.iter().enumerate() {
+            for (m, &mode) in modes.iter().enumerate() {
+                n += 1;
+                let what = if options.rounds > 1 {
+                    format!(
+                        "{} {} (round {round}/{})",
+                        system.name(),
+                        mode.name(),
+                        options.rounds
+                    )
+                } else {
+                    format!("{} {}", system.name(), mode.name())
+                };
+                match run_once(
+                    &runtime, dir, &lab, &mut mp, tools, options, system, mode, &what, n, total,
+                ) {
+                    Ok(row) => rounds[s * modes.len() + m].push(row),
+                    Err(reason) => failed.push(NotRun {
                         system,
                         mode: Some(mode),
                         reason,
-                    });
+                    }),
                 }
             }
         }
     }
+    let mut rows: Vec<Row> = rounds.into_iter().filter_map(median_round).collect();
     drop(mp);
     let reference: BTreeMap<&str, f64> = rows
         .iter()
@@ -346,6 +328,93 @@ fn run_in(
             .map(|rps| row.rps / rps);
     }
     Ok((rows, failed))
+}
+
+/// One system under one mode, brought up fresh: its row, or why it could not be measured.
+#[allow(clippy::too_many_arguments)]
+fn run_once(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    lab: &Lab,
+    mp: &mut Mp,
+    tools: &Tools,
+    options: &CompareOptions,
+    system: System,
+    mode: Mode,
+    what: &str,
+    n: usize,
+    total: usize,
+) -> Result<Row, String> {
+    if options.progress {
+        eprintln!(
+            "bench compare [{n}/{total}] {what}: starting; then {:.1} s warm-up, {:.1} s measured, {} connections",
+            options.warmup.as_secs_f64(),
+            options.duration.as_secs_f64(),
+            options.connections
+        );
+    }
+    let run_dir = dir.join(format!("{}-{}", slug(system), mode.name()));
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+    let measured = bring_up(system, &run_dir, lab, mp, tools, options).and_then(|mut up| {
+        measure(runtime, &mut up, lab, mode, options, mp).map_err(|e| format!("{e}{}", up.tails()))
+    });
+    match measured {
+        Ok((report, cpu_s, peak_rss_kib, processes)) => {
+            if options.progress {
+                eprintln!(
+                    "bench compare [{n}/{total}] {what}: {:.0} req/s, p99 {:.2} ms, {} errors",
+                    report.rps, report.latency.p99_ms, report.errors
+                );
+            }
+            Ok(Row {
+                system,
+                mode,
+                rps: report.rps,
+                p50_ms: report.latency.p50_ms,
+                p99_ms: report.latency.p99_ms,
+                cpu_s,
+                peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+                errors: report.errors,
+                ok: report.ok,
+                p90_ms: report.latency.p90_ms,
+                p999_ms: report.latency.p999_ms,
+                max_ms: report.latency.max_ms,
+                vs_portcullis: None,
+                rps_rounds: vec![report.rps],
+                processes,
+                errors_by_kind: report.errors_by_kind,
+            })
+        }
+        Err(reason) => {
+            if options.progress {
+                eprintln!("bench compare [{n}/{total}] {what}: FAILED: {reason}");
+            }
+            Err(reason)
+        }
+    }
+}
+
+/// The round with the median req/s (the lower middle of an even count), carrying every
+/// round's req/s, and errors and requests summed over the rounds so none is hidden.
+fn median_round(mut runs: Vec<Row>) -> Option<Row> {
+    let all: Vec<f64> = runs.iter().map(|r| r.rps).collect();
+    let errors: u64 = runs.iter().map(|r| r.errors).sum();
+    let ok: u64 = runs.iter().map(|r| r.ok).sum();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for run in &runs {
+        for (kind, count) in &run.errors_by_kind {
+            *kinds.entry(kind.clone()).or_default() += count;
+        }
+    }
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let middle = runs.len().checked_sub(1)? / 2;
+    let mut row = runs.swap_remove(middle);
+    row.rps_rounds = all;
+    row.errors = errors;
+    row.ok = ok;
+    row.errors_by_kind = kinds;
+    Some(row)
 }
 
 fn slug(system: System) -> &'static str {
@@ -1012,13 +1081,22 @@ impl CompareReport {
     pub fn render_text(&self) -> String {
         let mut out = format!(
             "{} connections, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
-             CPU s and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n\n",
+             CPU s and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
             self.connections, self.duration_s, self.warmup_s
         );
+        if self.rounds > 1 {
+            out.push_str(&format!(
+                "{} rounds, systems in turn: each row is its median round by req/s (the range is every round's); errors are summed\n",
+                self.rounds
+            ));
+        }
+        out.push('\n');
+        let ranges = self.rounds > 1;
         let header = [
             "system",
             "mode",
             "req/s",
+            if ranges { "req/s range" } else { "" },
             "p50 ms",
             "p99 ms",
             "CPU s",
@@ -1033,6 +1111,13 @@ impl CompareReport {
                 r.system.name().to_string(),
                 r.mode.name().to_string(),
                 format!("{:.0}", r.rps),
+                if ranges {
+                    let low = r.rps_rounds.iter().copied().fold(f64::INFINITY, f64::min);
+                    let high = r.rps_rounds.iter().copied().fold(0.0, f64::max);
+                    format!("{low:.0}-{high:.0}")
+                } else {
+                    String::new()
+                },
                 format!("{:.2}", r.p50_ms),
                 format!("{:.2}", r.p99_ms),
                 if proxy {
@@ -1066,6 +1151,7 @@ impl CompareReport {
                     }
                 })
                 .collect();
+            let line: Vec<String> = line.into_iter().filter(|cell| !cell.is_empty()).collect();
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
@@ -1097,5 +1183,54 @@ impl CompareReport {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(rps: f64, errors: u64) -> Row {
+        Row {
+            system: System::Portcullis,
+            mode: Mode::Keepalive,
+            rps,
+            p50_ms: rps / 1000.0,
+            p99_ms: 0.0,
+            cpu_s: 0.0,
+            peak_rss_mib: 0.0,
+            errors,
+            ok: 10,
+            p90_ms: 0.0,
+            p999_ms: 0.0,
+            max_ms: 0.0,
+            vs_portcullis: None,
+            rps_rounds: vec![rps],
+            processes: 2,
+            errors_by_kind: if errors > 0 {
+                BTreeMap::from([("503 CMGService_Noconnectorchannel".to_string(), errors)])
+            } else {
+                BTreeMap::new()
+            },
+        }
+    }
+
+    #[test]
+    fn the_median_round_stands_for_the_rounds_and_no_error_is_hidden() {
+        let median = median_round(vec![row(900.0, 0), row(1500.0, 2), row(1000.0, 1)]).unwrap();
+        assert_eq!(median.rps, 1000.0);
+        assert_eq!(median.p50_ms, 1.0, "the median round's own latency");
+        assert_eq!(median.rps_rounds, [900.0, 1500.0, 1000.0]);
+        assert_eq!((median.errors, median.ok), (3, 30));
+        assert_eq!(
+            median.errors_by_kind["503 CMGService_Noconnectorchannel"],
+            3
+        );
+        // An even count takes the lower middle; no rounds, no row.
+        assert_eq!(
+            median_round(vec![row(2.0, 0), row(1.0, 0)]).unwrap().rps,
+            1.0
+        );
+        assert!(median_round(Vec::new()).is_none());
     }
 }

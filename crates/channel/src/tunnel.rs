@@ -23,6 +23,11 @@ use serde::{Deserialize, Serialize};
 use crate::refusal::{Cause, Refusal};
 
 pub const ALPN: &[u8] = b"portcullis-tunnel/1";
+
+/// The HPACK table each end of a channel offers the other (HTTP/2's default is 4 KiB): room
+/// for the per-connection metadata of a few hundred devices, so a kept device's thumbprint,
+/// subject and address go as table indexes instead of literals the other end must decode.
+const HPACK_TABLE_BYTES: u32 = 64 * 1024;
 pub const HELLO_PATH: &str = "/_portcullis/v1/hello";
 
 /// Header names on the channel. Anything starting with [`headers::PREFIX`] that a device sends
@@ -279,7 +284,8 @@ where
         .keep_alive_while_idle(true)
         .initial_stream_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
-        .adaptive_window(true);
+        .adaptive_window(true)
+        .header_table_size(HPACK_TABLE_BYTES);
     let (sender, connection) = builder
         .handshake(TokioIo::new(io))
         .await
@@ -341,6 +347,7 @@ where
         .initial_stream_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
         .adaptive_window(true)
+        .header_table_size(HPACK_TABLE_BYTES)
         .serve_connection(TokioIo::new(io), service)
         .await
 }

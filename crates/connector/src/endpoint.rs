@@ -224,16 +224,22 @@ impl Pool {
             request.headers_mut().insert(hyper::header::HOST, host);
         }
         if let Some(mut sender) = self.checkout(&target.authority) {
+            // An endpoint may close a kept connection just as a request goes out on it (its
+            // idle timeout). A request without a body that cannot change anything (GET, HEAD)
+            // is then sent again, as nginx does; its head is kept for that.
+            let again = RepeatableHead::of(&request);
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.put_back(&target.authority, sender);
                     return Ok(response);
                 }
-                Err(mut failed) => match failed.take_message() {
-                    // The endpoint closed the kept connection before the request went out:
-                    // the request is whole, so it goes again on a new connection.
-                    Some(unsent) => request = unsent,
-                    None => {
+                Err(mut failed) => match (failed.take_message(), again) {
+                    // The request had not gone out: it is whole, so it goes again.
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(again)) if closed_before_answering(failed.error()) => {
+                        request = again.into_request();
+                    }
+                    (None, _) => {
                         return Err(CallError::Http(target.authority, failed.into_error()));
                     }
                 },
@@ -314,6 +320,44 @@ impl Pool {
             let _ = connection.await;
         });
         Ok(sender)
+    }
+}
+
+/// The head of a request that may be sent twice: GET or HEAD with an empty body.
+struct RepeatableHead {
+    method: hyper::Method,
+    uri: Uri,
+    headers: hyper::HeaderMap,
+}
+
+impl RepeatableHead {
+    fn of(request: &Request<Body>) -> Option<RepeatableHead> {
+        use hyper::body::Body as _;
+        let method = request.method();
+        ((method == hyper::Method::GET || method == hyper::Method::HEAD)
+            && request.body().is_end_stream())
+        .then(|| RepeatableHead {
+            method: method.clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<Body> {
+        let mut request = Request::new(channel::tunnel::empty());
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Whether the connection ended before any answer: the request did not reach the endpoint's
+/// application, or reached it and was cut off with no reply.
+fn closed_before_answering(error: &hyper::Error) -> bool {
+    error.is_incomplete_message() || error.is_canceled() || error.is_closed() || {
+        use std::error::Error as _;
+        error.source().is_some_and(|s| s.is::<std::io::Error>())
     }
 }
 

@@ -370,7 +370,7 @@ async fn connection(
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
     let device = Arc::new(Device {
         addr: peer,
-        addr_header: never_indexed(&peer.to_string()),
+        addr_header: header_value(&peer.to_string()),
         leaf,
         state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
     });
@@ -570,9 +570,10 @@ async fn route_request(
     parts.version = hyper::Version::HTTP_11;
     parts.extensions = hyper::http::Extensions::new();
     let map = &mut parts.headers;
-    // Values unique to a request or a connection are sent never-indexed, so they do not churn
-    // the channel's HPACK table (the connector decodes every header of every request).
-    // Hex digits only: a valid header value as it is, with no sanitising copy.
+    // The message id, unique to the request, is sent never-indexed so it does not churn the
+    // channel's HPACK table; a connection's own values (address, certificate) are indexed and
+    // go as table indexes for its later requests (the connector decodes every header of every
+    // request). Hex digits only: a valid header value as it is, with no sanitising copy.
     let mut id_header =
         HeaderValue::from_str(&message_id).unwrap_or_else(|_| never_indexed(&message_id));
     id_header.set_sensitive(true);

@@ -64,6 +64,10 @@ pub enum BenchCommand {
     /// in the same mode. --json prints {"rows":[{"system", "mode", "rps", "p50_ms", "p99_ms",
     /// "cpu_s", "peak_rss_mib", "errors", ...}], "skipped": [...], "failed": [...]}.
     ///
+    /// On a shared machine one run can be 20% off the next. --rounds N runs the whole
+    /// sequence N times, systems in turn, and reports each system's median round, with every
+    /// round's req/s ("rps_rounds" in JSON): e.g. --rounds 5 -d 6 --modes keepalive.
+    ///
     /// Tools: nginx (Debian's /usr/sbin/nginx, or on PATH) and rathole (on PATH, or
     /// target/bench-tools/bin/rathole). scripts/install-bench-tools.sh installs both
     /// (apt-get install nginx; cargo install rathole --root target/bench-tools). A system
@@ -265,6 +269,10 @@ pub struct CompareArgs {
     /// rathole to run (default: rathole on PATH, then target/bench-tools/bin/rathole).
     #[arg(long, value_name = "FILE")]
     pub rathole: Option<PathBuf>,
+    /// Run the whole sequence this many times, systems in turn, and report each system's
+    /// median round (with every round's req/s): steadier ratios on a noisy machine.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub rounds: u16,
     /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.
     #[arg(long)]
     pub keep: bool,
@@ -289,6 +297,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     options.nginx = args.nginx;
     options.rathole = args.rathole;
     options.keep = args.keep;
+    options.rounds = usize::from(args.rounds);
     let report = bench::compare::run(&options)?;
     let clean = report.failed.is_empty()
         && report.skipped.is_empty()
