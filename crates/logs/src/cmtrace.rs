@@ -36,12 +36,28 @@ impl Line<'_> {
     /// The line, without its line break. A message holding `]LOG]!>` would end the message
     /// early for every reader, so that marker is defused.
     pub fn format(&self) -> String {
+        let mut text = String::with_capacity(self.message.len() + 160);
+        self.write_to(&mut text);
+        text
+    }
+
+    /// Appends the line to `text`. One allocation per line, none when the message and the
+    /// component need no escaping: the connector writes two of these per request.
+    fn write_to(&self, text: &mut String) {
+        use std::fmt::Write as _;
+        const END: &str = "]LOG]!>";
+        text.push_str("<![LOG[");
+        if self.message.contains(END) {
+            text.push_str(&self.message.replace(END, "]LOG]!&gt;"));
+        } else {
+            text.push_str(self.message);
+        }
         let at = self.at;
         let offset_minutes = at.offset().whole_minutes();
         let sign = if offset_minutes < 0 { '-' } else { '+' };
-        format!(
-            "<![LOG[{}]LOG]!><time=\"{:02}:{:02}:{:02}.{:03}{}{:03}\" date=\"{:02}-{:02}-{:04}\" component=\"{}\" context=\"\" type=\"{}\" thread=\"{}\" file=\"\">",
-            self.message.replace("]LOG]!>", "]LOG]!&gt;"),
+        let _ = write!(
+            text,
+            "]LOG]!><time=\"{:02}:{:02}:{:02}.{:03}{}{:03}\" date=\"{:02}-{:02}-{:04}\" component=\"",
             at.hour(),
             at.minute(),
             at.second(),
@@ -51,10 +67,17 @@ impl Line<'_> {
             u8::from(at.month()),
             at.day(),
             at.year(),
-            self.component.replace('"', "'"),
-            self.severity as u8,
-            self.thread,
-        )
+        );
+        if self.component.contains('"') {
+            text.push_str(&self.component.replace('"', "'"));
+        } else {
+            text.push_str(self.component);
+        }
+        let _ = write!(
+            text,
+            "\" context=\"\" type=\"{}\" thread=\"{}\" file=\"\">",
+            self.severity as u8, self.thread,
+        );
     }
 }
 
@@ -413,14 +436,15 @@ fn rolled_name(path: &Path) -> PathBuf {
 
 /// A CMTrace line for `component`, stamped now, with its CMTrace line break.
 pub fn stamped(component: &str, severity: Severity, message: &str) -> String {
-    let mut text = Line {
+    let mut text = String::with_capacity(message.len() + 160);
+    Line {
         message,
         component,
         severity,
         thread: thread_number(),
         at: OffsetDateTime::now_utc(),
     }
-    .format();
+    .write_to(&mut text);
     text.push_str("\r\n");
     text
 }
