@@ -189,8 +189,9 @@ struct Pool {
 }
 
 struct EndpointConnections {
-    /// `host:port` as dialled.
-    authority: String,
+    /// The endpoint URL's scheme and authority, as written there: the list's key.
+    key: String,
+    target: Arc<Target>,
     idle: Vec<Pooled>,
 }
 
@@ -213,24 +214,25 @@ impl Pool {
     }
 
     async fn send(&self, mut request: Request<Body>) -> Result<Answer, CallError> {
-        let uri = request.uri().clone();
-        let target = Target::of(&uri).ok_or_else(|| CallError::NotHttps(uri.to_string()))?;
+        let (target, kept) = self.checkout(request.uri())?;
         // HTTP/1.1 wants the origin form and a Host header (the device's was removed).
-        *request.uri_mut() = uri
+        let origin = request
+            .uri()
             .path_and_query()
             .map(|pq| Uri::from(pq.clone()))
             .unwrap_or_else(|| Uri::from_static("/"));
-        if let Ok(host) = hyper::header::HeaderValue::from_str(&target.host_header) {
-            request.headers_mut().insert(hyper::header::HOST, host);
-        }
-        if let Some(mut sender) = self.checkout(&target.authority) {
+        *request.uri_mut() = origin;
+        request
+            .headers_mut()
+            .insert(hyper::header::HOST, target.host_header.clone());
+        if let Some(mut sender) = kept {
             // An endpoint may close a kept connection just as a request goes out on it (its
             // idle timeout). A request without a body that cannot change anything (GET, HEAD)
             // is then sent again, as nginx does; its head is kept for that.
             let again = RepeatableHead::of(&request);
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.put_back(&target.authority, sender);
+                    self.put_back(&target, sender);
                     return Ok(response);
                 }
                 Err(mut failed) => match (failed.take_message(), again) {
@@ -240,7 +242,10 @@ impl Pool {
                         request = again.into_request();
                     }
                     (None, _) => {
-                        return Err(CallError::Http(target.authority, failed.into_error()));
+                        return Err(CallError::Http(
+                            target.authority.clone(),
+                            failed.into_error(),
+                        ));
                     }
                 },
             }
@@ -250,48 +255,70 @@ impl Pool {
         let mut sender = Box::pin(self.connect(&target)).await?;
         match sender.send_request(request).await {
             Ok(response) => {
-                self.put_back(&target.authority, sender);
+                self.put_back(&target, sender);
                 Ok(response)
             }
-            Err(e) => Err(CallError::Http(target.authority, e)),
+            Err(e) => Err(CallError::Http(target.authority.clone(), e)),
         }
     }
 
-    /// The most recently used connection to `authority` that can take a request now; closed
-    /// and stale ones are dropped on the way. One whose answer was read a moment ago may not
-    /// say it is ready until its task runs again; the request then opens another, and the
-    /// pool holds one connection more than the requests in flight.
-    fn checkout(&self, authority: &str) -> Option<http1::SendRequest<Body>> {
+    /// Where `uri` points (worked out once per endpoint) and the most recently used connection
+    /// to it that can take a request now; closed and stale ones are dropped on the way. One
+    /// whose answer was read a moment ago may not say it is ready until its task runs again;
+    /// the request then opens another, and the pool holds one connection more than the
+    /// requests in flight.
+    fn checkout(
+        &self,
+        uri: &Uri,
+    ) -> Result<(Arc<Target>, Option<http1::SendRequest<Body>>), CallError> {
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return Err(CallError::NotHttps(uri.to_string()));
+        };
         let mut endpoints = lock(&self.endpoints);
-        let endpoint = endpoints.iter_mut().find(|e| e.authority == authority)?;
+        let found = endpoints.iter().position(|e| {
+            e.key.len() == scheme.len() + 3 + authority.as_str().len()
+                && e.key.starts_with(scheme)
+                && e.key.ends_with(authority.as_str())
+        });
+        let endpoint = match found {
+            Some(i) => &mut endpoints[i],
+            None => {
+                let target = Target::of(uri).ok_or_else(|| CallError::NotHttps(uri.to_string()))?;
+                endpoints.push(EndpointConnections {
+                    key: format!("{scheme}://{authority}"),
+                    target: Arc::new(target),
+                    idle: Vec::new(),
+                });
+                let last = endpoints.len() - 1;
+                &mut endpoints[last]
+            }
+        };
         let now = Instant::now();
         endpoint
             .idle
             .retain(|p| !p.sender.is_closed() && now.duration_since(p.last_used) < IDLE_TIMEOUT);
-        let ready = endpoint.idle.iter().rposition(|p| p.sender.is_ready())?;
-        Some(endpoint.idle.swap_remove(ready).sender)
+        let kept = endpoint
+            .idle
+            .iter()
+            .rposition(|p| p.sender.is_ready())
+            .map(|ready| endpoint.idle.swap_remove(ready).sender);
+        Ok((endpoint.target.clone(), kept))
     }
 
     /// Keeps `sender` for later requests. Its response body may still be streaming; it is
     /// taken again only once it says it is ready.
-    fn put_back(&self, authority: &str, sender: http1::SendRequest<Body>) {
+    fn put_back(&self, target: &Arc<Target>, sender: http1::SendRequest<Body>) {
         let mut endpoints = lock(&self.endpoints);
-        let index = match endpoints.iter().position(|e| e.authority == authority) {
-            Some(i) => i,
-            None => {
-                endpoints.push(EndpointConnections {
-                    authority: authority.to_string(),
-                    idle: Vec::new(),
+        if let Some(endpoint) = endpoints
+            .iter_mut()
+            .find(|e| Arc::ptr_eq(&e.target, target))
+        {
+            if endpoint.idle.len() < MAX_KEPT {
+                endpoint.idle.push(Pooled {
+                    sender,
+                    last_used: Instant::now(),
                 });
-                endpoints.len() - 1
             }
-        };
-        let idle = &mut endpoints[index].idle;
-        if idle.len() < MAX_KEPT {
-            idle.push(Pooled {
-                sender,
-                last_used: Instant::now(),
-            });
         }
     }
 
@@ -366,10 +393,10 @@ struct Target {
     /// Host name or address, without IPv6 brackets: for DNS, TCP and the TLS server name.
     host: String,
     port: u16,
-    /// `host:port`, the pool's key.
+    /// `host:port`, for messages.
     authority: String,
     /// The Host header: the port only when it is not 443.
-    host_header: String,
+    host_header: hyper::header::HeaderValue,
 }
 
 impl Target {
@@ -390,7 +417,7 @@ impl Target {
             host: host.to_string(),
             port,
             authority: format!("{bracketed}:{port}"),
-            host_header,
+            host_header: hyper::header::HeaderValue::from_str(&host_header).ok()?,
         })
     }
 }
