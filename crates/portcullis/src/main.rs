@@ -6,6 +6,24 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc commits its arenas eagerly on Linux by default, which doubled the gateway's and
+/// the connector's resident memory under load (26 -> 52 MiB together); committing pages as
+/// they are used keeps it where glibc had it. The option must be set before the first Rust
+/// allocation creates the arena (the runtime allocates before `main`), so it is set from the
+/// ELF constructors, which run before the Rust runtime starts.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static COMMIT_MEMORY_ON_DEMAND: extern "C" fn() = commit_memory_on_demand;
+
+#[cfg(target_os = "linux")]
+extern "C" fn commit_memory_on_demand() {
+    // mimalloc's `mi_option_arena_eager_commit` (mimalloc.h, `mi_option_e`).
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    // SAFETY: sets one global option; nothing else runs yet.
+    unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) };
+}
+
 mod analyze_cmd;
 mod bench_cmd;
 mod dev;
