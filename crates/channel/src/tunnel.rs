@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
@@ -81,7 +80,11 @@ pub mod headers {
     }
 }
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Any body error, boxed: the channel's bodies come from hyper (devices, endpoints) and from
+/// h2 (the gateway's end of a channel).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type Body = BoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
@@ -124,20 +127,15 @@ pub struct Channel {
     pub hello: Hello,
     /// The connector's certificate subject, for logs and status.
     pub peer: String,
-    sender: SendRequest<Body>,
+    sender: h2::client::SendRequest<Bytes>,
     outstanding: AtomicUsize,
 }
 
 impl Channel {
     /// Sends one request over the channel, counting it as outstanding while it is in flight.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Refusal> {
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, Refusal> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        let mut sender = self.sender.clone();
-        let result = async {
-            sender.ready().await?;
-            sender.send_request(request).await
-        }
-        .await;
+        let result = send_on(&self.sender, request).await;
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         result.map_err(|e| {
             Refusal::new(Cause::ChannelBroken {
@@ -252,7 +250,7 @@ impl Registry {
 
 #[derive(Debug)]
 pub enum AcceptError {
-    Handshake(hyper::Error),
+    Handshake(h2::Error),
     Hello(String),
 }
 
@@ -262,6 +260,114 @@ impl std::fmt::Display for AcceptError {
             AcceptError::Handshake(e) => write!(f, "HTTP/2 handshake on the channel failed: {e}"),
             AcceptError::Hello(why) => write!(f, "the connector's hello failed: {why}"),
         }
+    }
+}
+
+/// Sends `request` on a channel with h2 directly: hyper's HTTP/2 client hands every request to
+/// its connection task over a queue and spawns a task per request for the body, which cost the
+/// gateway a large share of its instructions per request. Here the device's own task sends
+/// and awaits; only a request with a body gets a task, to stream it.
+async fn send_on(
+    sender: &h2::client::SendRequest<Bytes>,
+    request: Request<Body>,
+) -> Result<Response<ChannelBody>, h2::Error> {
+    use http_body::Body as _;
+    let (parts, body) = request.into_parts();
+    let end = body.is_end_stream();
+    let mut sender = sender.clone().ready().await?;
+    let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end)?;
+    if !end {
+        tokio::spawn(stream_body(body, stream));
+    }
+    Ok(response.await?.map(ChannelBody::new))
+}
+
+/// Streams a request body into its HTTP/2 stream as the peer's flow control allows.
+async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(_) => {
+                // The device's body broke off: so does the stream.
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        while !data.is_empty() {
+            stream.reserve_capacity(data.len());
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(0)) => tokio::task::yield_now().await,
+                Some(Ok(room)) => {
+                    let chunk = data.split_to(room.min(data.len()));
+                    if stream.send_data(chunk, false).is_err() {
+                        return;
+                    }
+                }
+                // The stream was reset or the channel went: nobody reads the rest.
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// A response body arriving on a channel, as an `http_body::Body`; what it reads is released
+/// back to the connector's flow-control window at once.
+pub struct ChannelBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl ChannelBody {
+    fn new(recv: h2::RecvStream) -> ChannelBody {
+        ChannelBody {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        use std::task::Poll;
+        if !self.data_done {
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => self.data_done = true,
+            }
+        }
+        match self.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => {
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 
@@ -276,35 +382,47 @@ pub async fn accept<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(1024 * 1024)
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
-        .adaptive_window(true)
-        .header_table_size(HPACK_TABLE_BYTES);
-    let (sender, connection) = builder
-        .handshake(TokioIo::new(io))
+        .header_table_size(HPACK_TABLE_BYTES)
+        .handshake::<_, Bytes>(io)
         .await
         .map_err(AcceptError::Handshake)?;
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
     let driver_registry = registry.clone();
+    let pings = connection.ping_pong();
     tokio::spawn(async move {
-        let _ = connection.await;
+        // A PING every KEEPALIVE_INTERVAL, answered within KEEPALIVE_TIMEOUT, or the channel
+        // is dropped: a connector that vanished without a FIN leaves within ~10 s. Dropping
+        // the connection fails every request still on it.
+        let keepalive = async move {
+            let Some(mut pings) = pings else {
+                return;
+            };
+            loop {
+                tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+                let answered =
+                    tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await;
+                if !matches!(answered, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = &mut connection => {}
+            _ = keepalive => {}
+        }
         driver_registry.remove(id);
     });
 
-    let mut hello_sender = sender.clone();
+    let hello_sender = sender.clone();
     let hello = async {
-        hello_sender.ready().await.map_err(|e| e.to_string())?;
         let request = Request::get(HELLO_PATH)
+            .version(hyper::Version::HTTP_11)
             .body(empty())
             .map_err(|e| e.to_string())?;
-        let response = hello_sender
-            .send_request(request)
+        let response = send_on(&hello_sender, request)
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {

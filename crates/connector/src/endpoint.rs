@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use channel::refusal::{classify_endpoint_answer, Cause, Refusal};
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response, Uri};
@@ -15,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use pki::crl::{CrlPolicy, RevocationList};
 use pki::{CertStore, RootSet};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = channel::tunnel::Body;
 
 /// IIS's sub-status (403.7, 403.16) as the reference management point reports it; a name made
 /// at compile time, as it is looked up on every answer.

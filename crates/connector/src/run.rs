@@ -542,7 +542,8 @@ impl Service {
         // It came over the channel as HTTP/2; to the endpoint it goes as HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
         headers::strip(&mut parts.headers);
-        let forward = Request::from_parts(parts, body.boxed());
+        let forward =
+            Request::from_parts(parts, body.map_err(channel::tunnel::BoxError::from).boxed());
         let started = Instant::now();
         let outcome = client.forward(forward, &url_text).await;
         self.log.verbose(|| {
@@ -563,7 +564,7 @@ impl Service {
                     )
                 });
                 let (parts, body) = answer.into_parts();
-                Response::from_parts(parts, body.boxed())
+                Response::from_parts(parts, body.map_err(channel::tunnel::BoxError::from).boxed())
             }
             Err(refusal) => {
                 self.log.error(&received_line(

@@ -593,7 +593,13 @@ async fn route_request(
             map.insert(headers::DEVICE_TOKEN_ID, never_indexed(id));
         }
     }
-    let forward = Request::from_parts(parts, http_body_util::BodyExt::boxed(body));
+    let forward = Request::from_parts(
+        parts,
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            body,
+            tunnel::BoxError::from,
+        )),
+    );
 
     shared.log.verbose(|| {
         format!(
@@ -630,7 +636,10 @@ async fn route_request(
     }
     Ok(Response::from_parts(
         parts,
-        http_body_util::BodyExt::boxed(body),
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            body,
+            tunnel::BoxError::from,
+        )),
     ))
 }
 

@@ -1219,3 +1219,56 @@ fn verbose_logging_changes_while_the_connector_runs() {
     assert_eq!(text.matches(PER_MESSAGE).count(), 2, "{text}");
     assert_eq!(text.matches(TRAIL).count(), 2, "{text}");
 }
+
+/// A connector that stops answering without closing anything (frozen with SIGSTOP, as a hung
+/// host or a silently dropped network path looks) is noticed by the gateway's PINGs: its
+/// channels leave the registry within the keepalive bound (5 s interval + 5 s timeout), and
+/// once it runs again it dials back in.
+#[test]
+fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    let (_mp, mp_port) = spawn_mp(&lab);
+    let port = free_port();
+    let config = gateway_config(&lab, port, "");
+    let _gateway = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening").0;
+    std::fs::write(
+        lab.join("connector.toml"),
+        connector_config(&[port], &mp_port, "connector/store", ""),
+    )
+    .unwrap();
+    let connector = spawn_until(
+        &["connector", "--config", p(&lab.join("connector.toml"))],
+        "Maintaining connections...",
+    )
+    .0;
+    assert!(wait_for_channels(&lab, port, 2), "no channels at first");
+    let pid = connector.0.id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill must be installed");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    let frozen = std::time::Instant::now();
+    let deadline = frozen + std::time::Duration::from_secs(25);
+    while channels_at(&lab, port) > 0 {
+        if std::time::Instant::now() > deadline {
+            signal("-CONT");
+            panic!("the frozen connector's channels were still registered after 25 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let gone_after = frozen.elapsed();
+    signal("-CONT");
+    assert!(
+        gone_after >= std::time::Duration::from_secs(4),
+        "channels left after {gone_after:?}, before any PING could have gone unanswered"
+    );
+    assert!(
+        wait_for_channels(&lab, port, 2),
+        "the connector did not dial back in after it ran again"
+    );
+}
