@@ -1243,26 +1243,24 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     )
     .0;
     assert!(wait_for_channels(&lab, port, 2), "no channels at first");
-    let pid = connector.0.id().to_string();
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill must be installed");
-        assert!(status.success(), "kill {name} {pid}");
+    let pid = libc::pid_t::try_from(connector.0.id()).expect("a pid fits pid_t");
+    let signal = |signal: libc::c_int| {
+        // SAFETY: signals a child process this test started and still holds.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "signal {signal} to {pid}");
     };
-    signal("-STOP");
+    signal(libc::SIGSTOP);
     let frozen = std::time::Instant::now();
     let deadline = frozen + std::time::Duration::from_secs(25);
     while channels_at(&lab, port) > 0 {
         if std::time::Instant::now() > deadline {
-            signal("-CONT");
+            signal(libc::SIGCONT);
             panic!("the frozen connector's channels were still registered after 25 s");
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let gone_after = frozen.elapsed();
-    signal("-CONT");
+    signal(libc::SIGCONT);
     assert!(
         gone_after >= std::time::Duration::from_secs(4),
         "channels left after {gone_after:?}, before any PING could have gone unanswered"
