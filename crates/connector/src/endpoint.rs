@@ -187,7 +187,7 @@ struct Pool {
 }
 
 struct EndpointConnections {
-    /// The endpoint URL's scheme and authority, as written there: the list's key.
+    /// The endpoint URL's authority as written there (the scheme is always https): the key.
     key: String,
     target: Arc<Target>,
     idle: Vec<Pooled>,
@@ -269,21 +269,17 @@ impl Pool {
         &self,
         uri: &Uri,
     ) -> Result<(Arc<Target>, Option<http1::SendRequest<Body>>), CallError> {
-        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        let (Some("https"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(CallError::NotHttps(uri.to_string()));
         };
         let mut endpoints = lock(&self.endpoints);
-        let found = endpoints.iter().position(|e| {
-            e.key.len() == scheme.len() + 3 + authority.as_str().len()
-                && e.key.starts_with(scheme)
-                && e.key.ends_with(authority.as_str())
-        });
+        let found = endpoints.iter().position(|e| e.key == authority.as_str());
         let endpoint = match found {
             Some(i) => &mut endpoints[i],
             None => {
                 let target = Target::of(uri).ok_or_else(|| CallError::NotHttps(uri.to_string()))?;
                 endpoints.push(EndpointConnections {
-                    key: format!("{scheme}://{authority}"),
+                    key: authority.to_string(),
                     target: Arc::new(target),
                     idle: Vec::new(),
                 });

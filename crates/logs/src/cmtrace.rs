@@ -252,9 +252,7 @@ impl RollingFile {
             self.inner.hold_back_if_behind(queue);
             return Ok(());
         }
-        queue.writing = true;
-        drop(queue);
-        self.inner.write_queued()
+        self.inner.write_queued(queue)
     }
 
     /// Appends `text` (whole lines) for the writer thread to write within [`LINGER`], in order
@@ -336,23 +334,19 @@ impl Inner {
             if queue.writing {
                 continue;
             }
-            queue.writing = true;
-            drop(queue);
             // Nobody waits for these lines; a failed write is the next append's to report.
-            let _ = self.write_queued();
+            let _ = self.write_queued(queue);
         }
     }
 
     fn flush(&self) -> io::Result<()> {
         loop {
-            let mut queue = lock(&self.queue);
+            let queue = lock(&self.queue);
             if !queue.writing {
                 if queue.ends.is_empty() {
                     return Ok(());
                 }
-                queue.writing = true;
-                drop(queue);
-                return self.write_queued();
+                return self.write_queued(queue);
             }
             drop(queue);
             // Someone else is writing; wait for that write, then look again.
@@ -361,9 +355,11 @@ impl Inner {
         }
     }
 
-    /// Writes the queue out until it is empty, then gives up `Queue::writing`, which the
-    /// caller holds.
-    fn write_queued(&self) -> io::Result<()> {
+    /// Takes `Queue::writing` (the caller saw it free under this lock), writes the queue out
+    /// until it is empty, then gives the flag up.
+    fn write_queued(&self, mut queue: MutexGuard<'_, Queue>) -> io::Result<()> {
+        queue.writing = true;
+        drop(queue);
         // Should a write panic (a rollover hook, say), the next caller must be able to write.
         let _release = ReleaseOnPanic(&self.queue);
         let mut batch = Queue::default();

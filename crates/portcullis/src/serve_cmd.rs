@@ -234,6 +234,26 @@ pub async fn serve_until_stopped(
     Ok(())
 }
 
+/// Serves until stopped (see [`serve_until_stopped`]), then stops the component once the
+/// control has let go of it and writes out its log.
+async fn serve_then_stop<R, F>(
+    admin_listen: Option<SocketAddr>,
+    control: Arc<dyn Control>,
+    running: Arc<R>,
+    log: &Log,
+    stop: impl FnOnce(R) -> F,
+) -> anyhow::Result<ExitCode>
+where
+    F: std::future::Future<Output = ()>,
+{
+    let served = serve_until_stopped(admin_listen, control).await;
+    if let Ok(running) = Arc::try_unwrap(running) {
+        stop(running).await;
+    }
+    log.flush();
+    served.map(|()| ExitCode::SUCCESS)
+}
+
 /// Runs until Ctrl-C or SIGTERM; SIGHUP reloads the configuration.
 pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
     #[cfg(unix)]
@@ -280,12 +300,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             path: args.config.clone(),
             running: running.clone(),
         };
-        let served = serve_until_stopped(admin_listen, Arc::new(control)).await;
-        if let Ok(running) = Arc::try_unwrap(running) {
-            running.stop().await;
-        }
-        log.flush();
-        served.map(|()| ExitCode::SUCCESS)
+        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| r.stop()).await
     })
 }
 
@@ -306,11 +321,6 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
             path: args.config.clone(),
             running: running.clone(),
         };
-        let served = serve_until_stopped(admin_listen, Arc::new(control)).await;
-        if let Ok(running) = Arc::try_unwrap(running) {
-            running.stop().await;
-        }
-        log.flush();
-        served.map(|()| ExitCode::SUCCESS)
+        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| r.stop()).await
     })
 }
