@@ -523,12 +523,9 @@ impl Service {
         // The client of this moment: a reload swaps in a new one for later requests.
         let client = self.client.load_full();
         self.log.verbose(|| {
-            let header = |name| header_text_of(request.headers(), name).unwrap_or("-");
             format!(
-                "Message {message_id}: device {} ({}) from {}; presenting {}",
-                header(&headers::DEVICE_SUBJECT),
-                header(&headers::DEVICE_THUMBPRINT),
-                header(&headers::DEVICE_ADDRESS),
+                "Message {message_id}: device {}; presenting {}",
+                header_text_of(request.headers(), &headers::DEVICE).unwrap_or("-"),
                 client
                     .selected_label()
                     .map(|c| format!("client certificate {c}"))

@@ -370,7 +370,6 @@ async fn connection(
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
     let device = Arc::new(Device {
         addr: peer,
-        addr_header: header_value(&peer.to_string()),
         leaf,
         state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
     });
@@ -402,8 +401,6 @@ fn describe_peer(judged: &PeerCert) -> String {
 
 struct Device {
     addr: SocketAddr,
-    /// `addr` as a never-indexed header value, made once per connection.
-    addr_header: HeaderValue,
     /// The certificate it presented (DER), kept to judge it again after a reload.
     leaf: Option<Vec<u8>>,
     state: std::sync::Mutex<Arc<DeviceState>>,
@@ -412,10 +409,10 @@ struct Device {
 /// A device connection's judged certificate, as of one [`DeviceAuth`] generation.
 struct DeviceState {
     judgement: Judgement,
-    /// The trusted certificate's subject and thumbprint as header values, made once per
-    /// judgement rather than per request.
-    subject_header: HeaderValue,
-    thumbprint_header: HeaderValue,
+    /// Who the device is, for the connector: the trusted certificate's subject and thumbprint
+    /// and the device's address, as one header value made once per judgement (one HPACK
+    /// table entry per connection rather than three lookups per request).
+    device_header: HeaderValue,
 }
 
 impl DeviceState {
@@ -423,14 +420,16 @@ impl DeviceState {
         if let Some(warning) = &judgement.warning {
             log.warn(&format!("Device {addr}: {warning}"));
         }
-        let (subject_header, thumbprint_header) = match &judgement.cert {
-            Ok(cert) => (header_value(&cert.subject), header_value(&cert.thumbprint)),
-            Err(_) => (HeaderValue::from_static(""), HeaderValue::from_static("")),
+        let device_header = match &judgement.cert {
+            Ok(cert) => header_value(&format!(
+                "{} ({}) from {addr}",
+                cert.subject, cert.thumbprint
+            )),
+            Err(_) => HeaderValue::from_static(""),
         };
         DeviceState {
             judgement,
-            subject_header,
-            thumbprint_header,
+            device_header,
         }
     }
 }
@@ -452,8 +451,9 @@ impl Device {
 /// The device identity a request carries to the connector.
 enum Identity<'a> {
     Certificate {
-        thumbprint: &'a HeaderValue,
-        subject: &'a HeaderValue,
+        thumbprint: &'a str,
+        /// What the connector is told: [`DeviceState::device_header`].
+        header: &'a HeaderValue,
     },
     Token {
         subject: String,
@@ -464,11 +464,7 @@ enum Identity<'a> {
 impl std::fmt::Display for Identity<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Identity::Certificate { thumbprint, .. } => write!(
-                f,
-                "certificate {}",
-                thumbprint.to_str().unwrap_or("(not text)")
-            ),
+            Identity::Certificate { thumbprint, .. } => write!(f, "certificate {thumbprint}"),
             Identity::Token { subject, id } => write!(f, "token {id} for {subject}"),
         }
     }
@@ -521,9 +517,9 @@ async fn route_request(
         Auth::MutualTls => {
             state = device.state(shared);
             match &state.judgement.cert {
-                Ok(_) => Identity::Certificate {
-                    thumbprint: &state.thumbprint_header,
-                    subject: &state.subject_header,
+                Ok(cert) => Identity::Certificate {
+                    thumbprint: &cert.thumbprint,
+                    header: &state.device_header,
                 },
                 Err(cause) => return Err(Refusal::new(cause.clone())),
             }
@@ -579,20 +575,14 @@ async fn route_request(
     id_header.set_sensitive(true);
     map.insert(headers::MESSAGE_ID, id_header);
     map.insert(headers::ENDPOINT, HeaderValue::from(endpoint));
-    map.insert(headers::DEVICE_ADDRESS, device.addr_header.clone());
-    match &identity {
-        Identity::Certificate {
-            thumbprint,
-            subject,
-        } => {
-            map.insert(headers::DEVICE_THUMBPRINT, (*thumbprint).clone());
-            map.insert(headers::DEVICE_SUBJECT, (*subject).clone());
-        }
+    let device_header = match &identity {
+        Identity::Certificate { header, .. } => (*header).clone(),
+        // A token's id differs from token to token: not worth a table entry.
         Identity::Token { subject, id } => {
-            map.insert(headers::DEVICE_SUBJECT, header_value(subject));
-            map.insert(headers::DEVICE_TOKEN_ID, never_indexed(id));
+            never_indexed(&format!("{subject} (token {id}) from {}", device.addr))
         }
-    }
+    };
+    map.insert(headers::DEVICE, device_header);
     let forward = Request::from_parts(
         parts,
         http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(

@@ -78,11 +78,12 @@ fn tokens_are_checked_end_to_end_and_a_rotated_out_key_stops_working_without_a_r
             .lock()
             .unwrap()
             .iter()
-            .any(|l| l.contains("device DEVICE-T1 (-)")),
+            .any(|l| l.contains(&format!(
+                "device DEVICE-T1 (token {good_id}) from 127.0.0.1:"
+            ))),
         "{:?}",
         system.connector_log.lock().unwrap()
     );
-    let _ = good_id;
 
     // Every way a token can be wrong, each named.
     assert_refused(

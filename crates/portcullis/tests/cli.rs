@@ -1182,6 +1182,12 @@ fn verbose_logging_changes_while_the_connector_runs() {
     );
     assert!(text.contains(TRAIL), "{text}");
     assert_eq!(text.matches(PER_MESSAGE).count(), 1, "{text}");
+    // The gateway told the connector who the device is: its certificate and its address.
+    assert!(
+        text.contains(": device CN=DEVICE-001, O=Portcullis Lab (")
+            && text.contains(") from 127.0.0.1:"),
+        "{text}"
+    );
     let (body, code) = admin_call("PUT", &format!("{base}/verbose"), Some("loud"));
     assert_eq!(code, "400", "{body}");
     assert!(body.contains("\"loud\" is not a verbose setting"), "{body}");
