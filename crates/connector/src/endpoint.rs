@@ -460,29 +460,84 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Joins an endpoint's base URL with the device's path and query.
+/// Where one request goes: the endpoint's URL for the call and as text for the log lines.
+pub struct EndpointUrl {
+    pub uri: Uri,
+    pub text: String,
+}
+
+/// Joins an endpoint's base URL with the device's path and query. The text is made by
+/// appending, not by formatting the URI (which cost the connector 1.4k instructions a request).
 pub fn endpoint_url(
     base: &Uri,
     path: &str,
     query: Option<&str>,
-) -> Result<Uri, hyper::http::Error> {
+) -> Result<EndpointUrl, hyper::http::Error> {
     let base_path = base.path().trim_end_matches('/');
-    let target = match query {
-        Some(q) => format!("{base_path}{path}?{q}"),
-        None => format!("{base_path}{path}"),
-    };
+    let scheme = base.scheme_str().unwrap_or("https");
+    let authority = base.authority().map(|a| a.as_str()).unwrap_or("");
+    let mut text = String::with_capacity(
+        scheme.len()
+            + authority.len()
+            + base_path.len()
+            + path.len()
+            + 8
+            + query.map_or(0, str::len),
+    );
+    text.push_str(scheme);
+    text.push_str("://");
+    text.push_str(authority);
+    let origin = text.len();
+    text.push_str(base_path);
+    if !path.starts_with('/') {
+        text.push('/');
+    }
+    text.push_str(path);
+    if let Some(query) = query {
+        text.push('?');
+        text.push_str(query);
+    }
     let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(target.parse()?);
-    Ok(Uri::from_parts(parts)?)
+    parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_maybe_shared(
+        bytes::Bytes::copy_from_slice(text[origin..].as_bytes()),
+    )?);
+    Ok(EndpointUrl {
+        uri: Uri::from_parts(parts)?,
+        text,
+    })
 }
 
 /// The connector's log lines for one message, worded as the original product words them.
 pub fn forwarding_line(message_id: &str, url: &str) -> String {
-    format!("Forwarding proxy message {message_id} to URL: {url}")
+    forwarding_parts(message_id, url).concat()
 }
 
 pub fn received_line(message_id: &str, url: &str, status: u16, text: &str) -> String {
-    format!("Received response {url} for message {message_id}: HTTP/1.1 {status} {text}")
+    received_parts(message_id, url, &status.to_string(), text).concat()
+}
+
+/// [`forwarding_line`] in the parts [`logs::Logger::info_parts`] takes (every request's line).
+pub fn forwarding_parts<'a>(message_id: &'a str, url: &'a str) -> [&'a str; 4] {
+    ["Forwarding proxy message ", message_id, " to URL: ", url]
+}
+
+/// [`received_line`] in parts, the status as its three digits.
+pub fn received_parts<'a>(
+    message_id: &'a str,
+    url: &'a str,
+    status: &'a str,
+    text: &'a str,
+) -> [&'a str; 8] {
+    [
+        "Received response ",
+        url,
+        " for message ",
+        message_id,
+        ": HTTP/1.1 ",
+        status,
+        " ",
+        text,
+    ]
 }
 
 #[cfg(test)]
@@ -508,17 +563,22 @@ mod tests {
     #[test]
     fn urls_join_without_double_slashes() {
         let base: Uri = "https://InternalMP.contoso.com".parse().unwrap();
+        // The text is what the URI says.
+        let both = |base: &Uri, path, query| {
+            let url = endpoint_url(base, path, query).unwrap();
+            assert_eq!(url.uri.to_string(), url.text);
+            url.text
+        };
         assert_eq!(
-            endpoint_url(&base, "/SMS_MP/.sms_aut", Some("SITESIGNCERT"))
-                .unwrap()
-                .to_string(),
+            both(&base, "/SMS_MP/.sms_aut", Some("SITESIGNCERT")),
             "https://InternalMP.contoso.com/SMS_MP/.sms_aut?SITESIGNCERT"
         );
         let base: Uri = "https://mp:8443/prefix/".parse().unwrap();
-        assert_eq!(
-            endpoint_url(&base, "/x", None).unwrap().to_string(),
-            "https://mp:8443/prefix/x"
-        );
+        assert_eq!(both(&base, "/x", None), "https://mp:8443/prefix/x");
+        assert_eq!(both(&base, "", None), "https://mp:8443/prefix/");
+        assert_eq!(both(&base, "y", Some("")), "https://mp:8443/prefix/y?");
+        // A character no URL may hold is refused, not passed on.
+        assert!(endpoint_url(&base, "/a b", None).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use logs::cmtrace::Severity;
 
 use crate::endpoint::{
-    endpoint_url, forwarding_line, received_line, EndpointClient, EndpointTrust,
+    endpoint_url, forwarding_parts, received_line, received_parts, EndpointClient, EndpointTrust,
 };
 use pki::crl::{CrlPolicy, RevocationList};
 
@@ -497,9 +497,17 @@ impl Service {
                 .body(tunnel::full(body))
                 .unwrap_or_else(|_| Response::new(tunnel::empty()));
         }
-        let message_id = header_text(&request, &headers::MESSAGE_ID).unwrap_or_else(|| "-".into());
-        let endpoint = header_text_of(request.headers(), &headers::ENDPOINT)
-            .and_then(|e| e.parse::<u64>().ok());
+        // The request goes on as it came, edited in place: the endpoint's URL, and without
+        // the channel's metadata or hop-by-hop headers. The message id is taken out of the
+        // headers, not copied.
+        let (mut parts, body) = request.into_parts();
+        let message_id_value = parts.headers.remove(&headers::MESSAGE_ID);
+        let message_id = message_id_value
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let endpoint =
+            header_text_of(&parts.headers, &headers::ENDPOINT).and_then(|e| e.parse::<u64>().ok());
         let Some(base) = endpoint.and_then(|e| self.endpoints.get(&e)) else {
             let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
                 endpoint: endpoint.unwrap_or(0),
@@ -507,8 +515,7 @@ impl Service {
             self.log.error(&format!("Message {message_id}: {refusal}"));
             return refusal_response(&refusal);
         };
-        let path = request.uri().path();
-        let url = match endpoint_url(base, path, request.uri().query()) {
+        let url = match endpoint_url(base, parts.uri.path(), parts.uri.query()) {
             Ok(url) => url,
             Err(e) => {
                 let refusal = Refusal::new(channel::refusal::Cause::BadRoute {
@@ -517,25 +524,22 @@ impl Service {
                 return refusal_response(&refusal);
             }
         };
-        let url_text = url.to_string();
+        let url_text = url.text;
         self.log
-            .info_with(|| forwarding_line(&message_id, &url_text));
+            .info_parts(&forwarding_parts(message_id, &url_text));
         // The client of this moment: a reload swaps in a new one for later requests.
         let client = self.client.load_full();
         self.log.verbose(|| {
             format!(
                 "Message {message_id}: device {}; presenting {}",
-                header_text_of(request.headers(), &headers::DEVICE).unwrap_or("-"),
+                header_text_of(&parts.headers, &headers::DEVICE).unwrap_or("-"),
                 client
                     .selected_label()
                     .map(|c| format!("client certificate {c}"))
                     .unwrap_or_else(|| "no client certificate".into()),
             )
         });
-        // The request goes on as it came, edited in place: the endpoint's URL, and without
-        // the channel's metadata or hop-by-hop headers.
-        let (mut parts, body) = request.into_parts();
-        parts.uri = url;
+        parts.uri = url.uri;
         // It came over the channel as HTTP/2; to the endpoint it goes as HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
         headers::strip(&mut parts.headers);
@@ -552,14 +556,12 @@ impl Service {
         match outcome {
             Ok(answer) => {
                 let status = answer.status();
-                self.log.info_with(|| {
-                    received_line(
-                        &message_id,
-                        &url_text,
-                        status.as_u16(),
-                        status.canonical_reason().unwrap_or(""),
-                    )
-                });
+                self.log.info_parts(&received_parts(
+                    message_id,
+                    &url_text,
+                    status.as_str(),
+                    status.canonical_reason().unwrap_or(""),
+                ));
                 let (parts, body) = answer.into_parts();
                 Response::from_parts(parts, body.map_err(channel::tunnel::BoxError::from).boxed())
             }
@@ -586,12 +588,4 @@ fn header_text_of<'a>(
     name: &hyper::header::HeaderName,
 ) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn header_text(request: &Request<Incoming>, name: &hyper::header::HeaderName) -> Option<String> {
-    request
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
 }

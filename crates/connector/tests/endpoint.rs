@@ -69,9 +69,8 @@ impl Lab {
         query: Option<&str>,
     ) -> Result<(u16, Bytes), channel::refusal::Refusal> {
         let base = format!("https://localhost:{port}").parse().unwrap();
-        let uri = endpoint_url(&base, path, query).unwrap();
-        let url = uri.to_string();
-        let request = hyper::Request::get(uri)
+        let url = endpoint_url(&base, path, query).unwrap();
+        let request = hyper::Request::get(url.uri)
             .body(
                 Full::new(Bytes::new())
                     .map_err(|never| match never {})
@@ -79,7 +78,7 @@ impl Lab {
             )
             .unwrap();
         self.runtime.block_on(async {
-            let response = client.forward(request, &url).await?;
+            let response = client.forward(request, &url.text).await?;
             let status = response.status().as_u16();
             Ok((
                 status,
@@ -241,7 +240,7 @@ fn a_large_body_streams_both_ways_through_the_client() {
     let base = format!("https://localhost:{}", mp.addr.port())
         .parse()
         .unwrap();
-    let request = hyper::Request::post(endpoint_url(&base, "/portcullis/echo", None).unwrap())
+    let request = hyper::Request::post(endpoint_url(&base, "/portcullis/echo", None).unwrap().uri)
         .body(
             Full::new(blob.clone())
                 .map_err(|never| match never {})

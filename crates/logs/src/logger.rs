@@ -93,6 +93,12 @@ impl Logger {
         self.write(Severity::Info, message);
     }
 
+    /// An informational line given in parts, written to a file without joining them into a
+    /// message first: for the lines a component writes on every request.
+    pub fn info_parts(&self, message: &[&str]) {
+        self.write_parts(Severity::Info, message);
+    }
+
     pub fn warn(&self, message: &str) {
         self.write(Severity::Warning, message);
     }
@@ -119,10 +125,14 @@ impl Logger {
     }
 
     pub fn write(&self, severity: Severity, message: &str) {
+        self.write_parts(severity, &[message]);
+    }
+
+    fn write_parts(&self, severity: Severity, parts: &[&str]) {
         for sink in &self.sinks {
             match sink {
                 Sink::File(file) => {
-                    let line = cmtrace::stamped(&self.component, severity, message);
+                    let line = cmtrace::stamped_parts(&self.component, severity, parts);
                     // Informational lines (every request's) are written within a few
                     // milliseconds, gathered; warnings and errors at once, with everything
                     // before them. A full disk must not stop the service.
@@ -139,16 +149,24 @@ impl Logger {
                         OffsetDateTime::now_utc(),
                         &self.component,
                         severity,
-                        message,
+                        &joined(parts),
                     );
                     use std::io::Write;
                     // One locked write per line so lines from many threads never interleave.
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                 }
-                Sink::Func(f) => f(severity, message),
+                Sink::Func(f) => f(severity, &joined(parts)),
             }
         }
+    }
+}
+
+/// A message given in parts, whole: for the sinks other than files.
+fn joined<'a>(parts: &[&'a str]) -> std::borrow::Cow<'a, str> {
+    match parts {
+        [one] => std::borrow::Cow::Borrowed(one),
+        _ => std::borrow::Cow::Owned(parts.concat()),
     }
 }
 
