@@ -499,7 +499,7 @@ pub fn endpoint_url(
     }
     let mut parts = base.clone().into_parts();
     parts.path_and_query = Some(hyper::http::uri::PathAndQuery::from_maybe_shared(
-        bytes::Bytes::copy_from_slice(text[origin..].as_bytes()),
+        bytes::Bytes::copy_from_slice(&text.as_bytes()[origin..]),
     )?);
     Ok(EndpointUrl {
         uri: Uri::from_parts(parts)?,

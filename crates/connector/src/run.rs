@@ -567,7 +567,7 @@ impl Service {
             }
             Err(refusal) => {
                 self.log.error(&received_line(
-                    &message_id,
+                    message_id,
                     &url_text,
                     refusal.status,
                     refusal.text,
