@@ -90,6 +90,9 @@ pub struct CompareOptions {
     /// Times the whole sequence of systems and modes is run; each row is the round with the
     /// median req/s, so a noisy machine's drift touches every system alike.
     pub rounds: usize,
+    /// Worker threads of every process under test (the gateway's and the connector's
+    /// runtimes, nginx's worker processes, rathole's runtime); none: each one's default.
+    pub threads: Option<usize>,
 }
 
 impl CompareOptions {
@@ -107,6 +110,7 @@ impl CompareOptions {
             keep: false,
             progress: true,
             rounds: 1,
+            threads: None,
         }
     }
 }
@@ -157,6 +161,8 @@ pub struct CompareReport {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub rounds: usize,
+    /// Worker threads of each process under test (`--threads`); none: their defaults.
+    pub threads: Option<usize>,
     /// The kept temporary directory (`--keep`).
     pub dir: Option<PathBuf>,
 }
@@ -257,6 +263,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
         duration_s: options.duration.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
         rounds: options.rounds,
+        threads: options.threads,
         dir,
     })
 }
@@ -769,15 +776,20 @@ fn bring_up(
             let [gw] = free_ports(1).map_err(err)?[..] else {
                 return Err("no free port".into());
             };
+            let threads_setting = options
+                .threads
+                .map(|n| format!("worker_threads = {n}\n"))
+                .unwrap_or_default();
             let gateway = dir.join("gateway.toml");
             write(
                 &gateway,
                 &format!(
-                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n\n[log]\nfile = {}\nconsole = \"off\"\n",
+                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n",
                     q(&lab.file(pki::lab::layout::GATEWAY_CERT)),
                     q(&lab.file(pki::lab::layout::GATEWAY_KEY)),
                     q(&lab.root()),
                     q(&dir.join("SMS_Cloud_ProxyGateway.log")),
+                    threads = threads_setting,
                 ),
             )
             .map_err(err)?;
@@ -785,13 +797,14 @@ fn bring_up(
             write(
                 &connector,
                 &format!(
-                    "connector_id = \"bench\"\ngateways = [\"localhost:{gw}\"]\ngateway_roots = [{root}]\nchannel_cert = {}\nchannel_key = {}\nclient_cert_store = {}\nallowed_roots = [{root}]\nendpoint_roots = [{root}]\n\n[log]\nfile = {}\nconsole = \"off\"\n\n[[endpoints]]\nid = {ENDPOINT_ID}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+                    "connector_id = \"bench\"\ngateways = [\"localhost:{gw}\"]\ngateway_roots = [{root}]\nchannel_cert = {}\nchannel_key = {}\nclient_cert_store = {}\nallowed_roots = [{root}]\nendpoint_roots = [{root}]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n\n[[endpoints]]\nid = {ENDPOINT_ID}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
                     q(&lab.file(pki::lab::layout::CHANNEL_CERT)),
                     q(&lab.file(pki::lab::layout::CHANNEL_KEY)),
                     q(&lab.file(pki::lab::layout::CONNECTOR_STORE)),
                     q(&dir.join("SMS_Cloud_ProxyConnector.log")),
                     mp.port,
                     root = q(&lab.root()),
+                    threads = threads_setting,
                 ),
             )
             .map_err(err)?;
@@ -821,7 +834,7 @@ fn bring_up(
             let [port] = free_ports(1).map_err(err)?[..] else {
                 return Err("no free port".into());
             };
-            let nginx = start_nginx(tools.nginx()?, dir, lab, port, mp.port)?;
+            let nginx = start_nginx(tools.nginx()?, dir, lab, port, mp.port, options.threads)?;
             Ok(Up {
                 procs: vec![nginx],
                 url: format!("https://localhost:{port}{MP_PATH}"),
@@ -858,14 +871,23 @@ fn bring_up(
             )
             .map_err(err)?;
             let mut procs = Vec::new();
-            let mut command = Command::new(rathole);
-            // Warnings only: no line per connection.
-            command.env("RUST_LOG", "warn").arg("--server").arg(&server);
-            procs.push(Proc::spawn("rathole server", command, dir, vec![])?);
-            let mut command = Command::new(rathole);
-            command.env("RUST_LOG", "warn").arg("--client").arg(&client);
-            procs.push(Proc::spawn("rathole client", command, dir, vec![])?);
-            procs.insert(0, start_nginx(tools.nginx()?, dir, lab, port, service)?);
+            for (name, role, config) in [
+                ("rathole server", "--server", &server),
+                ("rathole client", "--client", &client),
+            ] {
+                let mut command = Command::new(rathole);
+                // Warnings only: no line per connection.
+                command.env("RUST_LOG", "warn").arg(role).arg(config);
+                if let Some(threads) = options.threads {
+                    // rathole's runtime is tokio's default one, which reads this.
+                    command.env("TOKIO_WORKER_THREADS", threads.to_string());
+                }
+                procs.push(Proc::spawn(name, command, dir, vec![])?);
+            }
+            procs.insert(
+                0,
+                start_nginx(tools.nginx()?, dir, lab, port, service, options.threads)?,
+            );
             Ok(Up {
                 procs,
                 url: format!("https://localhost:{port}{MP_PATH}"),
@@ -883,7 +905,9 @@ fn start_nginx(
     lab: &Lab,
     port: u16,
     upstream: u16,
+    threads: Option<usize>,
 ) -> Result<Proc, String> {
+    let workers = threads.map_or_else(|| "auto".to_string(), |n| n.to_string());
     let temp = dir.join("nginx-temp");
     std::fs::create_dir_all(&temp).map_err(|e| format!("creating {}: {e}", temp.display()))?;
     let error_log = dir.join("nginx-error.log");
@@ -900,7 +924,7 @@ fn start_nginx(
         &conf,
         &format!(
             r#"# Generated by portcullis bench compare.
-{user}worker_processes auto;
+{user}worker_processes {workers};
 daemon off;
 master_process on;
 pid {pid};
@@ -1084,6 +1108,11 @@ impl CompareReport {
              CPU s and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
             self.connections, self.duration_s, self.warmup_s
         );
+        if let Some(threads) = self.threads {
+            out.push_str(&format!(
+                "{threads} worker thread(s) in every process under test (gateway, connector, nginx, rathole)\n"
+            ));
+        }
         if self.rounds > 1 {
             out.push_str(&format!(
                 "{} rounds, systems in turn: each row is its median round by req/s (the range is every round's); errors are summed\n",

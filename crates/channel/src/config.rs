@@ -58,3 +58,15 @@ pub fn resolve(config_file: &Path, path: &Path) -> PathBuf {
             .join(path)
     }
 }
+
+/// Why a `worker_threads` setting cannot be used, if it cannot.
+pub fn worker_threads_problem(threads: Option<usize>) -> Option<String> {
+    match threads {
+        Some(n) if n == 0 || n > MAX_WORKER_THREADS => Some(format!(
+            "{n} is not a thread count: give 1 to {MAX_WORKER_THREADS}, or leave it out for one per CPU"
+        )),
+        _ => None,
+    }
+}
+
+const MAX_WORKER_THREADS: usize = 1024;

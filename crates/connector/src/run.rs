@@ -89,6 +89,11 @@ pub struct ConnectorConfig {
     /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// Worker threads of the async runtime (default: one per CPU). On a host shared with
+    /// other busy processes fewer are cheaper per request: idle workers are woken to steal
+    /// work, which costs system calls and context switches.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 fn default_channels() -> usize {
@@ -134,6 +139,9 @@ impl ConnectorConfig {
                 "admin_listen",
                 format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
             ));
+        }
+        if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
+            return Err(invalid("worker_threads", reason));
         }
         if cfg.gateways.is_empty() {
             return Err(invalid(

@@ -48,6 +48,13 @@ fn connector_configuration_errors_name_the_key() {
             "key `channels_per_gateway`",
         ),
         (
+            CONNECTOR_OK.replace(
+                "connector_id = \"c\"\n",
+                "connector_id = \"c\"\nworker_threads = 0\n",
+            ),
+            "key `worker_threads`: 0 is not a thread count",
+        ),
+        (
             CONNECTOR_OK.replace("channel_key = \"c.key\"\n", ""),
             "missing field `channel_key`",
         ),
@@ -68,6 +75,9 @@ fn gateway_configuration_errors_name_the_key() {
     std::fs::write(&file, ok).unwrap();
     let cfg = GatewayConfig::load(&file).expect("the baseline loads");
     assert_eq!(cfg.listen.port(), 443, "443 by default");
+    assert_eq!(cfg.worker_threads, None, "one per CPU by default");
+    std::fs::write(&file, format!("{ok}worker_threads = 1\n")).unwrap();
+    assert_eq!(GatewayConfig::load(&file).unwrap().worker_threads, Some(1));
     let cases = [
         (
             ok.replace("[\"Portcullis Connector Channel\"]", "[]"),
@@ -82,6 +92,11 @@ fn gateway_configuration_errors_name_the_key() {
             "key `request_timeout_secs`",
         ),
         (format!("{ok}listen = \"everywhere\"\n"), "listen"),
+        (
+            format!("{ok}worker_threads = 5000\n"),
+            "key `worker_threads`: 5000 is not a thread count",
+        ),
+        (format!("{ok}worker_threads = -1\n"), "worker_threads"),
     ];
     for (text, needle) in cases {
         std::fs::write(&file, &text).unwrap();

@@ -60,6 +60,11 @@ pub struct GatewayConfig {
     /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// Worker threads of the async runtime (default: one per CPU). On a host shared with
+    /// other busy processes fewer are cheaper per request: idle workers are woken to steal
+    /// work, which costs system calls and context switches.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
     /// Check device certificates against the CRLs in `crls` (reloaded on SIGHUP).
     #[serde(default)]
     pub verify_client_revocation: bool,
@@ -152,6 +157,9 @@ impl GatewayConfig {
                 "allowed_connectors",
                 "name at least one connector (its certificate's CN or thumbprint); without one no channel can open",
             ));
+        }
+        if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
+            return Err(invalid("worker_threads", &reason));
         }
         if cfg.request_timeout_secs == 0 || cfg.request_timeout_secs > 3600 {
             return Err(invalid(

@@ -273,6 +273,11 @@ pub struct CompareArgs {
     /// median round (with every round's req/s): steadier ratios on a noisy machine.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub rounds: u16,
+    /// Worker threads of every process under test: the gateway's and the connector's
+    /// runtimes (worker_threads), nginx's worker_processes, rathole's runtime. Default: each
+    /// one's own (one per CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
     /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.
     #[arg(long)]
     pub keep: bool,
@@ -298,6 +303,7 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     options.rathole = args.rathole;
     options.keep = args.keep;
     options.rounds = usize::from(args.rounds);
+    options.threads = args.threads.map(usize::from);
     let report = bench::compare::run(&options)?;
     let clean = report.failed.is_empty()
         && report.skipped.is_empty()

@@ -30,6 +30,7 @@ use logs::{Log, Logger};
 ///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
+///   worker_threads = 2                       # optional; default one per CPU
 ///
 ///   [log]                                    # optional
 ///   file = "logs/SMS_Cloud_ProxyGateway.log" # CMTrace; rolls over to .lo_
@@ -84,6 +85,7 @@ pub struct GatewayArgs {
 ///   endpoint_crl_policy = "refuse"           # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # the whole filter trail, a line per message
 ///   admin_listen = "127.0.0.1:9442"          # optional; loopback only
+///   worker_threads = 2                       # optional; default one per CPU
 ///
 ///   [log]                                    # optional
 ///   file = "logs/SMS_Cloud_ProxyConnector.log"   # CMTrace; rolls over to .lo_
@@ -279,6 +281,19 @@ pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
     }
 }
 
+/// A service's runtime: `threads` workers, or tokio's default (one per CPU, or
+/// TOKIO_WORKER_THREADS).
+fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let config = gateway::GatewayConfig::load(&args.config)?;
     let log = logger(
@@ -287,7 +302,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         args.log.as_ref(),
         args.console,
     )?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = runtime(config.worker_threads)?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
@@ -312,7 +327,7 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
         args.log.as_ref(),
         args.console,
     )?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = runtime(config.worker_threads)?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
