@@ -158,3 +158,41 @@ fn bench_compare_names_the_install_script_for_a_missing_tool() {
     assert!(said.contains("skipping nginx"), "{said}");
     assert!(said.contains("scripts/install-bench-tools.sh"), "{said}");
 }
+
+#[test]
+fn bench_compare_threads_reach_every_process_under_test() {
+    let mut systems = vec!["portcullis"];
+    if Path::new("/usr/sbin/nginx").exists() {
+        systems.push("nginx");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["bench", "compare", "--systems", &systems.join(",")])
+        .args(["--modes", "keepalive", "--threads", "1", "--keep", "--json"])
+        .args(["--duration", "0.3", "--warmup", "0", "--connections", "2"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
+    assert_eq!(report["threads"], 1, "{said}");
+    let dir = Path::new(report["dir"].as_str().expect("the kept directory"));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    // Each run has its directory, named after the system and the mode.
+    for config in ["gateway.toml", "connector.toml"] {
+        let text = read(&format!("portcullis-keepalive/{config}"));
+        assert!(text.contains("worker_threads = 1\n"), "{config}: {text}");
+    }
+    if systems.contains(&"nginx") {
+        let text = read("nginx-keepalive/nginx.conf");
+        assert!(text.contains("worker_processes 1;"), "{text}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["bench", "compare", "--threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--threads"), "{}", text(&out));
+}
