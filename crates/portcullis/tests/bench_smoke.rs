@@ -86,16 +86,11 @@ fn bench_compare_runs_every_system_it_can_and_reports_each_row() {
     } else {
         eprintln!("nginx not installed (scripts/install-bench-tools.sh): nginx systems not run");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["bench", "compare", "--systems", &systems.join(",")])
-        .args(["--duration", "0.5", "--warmup", "0.1", "--connections", "4"])
-        .arg("--json")
-        .output()
-        .unwrap();
+    let (out, report) = compare_json(
+        &systems,
+        &["--duration", "0.5", "--warmup", "0.1", "--connections", "4"],
+    );
     let said = text(&out);
-    assert!(out.status.success(), "{said}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
     let rows = report["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), systems.len() * 2, "{said}");
     for system in &systems {
@@ -165,16 +160,23 @@ fn bench_compare_threads_reach_every_process_under_test() {
     if Path::new("/usr/sbin/nginx").exists() {
         systems.push("nginx");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["bench", "compare", "--systems", &systems.join(",")])
-        .args(["--modes", "keepalive", "--threads", "1", "--keep", "--json"])
-        .args(["--duration", "0.3", "--warmup", "0", "--connections", "2"])
-        .output()
-        .unwrap();
+    let (out, report) = compare_json(
+        &systems,
+        &[
+            "--modes",
+            "keepalive",
+            "--threads",
+            "1",
+            "--keep",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--connections",
+            "2",
+        ],
+    );
     let said = text(&out);
-    assert!(out.status.success(), "{said}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
     assert_eq!(report["threads"], 1, "{said}");
     let dir = Path::new(report["dir"].as_str().expect("the kept directory"));
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
@@ -195,4 +197,24 @@ fn bench_compare_threads_reach_every_process_under_test() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--threads"), "{}", text(&out));
+}
+
+/// `bench compare --json` of `systems` with `args`: it succeeded, and its report.
+fn compare_json(systems: &[&str], args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "compare",
+            "--json",
+            "--systems",
+            &systems.join(","),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
+    (out, report)
 }
