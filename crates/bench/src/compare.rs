@@ -212,6 +212,9 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
             "--rounds must be between 1 and 100".into(),
         ));
     }
+    if let Some(reason) = channel::config::worker_threads_problem(options.threads) {
+        return Err(CompareError::Options(format!("--threads: {reason}")));
+    }
     let mut systems: Vec<System> = Vec::new();
     for s in &options.systems {
         if !systems.contains(s) {
@@ -1218,6 +1221,45 @@ impl CompareReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bad options are refused before anything starts, each named.
+    #[test]
+    fn options_out_of_range_are_refused_by_name() {
+        let base = CompareOptions::new(PathBuf::from("/nonexistent/portcullis"));
+        for (edit, needle) in [
+            (
+                CompareOptions {
+                    rounds: 0,
+                    ..base.clone()
+                },
+                "--rounds",
+            ),
+            (
+                CompareOptions {
+                    threads: Some(0),
+                    ..base.clone()
+                },
+                "--threads: 0 is not a thread count",
+            ),
+            (
+                CompareOptions {
+                    threads: Some(5000),
+                    ..base.clone()
+                },
+                "--threads: 5000",
+            ),
+            (
+                CompareOptions {
+                    connections: 0,
+                    ..base.clone()
+                },
+                "--connections",
+            ),
+        ] {
+            let error = run(&edit).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(needle), "{needle:?} not in {error:?}");
+        }
+    }
 
     fn row(rps: f64, errors: u64) -> Row {
         Row {

@@ -25,8 +25,9 @@ use crate::refusal::{Cause, Refusal};
 pub const ALPN: &[u8] = b"portcullis-tunnel/1";
 
 /// The HPACK table each end of a channel offers the other (HTTP/2's default is 4 KiB): room
-/// for the per-connection metadata of a few hundred devices, so a kept device's thumbprint,
-/// subject and address go as table indexes instead of literals the other end must decode.
+/// for the per-connection metadata of a few hundred devices, so a kept device's
+/// `x-portcullis-device` line goes as a table index instead of a literal the other end must
+/// decode.
 const HPACK_TABLE_BYTES: u32 = 64 * 1024;
 pub const HELLO_PATH: &str = "/_portcullis/v1/hello";
 
@@ -417,7 +418,6 @@ where
     let hello_sender = sender.clone();
     let hello = async {
         let request = Request::get(HELLO_PATH)
-            .version(hyper::Version::HTTP_11)
             .body(empty())
             .map_err(|e| e.to_string())?;
         let response = send_on(&hello_sender, request)

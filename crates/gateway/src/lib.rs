@@ -575,8 +575,8 @@ async fn route_request(
     parts.extensions = hyper::http::Extensions::new();
     let map = &mut parts.headers;
     // The message id, unique to the request, is sent never-indexed so it does not churn the
-    // channel's HPACK table; a connection's own values (address, certificate) are indexed and
-    // go as table indexes for its later requests (the connector decodes every header of every
+    // channel's HPACK table; the device line, the same for a connection's every request, is
+    // indexed and goes as a table index (the connector decodes every header of every
     // request). Hex digits only: a valid header value as it is, with no sanitising copy.
     let mut id_header =
         HeaderValue::from_str(&message_id).unwrap_or_else(|_| never_indexed(&message_id));

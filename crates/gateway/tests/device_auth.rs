@@ -321,23 +321,33 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
         Outcome::HttpError { status, text } => (status, text),
         other => panic!("{other:?}"),
     };
+    // Refused with 403 and `text`; the body that explains.
+    let refused = |device: &str, text: &str| {
+        let report = system.probe(&path, Some(device));
+        match &report.outcome {
+            Outcome::HttpError { status, text: said } => {
+                assert_eq!((*status, said.as_str()), (403, text))
+            }
+            other => panic!("{device}: {other:?}, not 403 {text}"),
+        }
+        String::from_utf8_lossy(&report.body).into_owned()
+    };
+    // Revocation checked against one CRL of the openssl CA, with `extra` settings.
+    let check_against = |crl: &str, extra: &str| {
+        system
+            .reload_gateway(&format!(
+                "verify_client_revocation = true\ncrls = [\"openssl-ca/{crl}\"]\n{extra}"
+            ))
+            .unwrap()
+    };
 
     // The CRL that lists nothing: the certificate works.
-    system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/empty.crl\"]\n")
-        .unwrap();
+    check_against("empty.crl", "");
     assert_eq!(status("device-001").0, 200);
 
     // The CRL that lists it: refused with a named status; the other device still works.
-    system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/revoked.crl\"]\n")
-        .unwrap();
-    assert_eq!(
-        status("device-001"),
-        (403, "CMGService_Revokedclientcertificate".to_string())
-    );
-    let report = system.probe(&path, Some("device-001"));
-    let body = String::from_utf8_lossy(&report.body);
+    check_against("revoked.crl", "");
+    let body = refused("device-001", "CMGService_Revokedclientcertificate");
     assert!(body.contains("is revoked by"), "{body}");
     assert!(body.contains("revoked.crl"), "{body}");
     assert_eq!(status("device-002").0, 200);
@@ -357,30 +367,17 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
         ],
     );
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/stale.crl\"]\n")
-        .unwrap();
-    assert_eq!(
-        status("device-002"),
-        (403, "CMGService_Revocationcheckfailed".to_string())
-    );
-    let report = system.probe(&path, Some("device-002"));
-    let body = String::from_utf8_lossy(&report.body);
+    check_against("stale.crl", "");
+    let body = refused("device-002", "CMGService_Revocationcheckfailed");
     assert!(body.contains("is stale"), "{body}");
 
     // A CRL that cannot be read: refused by default, let in with a warning when allowed.
-    system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"openssl-ca/missing.crl\"]\n")
-        .unwrap();
+    check_against("missing.crl", "");
     assert_eq!(
         status("device-002"),
         (403, "CMGService_Revocationcheckfailed".to_string())
     );
-    system
-        .reload_gateway(
-            "verify_client_revocation = true\ncrls = [\"openssl-ca/missing.crl\"]\ncrl_policy = \"allow-and-warn\"\n",
-        )
-        .unwrap();
+    check_against("missing.crl", "crl_policy = \"allow-and-warn\"\n");
     assert_eq!(status("device-002").0, 200);
     let log = system.gateway_log.lock().unwrap().join("\n");
     assert!(log.contains("CRL cannot be used"), "{log}");

@@ -81,14 +81,6 @@ impl Logger {
         self.verbose.swap(on, Ordering::Relaxed)
     }
 
-    /// An informational line whose message is built only when some sink will write it: for
-    /// the lines a component writes on every request.
-    pub fn info_with(&self, message: impl FnOnce() -> String) {
-        if !self.sinks.is_empty() {
-            self.info(&message());
-        }
-    }
-
     pub fn info(&self, message: &str) {
         self.write(Severity::Info, message);
     }
