@@ -7,4 +7,5 @@ pub mod config;
 pub mod listener;
 pub mod refusal;
 pub mod route;
+pub mod shards;
 pub mod tunnel;

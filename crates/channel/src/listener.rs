@@ -3,23 +3,38 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::shards::Shards;
+
 /// A server accepting in the background. Dropping it does not stop it; call [`Listening::stop`].
 pub struct Listening {
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    open: Arc<[AtomicUsize]>,
 }
 
 impl Listening {
     /// Stops accepting. Connections already open finish on their own.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Connections open now on each shard.
+    pub fn open_per_shard(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -29,30 +44,134 @@ where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    listen_on(addr, &Shards::current(), handle).await
+}
+
+/// Binds `addr` once and accepts on every shard: each shard watches the same listening socket
+/// (a duplicate of its descriptor in its own event loop). A connection is served in a new task
+/// on the shard with the fewest open connections: the one that accepted it when that is a
+/// tie, else it moves there before its first byte is read. (Left to whichever shard accepts
+/// first, a burst of connections piled onto one shard: the other was asleep.)
+pub async fn listen_on<F, Fut>(
+    addr: SocketAddr,
+    shards: &Shards,
+    handle: F,
+) -> std::io::Result<Listening>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let (stop, mut stopped) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stopped.changed() => break,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    tokio::spawn(handle(tcp, peer));
-                }
-                // Out of file descriptors and the like: pause, keep serving the others.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+    let (stop, stopped) = watch::channel(false);
+    // Bound here (tokio's defaults: address reuse, a backlog of 1024), watched by the shards.
+    let shared = listener.into_std()?;
+    let mut listeners = Vec::with_capacity(shards.len());
+    for index in 0..shards.len() {
+        let copy = shared.try_clone()?;
+        listeners.push(shards.enter(index, || TcpListener::from_std(copy))?);
+    }
+    let open: Arc<[AtomicUsize]> = (0..shards.len()).map(|_| AtomicUsize::new(0)).collect();
+    let spread = Arc::new(Spread {
+        shards: shards.clone(),
+        open: open.clone(),
+        handle,
     });
+    let tasks = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(index, listener)| {
+            shards.spawn_on(
+                index,
+                accept_loop(index, listener, stopped.clone(), spread.clone()),
+            )
+        })
+        .collect();
     Ok(Listening {
         addr: bound,
         stop,
-        task,
+        tasks,
+        open,
     })
+}
+
+/// What every shard's accept loop shares: where connections are open, and what serves one.
+struct Spread<F> {
+    shards: Shards,
+    open: Arc<[AtomicUsize]>,
+    handle: F,
+}
+
+/// One open connection counted on its shard until its task ends (or panics).
+struct Open {
+    counts: Arc<[AtomicUsize]>,
+    shard: usize,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.counts[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<F, Fut> Spread<F>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    /// Serves `tcp` on the shard with the fewest open connections (`here` on a tie).
+    fn serve(self: &Arc<Self>, here: usize, tcp: TcpStream, peer: SocketAddr) {
+        let target = (0..self.open.len())
+            .min_by_key(|&i| (self.open[i].load(Ordering::Relaxed), i != here))
+            .unwrap_or(here);
+        let tcp = if target == here {
+            tcp
+        } else {
+            // Out of this shard's event loop and into the target's.
+            let moved = tcp
+                .into_std()
+                .and_then(|std| self.shards.enter(target, || TcpStream::from_std(std)));
+            match moved {
+                Ok(tcp) => tcp,
+                Err(_) => return,
+            }
+        };
+        self.open[target].fetch_add(1, Ordering::Relaxed);
+        let open = Open {
+            counts: self.open.clone(),
+            shard: target,
+        };
+        let served = (self.handle)(tcp, peer);
+        self.shards.spawn_on(target, async move {
+            served.await;
+            drop(open);
+        });
+    }
+}
+
+async fn accept_loop<F, Fut>(
+    index: usize,
+    listener: TcpListener,
+    mut stopped: watch::Receiver<bool>,
+    spread: Arc<Spread<F>>,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.changed() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                spread.serve(index, tcp, peer);
+            }
+            // Out of file descriptors and the like: pause, keep serving the others.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Raises this process's limit on open files to its hard limit (every connection is one) and

@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 
 use crate::refusal::{Cause, Refusal};
+use crate::shards::Shards;
 
 pub const ALPN: &[u8] = b"portcullis-tunnel/1";
 
@@ -126,6 +127,8 @@ pub struct Channel {
     pub hello: Hello,
     /// The connector's certificate subject, for logs and status.
     pub peer: String,
+    /// The shard whose thread drives this channel's connection.
+    pub shard: usize,
     sender: h2::client::SendRequest<Bytes>,
     outstanding: AtomicUsize,
 }
@@ -177,13 +180,15 @@ impl Registry {
             .retain(|c| c.id != id);
     }
 
-    /// The channel for `endpoint` with the fewest requests in flight.
+    /// The channel for `endpoint` with the fewest requests in flight, among those driven by
+    /// the calling shard if it has any (a request then wakes no other thread).
     pub fn pick(&self, endpoint: u64) -> Result<Arc<Channel>, Refusal> {
+        let here = Shards::here();
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let best = channels
             .iter()
             .filter(|c| c.hello.endpoints.iter().any(|e| e.id == endpoint))
-            .min_by_key(|c| c.outstanding())
+            .min_by_key(|c| (c.shard != here, c.outstanding()))
             .cloned();
         match best {
             Some(channel) => Ok(channel),
@@ -237,6 +242,16 @@ impl Registry {
         }
         list.sort();
         list
+    }
+
+    /// Channels driven by `shard` now.
+    pub fn channels_on(&self, shard: usize) -> usize {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|c| c.shard == shard)
+            .count()
     }
 
     pub fn channel_count(&self) -> usize {
@@ -441,6 +456,7 @@ where
         id,
         hello,
         peer,
+        shard: Shards::here(),
         sender,
         outstanding: AtomicUsize::new(0),
     });

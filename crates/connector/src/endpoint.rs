@@ -3,6 +3,8 @@
 //! comes back (or what goes wrong) to a [`Refusal`].
 
 use std::sync::{Arc, Mutex};
+
+use channel::shards::Shards;
 use std::time::{Duration, Instant};
 
 use channel::refusal::{classify_endpoint_answer, Cause, Refusal};
@@ -187,8 +189,11 @@ struct Pool {
 }
 
 struct EndpointConnections {
-    /// The endpoint URL's authority as written there (the scheme is always https): the key.
+    /// The endpoint URL's authority as written there (the scheme is always https) and the
+    /// shard whose thread drives these connections: the key. A connection is used only by
+    /// the shard it was opened on, so no request wakes another thread.
     key: String,
+    shard: usize,
     target: Arc<Target>,
     idle: Vec<Pooled>,
 }
@@ -272,14 +277,18 @@ impl Pool {
         let (Some("https"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return Err(CallError::NotHttps(uri.to_string()));
         };
+        let shard = Shards::here();
         let mut endpoints = lock(&self.endpoints);
-        let found = endpoints.iter().position(|e| e.key == authority.as_str());
+        let found = endpoints
+            .iter()
+            .position(|e| e.shard == shard && e.key == authority.as_str());
         let endpoint = match found {
             Some(i) => &mut endpoints[i],
             None => {
                 let target = Target::of(uri).ok_or_else(|| CallError::NotHttps(uri.to_string()))?;
                 endpoints.push(EndpointConnections {
                     key: authority.to_string(),
+                    shard,
                     target: Arc::new(target),
                     idle: Vec::new(),
                 });

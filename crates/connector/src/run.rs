@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use channel::config::{self, ConfigError};
 use channel::refusal::Refusal;
+use channel::shards::Shards;
 use channel::tunnel::{self, headers, refusal_response, Body, EndpointInfo, Hello};
 use hyper::body::Incoming;
 use hyper::{Request, Response, Uri};
@@ -349,7 +350,18 @@ fn choose_client_certificate(
     })
 }
 
+/// Starts a connector on the runtime it is called on.
 pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector, ConnectorError> {
+    start_on(config, log, Shards::current()).await
+}
+
+/// Starts a connector whose channels are dialled round `shards`: each channel, the requests
+/// on it and their endpoint connections are driven by one shard's thread.
+pub async fn start_on(
+    config: ConnectorConfig,
+    log: Log,
+    shards: Shards,
+) -> Result<RunningConnector, ConnectorError> {
     log.set_verbose(config.verbose);
     let choice = choose_client_certificate(&config, &log)?;
     let endpoints = config
@@ -405,7 +417,7 @@ pub async fn start(config: ConnectorConfig, log: Log) -> Result<RunningConnector
                 number: n + 1,
             };
             let stopped = stopped.clone();
-            tasks.push(tokio::spawn(dial.run(stopped)));
+            tasks.push(shards.spawn_on(tasks.len(), dial.run(stopped)));
         }
     }
     Ok(RunningConnector {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use channel::config::{self, ConfigError};
 use channel::refusal::{Cause, Refusal};
 use channel::route::{self, Auth, Route};
+use channel::shards::Shards;
 use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -20,8 +21,10 @@ use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use ring::rand::SecureRandom;
 use serde::Deserialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use time::OffsetDateTime;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::StartHandshake;
+use tokio_rustls::LazyConfigAcceptor;
 
 pub mod device_auth;
 pub mod token;
@@ -205,6 +208,12 @@ impl RunningGateway {
         &self.shared.log
     }
 
+    /// Connections (devices and channels) open now on each shard, by the shard that serves
+    /// them (a channel counts where it was accepted).
+    pub fn connections_per_shard(&self) -> Vec<usize> {
+        self.listening.open_per_shard()
+    }
+
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
     /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
     /// revoked token ids). Open connections are judged again on their next request. Says what
@@ -231,9 +240,58 @@ struct Shared {
     timeout: Duration,
     log: Log,
     message_ids: MessageIds,
+    shards: Shards,
+    /// Channels being moved to each shard, not yet in the registry.
+    placing: Vec<AtomicUsize>,
 }
 
+impl Shared {
+    /// The shard a new channel goes to: the one driving fewest (this one on a tie), counted
+    /// as placed there until it is registered or fails.
+    fn place_channel(self: &Arc<Self>) -> Placed {
+        let here = Shards::here();
+        let shard = (0..self.shards.len())
+            .min_by_key(|&i| {
+                let load = self.registry.channels_on(i) + self.placing[i].load(Ordering::Relaxed);
+                (load, i != here)
+            })
+            .unwrap_or(here);
+        self.placing[shard].fetch_add(1, Ordering::Relaxed);
+        Placed {
+            shared: self.clone(),
+            shard,
+        }
+    }
+}
+
+/// A channel on its way to a shard; dropped once it is registered there or has failed.
+struct Placed {
+    shared: Arc<Shared>,
+    shard: usize,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.shared.placing[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long a device or connector has for its whole TLS handshake.
+const HANDSHAKE_TIME: Duration = Duration::from_secs(30);
+
+/// Starts a gateway on the runtime it is called on.
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
+    start_on(config, log, Shards::current()).await
+}
+
+/// Starts a gateway whose connections are spread over `shards`: every shard accepts devices,
+/// and each connector channel is moved to the shard driving fewest, so that each shard's
+/// devices find a channel on their own thread.
+pub async fn start_on(
+    config: GatewayConfig,
+    log: Log,
+    shards: Shards,
+) -> Result<RunningGateway, GatewayError> {
     log.set_verbose(config.verbose);
     let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
     let auth = load_device_auth(&config, 0, &log)?;
@@ -254,7 +312,7 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         &[tunnel::ALPN, b"h2", b"http/1.1"],
         &config.tls,
     )?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = Arc::new(tls);
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
         auth: ArcSwap::from_pointee(auth),
@@ -268,10 +326,12 @@ pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, Ga
         timeout: Duration::from_secs(config.request_timeout_secs),
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
+        placing: (0..shards.len()).map(|_| AtomicUsize::new(0)).collect(),
+        shards: shards.clone(),
     });
     let handler_shared = shared.clone();
-    let listening = channel::listener::listen(config.listen, move |tcp, peer| {
-        connection(acceptor.clone(), tcp, peer, handler_shared.clone())
+    let listening = channel::listener::listen_on(config.listen, &shards, move |tcp, peer| {
+        connection(tls.clone(), tcp, peer, handler_shared.clone())
     })
     .await
     .map_err(|source| GatewayError::Listen {
@@ -312,14 +372,62 @@ fn load_device_auth(
 }
 
 async fn connection(
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIME;
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout_at(deadline, hello).await {
+        Ok(Ok(start)) => start,
         // Failed handshakes are the client's business (and very common on the internet).
+        _ => return,
+    };
+    if shared.shards.len() > 1 && offers_channel(&start.client_hello()) {
+        let placed = shared.place_channel();
+        if placed.shard != Shards::here() {
+            // The channel moves before its handshake: its socket leaves this shard's event
+            // loop for the other's, with the ClientHello already read.
+            let StartHandshake { accepted, io, .. } = start;
+            let Ok(std) = io.into_std() else { return };
+            let target = placed.shard;
+            let Ok(io) = shared
+                .shards
+                .enter(target, || tokio::net::TcpStream::from_std(std))
+            else {
+                return;
+            };
+            let moved_shared = shared.clone();
+            shared.shards.spawn_on(target, async move {
+                let start = StartHandshake::from_parts(accepted, io);
+                serve_tls(start, tls, deadline, peer, moved_shared, Some(placed)).await;
+            });
+            return;
+        }
+        return serve_tls(start, tls, deadline, peer, shared, Some(placed)).await;
+    }
+    serve_tls(start, tls, deadline, peer, shared, None).await
+}
+
+/// Whether a ClientHello offers the channel protocol (a connector dialling in).
+fn offers_channel(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello
+        .alpn()
+        .is_some_and(|mut offered| offered.any(|p| p == tunnel::ALPN))
+}
+
+/// Finishes the TLS handshake and serves the connection: a channel or a device.
+async fn serve_tls(
+    start: StartHandshake<tokio::net::TcpStream>,
+    config: Arc<rustls::ServerConfig>,
+    deadline: tokio::time::Instant,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    placed: Option<Placed>,
+) {
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
         _ => return,
     };
     let (_, session) = tls.get_ref();
@@ -353,7 +461,10 @@ async fn connection(
             ));
             return;
         }
-        match tunnel::accept(tls, cert.label(), shared.registry.clone()).await {
+        let accepted = tunnel::accept(tls, cert.label(), shared.registry.clone()).await;
+        // Registered (or failed): the registry now counts it on its shard.
+        drop(placed);
+        match accepted {
             Ok(ch) => {
                 let endpoints: Vec<String> = ch
                     .hello
@@ -375,6 +486,8 @@ async fn connection(
         return;
     }
 
+    // Offered the channel protocol but chose a device one: nothing was placed.
+    drop(placed);
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
     let device = Arc::new(Device {
         addr: peer,

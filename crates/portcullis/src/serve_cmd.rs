@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use channel::admin::Control;
+use channel::shards::{ShardThreads, Shards};
 use clap::Args;
 use logs::logger::{ConsoleSetting, LogSettings};
 use logs::{Log, Logger};
@@ -281,17 +282,22 @@ pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
     }
 }
 
-/// A service's runtime: `threads` workers, or tokio's default (one per CPU, or
-/// TOKIO_WORKER_THREADS).
-fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
-        builder.worker_threads(threads);
-    }
-    builder
+/// A service's shards (`threads` single-threaded runtimes, or one per CPU) and the runtime of
+/// its main thread, which handles signals and the admin surface.
+fn runtimes(
+    threads: Option<usize>,
+) -> anyhow::Result<(tokio::runtime::Runtime, Shards, ShardThreads)> {
+    let count = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    let (shards, threads) = Shards::spawn(count).context("starting the shards' runtimes")?;
+    let main = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .context("starting the main runtime")?;
+    Ok((main, shards, threads))
 }
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -302,7 +308,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         args.log.as_ref(),
         args.console,
     )?;
-    let runtime = runtime(config.worker_threads)?;
+    let (runtime, shards, _threads) = runtimes(config.worker_threads)?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
@@ -310,7 +316,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         log.info(&format!(
             "Open-file limit: {files} (each device or channel connection takes one)"
         ));
-        let running = Arc::new(gateway::start(config, log.clone()).await?);
+        let running = Arc::new(gateway::start_on(config, log.clone(), shards).await?);
         let control = GatewayControl {
             path: args.config.clone(),
             running: running.clone(),
@@ -327,11 +333,11 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
         args.log.as_ref(),
         args.console,
     )?;
-    let runtime = runtime(config.worker_threads)?;
+    let (runtime, shards, _threads) = runtimes(config.worker_threads)?;
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
-        let running = Arc::new(connector::run::start(config, log.clone()).await?);
+        let running = Arc::new(connector::run::start_on(config, log.clone(), shards).await?);
         let control = ConnectorControl {
             path: args.config.clone(),
             running: running.clone(),

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use channel::shards::{ShardThreads, Shards};
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
 use pki::lab::{LabOptions, LabPki};
@@ -25,6 +26,8 @@ pub struct System {
     pub gateway_log: Arc<Mutex<Vec<String>>>,
     /// The gateway's configuration without `listen`, for reloads.
     gateway_toml: String,
+    /// The gateway's and the connector's shards, when they run on their own.
+    shard_threads: Vec<ShardThreads>,
 }
 
 pub fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
@@ -48,6 +51,40 @@ impl System {
         allowed_roots: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> System {
+        System::launch(store, allowed_connectors, allowed_roots, prepare, None)
+    }
+
+    /// The usual system, with the gateway and the connector each on `count` shards of their
+    /// own (threads, as `portcullis gateway` and `portcullis connector` run) instead of the
+    /// test's runtime.
+    pub fn start_on_shards(count: usize) -> System {
+        System::launch(
+            "connector/store",
+            "Portcullis Connector Channel",
+            "\"ca/root.crt\"",
+            |_| {},
+            Some(count),
+        )
+    }
+
+    fn launch(
+        store: &str,
+        allowed_connectors: &str,
+        allowed_roots: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        shard_count: Option<usize>,
+    ) -> System {
+        let mut shard_threads = Vec::new();
+        let mut shards = || match shard_count {
+            Some(count) => {
+                let (shards, threads) = Shards::spawn(count).unwrap();
+                shard_threads.push(threads);
+                Some(shards)
+            }
+            None => None,
+        };
+        let gateway_shards = shards();
+        let connector_shards = shards();
         let dir = tempfile::tempdir().unwrap();
         LabPki::issue(&LabOptions::default())
             .unwrap()
@@ -71,10 +108,15 @@ impl System {
         .unwrap();
         let gateway_log = Arc::new(Mutex::new(Vec::new()));
         let gateway = runtime
-            .block_on(gateway::start(
-                GatewayConfig::load(&p("gateway.toml")).unwrap(),
-                recorder(&gateway_log),
-            ))
+            .block_on(async {
+                let shards = gateway_shards.unwrap_or_else(Shards::current);
+                gateway::start_on(
+                    GatewayConfig::load(&p("gateway.toml")).unwrap(),
+                    recorder(&gateway_log),
+                    shards,
+                )
+                .await
+            })
             .unwrap();
         std::fs::write(
             p("connector.toml"),
@@ -88,10 +130,15 @@ impl System {
         prepare(dir.path());
         let connector_log = Arc::new(Mutex::new(Vec::new()));
         let connector = runtime
-            .block_on(conn::start(
-                ConnectorConfig::load(&p("connector.toml")).unwrap(),
-                recorder(&connector_log),
-            ))
+            .block_on(async {
+                let shards = connector_shards.unwrap_or_else(Shards::current);
+                conn::start_on(
+                    ConnectorConfig::load(&p("connector.toml")).unwrap(),
+                    recorder(&connector_log),
+                    shards,
+                )
+                .await
+            })
             .unwrap();
         System {
             dir,
@@ -102,6 +149,7 @@ impl System {
             connector_log,
             gateway_log,
             gateway_toml,
+            shard_threads,
         }
     }
 
@@ -189,6 +237,8 @@ impl System {
                 m.stop().await;
             }
         });
+        // The shards' threads end (and are waited for) as they are dropped.
+        self.shard_threads.clear();
     }
 }
 

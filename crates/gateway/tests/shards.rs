@@ -1,0 +1,169 @@
+//! The gateway and the connector on shards of their own, as their commands run them: channels
+//! are spread over the gateway's shards, device connections too, and every device is served
+//! whichever shard took it.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+
+#[test]
+fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
+    let system = System::start_on_shards(2);
+    assert!(
+        system.wait_for_channels(2),
+        "channels: {:?}",
+        system.gateway_log.lock().unwrap()
+    );
+    let gateway = system.gateway.as_ref().unwrap();
+    // Both channels arrive at once; each goes to the shard driving fewer, so each shard's
+    // devices have one on their own thread.
+    assert_eq!(
+        (
+            gateway.registry.channels_on(0),
+            gateway.registry.channels_on(1)
+        ),
+        (1, 1)
+    );
+
+    let tls = Arc::new(
+        testkit::probe::device_tls(
+            &[system.path("ca/root.crt")],
+            Some(&system.path("devices/device-001.crt")),
+            Some(&system.path("devices/device-001.key")),
+            false,
+        )
+        .unwrap(),
+    );
+    let port = gateway.addr.port();
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    let mut devices = system.runtime.block_on(async {
+        // Seven devices connect in a burst and stay; then each sends two requests.
+        let mut senders = Vec::new();
+        for _ in 0..7 {
+            senders.push(connect(port, &tls).await);
+        }
+        settle(gateway, 7).await;
+        let mut spread = gateway.connections_per_shard();
+        spread.sort();
+        assert_eq!(spread, [3, 4], "device connections per shard");
+        for round in 0..2 {
+            for (device, sender) in senders.iter_mut().enumerate() {
+                let (status, body) = get(sender, &path).await;
+                assert!(
+                    status == 200 && body.starts_with(b"<MPList>"),
+                    "device {device}, round {round}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+        drop(senders);
+        settle(gateway, 0).await;
+        // Now one at a time, noting the shard each lands on.
+        let mut devices = Vec::new();
+        for n in 1..=6 {
+            let before = gateway.connections_per_shard();
+            let sender = connect(port, &tls).await;
+            settle(gateway, n).await;
+            let after = gateway.connections_per_shard();
+            let shard = (0..2).find(|&i| after[i] > before[i]).unwrap();
+            devices.push((shard, sender));
+        }
+        devices
+    });
+
+    // Two devices of shard 0 leave: shard 1 serves three, shard 0 one.
+    for _ in 0..2 {
+        let leaving = devices.iter().position(|(shard, _)| *shard == 0).unwrap();
+        devices.remove(leaving);
+    }
+    system
+        .runtime
+        .block_on(settle(system.gateway.as_ref().unwrap(), 4));
+    assert_eq!(
+        system.gateway.as_ref().unwrap().connections_per_shard(),
+        [1, 3]
+    );
+
+    // The connector restarts: both new channels are accepted by shard 0, the one with fewer
+    // connections; they still go one to each shard.
+    let mut system = system;
+    let connector = system.connector.take().unwrap();
+    system.runtime.block_on(connector.stop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while system.gateway.as_ref().unwrap().registry.channel_count() > 0 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (shards, threads) = channel::shards::Shards::spawn(2).unwrap();
+    let config = connector::run::ConnectorConfig::load(&system.path("connector.toml")).unwrap();
+    let log = recorder(&system.connector_log);
+    system.connector = Some(
+        system
+            .runtime
+            .block_on(connector::run::start_on(config, log, shards))
+            .unwrap(),
+    );
+    assert!(system.wait_for_channels(2));
+    let gateway = system.gateway.as_ref().unwrap();
+    assert_eq!(
+        (
+            gateway.registry.channels_on(0),
+            gateway.registry.channels_on(1)
+        ),
+        (1, 1)
+    );
+    system.runtime.block_on(async {
+        for (_, sender) in &mut devices {
+            assert_eq!(get(sender, &path).await.0, 200);
+        }
+    });
+    drop(devices);
+    system.stop();
+    drop(threads);
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// A device connection to the gateway, TLS with device-001's certificate, HTTP/1.1.
+async fn connect(port: u16, tls: &Arc<rustls::ClientConfig>) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn get(sender: &mut Sender, path: &str) -> (u16, bytes::Bytes) {
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Waits (at most 10 s) until the gateway counts `open` connections.
+async fn settle(gateway: &gateway::RunningGateway, open: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.connections_per_shard().iter().sum::<usize>() != open && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
