@@ -49,9 +49,9 @@ where
 
 /// Binds `addr` once and accepts on every shard: each shard watches the same listening socket
 /// (a duplicate of its descriptor in its own event loop). A connection is served in a new task
-/// on the shard with the fewest open connections: the one that accepted it when that is a
-/// tie, else it moves there before its first byte is read. (Left to whichever shard accepts
-/// first, a burst of connections piled onto one shard: the other was asleep.)
+/// on the shard that accepted it, unless that shard holds two connections more than another:
+/// then it moves there before its first byte is read. (Left to whichever shard accepts first,
+/// a burst of connections piled onto one shard: the other was asleep.)
 pub async fn listen_on<F, Fut>(
     addr: SocketAddr,
     shards: &Shards,
@@ -119,11 +119,19 @@ where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    /// Serves `tcp` on the shard with the fewest open connections (`here` on a tie).
+    /// Serves `tcp` here, or on the shard with the fewest open connections when this one has
+    /// two more than it: moving costs two system calls and a wake-up on the other thread,
+    /// worth it for a connection that stays, not for a spread off by one.
     fn serve(self: &Arc<Self>, here: usize, tcp: TcpStream, peer: SocketAddr) {
-        let target = (0..self.open.len())
-            .min_by_key(|&i| (self.open[i].load(Ordering::Relaxed), i != here))
+        let open = |i: usize| self.open[i].load(Ordering::Relaxed);
+        let fewest = (0..self.open.len())
+            .min_by_key(|&i| open(i))
             .unwrap_or(here);
+        let target = if open(here) > open(fewest) + 1 {
+            fewest
+        } else {
+            here
+        };
         let tcp = if target == here {
             tcp
         } else {
