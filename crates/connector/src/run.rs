@@ -90,9 +90,9 @@ pub struct ConnectorConfig {
     /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
-    /// Worker threads of the async runtime (default: one per CPU). On a host shared with
-    /// other busy processes fewer are cheaper per request: idle workers are woken to steal
-    /// work, which costs system calls and context switches.
+    /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
+    /// shard) and keeps the connections it was given; see `channel::shards`. On a host shared
+    /// with other busy processes fewer are cheaper per request.
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }
