@@ -208,8 +208,9 @@ impl RunningGateway {
         &self.shared.log
     }
 
-    /// Connections (devices and channels) open now on each shard, by the shard that serves
-    /// them (a channel counts where it was accepted).
+    /// Device connections open now on each shard. A channel counts only until it is
+    /// registered: its connection is then driven by a task of its own, on the shard it was
+    /// placed on (`Registry::channels_on`).
     pub fn connections_per_shard(&self) -> Vec<usize> {
         self.listening.open_per_shard()
     }
