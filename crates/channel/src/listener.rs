@@ -114,6 +114,28 @@ impl Drop for Open {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection's future with its count. Not `async move { served.await; drop(open) }`:
+    /// such a block keeps room for the future it captured beside the one it awaits, and a
+    /// connection's future is large; an idle device connection cost 14 KiB more.
+    struct Counted<F> {
+        #[pin]
+        served: F,
+        open: Open,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.project().served.poll(cx)
+    }
+}
+
 impl<F, Fut> Spread<F>
 where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
@@ -150,10 +172,7 @@ where
             shard: target,
         };
         let served = (self.handle)(tcp, peer);
-        self.shards.spawn_on(target, async move {
-            served.await;
-            drop(open);
-        });
+        self.shards.spawn_on(target, Counted { served, open });
     }
 }
 

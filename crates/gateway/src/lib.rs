@@ -401,14 +401,15 @@ async fn connection(
             };
             let moved_shared = shared.clone();
             shared.shards.spawn_on(target, async move {
-                let start = StartHandshake::from_parts(accepted, io);
-                serve_tls(start, tls, deadline, peer, moved_shared, Some(placed)).await;
+                let start = Box::new(StartHandshake::from_parts(accepted, io));
+                handshake_and_serve(start, tls, deadline, peer, moved_shared, Some(placed)).await;
             });
             return;
         }
-        return serve_tls(start, tls, deadline, peer, shared, Some(placed)).await;
+        return handshake_and_serve(Box::new(start), tls, deadline, peer, shared, Some(placed))
+            .await;
     }
-    serve_tls(start, tls, deadline, peer, shared, None).await
+    handshake_and_serve(Box::new(start), tls, deadline, peer, shared, None).await
 }
 
 /// Whether a ClientHello offers the channel protocol (a connector dialling in).
@@ -418,9 +419,11 @@ fn offers_channel(hello: &rustls::server::ClientHello<'_>) -> bool {
         .is_some_and(|mut offered| offered.any(|p| p == tunnel::ALPN))
 }
 
-/// Finishes the TLS handshake and serves the connection: a channel or a device.
-async fn serve_tls(
-    start: StartHandshake<tokio::net::TcpStream>,
+/// Finishes the TLS handshake and serves the connection: a channel or a device. The handshake
+/// comes boxed and the stream stays a local: an async fn keeps room for its arguments for as
+/// long as it runs, and every idle device connection would carry a dead copy of them.
+async fn handshake_and_serve(
+    start: Box<StartHandshake<tokio::net::TcpStream>>,
     config: Arc<rustls::ServerConfig>,
     deadline: tokio::time::Instant,
     peer: SocketAddr,
