@@ -215,6 +215,22 @@ impl RunningGateway {
         self.listening.open_per_shard()
     }
 
+    /// Each shard's device connections and channels now, for the admin surface's status.
+    pub fn shards_status(&self) -> serde_json::Value {
+        let devices = self.connections_per_shard();
+        let shards: Vec<serde_json::Value> = devices
+            .iter()
+            .enumerate()
+            .map(|(shard, devices)| {
+                serde_json::json!({
+                    "devices": devices,
+                    "channels": self.registry.channels_on(shard),
+                })
+            })
+            .collect();
+        serde_json::Value::Array(shards)
+    }
+
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
     /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
     /// revoked token ids). Open connections are judged again on their next request. Says what
@@ -340,8 +356,10 @@ pub async fn start_on(
         source,
     })?;
     shared.log.info(&format!(
-        "Gateway listening on {} for devices and connector channels",
-        listening.addr
+        "Gateway listening on {} for devices and connector channels ({} worker thread{})",
+        listening.addr,
+        shards.len(),
+        if shards.len() == 1 { "" } else { "s" }
     ));
     Ok(RunningGateway {
         addr: listening.addr,

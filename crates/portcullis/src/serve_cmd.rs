@@ -53,7 +53,8 @@ use logs::{Log, Logger};
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
 /// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again.
 /// Ctrl-C or SIGTERM stops.
-/// Admin surface (admin_listen): GET /status, PUT /verbose with body on|off, POST /reload,
+/// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
+/// channels), PUT /verbose with body on|off, POST /reload,
 /// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
@@ -155,6 +156,10 @@ impl Control for GatewayControl {
             .map_err(|e| e.to_string())
             .and_then(|c| self.running.reload(&c).map_err(|e| e.to_string()));
         reloaded(self.log(), &self.path, loaded)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({ "shards": self.running.shards_status() })
     }
 }
 

@@ -1111,8 +1111,17 @@ fn verbose_logging_changes_while_the_connector_runs() {
     let lab = new_lab(tmp.path());
     let (_mp, mp_port) = spawn_mp(&lab);
     let port = free_port();
+    let gateway_admin = free_port();
     let _gateway = spawn_until(
-        &["gateway", "--config", p(&gateway_config(&lab, port, ""))],
+        &[
+            "gateway",
+            "--config",
+            p(&gateway_config(
+                &lab,
+                port,
+                &format!("worker_threads = 3\nadmin_listen = \"127.0.0.1:{gateway_admin}\"\n"),
+            )),
+        ],
         "Gateway listening",
     );
     let admin = free_port();
@@ -1135,6 +1144,25 @@ fn verbose_logging_changes_while_the_connector_runs() {
     assert_eq!(first["message"], "Maintaining connections...");
     assert_eq!(first["component"], "SMS_CLOUD_PROXYCONNECTOR");
     assert!(wait_for_channels(&lab, port, 2));
+    // The gateway's status shows its three worker threads, the connector's two channels on
+    // two of them.
+    let (body, code) = admin_call(
+        "GET",
+        &format!("http://127.0.0.1:{gateway_admin}/status"),
+        None,
+    );
+    assert_eq!(code, "200", "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shards = status["shards"].as_array().expect("shards");
+    let channels: Vec<u64> = shards
+        .iter()
+        .map(|s| s["channels"].as_u64().unwrap())
+        .collect();
+    assert_eq!(shards.len(), 3, "{body}");
+    assert!(
+        channels.iter().sum::<u64>() == 2 && channels.iter().all(|&c| c <= 1),
+        "{body}"
+    );
     let log = lab.join("SMS_Cloud_ProxyConnector.log");
     let probe = || {
         let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
