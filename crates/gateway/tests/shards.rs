@@ -130,10 +130,84 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
     drop(threads);
 }
 
+/// One channel for two gateway shards: the devices of the shard without one send over the
+/// other's, bodies both ways included.
+#[test]
+fn devices_on_a_shard_without_a_channel_use_another_shards() {
+    let system = System::start_on_shards_with(2, |lab| {
+        let file = lab.join("connector.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace(
+            "verbose = true\n",
+            "verbose = true\nchannels_per_gateway = 1\n",
+        );
+        std::fs::write(&file, text).unwrap();
+    });
+    assert!(system.wait_for_channels(1));
+    let gateway = system.gateway.as_ref().unwrap();
+    assert_eq!(gateway.registry.channel_count(), 1);
+    let tls = Arc::new(
+        testkit::probe::device_tls(
+            &[system.path("ca/root.crt")],
+            Some(&system.path("devices/device-001.crt")),
+            Some(&system.path("devices/device-001.key")),
+            false,
+        )
+        .unwrap(),
+    );
+    let port = gateway.addr.port();
+    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
+    let body: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    system.runtime.block_on(async {
+        let connecting: Vec<_> = (0..6)
+            .map(|_| {
+                tokio::spawn(connect::<http_body_util::Full<bytes::Bytes>>(
+                    port,
+                    tls.clone(),
+                ))
+            })
+            .collect();
+        let mut senders = Vec::new();
+        for device in connecting {
+            senders.push(device.await.unwrap());
+        }
+        settle(gateway, 6).await;
+        assert!(
+            gateway.connections_per_shard().iter().all(|&n| n >= 2),
+            "{:?}",
+            gateway.connections_per_shard()
+        );
+        for (device, sender) in senders.iter_mut().enumerate() {
+            let request = hyper::Request::post(echo.as_str())
+                .header(hyper::header::HOST, "localhost")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status();
+            let back = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                status == 200 && back == body,
+                "device {device}: {status}, {} bytes back",
+                back.len()
+            );
+        }
+    });
+    system.stop();
+}
+
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
-/// A device connection to the gateway, TLS with device-001's certificate, HTTP/1.1.
-async fn connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Sender {
+/// A device connection to the gateway, TLS with device-001's certificate, HTTP/1.1, for
+/// requests with bodies of type `B`.
+async fn connect<B>(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();

@@ -58,11 +58,17 @@ impl System {
     /// own (threads, as `portcullis gateway` and `portcullis connector` run) instead of the
     /// test's runtime.
     pub fn start_on_shards(count: usize) -> System {
+        System::start_on_shards_with(count, |_| {})
+    }
+
+    /// [`System::start_on_shards`], with `prepare` run on the lab directory before the
+    /// connector starts (to edit `connector.toml`, say).
+    pub fn start_on_shards_with(count: usize, prepare: impl FnOnce(&std::path::Path)) -> System {
         System::launch(
             "connector/store",
             "Portcullis Connector Channel",
             "\"ca/root.crt\"",
-            |_| {},
+            prepare,
             Some(count),
         )
     }
