@@ -397,37 +397,44 @@ async fn connection(
     shared: Arc<Shared>,
 ) {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIME;
-    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout_at(deadline, hello).await {
-        Ok(Ok(start)) => start,
-        // Failed handshakes are the client's business (and very common on the internet).
-        _ => return,
-    };
-    if shared.shards.len() > 1 && offers_channel(&start.client_hello()) {
-        let placed = shared.place_channel();
-        if placed.shard != Shards::here() {
-            // The channel moves before its handshake: its socket leaves this shard's event
-            // loop for the other's, with the ClientHello already read.
-            let StartHandshake { accepted, io, .. } = start;
-            let Ok(std) = io.into_std() else { return };
-            let target = placed.shard;
-            let Ok(io) = shared
-                .shards
-                .enter(target, || tokio::net::TcpStream::from_std(std))
-            else {
+    // The ClientHello is read and judged in a block of its own: a local moved away still keeps
+    // its room in an async fn's future until its scope ends, and the handshake's state would
+    // ride along, dead, for as long as the connection is served.
+    let (start, placed) = {
+        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = match tokio::time::timeout_at(deadline, hello).await {
+            Ok(Ok(start)) => start,
+            // Failed handshakes are the client's business (and very common on the internet).
+            _ => return,
+        };
+        let mut placed = None;
+        if shared.shards.len() > 1 && offers_channel(&start.client_hello()) {
+            let place = shared.place_channel();
+            if place.shard != Shards::here() {
+                // The channel moves before its handshake: its socket leaves this shard's event
+                // loop for the other's, with the ClientHello already read.
+                let StartHandshake { accepted, io, .. } = start;
+                let Ok(std) = io.into_std() else { return };
+                let target = place.shard;
+                let Ok(io) = shared
+                    .shards
+                    .enter(target, || tokio::net::TcpStream::from_std(std))
+                else {
+                    return;
+                };
+                let moved_shared = shared.clone();
+                shared.shards.spawn_on(target, async move {
+                    let start = Box::new(StartHandshake::from_parts(accepted, io));
+                    handshake_and_serve(start, tls, deadline, peer, moved_shared, Some(place))
+                        .await;
+                });
                 return;
-            };
-            let moved_shared = shared.clone();
-            shared.shards.spawn_on(target, async move {
-                let start = Box::new(StartHandshake::from_parts(accepted, io));
-                handshake_and_serve(start, tls, deadline, peer, moved_shared, Some(placed)).await;
-            });
-            return;
+            }
+            placed = Some(place);
         }
-        return handshake_and_serve(Box::new(start), tls, deadline, peer, shared, Some(placed))
-            .await;
-    }
-    handshake_and_serve(Box::new(start), tls, deadline, peer, shared, None).await
+        (Box::new(start), placed)
+    };
+    handshake_and_serve(start, tls, deadline, peer, shared, placed).await
 }
 
 /// Whether a ClientHello offers the channel protocol (a connector dialling in).
@@ -438,8 +445,9 @@ fn offers_channel(hello: &rustls::server::ClientHello<'_>) -> bool {
 }
 
 /// Finishes the TLS handshake and serves the connection: a channel or a device. The handshake
-/// comes boxed and the stream stays a local: an async fn keeps room for its arguments for as
-/// long as it runs, and every idle device connection would carry a dead copy of them.
+/// comes boxed and the stream is boxed once made: an async fn keeps room for its arguments,
+/// and for a local moved away until its scope ends, and every idle device connection would
+/// carry a dead copy of them beside the live one.
 async fn handshake_and_serve(
     start: Box<StartHandshake<tokio::net::TcpStream>>,
     config: Arc<rustls::ServerConfig>,
@@ -449,7 +457,7 @@ async fn handshake_and_serve(
     placed: Option<Placed>,
 ) {
     let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => Box::new(tls),
         _ => return,
     };
     let (_, session) = tls.get_ref();
