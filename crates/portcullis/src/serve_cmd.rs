@@ -77,6 +77,9 @@ pub struct GatewayArgs {
 ///
 ///   connector_id = "connector-1"
 ///   gateways = ["cmg.contoso.com:443"]
+///   channels_per_gateway = 2                 # optional; 2 by default, 1 to 64: give at least
+///                                            # the gateway's worker_threads, so each of its
+///                                            # threads drives a channel of its own
 ///   gateway_roots = ["ca/root.crt"]
 ///   channel_cert = "connector/channel.crt"
 ///   channel_key = "connector/channel.key"
