@@ -144,7 +144,7 @@ where
     /// Serves `tcp` here, or on the shard with the fewest open connections when this one has
     /// two more than it: moving costs two system calls and a wake-up on the other thread,
     /// worth it for a connection that stays, not for a spread off by one.
-    fn serve(self: &Arc<Self>, here: usize, tcp: TcpStream, peer: SocketAddr) {
+    fn serve(&self, here: usize, tcp: TcpStream, peer: SocketAddr) {
         let open = |i: usize| self.open[i].load(Ordering::Relaxed);
         let fewest = (0..self.open.len())
             .min_by_key(|&i| open(i))

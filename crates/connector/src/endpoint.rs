@@ -3,11 +3,10 @@
 //! comes back (or what goes wrong) to a [`Refusal`].
 
 use std::sync::{Arc, Mutex};
-
-use channel::shards::Shards;
 use std::time::{Duration, Instant};
 
 use channel::refusal::{classify_endpoint_answer, Cause, Refusal};
+use channel::shards::Shards;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response, Uri};
