@@ -30,15 +30,7 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
         (1, 1)
     );
 
-    let tls = Arc::new(
-        testkit::probe::device_tls(
-            &[system.path("ca/root.crt")],
-            Some(&system.path("devices/device-001.crt")),
-            Some(&system.path("devices/device-001.key")),
-            false,
-        )
-        .unwrap(),
-    );
+    let tls = device_tls(&system);
     let port = gateway.addr.port();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let mut devices = system.runtime.block_on(async {
@@ -146,15 +138,7 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();
     assert_eq!(gateway.registry.channel_count(), 1);
-    let tls = Arc::new(
-        testkit::probe::device_tls(
-            &[system.path("ca/root.crt")],
-            Some(&system.path("devices/device-001.crt")),
-            Some(&system.path("devices/device-001.key")),
-            false,
-        )
-        .unwrap(),
-    );
+    let tls = device_tls(&system);
     let port = gateway.addr.port();
     let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
     let body: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
@@ -196,6 +180,19 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// device-001's TLS client (HTTP/1.1).
+fn device_tls(system: &System) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        testkit::probe::device_tls(
+            &[system.path("ca/root.crt")],
+            Some(&system.path("devices/device-001.crt")),
+            Some(&system.path("devices/device-001.key")),
+            false,
+        )
+        .unwrap(),
+    )
+}
 
 /// A device connection to the gateway, TLS with device-001's certificate, HTTP/1.1, for
 /// requests with bodies of type `B`.
