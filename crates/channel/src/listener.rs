@@ -3,21 +3,20 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::shards::Shards;
+use crate::shards::{Held, ShardCounts, Shards};
 
 /// A server accepting in the background. Dropping it does not stop it; call [`Listening::stop`].
 pub struct Listening {
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    open: Arc<[AtomicUsize]>,
+    open: ShardCounts,
 }
 
 impl Listening {
@@ -31,10 +30,7 @@ impl Listening {
 
     /// Connections open now on each shard.
     pub fn open_per_shard(&self) -> Vec<usize> {
-        self.open
-            .iter()
-            .map(|count| count.load(Ordering::Relaxed))
-            .collect()
+        self.open.all()
     }
 }
 
@@ -71,7 +67,7 @@ where
         let copy = shared.try_clone()?;
         listeners.push(shards.enter(index, || TcpListener::from_std(copy))?);
     }
-    let open: Arc<[AtomicUsize]> = (0..shards.len()).map(|_| AtomicUsize::new(0)).collect();
+    let open = ShardCounts::new(shards.len());
     let spread = Arc::new(Spread {
         shards: shards.clone(),
         open: open.clone(),
@@ -98,20 +94,8 @@ where
 /// What every shard's accept loop shares: where connections are open, and what serves one.
 struct Spread<F> {
     shards: Shards,
-    open: Arc<[AtomicUsize]>,
+    open: ShardCounts,
     handle: F,
-}
-
-/// One open connection counted on its shard until its task ends (or panics).
-struct Open {
-    counts: Arc<[AtomicUsize]>,
-    shard: usize,
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.counts[self.shard].fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 pin_project_lite::pin_project! {
@@ -121,7 +105,7 @@ pin_project_lite::pin_project! {
     struct Counted<F> {
         #[pin]
         served: F,
-        open: Open,
+        open: Held,
     }
 }
 
@@ -145,8 +129,8 @@ where
     /// two more than it: moving costs two system calls and a wake-up on the other thread,
     /// worth it for a connection that stays, not for a spread off by one.
     fn serve(&self, here: usize, tcp: TcpStream, peer: SocketAddr) {
-        let open = |i: usize| self.open[i].load(Ordering::Relaxed);
-        let fewest = (0..self.open.len())
+        let open = |i: usize| self.open.get(i);
+        let fewest = (0..self.shards.len())
             .min_by_key(|&i| open(i))
             .unwrap_or(here);
         let target = if open(here) > open(fewest) + 1 {
@@ -157,20 +141,12 @@ where
         let tcp = if target == here {
             tcp
         } else {
-            // Out of this shard's event loop and into the target's.
-            let moved = tcp
-                .into_std()
-                .and_then(|std| self.shards.enter(target, || TcpStream::from_std(std)));
-            match moved {
+            match self.shards.adopt(target, tcp) {
                 Ok(tcp) => tcp,
                 Err(_) => return,
             }
         };
-        self.open[target].fetch_add(1, Ordering::Relaxed);
-        let open = Open {
-            counts: self.open.clone(),
-            shard: target,
-        };
+        let open = self.open.hold(target);
         let served = (self.handle)(tcp, peer);
         self.shards.spawn_on(target, Counted { served, open });
     }

@@ -11,6 +11,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
@@ -112,6 +113,63 @@ impl Shards {
     pub fn enter<T>(&self, index: usize, make: impl FnOnce() -> T) -> T {
         let _inside = self.handles[index % self.handles.len()].enter();
         make()
+    }
+
+    /// Moves a socket out of the event loop that drives it into shard `index`'s; what it had
+    /// not read yet stays in the kernel and is read there.
+    pub fn adopt(
+        &self,
+        index: usize,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let std = tcp.into_std()?;
+        self.enter(index, || tokio::net::TcpStream::from_std(std))
+    }
+}
+
+/// A count per shard of what it holds (connections, channels on their way), each unit held
+/// by a [`Held`] that gives it back when dropped, whatever ends its holder.
+#[derive(Clone)]
+pub struct ShardCounts(Arc<[AtomicUsize]>);
+
+impl ShardCounts {
+    pub fn new(shards: usize) -> ShardCounts {
+        ShardCounts((0..shards).map(|_| AtomicUsize::new(0)).collect())
+    }
+
+    pub fn get(&self, shard: usize) -> usize {
+        self.0[shard].load(Ordering::Relaxed)
+    }
+
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.0.len()).map(|shard| self.get(shard)).collect()
+    }
+
+    /// Counts one more on `shard` until the returned guard is dropped.
+    pub fn hold(&self, shard: usize) -> Held {
+        self.0[shard].fetch_add(1, Ordering::Relaxed);
+        Held {
+            counts: self.clone(),
+            shard,
+        }
+    }
+}
+
+/// One unit of a [`ShardCounts`], given back on drop.
+pub struct Held {
+    counts: ShardCounts,
+    shard: usize,
+}
+
+impl Held {
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counts.0[self.shard].fetch_sub(1, Ordering::Relaxed);
     }
 }
 

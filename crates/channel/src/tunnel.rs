@@ -92,6 +92,15 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Any body whose errors can be boxed, as a channel [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
@@ -135,11 +144,13 @@ pub struct Channel {
 
 impl Channel {
     /// Sends one request over the channel, counting it as outstanding while it is in flight.
+    /// Counted down when the answer's head arrives, or when the caller stops waiting (its
+    /// device went away, its timeout struck): else the count only grows, and `pick` avoids a
+    /// channel for requests long gone.
     pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, Refusal> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        let result = send_on(&self.sender, request).await;
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
-        result.map_err(|e| {
+        let _in_flight = InFlight(&self.outstanding);
+        send_on(&self.sender, request).await.map_err(|e| {
             Refusal::new(Cause::ChannelBroken {
                 detail: e.to_string(),
             })
@@ -148,6 +159,15 @@ impl Channel {
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// One request counted in [`Channel::outstanding`] until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -318,8 +338,8 @@ async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
         };
         while !data.is_empty() {
             stream.reserve_capacity(data.len());
+            // h2 answers Pending, not a room of 0, while the window is shut.
             match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-                Some(Ok(0)) => tokio::task::yield_now().await,
                 Some(Ok(room)) => {
                     let chunk = data.split_to(room.min(data.len()));
                     if stream.send_data(chunk, false).is_err() {
@@ -538,4 +558,53 @@ pub fn refusal_response(refusal: &Refusal) -> Response<Body> {
         response.extensions_mut().insert(phrase);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request the gateway stops waiting for (its device went away, its timeout struck) no
+    /// longer counts as outstanding on its channel: least-outstanding picking would otherwise
+    /// shun that channel for good.
+    #[tokio::test]
+    async fn a_request_given_up_is_no_longer_outstanding() {
+        let (gateway_end, connector_end) = tokio::io::duplex(64 * 1024);
+        // A connector that answers the hello and never anything else.
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(connector_end).await.expect("h2");
+            let mut unanswered = Vec::new();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                if request.uri().path() != HELLO_PATH {
+                    unanswered.push(respond);
+                    continue;
+                }
+                let hello = Hello {
+                    connector_id: "c".into(),
+                    version: "0".into(),
+                    endpoints: vec![EndpointInfo {
+                        id: 7,
+                        name: "SMS_MP".into(),
+                    }],
+                    has_client_certificate: true,
+                };
+                let body = Bytes::from(serde_json::to_vec(&hello).expect("json"));
+                let mut stream = respond
+                    .send_response(Response::new(()), false)
+                    .expect("respond");
+                stream.send_data(body, true).expect("hello body");
+            }
+        });
+        let registry = Arc::new(Registry::default());
+        let channel = accept(gateway_end, "c".into(), registry.clone())
+            .await
+            .expect("channel");
+        let request = Request::get("/SMS_MP/.sms_aut?MPLIST")
+            .body(empty())
+            .expect("request");
+        let given_up =
+            tokio::time::timeout(Duration::from_millis(100), channel.send(request)).await;
+        assert!(given_up.is_err(), "the connector never answers");
+        assert_eq!(channel.outstanding(), 0);
+    }
 }

@@ -21,7 +21,6 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use http_body_util::BodyExt;
 use logs::cmtrace::Severity;
 
 use crate::endpoint::{
@@ -563,8 +562,7 @@ impl Service {
         // It came over the channel as HTTP/2; to the endpoint it goes as HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
         headers::strip(&mut parts.headers);
-        let forward =
-            Request::from_parts(parts, body.map_err(channel::tunnel::BoxError::from).boxed());
+        let forward = Request::from_parts(parts, tunnel::boxed(body));
         let started = Instant::now();
         let outcome = client.forward(forward, &url_text).await;
         self.log.verbose(|| {
@@ -583,7 +581,7 @@ impl Service {
                     status.canonical_reason().unwrap_or(""),
                 ));
                 let (parts, body) = answer.into_parts();
-                Response::from_parts(parts, body.map_err(channel::tunnel::BoxError::from).boxed())
+                Response::from_parts(parts, tunnel::boxed(body))
             }
             Err(refusal) => {
                 self.log.error(&received_line(

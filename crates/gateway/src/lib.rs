@@ -10,7 +10,7 @@ use std::time::Duration;
 use channel::config::{self, ConfigError};
 use channel::refusal::{Cause, Refusal};
 use channel::route::{self, Auth, Route};
-use channel::shards::Shards;
+use channel::shards::{Held, ShardCounts, Shards};
 use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -21,7 +21,6 @@ use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
 use ring::rand::SecureRandom;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use time::OffsetDateTime;
 use tokio_rustls::server::StartHandshake;
 use tokio_rustls::LazyConfigAcceptor;
@@ -258,38 +257,24 @@ struct Shared {
     log: Log,
     message_ids: MessageIds,
     shards: Shards,
-    /// Channels being moved to each shard, not yet in the registry.
-    placing: Vec<AtomicUsize>,
+    /// Channels on their way to each shard, not yet in the registry.
+    placing: ShardCounts,
 }
 
 impl Shared {
     /// The shard a new channel goes to: the one driving fewest (this one on a tie), counted
-    /// as placed there until it is registered or fails.
-    fn place_channel(self: &Arc<Self>) -> Placed {
+    /// as on its way there until the returned guard is dropped (registered or failed).
+    fn place_channel(&self) -> Held {
         let here = Shards::here();
         let shard = (0..self.shards.len())
             .min_by_key(|&i| {
-                let load = self.registry.channels_on(i) + self.placing[i].load(Ordering::Relaxed);
-                (load, i != here)
+                (
+                    self.registry.channels_on(i) + self.placing.get(i),
+                    i != here,
+                )
             })
             .unwrap_or(here);
-        self.placing[shard].fetch_add(1, Ordering::Relaxed);
-        Placed {
-            shared: self.clone(),
-            shard,
-        }
-    }
-}
-
-/// A channel on its way to a shard; dropped once it is registered there or has failed.
-struct Placed {
-    shared: Arc<Shared>,
-    shard: usize,
-}
-
-impl Drop for Placed {
-    fn drop(&mut self) {
-        self.shared.placing[self.shard].fetch_sub(1, Ordering::Relaxed);
+        self.placing.hold(shard)
     }
 }
 
@@ -343,7 +328,7 @@ pub async fn start_on(
         timeout: Duration::from_secs(config.request_timeout_secs),
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
-        placing: (0..shards.len()).map(|_| AtomicUsize::new(0)).collect(),
+        placing: ShardCounts::new(shards.len()),
         shards: shards.clone(),
     });
     let handler_shared = shared.clone();
@@ -410,16 +395,12 @@ async fn connection(
         let mut placed = None;
         if shared.shards.len() > 1 && offers_channel(&start.client_hello()) {
             let place = shared.place_channel();
-            if place.shard != Shards::here() {
+            if place.shard() != Shards::here() {
                 // The channel moves before its handshake: its socket leaves this shard's event
                 // loop for the other's, with the ClientHello already read.
                 let StartHandshake { accepted, io, .. } = start;
-                let Ok(std) = io.into_std() else { return };
-                let target = place.shard;
-                let Ok(io) = shared
-                    .shards
-                    .enter(target, || tokio::net::TcpStream::from_std(std))
-                else {
+                let target = place.shard();
+                let Ok(io) = shared.shards.adopt(target, io) else {
                     return;
                 };
                 let moved_shared = shared.clone();
@@ -454,7 +435,7 @@ async fn handshake_and_serve(
     deadline: tokio::time::Instant,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    placed: Option<Placed>,
+    placed: Option<Held>,
 ) {
     let tls = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
         Ok(Ok(tls)) => Box::new(tls),
@@ -734,13 +715,7 @@ async fn route_request(
         }
     };
     map.insert(headers::DEVICE, device_header);
-    let forward = Request::from_parts(
-        parts,
-        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-            body,
-            tunnel::BoxError::from,
-        )),
-    );
+    let forward = Request::from_parts(parts, tunnel::boxed(body));
 
     shared.log.verbose(|| {
         format!(
@@ -775,13 +750,7 @@ async fn route_request(
             parts.extensions.insert(phrase);
         }
     }
-    Ok(Response::from_parts(
-        parts,
-        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-            body,
-            tunnel::BoxError::from,
-        )),
-    ))
+    Ok(Response::from_parts(parts, tunnel::boxed(body)))
 }
 
 fn service_metadata(shared: &Shared) -> Response<Body> {
