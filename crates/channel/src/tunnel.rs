@@ -47,6 +47,9 @@ pub mod headers {
     pub const DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
     /// The status text, for HTTP/2 hops where there is no reason phrase.
     pub const STATUS_TEXT: HeaderName = HeaderName::from_static("x-portcullis-status-text");
+    /// On the hello request: how many worker threads (shards) the gateway runs, so that the
+    /// connector can open a channel for each and no gateway thread sends through another's.
+    pub const GATEWAY_THREADS: HeaderName = HeaderName::from_static("x-portcullis-gateway-threads");
 
     /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place, in one pass over
     /// the names (allocating only when there is something to drop).
@@ -407,11 +410,13 @@ impl http_body::Body for ChannelBody {
 
 /// Gateway side: drives a freshly accepted channel connection. Returns once the channel is
 /// registered; the connection keeps running in the background and leaves the registry when it
-/// ends (including when PINGs go unanswered).
+/// ends (including when PINGs go unanswered). The hello tells the connector the gateway's
+/// `gateway_threads`.
 pub async fn accept<IO>(
     io: IO,
     peer: String,
     registry: Arc<Registry>,
+    gateway_threads: usize,
 ) -> Result<Arc<Channel>, AcceptError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -453,6 +458,7 @@ where
     let hello_sender = sender.clone();
     let hello = async {
         let request = Request::get(HELLO_PATH)
+            .header(headers::GATEWAY_THREADS, gateway_threads)
             .body(empty())
             .map_err(|e| e.to_string())?;
         let response = send_on(&hello_sender, request)
@@ -596,7 +602,7 @@ mod tests {
             }
         });
         let registry = Arc::new(Registry::default());
-        let channel = accept(gateway_end, "c".into(), registry.clone())
+        let channel = accept(gateway_end, "c".into(), registry.clone(), 1)
             .await
             .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")

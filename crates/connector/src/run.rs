@@ -55,6 +55,10 @@ pub struct ConnectorConfig {
     /// Channels per gateway instance.
     #[serde(default = "default_channels")]
     pub channels_per_gateway: usize,
+    /// Whether a gateway that says (in its hello) that it runs more worker threads than
+    /// `channels_per_gateway` gets a channel for each (64 at most); false holds the count.
+    #[serde(default = "default_true")]
+    pub channels_follow_gateway_threads: bool,
     /// The certificate the connector presents when it dials a gateway, and its key.
     pub channel_cert: PathBuf,
     pub channel_key: PathBuf,
@@ -98,6 +102,9 @@ pub struct ConnectorConfig {
 
 fn default_channels() -> usize {
     2
+}
+fn default_true() -> bool {
+    true
 }
 fn default_pfx_env() -> String {
     "PORTCULLIS_PFX_PASSWORD".into()
@@ -226,17 +233,29 @@ pub use logs::Log;
 
 pub struct RunningConnector {
     stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    dialer: Dialer,
     service: Arc<Service>,
 }
 
 impl RunningConnector {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            task.abort();
-            let _ = task.await;
+        // A widening task may start a dial while the first ones are stopped: until none is left.
+        loop {
+            let tasks = std::mem::take(&mut lock(&self.dialer.tasks).handles);
+            if tasks.is_empty() {
+                break;
+            }
+            for task in tasks {
+                task.abort();
+                let _ = task.await;
+            }
         }
+    }
+
+    /// Channels being dialled or held, over all gateways (each dial loop holds at most one).
+    pub fn dial_loops(&self) -> usize {
+        lock(&self.dialer.tasks).dials
     }
 
     pub fn log(&self) -> &Log {
@@ -396,7 +415,11 @@ pub async fn start_on(
 
     log.info("Maintaining connections...");
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::new();
+    let dialer = Dialer {
+        shards,
+        tasks: Arc::new(Mutex::new(Tasks::default())),
+        stopped: stopped.clone(),
+    };
     for gateway in &config.gateways {
         let Some((host, port)) = split_host_port(gateway) else {
             continue;
@@ -405,33 +428,119 @@ pub async fn start_on(
             .gateway_server_name
             .clone()
             .unwrap_or_else(|| host.clone());
-        for n in 0..config.channels_per_gateway {
-            let dial = Dial {
-                host: host.clone(),
-                port,
-                server_name: name.clone(),
-                tls: tls.clone(),
-                service: service.clone(),
-                log: log.clone(),
-                number: n + 1,
-            };
-            let stopped = stopped.clone();
-            tasks.push(shards.spawn_on(tasks.len(), dial.run(stopped)));
+        let (announced, announcements) = watch::channel(config.channels_per_gateway);
+        // The template each channel's dial loop is numbered from.
+        let first = Dial {
+            host: host.clone(),
+            port,
+            server_name: name.clone(),
+            tls: tls.clone(),
+            service: service.clone(),
+            announced: Arc::new(announced),
+            log: log.clone(),
+            number: 1,
+        };
+        for n in 1..=config.channels_per_gateway {
+            dialer.start(first.numbered(n));
+        }
+        if config.channels_follow_gateway_threads {
+            let widening = widen(
+                dialer.clone(),
+                first,
+                config.channels_per_gateway,
+                announcements,
+            );
+            lock(&dialer.tasks).handles.push(tokio::spawn(widening));
         }
     }
     Ok(RunningConnector {
         stop,
-        tasks,
+        dialer,
         service,
     })
 }
 
+/// The most channels a connector holds to one gateway, however many threads it announces.
+const MAX_CHANNELS_PER_GATEWAY: usize = 64;
+
+/// Starts dial loops round the shards and keeps their tasks, for `stop`.
+#[derive(Clone)]
+struct Dialer {
+    shards: Shards,
+    tasks: Arc<Mutex<Tasks>>,
+    stopped: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct Tasks {
+    /// Dial loops started so far: the next goes to the shard after the last one's.
+    dials: usize,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Dialer {
+    fn start(&self, dial: Dial) {
+        let mut tasks = lock(&self.tasks);
+        let shard = tasks.dials;
+        tasks.dials += 1;
+        let handle = self.shards.spawn_on(shard, dial.run(self.stopped.clone()));
+        tasks.handles.push(handle);
+    }
+}
+
+/// Opens more channels to a gateway when its hello says it runs more worker threads than
+/// there are channels to it, so that every gateway thread drives a channel of its own (a device
+/// on a thread without one is served through another thread's, at the cost of a cross-thread
+/// wake per message). Channels are never closed for a gateway announcing fewer.
+async fn widen(
+    dialer: Dialer,
+    first: Dial,
+    mut open: usize,
+    mut announced: watch::Receiver<usize>,
+) {
+    let mut stopped = dialer.stopped.clone();
+    loop {
+        tokio::select! {
+            changed = announced.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = stopped.changed() => return,
+        }
+        let threads = *announced.borrow_and_update();
+        let wanted = threads.min(MAX_CHANNELS_PER_GATEWAY);
+        if wanted <= open {
+            continue;
+        }
+        first.log.info(&format!(
+            "Gateway {}:{} runs {threads} worker threads: opening {} more channel(s) to it, {wanted} in all",
+            first.host,
+            first.port,
+            wanted - open
+        ));
+        while open < wanted {
+            open += 1;
+            dialer.start(first.numbered(open));
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The task list stays whole whatever panicked while holding the lock.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone)]
 struct Dial {
     host: String,
     port: u16,
     server_name: String,
     tls: Arc<rustls::ClientConfig>,
     service: Arc<Service>,
+    /// The most worker threads this gateway has said it runs (at first the configured channel
+    /// count): the hello sets it, [`widen`] reads it.
+    announced: Arc<watch::Sender<usize>>,
     log: Log,
     number: usize,
 }
@@ -443,6 +552,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 impl Dial {
+    fn numbered(&self, number: usize) -> Dial {
+        Dial {
+            number,
+            ..self.clone()
+        }
+    }
+
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let random = ring::rand::SystemRandom::new();
         let mut backoff = BACKOFF_FIRST;
@@ -496,10 +612,13 @@ impl Dial {
         if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
             return Err("the gateway does not speak the channel protocol (ALPN)".into());
         }
-        let service = self.service.clone();
+        let service = Arc::new((self.service.clone(), self.announced.clone()));
         let hyper_service = hyper::service::service_fn(move |req| {
             let service = service.clone();
-            async move { Ok::<_, std::convert::Infallible>(service.handle(req).await) }
+            async move {
+                let (service, announced) = &*service;
+                Ok::<_, std::convert::Infallible>(service.handle(req, announced).await)
+            }
         });
         tunnel::serve(tls, hyper_service)
             .await
@@ -508,8 +627,25 @@ impl Dial {
 }
 
 impl Service {
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Serves one request from a gateway; `announced` is where that gateway's hello leaves
+    /// how many worker threads it runs.
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        announced: &watch::Sender<usize>,
+    ) -> Response<Body> {
         if request.uri().path() == tunnel::HELLO_PATH {
+            let threads = header_text_of(request.headers(), &headers::GATEWAY_THREADS)
+                .and_then(|t| t.parse::<usize>().ok());
+            if let Some(threads) = threads {
+                announced.send_if_modified(|most| {
+                    let more = threads > *most;
+                    if more {
+                        *most = threads;
+                    }
+                    more
+                });
+            }
             let body = serde_json::to_vec(&self.hello).unwrap_or_default();
             return Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "application/json")

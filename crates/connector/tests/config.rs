@@ -12,6 +12,7 @@ fn connector_configuration_errors_name_the_key() {
     std::fs::write(&file, CONNECTOR_OK).unwrap();
     let cfg = ConnectorConfig::load(&file).expect("the baseline loads");
     assert_eq!(cfg.channels_per_gateway, 2);
+    assert!(cfg.channels_follow_gateway_threads);
     assert!(
         cfg.client_cert_store.starts_with(dir.path()),
         "relative paths resolve against the file"

@@ -472,7 +472,13 @@ async fn handshake_and_serve(
             ));
             return;
         }
-        let accepted = tunnel::accept(tls, cert.label(), shared.registry.clone()).await;
+        let accepted = tunnel::accept(
+            tls,
+            cert.label(),
+            shared.registry.clone(),
+            shared.shards.len(),
+        )
+        .await;
         // Registered (or failed): the registry now counts it on its shard.
         drop(placed);
         match accepted {

@@ -122,8 +122,8 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
     drop(threads);
 }
 
-/// One channel for two gateway shards: the devices of the shard without one send over the
-/// other's, bodies both ways included.
+/// One channel for two gateway shards (a connector told to hold one): the devices of the shard
+/// without one send over the other's, bodies both ways included.
 #[test]
 fn devices_on_a_shard_without_a_channel_use_another_shards() {
     let system = System::start_on_shards_with(2, |lab| {
@@ -131,7 +131,7 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
         let text = std::fs::read_to_string(&file).unwrap();
         let text = text.replace(
             "verbose = true\n",
-            "verbose = true\nchannels_per_gateway = 1\n",
+            "verbose = true\nchannels_per_gateway = 1\nchannels_follow_gateway_threads = false\n",
         );
         std::fs::write(&file, text).unwrap();
     });
@@ -176,6 +176,37 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
             );
         }
     });
+    system.stop();
+}
+
+/// A connector told to hold one channel to a gateway running three worker threads opens one
+/// for each, as the gateway's hello says how many it runs; they end one on each shard.
+#[test]
+fn the_connector_opens_a_channel_for_each_gateway_thread() {
+    let system = System::start_on_shards_with(3, |lab| {
+        let file = lab.join("connector.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace(
+            "verbose = true\n",
+            "verbose = true\nchannels_per_gateway = 1\n",
+        );
+        std::fs::write(&file, text).unwrap();
+    });
+    assert!(
+        system.wait_for_channels(3),
+        "{:?}",
+        system.connector_log.lock().unwrap()
+    );
+    let gateway = system.gateway.as_ref().unwrap();
+    let per_shard: Vec<usize> = (0..3).map(|s| gateway.registry.channels_on(s)).collect();
+    assert_eq!(per_shard, [1, 1, 1]);
+    assert_eq!(system.connector.as_ref().unwrap().dial_loops(), 3);
+    let log = system.connector_log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("runs 3 worker threads: opening 2 more channel(s) to it, 3 in all"),
+        "{log}"
+    );
+    drop(log);
     system.stop();
 }
 

@@ -72,14 +72,17 @@ pub struct GatewayArgs {
 /// Run a connector.
 ///
 /// Picks its client authentication certificate with the filter chain, dials every gateway
-/// (channels_per_gateway each, reconnecting with backoff and jitter) and forwards requests to
-/// its endpoints. Configuration (TOML; paths relative to the file):
+/// (channels_per_gateway each, more if a gateway says it runs more worker threads;
+/// reconnecting with backoff and jitter) and forwards requests to its endpoints.
+/// Configuration (TOML; paths relative to the file):
 ///
 ///   connector_id = "connector-1"
 ///   gateways = ["cmg.contoso.com:443"]
-///   channels_per_gateway = 2                 # optional; 2 by default, 1 to 64: give at least
-///                                            # the gateway's worker_threads, so each of its
-///                                            # threads drives a channel of its own
+///   channels_per_gateway = 2                 # optional; 2 by default, 1 to 64; raised (to
+///                                            # 64 at most) to a gateway's worker_threads, told
+///                                            # in its hello, so each of its threads drives a
+///                                            # channel of its own
+///   channels_follow_gateway_threads = true   # optional; false: exactly channels_per_gateway
 ///   gateway_roots = ["ca/root.crt"]
 ///   channel_cert = "connector/channel.crt"
 ///   channel_key = "connector/channel.key"
@@ -104,8 +107,9 @@ pub struct GatewayArgs {
 ///
 /// Signals: SIGHUP re-reads the file: `verbose` applies at once, and the store is read and the
 /// filter chain runs again (a new certificate serves the next request). Ctrl-C or SIGTERM
-/// stops. Admin surface (admin_listen): GET /status, PUT /verbose with body on|off (turning
-/// it on logs the filter trail of the current choice), POST /reload.
+/// stops. Admin surface (admin_listen): GET /status (the client certificate presented, and
+/// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
+/// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {
@@ -190,7 +194,10 @@ impl Control for ConnectorControl {
     }
 
     fn status(&self) -> serde_json::Value {
-        serde_json::json!({ "client_certificate": self.running.client_certificate() })
+        serde_json::json!({
+            "client_certificate": self.running.client_certificate(),
+            "channels_kept": self.running.dial_loops(),
+        })
     }
 }
 
