@@ -170,6 +170,11 @@ struct Inner {
     /// Called right after each rollover, with the rolled file's path, before any later line
     /// can roll it away (archiving, tests).
     on_rollover: OnceLock<RolloverHook>,
+    /// Makes the line written where lines were lost (how many, and the write error), once
+    /// the file can be written again.
+    gap_line: OnceLock<GapLine>,
+    /// How much text is held while the file cannot be written; lines beyond are lost.
+    hold_limit: usize,
     queue: Mutex<Queue>,
     /// Wakes the writer thread when a line is left to it, or when the file is dropped.
     wake: Condvar,
@@ -179,6 +184,7 @@ struct Inner {
 
 type Header = Box<dyn Fn() -> String + Send + Sync>;
 type RolloverHook = Box<dyn Fn(&Path) + Send + Sync>;
+type GapLine = Box<dyn Fn(u64, &str) -> String + Send + Sync>;
 
 #[derive(Default)]
 struct Queue {
@@ -192,12 +198,48 @@ struct Queue {
     flush_due: bool,
     /// Set when the file is dropped: the writer thread writes what is left and ends.
     stop: bool,
+    /// Why the last write failed, while it has not succeeded since: the queue then holds the
+    /// lines not written, to be written when the file can be (a disk that filled, say).
+    failure: Option<String>,
+    /// Appends refused while the held lines were at the hold limit.
+    lost: u64,
 }
 
 impl Queue {
-    fn push(&mut self, text: &str) {
+    /// Queues `text`, unless writes are failing and it does not fit in `hold_limit` (or a
+    /// line before it did not: the lost lines stay one run, marked by one gap line): the line
+    /// is then counted lost, and false returned.
+    fn push(&mut self, text: &str, hold_limit: usize) -> bool {
+        if self.failure.is_some() && (self.lost > 0 || self.bytes.len() + text.len() > hold_limit) {
+            self.lost += 1;
+            return false;
+        }
         self.bytes.extend_from_slice(text.as_bytes());
         self.ends.push(self.bytes.len());
+        true
+    }
+
+    /// Puts back what a failed write left of `batch` (from byte `written` on: the rest of a
+    /// line cut short, then whole ones) in front of what was queued meanwhile.
+    fn hold_unwritten(&mut self, batch: &Queue, written: usize) {
+        let rest = &batch.bytes[written.min(batch.bytes.len())..];
+        let first = batch.ends.partition_point(|&end| end <= written);
+        let mut bytes = Vec::with_capacity(rest.len() + self.bytes.len());
+        bytes.extend_from_slice(rest);
+        bytes.extend_from_slice(&self.bytes);
+        let mut ends: Vec<usize> = batch.ends[first..].iter().map(|e| e - written).collect();
+        ends.extend(self.ends.iter().map(|e| e + rest.len()));
+        self.bytes = bytes;
+        self.ends = ends;
+    }
+
+    /// Puts `text` (whole lines) before everything queued.
+    fn push_front(&mut self, text: &str) {
+        self.bytes.splice(0..0, text.bytes());
+        for end in &mut self.ends {
+            *end += text.len();
+        }
+        self.ends.insert(0, text.len());
     }
 }
 
@@ -252,6 +294,8 @@ impl RollingFile {
                 max_bytes: max_bytes.max(1),
                 header,
                 on_rollover: OnceLock::new(),
+                gap_line: OnceLock::new(),
+                hold_limit: MAX_QUEUED_BYTES,
                 queue: Mutex::new(Queue::default()),
                 wake: Condvar::new(),
                 state: Mutex::new(FileState {
@@ -271,25 +315,54 @@ impl RollingFile {
         self
     }
 
+    /// Holds at most `bytes` of lines while the file cannot be written (4 MiB unless set; set
+    /// right after opening).
+    pub fn with_hold_limit(mut self, bytes: usize) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.hold_limit = bytes;
+        }
+        self
+    }
+
+    /// Writes `make(lost, error)` (whole lines) where lines were lost, once the file can be
+    /// written again after failing. Only the first one set counts.
+    pub fn with_gap_line(self, make: impl Fn(u64, &str) -> String + Send + Sync + 'static) -> Self {
+        let _ = self.inner.gap_line.set(Box::new(make));
+        self
+    }
+
     /// Appends `text` (one or more whole lines, line breaks included) and writes it, with
     /// anything queued before it, before returning; when another caller is writing at the
     /// moment, that caller writes `text` too and this one returns at once. An error writing is
     /// returned to the caller that was writing.
+    ///
+    /// While the file cannot be written (a full disk), what was not written is held, up to
+    /// 4 MiB, and written with the next line that can be; lines beyond are counted, and the
+    /// count is written where they were lost (see [`RollingFile::with_gap_line`]). The failure
+    /// and the recovery are told on standard error.
     pub fn append(&self, text: &str) -> io::Result<()> {
         let mut queue = lock(&self.inner.queue);
-        queue.push(text);
-        if queue.writing {
+        // A line refused for want of room still tries the write, which may find room again.
+        let held = queue.push(text, self.inner.hold_limit);
+        let written = if queue.writing {
             self.inner.hold_back_if_behind(queue);
-            return Ok(());
+            Ok(())
+        } else {
+            self.inner.write_queued(queue)
+        };
+        if held {
+            written
+        } else {
+            Err(not_written(&self.inner.path))
         }
-        self.inner.write_queued(queue)
     }
 
     /// Appends `text` (whole lines) for the writer thread to write within [`LINGER`], in order
     /// with every other append. For lines written on every request.
     pub fn append_soon(&self, text: &str) {
         let mut queue = lock(&self.inner.queue);
-        queue.push(text);
+        // Refused or not, the writer is woken: its write may find room again.
+        queue.push(text, self.inner.hold_limit);
         if queue.writing || queue.flush_due {
             // A writer under way or already woken takes this line too.
             self.inner.hold_back_if_behind(queue);
@@ -331,7 +404,23 @@ impl Drop for RollingFile {
                 let _ = self.inner.flush();
             }
         }
+        let queue = lock(&self.inner.queue);
+        if let Some(failure) = &queue.failure {
+            eprintln!(
+                "{}: {} line(s) could not be written before closing ({failure}); {} more were lost",
+                self.inner.path.display(),
+                queue.ends.len(),
+                queue.lost
+            );
+        }
     }
+}
+
+fn not_written(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} cannot be written and holds as much as it may: a line was lost",
+        path.display()
+    ))
 }
 
 impl Inner {
@@ -393,10 +482,13 @@ impl Inner {
         // Should a write panic (a rollover hook, say), the next caller must be able to write.
         let _release = ReleaseOnPanic(&self.queue);
         let mut batch = Queue::default();
-        let mut outcome = Ok(());
         loop {
             {
                 let mut queue = lock(&self.queue);
+                if queue.failure.is_some() && !batch.ends.is_empty() {
+                    // The batch before this one was written: the file can be written again.
+                    self.written_again(&mut queue);
+                }
                 batch.bytes.clear();
                 batch.ends.clear();
                 std::mem::swap(&mut queue.bytes, &mut batch.bytes);
@@ -408,17 +500,53 @@ impl Inner {
                         std::mem::swap(&mut queue.bytes, &mut batch.bytes);
                         std::mem::swap(&mut queue.ends, &mut batch.ends);
                     }
-                    return outcome;
+                    return Ok(());
                 }
             }
-            if let Err(e) = self.write_batch(&batch) {
-                outcome = Err(e);
+            match self.write_batch(&batch) {
+                Ok(()) => {}
+                Err((written, e)) => {
+                    // What was not written goes back, for the next write to try; this one
+                    // stops here rather than retrying at once.
+                    let mut queue = lock(&self.queue);
+                    queue.hold_unwritten(&batch, written);
+                    queue.writing = false;
+                    if queue.failure.is_none() {
+                        eprintln!(
+                            "{}: cannot be written ({e}); its lines are held (up to {} KiB) and written when it can be",
+                            self.path.display(),
+                            self.hold_limit / 1024
+                        );
+                    }
+                    queue.failure = Some(e.to_string());
+                    return Err(e);
+                }
             }
         }
     }
 
-    /// Writes queued appends in as few writes as the rollover rule allows.
-    fn write_batch(&self, batch: &Queue) -> io::Result<()> {
+    /// After writes had been failing, one succeeded: says so, and puts the line that counts
+    /// the lines lost first in the queue.
+    fn written_again(&self, queue: &mut Queue) {
+        let Some(failure) = queue.failure.take() else {
+            return;
+        };
+        let lost = std::mem::take(&mut queue.lost);
+        eprintln!(
+            "{}: written again after failing ({failure}); {lost} line(s) were lost meanwhile",
+            self.path.display()
+        );
+        if lost > 0 {
+            if let Some(make) = self.gap_line.get() {
+                let line = make(lost, &failure);
+                queue.push_front(&line);
+            }
+        }
+    }
+
+    /// Writes queued appends in as few writes as the rollover rule allows. On failure, says
+    /// how many of the batch's bytes were written.
+    fn write_batch(&self, batch: &Queue) -> Result<(), (usize, io::Error)> {
         let mut state = lock(&self.state);
         let mut start = 0;
         // Appends from `start` up to `until` go in the next write.
@@ -428,18 +556,16 @@ impl Inner {
             let len = (end - until) as u64;
             let has_lines = state.has_lines || until > start;
             if has_lines && size + len > self.max_bytes {
-                state.file.write_all(&batch.bytes[start..until])?;
-                self.roll_over(&mut state)?;
+                write_counted(&mut state, &batch.bytes[start..until])
+                    .map_err(|(n, e)| (start + n, e))?;
+                self.roll_over(&mut state).map_err(|e| (until, e))?;
                 start = until;
                 size = state.size;
             }
             size += len;
             until = end;
         }
-        state.file.write_all(&batch.bytes[start..until])?;
-        state.size = size;
-        state.has_lines |= until > start;
-        Ok(())
+        write_counted(&mut state, &batch.bytes[start..until]).map_err(|(n, e)| (start + n, e))
     }
 
     fn roll_over(&self, state: &mut FileState) -> io::Result<()> {
@@ -462,6 +588,25 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Writes `bytes` whole, keeping the file's size and saying, on failure, how many were written
+/// (a disk that fills takes part of a write, then refuses the rest).
+fn write_counted(state: &mut FileState, bytes: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match state.file.write(&bytes[done..]) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                done += n;
+                state.size += n as u64;
+                state.has_lines = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
 }
 
 struct ReleaseOnPanic<'a>(&'a Mutex<Queue>);

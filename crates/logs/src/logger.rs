@@ -39,10 +39,15 @@ impl Logger {
         }
     }
 
-    /// Also write CMTrace lines to `path`, rolling over to `.lo_` at `max_bytes`.
+    /// Also write CMTrace lines to `path`, rolling over to `.lo_` at `max_bytes`. Should the
+    /// file become unwritable (a full disk), its lines are held and written when it can be;
+    /// a warning line says how many were lost where they were.
     pub fn with_file(mut self, path: &Path, max_bytes: u64) -> std::io::Result<Logger> {
-        self.sinks
-            .push(Sink::File(RollingFile::open(path, max_bytes)?));
+        let component = self.component.clone();
+        let file = RollingFile::open(path, max_bytes)?.with_gap_line(move |lost, why| {
+            cmtrace::stamped_parts(&component, Severity::Warning, &[&lost_lines(lost, why)])
+        });
+        self.sinks.push(Sink::File(file));
         Ok(self)
     }
 
@@ -152,6 +157,11 @@ impl Logger {
             }
         }
     }
+}
+
+/// The message written where a log file lost lines.
+pub fn lost_lines(lost: u64, why: &str) -> String {
+    format!("{lost} log line(s) were lost here: the file could not be written ({why})")
 }
 
 /// A message given in parts, whole: for the sinks other than files.

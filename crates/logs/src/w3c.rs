@@ -91,7 +91,10 @@ impl W3cLog {
     }
 
     pub fn open_with_limit(path: &Path, max_bytes: u64) -> std::io::Result<W3cLog> {
-        let file = RollingFile::open_with_header(path, max_bytes, Some(Box::new(header)))?;
+        let file = RollingFile::open_with_header(path, max_bytes, Some(Box::new(header)))?
+            .with_gap_line(|lost, why| {
+                format!("#Remark: {}\r\n", crate::logger::lost_lines(lost, why))
+            });
         Ok(W3cLog { file })
     }
 

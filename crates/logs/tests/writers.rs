@@ -187,3 +187,134 @@ async fn concurrent_writers_across_rollovers_lose_and_tear_nothing() {
     }
     assert_eq!(seen.len(), TASKS * LINES);
 }
+
+/// A tmpfs of `size` mounted at a directory of its own, unmounted when dropped. `None` where
+/// mounting is not allowed (the tests that need one run as root, as CI does).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the file system `dir` is on: writes until the disk refuses.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut filler = std::fs::File::create(path).unwrap();
+    let block = [0u8; 4096];
+    loop {
+        match filler.write(&block) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A disk that fills: the lines that cannot be written are held (up to the hold limit) and
+/// written, in order, the line cut short completed, once there is room again; those beyond
+/// the limit are counted and the count is written where they were lost.
+#[test]
+fn a_full_disk_loses_no_held_line_and_counts_the_lost_ones() {
+    let Some(disk) = Tmpfs::mount("64k") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
+    let path = disk.path().join("connector.log");
+    let file = RollingFile::open(&path, 10 * 1024 * 1024)
+        .unwrap()
+        .with_hold_limit(2000)
+        .with_gap_line(|lost, why| format!("GAP {lost} ({why})\n"));
+    file.append("start\n").unwrap();
+    // The log's page has room left for some 80 lines; the rest of the disk is taken.
+    fill(&disk.path().join("filler"));
+    let line = |n: usize| format!("line {n:04} {}\n", "x".repeat(39));
+    assert_eq!(line(1).len(), 50);
+    let mut refused = 0;
+    for n in 1..=200 {
+        if file.append(&line(n)).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the disk never filled");
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    // Refused (lines before it were lost) but its write goes through, with the held lines.
+    assert!(file.append("after\n").is_err());
+    file.append("final\n").unwrap();
+    drop(file);
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "start");
+    let kept = lines[1..]
+        .iter()
+        .take_while(|l| l.starts_with("line "))
+        .count();
+    for (i, l) in lines[1..=kept].iter().enumerate() {
+        assert_eq!(format!("{l}\n"), line(i + 1), "line {} of the file", i + 2);
+    }
+    assert!(
+        kept < 200,
+        "nothing was lost: the hold limit was never reached"
+    );
+    let lost = 200 - kept + 1;
+    assert!(
+        lines[kept + 1].starts_with(&format!("GAP {lost} (")),
+        "{:?}",
+        &lines[kept + 1..]
+    );
+    assert_eq!(lines[kept + 2..], ["final"]);
+}
+
+/// The same through a component's logger, whose every-request lines are written by its writer
+/// thread: none is lost while the disk is full, and all come out in order once it is not.
+#[test]
+fn a_loggers_lines_wait_out_a_full_disk() {
+    let Some(disk) = Tmpfs::mount("64k") else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
+    let path = disk.path().join("SMS_Cloud_ProxyConnector.log");
+    let logger = Logger::new("SMS_CLOUD_PROXYCONNECTOR")
+        .with_file(&path, 10 * 1024 * 1024)
+        .unwrap();
+    fill(&disk.path().join("filler"));
+    for n in 1..=300 {
+        logger.info(&format!("Forwarding proxy message {n:04}"));
+    }
+    std::thread::sleep(logs::cmtrace::LINGER * 10);
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    logger.info("Forwarding proxy message 0301");
+    drop(logger);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let numbers: Vec<usize> = text
+        .lines()
+        .map(|l| {
+            let at = l.find("message ").expect("a forwarding line") + "message ".len();
+            l[at..at + 4].parse().unwrap()
+        })
+        .collect();
+    assert_eq!(numbers, (1..=301).collect::<Vec<_>>());
+}
