@@ -126,15 +126,10 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
 /// without one send over the other's, bodies both ways included.
 #[test]
 fn devices_on_a_shard_without_a_channel_use_another_shards() {
-    let system = System::start_on_shards_with(2, |lab| {
-        let file = lab.join("connector.toml");
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.replace(
-            "verbose = true\n",
-            "verbose = true\nchannels_per_gateway = 1\nchannels_follow_gateway_threads = false\n",
-        );
-        std::fs::write(&file, text).unwrap();
-    });
+    let system = System::start_on_shards_with(
+        2,
+        connector_settings("channels_per_gateway = 1\nchannels_follow_gateway_threads = false\n"),
+    );
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();
     assert_eq!(gateway.registry.channel_count(), 1);
@@ -183,15 +178,7 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
 /// for each, as the gateway's hello says how many it runs; they end one on each shard.
 #[test]
 fn the_connector_opens_a_channel_for_each_gateway_thread() {
-    let system = System::start_on_shards_with(3, |lab| {
-        let file = lab.join("connector.toml");
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.replace(
-            "verbose = true\n",
-            "verbose = true\nchannels_per_gateway = 1\n",
-        );
-        std::fs::write(&file, text).unwrap();
-    });
+    let system = System::start_on_shards_with(3, connector_settings("channels_per_gateway = 1\n"));
     assert!(
         system.wait_for_channels(3),
         "{:?}",
@@ -208,6 +195,16 @@ fn the_connector_opens_a_channel_for_each_gateway_thread() {
     );
     drop(log);
     system.stop();
+}
+
+/// Adds `settings` (top-level TOML lines) to the lab's connector.toml.
+fn connector_settings(settings: &'static str) -> impl FnOnce(&std::path::Path) {
+    move |lab| {
+        let file = lab.join("connector.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace("verbose = true\n", &format!("verbose = true\n{settings}"));
+        std::fs::write(&file, text).unwrap();
+    }
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;

@@ -206,6 +206,15 @@ impl Tmpfs {
         mounted.then_some(Tmpfs { dir })
     }
 
+    /// A 64 KiB disk, or `None`, said on standard error, where mounting is not allowed.
+    fn small_disk() -> Option<Tmpfs> {
+        let disk = Tmpfs::mount("64k");
+        if disk.is_none() {
+            eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        }
+        disk
+    }
+
     fn path(&self) -> &std::path::Path {
         self.dir.path()
     }
@@ -238,8 +247,7 @@ fn fill(path: &std::path::Path) {
 /// the limit are counted and the count is written where they were lost.
 #[test]
 fn a_full_disk_loses_no_held_line_and_counts_the_lost_ones() {
-    let Some(disk) = Tmpfs::mount("64k") else {
-        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+    let Some(disk) = Tmpfs::small_disk() else {
         return;
     };
     let path = disk.path().join("connector.log");
@@ -292,8 +300,7 @@ fn a_full_disk_loses_no_held_line_and_counts_the_lost_ones() {
 /// thread: none is lost while the disk is full, and all come out in order once it is not.
 #[test]
 fn a_loggers_lines_wait_out_a_full_disk() {
-    let Some(disk) = Tmpfs::mount("64k") else {
-        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+    let Some(disk) = Tmpfs::small_disk() else {
         return;
     };
     let path = disk.path().join("SMS_Cloud_ProxyConnector.log");
