@@ -73,8 +73,17 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         Scenario::Healthy => layout::CONNECTOR_STORE.to_string(),
         Scenario::MissingClientCert => seed_store(dir)?,
     };
+    // The gateway and the connector each on shards of their own, as their commands run them;
+    // the management point and the admin surfaces on the runtime of this thread.
+    let (gateway_shards, _gateway_threads) = crate::serve_cmd::shards(None)?;
+    let (connector_shards, _connector_threads) = crate::serve_cmd::shards(None)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(dir, args.port, &store))
+    runtime.block_on(serve(
+        dir,
+        args.port,
+        &store,
+        [gateway_shards, connector_shards],
+    ))
 }
 
 /// The seed's store: the channel certificate without its key, and a server certificate.
@@ -92,7 +101,12 @@ fn seed_store(dir: &Path) -> anyhow::Result<String> {
     Ok(rel.to_string())
 }
 
-async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
+async fn serve(
+    dir: &Path,
+    port: u16,
+    store: &str,
+    [gateway_shards, connector_shards]: [channel::shards::Shards; 2],
+) -> anyhow::Result<ExitCode> {
     let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -123,7 +137,7 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     let gateway_logger = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
     let admin_listen = config.admin_listen;
     let gateway = Arc::new(
-        gateway::start(config, gateway_logger.clone())
+        gateway::start_on(config, gateway_logger.clone(), gateway_shards)
             .await
             .with_context(|| {
                 format!("starting the gateway (another program on port {port}? try --port 0)")
@@ -150,7 +164,9 @@ async fn serve(dir: &Path, port: u16, store: &str) -> anyhow::Result<ExitCode> {
     let config = connector::run::ConnectorConfig::load(&connector_config)?;
     let connector_logger = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
     let admin_listen = config.admin_listen;
-    let connector = Arc::new(connector::run::start(config, connector_logger.clone()).await?);
+    let connector = Arc::new(
+        connector::run::start_on(config, connector_logger.clone(), connector_shards).await?,
+    );
     let connector_control = Arc::new(ConnectorControl {
         path: connector_config.clone(),
         running: connector.clone(),

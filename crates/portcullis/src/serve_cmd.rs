@@ -297,17 +297,22 @@ pub async fn until_stopped(control: &dyn Control) -> anyhow::Result<()> {
     }
 }
 
-/// A service's shards (`threads` single-threaded runtimes, or one per CPU) and the runtime of
-/// its main thread, which handles signals and the admin surface.
-fn runtimes(
-    threads: Option<usize>,
-) -> anyhow::Result<(tokio::runtime::Runtime, Shards, ShardThreads)> {
+/// A service's shards: `threads` single-threaded runtimes, or one per CPU.
+pub fn shards(threads: Option<usize>) -> anyhow::Result<(Shards, ShardThreads)> {
     let count = threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(usize::from)
             .unwrap_or(1)
     });
-    let (shards, threads) = Shards::spawn(count).context("starting the shards' runtimes")?;
+    Shards::spawn(count).context("starting the shards' runtimes")
+}
+
+/// A service's shards (see [`shards`]) and the runtime of its main thread, which handles
+/// signals and the admin surface.
+fn runtimes(
+    threads: Option<usize>,
+) -> anyhow::Result<(tokio::runtime::Runtime, Shards, ShardThreads)> {
+    let (shards, threads) = shards(threads)?;
     let main = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
