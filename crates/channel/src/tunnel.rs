@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -47,6 +47,10 @@ pub mod headers {
     pub const DEVICE: HeaderName = HeaderName::from_static("x-portcullis-device");
     /// The status text, for HTTP/2 hops where there is no reason phrase.
     pub const STATUS_TEXT: HeaderName = HeaderName::from_static("x-portcullis-status-text");
+    /// On a connector's answer: this channel is about to be drained (GOAWAY), so the gateway
+    /// sends it no new request. Said for a while before the GOAWAY, so that no request is on
+    /// its way when it comes.
+    pub const DRAINING: HeaderName = HeaderName::from_static("x-portcullis-draining");
     /// On the hello request: how many worker threads (shards) the gateway runs, so that the
     /// connector can open a channel for each and no gateway thread sends through another's.
     pub const GATEWAY_THREADS: HeaderName = HeaderName::from_static("x-portcullis-gateway-threads");
@@ -143,6 +147,29 @@ pub struct Channel {
     pub shard: usize,
     sender: h2::client::SendRequest<Bytes>,
     outstanding: AtomicUsize,
+    /// Set once the channel refused a new request (the connector said GOAWAY to drain it, or
+    /// it broke): `pick` passes it by from then on.
+    closing: AtomicBool,
+}
+
+/// Why a channel gave no answer's head.
+pub enum SendError {
+    /// The channel takes no new requests (drained by its connector, or broken): the request
+    /// was not sent and comes back whole, for another channel.
+    Closing(Box<Request<Body>>),
+    /// What to tell the device.
+    Refused(Refusal),
+}
+
+impl SendError {
+    pub fn into_refusal(self) -> Refusal {
+        match self {
+            SendError::Closing(_) => Refusal::new(Cause::ChannelBroken {
+                detail: "it takes no new requests (its connector closed it)".into(),
+            }),
+            SendError::Refused(refusal) => refusal,
+        }
+    }
 }
 
 impl Channel {
@@ -150,14 +177,29 @@ impl Channel {
     /// Counted down when the answer's head arrives, or when the caller stops waiting (its
     /// device went away, its timeout struck): else the count only grows, and `pick` avoids a
     /// channel for requests long gone.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, Refusal> {
+    pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
-        send_on(&self.sender, request).await.map_err(|e| {
-            Refusal::new(Cause::ChannelBroken {
+        let answered = send_on(&self.sender, request).await;
+        if let Ok(response) = &answered {
+            if response.headers().contains_key(&headers::DRAINING) {
+                self.closing.store(true, Ordering::Relaxed);
+            }
+        }
+        answered.map_err(|e| match e {
+            SendOnError::NotReady(request, _) => {
+                self.closing.store(true, Ordering::Relaxed);
+                SendError::Closing(request)
+            }
+            SendOnError::Failed(e) => SendError::Refused(Refusal::new(Cause::ChannelBroken {
                 detail: e.to_string(),
-            })
+            })),
         })
+    }
+
+    /// Whether the channel has refused a new request (see [`SendError::Closing`]).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     pub fn outstanding(&self) -> usize {
@@ -210,7 +252,7 @@ impl Registry {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let best = channels
             .iter()
-            .filter(|c| c.hello.endpoints.iter().any(|e| e.id == endpoint))
+            .filter(|c| !c.is_closing() && c.hello.endpoints.iter().any(|e| e.id == endpoint))
             .min_by_key(|c| (c.shard != here, c.outstanding()))
             .cloned();
         match best {
@@ -246,23 +288,34 @@ impl Registry {
     }
 
     /// Every connector holding a channel now: its id, its channels, and whether it has a
-    /// client authentication certificate for its endpoints (from its hello).
+    /// client authentication certificate for its endpoints, from the hello of its newest
+    /// channel (a connector that re-selected its certificate reopens its channels one by
+    /// one, and the newest says what it has now).
     pub fn connectors(&self) -> Vec<(String, usize, bool)> {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<(String, usize, bool)> = Vec::new();
+        // Id, channels, has a certificate, and the id of the channel that said so.
+        let mut list: Vec<(String, usize, bool, u64)> = Vec::new();
         for c in channels.iter() {
-            match list
-                .iter_mut()
-                .find(|(id, _, _)| *id == c.hello.connector_id)
-            {
-                Some(entry) => entry.1 += 1,
+            match list.iter_mut().find(|(id, ..)| *id == c.hello.connector_id) {
+                Some(entry) => {
+                    entry.1 += 1;
+                    if c.id > entry.3 {
+                        entry.2 = c.hello.has_client_certificate;
+                        entry.3 = c.id;
+                    }
+                }
                 None => list.push((
                     c.hello.connector_id.clone(),
                     1,
                     c.hello.has_client_certificate,
+                    c.id,
                 )),
             }
         }
+        let mut list: Vec<(String, usize, bool)> = list
+            .into_iter()
+            .map(|(id, channels, has_certificate, _)| (id, channels, has_certificate))
+            .collect();
         list.sort();
         list
     }
@@ -304,14 +357,38 @@ impl std::fmt::Display for AcceptError {
 /// its connection task over a queue and spawns a task per request for the body, which cost the
 /// gateway a large share of its instructions per request. Here the device's own task sends
 /// and awaits; only a request with a body gets a task, to stream it.
+/// Why [`send_on`] failed.
+enum SendOnError {
+    /// The connection takes no new stream (GOAWAY received, or broken); nothing was sent.
+    NotReady(Box<Request<Body>>, h2::Error),
+    Failed(h2::Error),
+}
+
+impl From<h2::Error> for SendOnError {
+    fn from(e: h2::Error) -> Self {
+        SendOnError::Failed(e)
+    }
+}
+
+impl std::fmt::Display for SendOnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendOnError::NotReady(_, e) | SendOnError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
 async fn send_on(
     sender: &h2::client::SendRequest<Bytes>,
     request: Request<Body>,
-) -> Result<Response<ChannelBody>, h2::Error> {
+) -> Result<Response<ChannelBody>, SendOnError> {
     use http_body::Body as _;
+    let end = request.body().is_end_stream();
+    let mut sender = match sender.clone().ready().await {
+        Ok(sender) => sender,
+        Err(e) => return Err(SendOnError::NotReady(Box::new(request), e)),
+    };
     let (parts, body) = request.into_parts();
-    let end = body.is_end_stream();
-    let mut sender = sender.clone().ready().await?;
     let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end)?;
     if !end {
         tokio::spawn(stream_body(body, stream));
@@ -485,13 +562,31 @@ where
         shard: Shards::here(),
         sender,
         outstanding: AtomicUsize::new(0),
+        closing: AtomicBool::new(false),
     });
     registry.add(channel.clone());
     Ok(channel)
 }
 
-/// Connector side: serves the gateway's requests on a dialled channel until it ends.
-pub async fn serve<IO, S>(io: IO, service: S) -> Result<(), hyper::Error>
+/// How a channel served by [`serve`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The gateway closed it, or it broke.
+    Closed,
+    /// Drained on request: the requests under way were answered, no new one was taken.
+    Drained,
+}
+
+/// Connector side: serves the gateway's requests on a dialled channel until it ends, or until
+/// `drain` completes: the channel then says GOAWAY, answers what it has taken, and ends. (The
+/// service should say [`headers::DRAINING`] on its answers for a while before, so that the
+/// gateway has stopped sending when the GOAWAY comes: a request it sent just as the GOAWAY
+/// arrived could be refused, unprocessed, with nothing to send it again from.)
+pub async fn serve<IO, S>(
+    io: IO,
+    service: S,
+    drain: impl Future<Output = ()>,
+) -> Result<Served, hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
@@ -507,7 +602,16 @@ where
         .adaptive_window(true)
         .header_table_size(HPACK_TABLE_BYTES)
         .serve_connection(TokioIo::new(io), service);
-    AfterOthers::new(connection).await
+    let mut connection = AfterOthers::new(connection);
+    tokio::select! {
+        ended = &mut connection => return ended.map(|()| Served::Closed),
+        () = drain => {}
+    }
+    std::pin::Pin::new(&mut connection.inner).graceful_shutdown();
+    // The gateway closes its end once it has its answers, often before hyper has said its
+    // last GOAWAY: an error here ends a drained channel too.
+    let _ = connection.await;
+    Ok(Served::Drained)
 }
 
 /// Polls a channel's connection only after the tasks that were ready when it was woken have

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use channel::config::{self, ConfigError};
 use channel::refusal::Refusal;
 use channel::shards::Shards;
-use channel::tunnel::{self, headers, refusal_response, Body, EndpointInfo, Hello};
+use channel::tunnel::{self, headers, refusal_response, Body, EndpointInfo, Hello, Served};
 use hyper::body::Incoming;
 use hyper::{Request, Response, Uri};
 use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
@@ -281,6 +281,22 @@ impl RunningConnector {
             "client certificate re-selected: {}",
             label.as_deref().unwrap_or("none")
         ));
+        // Whether there is one at all is in the hello, which the gateways report (in
+        // ServiceMetadata, read by `portcullis analyze`): they must hear of a change.
+        let has_certificate = label.is_some();
+        let hello_changed = {
+            let mut hello = lock(&self.service.hello);
+            let changed = hello.has_client_certificate != has_certificate;
+            hello.has_client_certificate = has_certificate;
+            changed
+        };
+        if hello_changed {
+            self.service.hello_changes.send_modify(|n| *n += 1);
+            changed.push(format!(
+                "channels reopen one at a time ({} s apart) to give the gateways the new hello",
+                REOPEN_STAGGER.as_secs()
+            ));
+        }
         Ok(changed.join("; "))
     }
 
@@ -300,7 +316,11 @@ impl RunningConnector {
 }
 
 struct Service {
-    hello: Hello,
+    /// What the hello says; the certificate part changes on a reload.
+    hello: Mutex<Hello>,
+    /// Counts changes of the hello: each channel drains and is dialled again when it moves,
+    /// one at a time, so the gateways hear the new hello.
+    hello_changes: watch::Sender<u64>,
     endpoints: HashMap<u64, Uri>,
     client: ArcSwap<EndpointClient>,
     /// The last filter trail, replayed when verbose is turned on while running.
@@ -388,7 +408,8 @@ pub async fn start_on(
         .filter_map(|e| e.url.parse::<Uri>().ok().map(|u| (e.id, u)))
         .collect();
     let service = Arc::new(Service {
-        hello: Hello {
+        hello_changes: watch::channel(0).0,
+        hello: Mutex::new(Hello {
             connector_id: config.connector_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             endpoints: config
@@ -400,7 +421,7 @@ pub async fn start_on(
                 })
                 .collect(),
             has_client_certificate: choice.label.is_some(),
-        },
+        }),
         endpoints,
         client: ArcSwap::from_pointee(choice.client),
         trail: Mutex::new(choice.trail),
@@ -545,6 +566,13 @@ struct Dial {
     number: usize,
 }
 
+/// How far apart a connector's channels to one gateway are drained and dialled again after its
+/// hello changed, so that the gateway always holds the others meanwhile.
+const REOPEN_STAGGER: Duration = Duration::from_secs(1);
+
+/// How long a channel's answers say it is draining before its GOAWAY.
+const DRAIN_NOTICE: Duration = Duration::from_millis(300);
+
 /// Backoff bounds for redialling a gateway.
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -570,7 +598,16 @@ impl Dial {
             };
             let gateway = format!("{}:{}", self.host, self.port);
             match outcome {
-                Ok(()) => self.log.warn(&format!(
+                Ok(Served::Drained) => {
+                    // Drained to say a new hello: dialled again at once.
+                    self.log.info(&format!(
+                        "Channel {} to gateway {gateway} drained to give it the new hello; dialling again",
+                        self.number
+                    ));
+                    backoff = BACKOFF_FIRST;
+                    continue;
+                }
+                Ok(Served::Closed) => self.log.warn(&format!(
                     "Channel {} to gateway {gateway} closed; reconnecting",
                     self.number
                 )),
@@ -594,7 +631,9 @@ impl Dial {
         }
     }
 
-    async fn once(&self) -> Result<(), String> {
+    async fn once(&self) -> Result<Served, String> {
+        // Changes of the hello from now on: made before dialling, so none is missed.
+        let mut hello_changes = self.service.hello_changes.subscribe();
         let tcp = tokio::time::timeout(
             Duration::from_secs(10),
             tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
@@ -612,15 +651,37 @@ impl Dial {
         if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
             return Err("the gateway does not speak the channel protocol (ALPN)".into());
         }
-        let service = Arc::new((self.service.clone(), self.announced.clone()));
+        // Set when this channel's turn to drain has come: its answers then say so.
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = Arc::new((
+            self.service.clone(),
+            self.announced.clone(),
+            draining.clone(),
+        ));
         let hyper_service = hyper::service::service_fn(move |req| {
             let service = service.clone();
             async move {
-                let (service, announced) = &*service;
-                Ok::<_, std::convert::Infallible>(service.handle(req, announced).await)
+                let (service, announced, draining) = &*service;
+                let mut response = service.handle(req, announced).await;
+                if draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    response.headers_mut().insert(
+                        headers::DRAINING,
+                        hyper::header::HeaderValue::from_static("1"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(response)
             }
         });
-        tunnel::serve(tls, hyper_service)
+        let turn = REOPEN_STAGGER * u32::try_from(self.number.saturating_sub(1)).unwrap_or(0);
+        let drain = async move {
+            if hello_changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(turn).await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(DRAIN_NOTICE).await;
+        };
+        tunnel::serve(tls, hyper_service, drain)
             .await
             .map_err(|e| format!("channel ended: {e}"))
     }
@@ -646,7 +707,7 @@ impl Service {
                     more
                 });
             }
-            let body = serde_json::to_vec(&self.hello).unwrap_or_default();
+            let body = serde_json::to_vec(&*lock(&self.hello)).unwrap_or_default();
             return Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(tunnel::full(body))

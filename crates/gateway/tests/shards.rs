@@ -197,6 +197,114 @@ fn the_connector_opens_a_channel_for_each_gateway_thread() {
     system.stop();
 }
 
+/// The seed failure mended while running: the connector's store gets its client certificate
+/// and the connector reloads. Its channels then drain and reopen one at a time, so the
+/// gateway's ServiceMetadata (what `portcullis analyze` reads) says it has one now, and eight
+/// devices sending all the while get every answer: a request the draining channel no longer
+/// takes goes on the other.
+#[test]
+fn a_certificate_given_by_a_reload_reaches_the_gateway_with_no_request_refused() {
+    let system = System::start_on_shards_with(2, |lab| {
+        // As in the seed: a server certificate, nothing for client authentication.
+        std::fs::create_dir_all(lab.join("connector/later")).unwrap();
+        for file in ["server.crt", "server.key"] {
+            std::fs::copy(
+                lab.join(format!("gateway/{file}")),
+                lab.join(format!("connector/later/{file}")),
+            )
+            .unwrap();
+        }
+        let file = lab.join("connector.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let text = text.replace("\"connector/store\"", "\"connector/later\"");
+        std::fs::write(&file, text).unwrap();
+    });
+    assert!(system.wait_for_channels(2));
+    let gateway = system.gateway.as_ref().unwrap();
+    assert_eq!(
+        gateway.registry.connectors(),
+        [("lab-connector".to_string(), 2, false)]
+    );
+    let tls = device_tls(&system);
+    let port = gateway.addr.port();
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    let mut sender = system.runtime.block_on(connect(port, tls.clone()));
+    assert_eq!(system.runtime.block_on(get(&mut sender, &path)).0, 403);
+
+    for file in ["client-auth.crt", "client-auth.key"] {
+        std::fs::copy(
+            system.path(&format!("connector/store/{file}")),
+            system.path(&format!("connector/later/{file}")),
+        )
+        .unwrap();
+    }
+    let drained = || {
+        system
+            .connector_log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("drained to give it the new hello"))
+            .count()
+    };
+    let statuses = system.runtime.block_on(async {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let devices: Vec<_> = (0..8)
+            .map(|_| {
+                let (tls, path, stop) = (tls.clone(), path.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut sender = connect(port, tls).await;
+                    let mut statuses = std::collections::BTreeMap::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        *statuses.entry(get(&mut sender, &path).await.0).or_insert(0) += 1;
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let config = connector::run::ConnectorConfig::load(&system.path("connector.toml")).unwrap();
+        let summary = system.connector.as_ref().unwrap().reload(&config).unwrap();
+        assert!(
+            summary.contains("channels reopen one at a time"),
+            "{summary}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while (drained() < 2 || gateway.registry.channel_count() < 2) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = std::collections::BTreeMap::new();
+        for device in devices {
+            for (status, n) in device.await.unwrap() {
+                *all.entry(status).or_insert(0) += n;
+            }
+        }
+        all
+    });
+    assert_eq!(drained(), 2, "{:?}", system.connector_log.lock().unwrap());
+    assert!(system.wait_for_channels(2));
+    assert_eq!(
+        gateway.registry.connectors(),
+        [("lab-connector".to_string(), 2, true)]
+    );
+    // Before the reload 403 (no client certificate), after it 200: nothing else.
+    assert!(
+        statuses.keys().all(|s| [200, 403].contains(s)) && statuses.get(&200) > Some(&0),
+        "{statuses:?} {:?}",
+        system
+            .gateway_log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.contains("Message "))
+            .collect::<Vec<_>>()
+    );
+    drop(sender);
+    system.stop();
+}
+
 /// Adds `settings` (top-level TOML lines) to the lab's connector.toml.
 fn connector_settings(settings: &'static str) -> impl FnOnce(&std::path::Path) {
     move |lab| {

@@ -106,8 +106,9 @@ pub struct GatewayArgs {
 ///   url = "https://InternalMP.contoso.com"
 ///
 /// Signals: SIGHUP re-reads the file: `verbose` applies at once, and the store is read and the
-/// filter chain runs again (a new certificate serves the next request). Ctrl-C or SIGTERM
-/// stops. Admin surface (admin_listen): GET /status (the client certificate presented, and
+/// filter chain runs again (a new certificate serves the next request; when whether there is
+/// one at all changes, the channels drain and reopen one at a time, 1 s apart, so that the
+/// gateways' ServiceMetadata says so). Ctrl-C or SIGTERM stops. Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
 /// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
 #[derive(Args)]
