@@ -253,6 +253,38 @@ impl RunningConnector {
         }
     }
 
+    /// Stops after draining: each channel tells its gateway it is draining (the gateway sends
+    /// it nothing new), says GOAWAY, and answers the requests under way for at most `limit`
+    /// before it closes. The gateways meanwhile send through other connectors' channels.
+    pub async fn stop_gracefully(self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN_NOTICE + limit;
+        let mut cut = 0;
+        loop {
+            let tasks = std::mem::take(&mut lock(&self.dialer.tasks).handles);
+            if tasks.is_empty() {
+                break;
+            }
+            for mut task in tasks {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    cut += 1;
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        }
+        if cut > 0 {
+            self.service.log.warn(&format!(
+                "Stopping: {cut} channel(s) still had requests under way after {} s and were closed",
+                limit.as_secs()
+            ));
+        } else {
+            self.service
+                .log
+                .info("Stopping: every channel drained, no request under way was cut");
+        }
+    }
+
     /// Channels being dialled or held, over all gateways (each dial loop holds at most one).
     pub fn dial_loops(&self) -> usize {
         lock(&self.dialer.tasks).dials
@@ -570,6 +602,11 @@ struct Dial {
 /// hello changed, so that the gateway always holds the others meanwhile.
 const REOPEN_STAGGER: Duration = Duration::from_secs(1);
 
+/// Resolves once the connector is stopping (or gone).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
 /// How long a channel's answers say it is draining before its GOAWAY.
 const DRAIN_NOTICE: Duration = Duration::from_millis(300);
 
@@ -592,10 +629,11 @@ impl Dial {
         let mut backoff = BACKOFF_FIRST;
         loop {
             let started = Instant::now();
-            let outcome = tokio::select! {
-                outcome = self.once() => outcome,
-                _ = stopped.changed() => return,
-            };
+            // A stop drains the channel (see `once`), and the loop ends.
+            let outcome = self.once(stopped.clone()).await;
+            if *stopped.borrow() {
+                return;
+            }
             let gateway = format!("{}:{}", self.host, self.port);
             match outcome {
                 Ok(Served::Drained) => {
@@ -625,32 +663,21 @@ impl Dial {
             let wait = backoff / 2 + backoff.mul_f64(f64::from(byte[0]) / 510.0);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stopped.changed() => return,
+                () = stop_requested(&mut stopped) => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    async fn once(&self) -> Result<Served, String> {
+    /// Dials the gateway and serves the channel until it ends, or until it has been drained:
+    /// when the hello changed (its turn come) or when the connector stops.
+    async fn once(&self, mut stopped: watch::Receiver<bool>) -> Result<Served, String> {
         // Changes of the hello from now on: made before dialling, so none is missed.
         let mut hello_changes = self.service.hello_changes.subscribe();
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| "TCP connect timed out".to_string())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.server_name.clone())
-            .map_err(|e| format!("bad server name: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS failed: {e}"))?;
-        if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
-            return Err("the gateway does not speak the channel protocol (ALPN)".into());
-        }
+        let tls = tokio::select! {
+            tls = self.connect() => tls?,
+            () = stop_requested(&mut stopped) => return Ok(Served::Drained),
+        };
         // Set when this channel's turn to drain has come: its answers then say so.
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = Arc::new((
@@ -674,16 +701,45 @@ impl Dial {
         });
         let turn = REOPEN_STAGGER * u32::try_from(self.number.saturating_sub(1)).unwrap_or(0);
         let drain = async move {
-            if hello_changes.changed().await.is_err() {
-                std::future::pending::<()>().await;
+            let hello_changed = async {
+                if hello_changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(turn).await;
+            };
+            tokio::select! {
+                () = hello_changed => {}
+                () = stop_requested(&mut stopped) => {}
             }
-            tokio::time::sleep(turn).await;
             draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(DRAIN_NOTICE).await;
         };
         tunnel::serve(tls, hyper_service, drain)
             .await
             .map_err(|e| format!("channel ended: {e}"))
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "TCP connect timed out".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| format!("bad server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS failed: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
+            return Err("the gateway does not speak the channel protocol (ALPN)".into());
+        }
+        Ok(tls)
     }
 }
 

@@ -305,6 +305,82 @@ fn a_certificate_given_by_a_reload_reaches_the_gateway_with_no_request_refused()
     system.stop();
 }
 
+/// A connector stopped gracefully while a device's request is under way, its body still
+/// coming: the request is answered whole, then the channels close.
+#[test]
+fn a_connector_stopping_gracefully_answers_the_request_under_way() {
+    let mut system = System::start_on_shards(2);
+    assert!(system.wait_for_channels(2));
+    let port = system.gateway.as_ref().unwrap().addr.port();
+    let tls = device_tls(&system);
+    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
+    let connector = system.connector.take().unwrap();
+    let (status, body) = system.runtime.block_on(async {
+        let mut sender = connect::<Trickle>(port, tls).await;
+        let (more, body) = Trickle::new();
+        let request = hyper::Request::post(echo.as_str())
+            .header(hyper::header::HOST, "localhost")
+            .body(body)
+            .unwrap();
+        more.send(bytes::Bytes::from_static(b"first "))
+            .await
+            .unwrap();
+        let answer = tokio::spawn(async move {
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.into_body().collect().await.map(|b| b.to_bytes()),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopping = tokio::spawn(connector.stop_gracefully(Duration::from_secs(10)));
+        // Past the draining notice: the GOAWAY has gone out; the request is still coming.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        more.send(bytes::Bytes::from_static(b"second "))
+            .await
+            .unwrap();
+        more.send(bytes::Bytes::from_static(b"last")).await.unwrap();
+        drop(more);
+        let answered = answer.await.unwrap();
+        stopping.await.unwrap();
+        answered
+    });
+    assert_eq!(status, 200);
+    assert_eq!(body.unwrap(), "first second last");
+    let log = system.connector_log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("Stopping: every channel drained, no request under way was cut"),
+        "{log}"
+    );
+    drop(log);
+    system.stop();
+}
+
+/// A request body that comes as the test sends it.
+struct Trickle(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl Trickle {
+    fn new() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, Trickle) {
+        let (more, rest) = tokio::sync::mpsc::channel(4);
+        (more, Trickle(rest))
+    }
+}
+
+impl hyper::body::Body for Trickle {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+}
+
 /// Adds `settings` (top-level TOML lines) to the lab's connector.toml.
 fn connector_settings(settings: &'static str) -> impl FnOnce(&std::path::Path) {
     move |lab| {

@@ -108,7 +108,9 @@ pub struct GatewayArgs {
 /// Signals: SIGHUP re-reads the file: `verbose` applies at once, and the store is read and the
 /// filter chain runs again (a new certificate serves the next request; when whether there is
 /// one at all changes, the channels drain and reopen one at a time, 1 s apart, so that the
-/// gateways' ServiceMetadata says so). Ctrl-C or SIGTERM stops. Admin surface (admin_listen): GET /status (the client certificate presented, and
+/// gateways' ServiceMetadata says so). Ctrl-C or SIGTERM stops, gracefully: each channel
+/// tells its gateway it is draining, takes no new request and answers those under way (for
+/// at most 10 s) before it closes, so a rolling restart of connectors cuts no request. Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
 /// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
 #[derive(Args)]
@@ -346,6 +348,9 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// How long a stopping connector waits for requests under way on its channels.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     let config = connector::run::ConnectorConfig::load(&args.config)?;
     let log = logger(
@@ -363,6 +368,9 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
             path: args.config.clone(),
             running: running.clone(),
         };
-        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| r.stop()).await
+        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
+            r.stop_gracefully(STOP_DRAIN)
+        })
+        .await
     })
 }
