@@ -32,6 +32,11 @@ impl Listening {
     pub fn open_per_shard(&self) -> Vec<usize> {
         self.open.all()
     }
+
+    /// The live count of open connections per shard, to read after [`Listening::stop`].
+    pub fn open_counts(&self) -> ShardCounts {
+        self.open.clone()
+    }
 }
 
 /// Binds `addr` and calls `handle` in a new task for every accepted connection.

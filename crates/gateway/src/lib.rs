@@ -199,8 +199,36 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
+    /// Stops accepting; connections already open go on until the process ends.
     pub async fn stop(self) {
         self.listening.stop().await;
+    }
+
+    /// Stops accepting, then drains the device connections: each answers the request under
+    /// way, if any, and closes (an idle one at once). Waits for them at most `limit`; the
+    /// channels serve until then. Says in the log how it went.
+    pub async fn stop_gracefully(self, limit: Duration) {
+        let counts = self.listening.open_counts();
+        self.listening.stop().await;
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.stop.notify_waiters();
+        let deadline = tokio::time::Instant::now() + limit;
+        let open = || counts.all().iter().sum::<usize>();
+        let before = open();
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match open() {
+            0 => self.shared.log.info(&format!(
+                "Stopping: {before} device connection(s) drained, no request under way was cut"
+            )),
+            left => self.shared.log.warn(&format!(
+                "Stopping: {left} device connection(s) still busy after {} s are closed",
+                limit.as_secs()
+            )),
+        }
     }
 
     pub fn log(&self) -> &Log {
@@ -259,6 +287,9 @@ struct Shared {
     shards: Shards,
     /// Channels on their way to each shard, not yet in the registry.
     placing: ShardCounts,
+    /// Set when the gateway stops gracefully, and `stop` told: device connections drain.
+    stopping: std::sync::atomic::AtomicBool,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -330,6 +361,8 @@ pub async fn start_on(
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
         placing: ShardCounts::new(shards.len()),
         shards: shards.clone(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        stop: Arc::new(tokio::sync::Notify::new()),
     });
     let handler_shared = shared.clone();
     let listening = channel::listener::listen_on(config.listen, &shards, move |tcp, peer| {
@@ -511,6 +544,7 @@ async fn handshake_and_serve(
         leaf,
         state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
     });
+    let drain_shared = shared.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let device = device.clone();
@@ -524,7 +558,56 @@ async fn handshake_and_serve(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+    let served = builder.serve_connection(TokioIo::new(tls), service);
+    let _ = Drainable {
+        served,
+        stop: drain_shared.stop.clone().notified_owned(),
+        shared: drain_shared,
+        draining: false,
+        drain: |served| served.graceful_shutdown(),
+    }
+    .await;
+}
+
+pin_project_lite::pin_project! {
+    /// A device connection that drains when the gateway stops gracefully: the request under
+    /// way is answered, then it closes (an idle one at once). Not a `select!` in the async fn
+    /// that serves the connection: that made every idle connection's future 1.8 KiB larger;
+    /// this adds 80 bytes.
+    struct Drainable<F> {
+        #[pin]
+        served: F,
+        #[pin]
+        stop: tokio::sync::futures::OwnedNotified,
+        shared: Arc<Shared>,
+        draining: bool,
+        drain: fn(std::pin::Pin<&mut F>),
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Drainable<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let mut this = self.project();
+        if !*this.draining {
+            // The flag covers a stop told before this connection first waited for it.
+            let told = this.stop.as_mut().poll(cx).is_ready();
+            if told
+                || this
+                    .shared
+                    .stopping
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                *this.draining = true;
+                (this.drain)(this.served.as_mut());
+            }
+        }
+        this.served.poll(cx)
+    }
 }
 
 fn describe_peer(judged: &PeerCert) -> String {

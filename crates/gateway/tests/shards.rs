@@ -357,6 +357,71 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
     system.stop();
 }
 
+/// A gateway stopped gracefully while one device's request is under way (its body still
+/// coming) and another device's connection is idle: the request is answered whole, the idle
+/// connection is closed at once, and the gateway says it cut nothing.
+#[test]
+fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
+    let mut system = System::start_on_shards(2);
+    assert!(system.wait_for_channels(2));
+    let port = system.gateway.as_ref().unwrap().addr.port();
+    let tls = device_tls(&system);
+    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    let gateway = system.gateway.take().unwrap();
+    let (status, body, idle_closed_in) = system.runtime.block_on(async {
+        let mut idle = connect::<http_body_util::Empty<bytes::Bytes>>(port, tls.clone()).await;
+        assert_eq!(get(&mut idle, &path).await.0, 200);
+        let mut sender = connect::<Trickle>(port, tls).await;
+        let (more, body) = Trickle::new();
+        let request = hyper::Request::post(echo.as_str())
+            .header(hyper::header::HOST, "localhost")
+            .body(body)
+            .unwrap();
+        more.send(bytes::Bytes::from_static(b"first "))
+            .await
+            .unwrap();
+        let answer = tokio::spawn(async move {
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.into_body().collect().await.map(|b| b.to_bytes()),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopping = tokio::spawn(gateway.stop_gracefully(Duration::from_secs(10)));
+        let asked = Instant::now();
+        // The idle connection is closed by the gateway: hyper's handle says so.
+        while !idle.is_closed() && asked.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let idle_closed_in = asked.elapsed();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        more.send(bytes::Bytes::from_static(b"second "))
+            .await
+            .unwrap();
+        more.send(bytes::Bytes::from_static(b"last")).await.unwrap();
+        drop(more);
+        let (status, body) = answer.await.unwrap();
+        stopping.await.unwrap();
+        (status, body, idle_closed_in)
+    });
+    assert_eq!(status, 200);
+    assert_eq!(body.unwrap(), "first second last");
+    assert!(
+        idle_closed_in < Duration::from_secs(5),
+        "{idle_closed_in:?}"
+    );
+    let log = system.gateway_log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("Stopping: 2 device connection(s) drained, no request under way was cut"),
+        "{log}"
+    );
+    drop(log);
+    system.stop();
+}
+
 /// A request body that comes as the test sends it.
 struct Trickle(tokio::sync::mpsc::Receiver<bytes::Bytes>);
 

@@ -52,7 +52,8 @@ use logs::{Log, Logger};
 ///
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
 /// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again.
-/// Ctrl-C or SIGTERM stops.
+/// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
+/// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
 /// channels), PUT /verbose with body on|off, POST /reload,
 /// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
@@ -344,11 +345,14 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
             path: args.config.clone(),
             running: running.clone(),
         };
-        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| r.stop()).await
+        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
+            r.stop_gracefully(STOP_DRAIN)
+        })
+        .await
     })
 }
 
-/// How long a stopping connector waits for requests under way on its channels.
+/// How long a stopping gateway or connector waits for the requests under way.
 const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
