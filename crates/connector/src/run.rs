@@ -235,6 +235,8 @@ pub struct RunningConnector {
     stop: watch::Sender<bool>,
     dialer: Dialer,
     service: Arc<Service>,
+    /// The configuration it started with: what a reload cannot change is compared with it.
+    started: ConnectorConfig,
 }
 
 impl RunningConnector {
@@ -313,13 +315,29 @@ impl RunningConnector {
             "client certificate re-selected: {}",
             label.as_deref().unwrap_or("none")
         ));
-        // Whether there is one at all is in the hello, which the gateways report (in
-        // ServiceMetadata, read by `portcullis analyze`): they must hear of a change.
+        // The endpoints: requests use the new table at once.
+        let urls = endpoint_urls(config);
+        if **self.service.endpoints.load() != urls {
+            let mut listed: Vec<String> = config
+                .endpoints
+                .iter()
+                .map(|e| format!("{} ({}) {}", e.id, e.name, e.url))
+                .collect();
+            listed.sort();
+            changed.push(format!("endpoints now {}", listed.join(", ")));
+            self.service.endpoints.store(Arc::new(urls));
+        }
+        // Whether there is a certificate at all, and the endpoints, are in the hello, which
+        // the gateways use (routing, and ServiceMetadata, read by `portcullis analyze`): they
+        // must hear of a change.
         let has_certificate = label.is_some();
+        let infos = endpoint_infos(config);
         let hello_changed = {
             let mut hello = lock(&self.service.hello);
-            let changed = hello.has_client_certificate != has_certificate;
+            let changed =
+                hello.has_client_certificate != has_certificate || hello.endpoints != infos;
             hello.has_client_certificate = has_certificate;
+            hello.endpoints = infos;
             changed
         };
         if hello_changed {
@@ -327,6 +345,13 @@ impl RunningConnector {
             changed.push(format!(
                 "channels reopen one at a time ({} s apart) to give the gateways the new hello",
                 REOPEN_STAGGER.as_secs()
+            ));
+        }
+        let need_restart = restart_only_changes(&self.started, config);
+        if !need_restart.is_empty() {
+            changed.push(format!(
+                "not applied until the connector restarts: {}",
+                need_restart.join(", ")
             ));
         }
         Ok(changed.join("; "))
@@ -347,13 +372,75 @@ impl RunningConnector {
     }
 }
 
+/// Each endpoint's id and URL, as the configuration gives them (validated by `load`).
+fn endpoint_urls(config: &ConnectorConfig) -> HashMap<u64, Uri> {
+    config
+        .endpoints
+        .iter()
+        .filter_map(|e| e.url.parse::<Uri>().ok().map(|u| (e.id, u)))
+        .collect()
+}
+
+/// The endpoints as the hello announces them.
+fn endpoint_infos(config: &ConnectorConfig) -> Vec<EndpointInfo> {
+    config
+        .endpoints
+        .iter()
+        .map(|e| EndpointInfo {
+            id: e.id,
+            name: e.name.clone(),
+        })
+        .collect()
+}
+
+/// The settings a reload cannot apply to a running connector, named as in the file, that
+/// differ between `running` and `loaded`.
+fn restart_only_changes(running: &ConnectorConfig, loaded: &ConnectorConfig) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("connector_id", running.connector_id != loaded.connector_id);
+    check("gateways", running.gateways != loaded.gateways);
+    check(
+        "gateway_server_name",
+        running.gateway_server_name != loaded.gateway_server_name,
+    );
+    check(
+        "gateway_roots",
+        running.gateway_roots != loaded.gateway_roots,
+    );
+    check(
+        "channels_per_gateway",
+        running.channels_per_gateway != loaded.channels_per_gateway,
+    );
+    check(
+        "channels_follow_gateway_threads",
+        running.channels_follow_gateway_threads != loaded.channels_follow_gateway_threads,
+    );
+    check(
+        "channel_cert",
+        running.channel_cert != loaded.channel_cert || running.channel_key != loaded.channel_key,
+    );
+    check(
+        "worker_threads",
+        running.worker_threads != loaded.worker_threads,
+    );
+    check("admin_listen", running.admin_listen != loaded.admin_listen);
+    check("[log]", running.log != loaded.log);
+    changed
+}
+
 struct Service {
     /// What the hello says; the certificate part changes on a reload.
     hello: Mutex<Hello>,
     /// Counts changes of the hello: each channel drains and is dialled again when it moves,
     /// one at a time, so the gateways hear the new hello.
     hello_changes: watch::Sender<u64>,
-    endpoints: HashMap<u64, Uri>,
+    /// Endpoint ids and their URLs; a reload may swap in new ones.
+    endpoints: ArcSwap<HashMap<u64, Uri>>,
     client: ArcSwap<EndpointClient>,
     /// The last filter trail, replayed when verbose is turned on while running.
     trail: Mutex<Vec<(Severity, String)>>,
@@ -434,27 +521,15 @@ pub async fn start_on(
 ) -> Result<RunningConnector, ConnectorError> {
     log.set_verbose(config.verbose);
     let choice = choose_client_certificate(&config, &log)?;
-    let endpoints = config
-        .endpoints
-        .iter()
-        .filter_map(|e| e.url.parse::<Uri>().ok().map(|u| (e.id, u)))
-        .collect();
     let service = Arc::new(Service {
         hello_changes: watch::channel(0).0,
         hello: Mutex::new(Hello {
             connector_id: config.connector_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            endpoints: config
-                .endpoints
-                .iter()
-                .map(|e| EndpointInfo {
-                    id: e.id,
-                    name: e.name.clone(),
-                })
-                .collect(),
+            endpoints: endpoint_infos(&config),
             has_client_certificate: choice.label.is_some(),
         }),
-        endpoints,
+        endpoints: ArcSwap::from_pointee(endpoint_urls(&config)),
         client: ArcSwap::from_pointee(choice.client),
         trail: Mutex::new(choice.trail),
         log: log.clone(),
@@ -510,6 +585,7 @@ pub async fn start_on(
         stop,
         dialer,
         service,
+        started: config,
     })
 }
 
@@ -780,14 +856,17 @@ impl Service {
             .unwrap_or("-");
         let endpoint =
             header_text_of(&parts.headers, &headers::ENDPOINT).and_then(|e| e.parse::<u64>().ok());
-        let Some(base) = endpoint.and_then(|e| self.endpoints.get(&e)) else {
+        let endpoints = self.endpoints.load();
+        let Some(base) = endpoint.and_then(|e| endpoints.get(&e)) else {
             let refusal = Refusal::new(channel::refusal::Cause::UnknownEndpoint {
                 endpoint: endpoint.unwrap_or(0),
             });
             self.log.error(&format!("Message {message_id}: {refusal}"));
             return refusal_response(&refusal);
         };
-        let url = match endpoint_url(base, parts.uri.path(), parts.uri.query()) {
+        let joined = endpoint_url(base, parts.uri.path(), parts.uri.query());
+        drop(endpoints);
+        let url = match joined {
             Ok(url) => url,
             Err(e) => {
                 let refusal = Refusal::new(channel::refusal::Cause::BadRoute {

@@ -280,3 +280,65 @@ fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
     assert!(w3c.contains(" 403 16 0 "), "{w3c}");
     system.stop();
 }
+
+/// A connector reloaded with a new endpoint serves it once its channels have reopened, and
+/// says which of the changed settings wait for a restart.
+#[test]
+fn a_connector_reload_adds_an_endpoint_and_names_what_waits_for_a_restart() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let path = |endpoint: u64| format!("/CCM_PROXY_MUTUALAUTH/{endpoint}/SMS_MP/.sms_aut?MPLIST");
+    let before = system.probe(&path(8), Some("device-001"));
+    assert_eq!(
+        before.outcome,
+        Outcome::HttpError {
+            status: 404,
+            text: "CMGService_Unknownendpoint".into()
+        },
+        "{:?}",
+        before.lines
+    );
+
+    let file = system.path("connector.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("url = "))
+        .unwrap()
+        .to_string();
+    let text = text.replace("verbose = true\n", "verbose = true\nworker_threads = 1\n")
+        + &format!("\n[[endpoints]]\nid = 8\nname = \"SMS_MP_2\"\nurl = {url}\n");
+    std::fs::write(&file, text).unwrap();
+    let config = connector::run::ConnectorConfig::load(&file).unwrap();
+    let summary = system.connector.as_ref().unwrap().reload(&config).unwrap();
+    for part in [
+        "endpoints now 72057594037927939 (SMS_MP) https://localhost:",
+        "8 (SMS_MP_2) https://localhost:",
+        "channels reopen one at a time",
+        "not applied until the connector restarts: worker_threads",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+    // Both channels have reopened when the gateway routes endpoint 8 on two.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let gateway = system.gateway.as_ref().unwrap();
+    while !gateway
+        .registry
+        .endpoints()
+        .contains(&(8, "SMS_MP_2".into(), 2))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        gateway
+            .registry
+            .endpoints()
+            .contains(&(8, "SMS_MP_2".into(), 2)),
+        "{:?}",
+        gateway.registry.endpoints()
+    );
+    let after = system.probe(&path(8), Some("device-001"));
+    assert!(after.succeeded(), "{:?}", after.lines);
+    system.stop();
+}

@@ -106,10 +106,12 @@ pub struct GatewayArgs {
 ///   name = "SMS_MP"
 ///   url = "https://InternalMP.contoso.com"
 ///
-/// Signals: SIGHUP re-reads the file: `verbose` applies at once, and the store is read and the
-/// filter chain runs again (a new certificate serves the next request; when whether there is
-/// one at all changes, the channels drain and reopen one at a time, 1 s apart, so that the
-/// gateways' ServiceMetadata says so). Ctrl-C or SIGTERM stops, gracefully: each channel
+/// Signals: SIGHUP re-reads the file: `verbose` and the endpoints apply at once, and the store
+/// is read and the filter chain runs again (a new certificate serves the next request). When
+/// the endpoints or whether there is a certificate at all change, the channels drain and
+/// reopen one at a time, 1 s apart, so that the gateways route the new endpoints and their
+/// ServiceMetadata says so. The reload's log line names changed settings that wait for a
+/// restart (gateways, channel certificate, worker_threads, admin_listen, [log], ...). Ctrl-C or SIGTERM stops, gracefully: each channel
 /// tells its gateway it is draining, takes no new request and answers those under way (for
 /// at most 10 s) before it closes, so a rolling restart of connectors cuts no request. Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
