@@ -396,41 +396,28 @@ fn endpoint_infos(config: &ConnectorConfig) -> Vec<EndpointInfo> {
 /// The settings a reload cannot apply to a running connector, named as in the file, that
 /// differ between `running` and `loaded`.
 fn restart_only_changes(running: &ConnectorConfig, loaded: &ConnectorConfig) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    let mut check = |key, differs: bool| {
-        if differs {
-            changed.push(key);
-        }
-    };
-    check("connector_id", running.connector_id != loaded.connector_id);
-    check("gateways", running.gateways != loaded.gateways);
-    check(
-        "gateway_server_name",
-        running.gateway_server_name != loaded.gateway_server_name,
-    );
-    check(
-        "gateway_roots",
-        running.gateway_roots != loaded.gateway_roots,
-    );
-    check(
-        "channels_per_gateway",
-        running.channels_per_gateway != loaded.channels_per_gateway,
-    );
-    check(
-        "channels_follow_gateway_threads",
-        running.channels_follow_gateway_threads != loaded.channels_follow_gateway_threads,
-    );
-    check(
-        "channel_cert",
-        running.channel_cert != loaded.channel_cert || running.channel_key != loaded.channel_key,
-    );
-    check(
-        "worker_threads",
-        running.worker_threads != loaded.worker_threads,
-    );
-    check("admin_listen", running.admin_listen != loaded.admin_listen);
-    check("[log]", running.log != loaded.log);
-    changed
+    // Each key as the file names it, and the fields it covers.
+    macro_rules! differing {
+        ($($key:literal: $($field:ident),+;)*) => {{
+            let mut changed = Vec::new();
+            $(if false $(|| running.$field != loaded.$field)+ {
+                changed.push($key);
+            })*
+            changed
+        }};
+    }
+    differing! {
+        "connector_id": connector_id;
+        "gateways": gateways;
+        "gateway_server_name": gateway_server_name;
+        "gateway_roots": gateway_roots;
+        "channels_per_gateway": channels_per_gateway;
+        "channels_follow_gateway_threads": channels_follow_gateway_threads;
+        "channel_cert": channel_cert, channel_key;
+        "worker_threads": worker_threads;
+        "admin_listen": admin_listen;
+        "[log]": log;
+    }
 }
 
 struct Service {

@@ -313,35 +313,13 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let tls = device_tls(&system);
-    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
     let connector = system.connector.take().unwrap();
     let (status, body) = system.runtime.block_on(async {
-        let mut sender = connect::<Trickle>(port, tls).await;
-        let (more, body) = Trickle::new();
-        let request = hyper::Request::post(echo.as_str())
-            .header(hyper::header::HOST, "localhost")
-            .body(body)
-            .unwrap();
-        more.send(bytes::Bytes::from_static(b"first "))
-            .await
-            .unwrap();
-        let answer = tokio::spawn(async move {
-            let response = sender.send_request(request).await.unwrap();
-            let status = response.status().as_u16();
-            (
-                status,
-                response.into_body().collect().await.map(|b| b.to_bytes()),
-            )
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (more, answer) = trickled_echo(port, tls).await;
         let stopping = tokio::spawn(connector.stop_gracefully(Duration::from_secs(10)));
         // Past the draining notice: the GOAWAY has gone out; the request is still coming.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        more.send(bytes::Bytes::from_static(b"second "))
-            .await
-            .unwrap();
-        more.send(bytes::Bytes::from_static(b"last")).await.unwrap();
-        drop(more);
+        finish_trickle(more).await;
         let answered = answer.await.unwrap();
         stopping.await.unwrap();
         answered
@@ -366,30 +344,12 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let tls = device_tls(&system);
-    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let gateway = system.gateway.take().unwrap();
     let (status, body, idle_closed_in) = system.runtime.block_on(async {
         let mut idle = connect::<http_body_util::Empty<bytes::Bytes>>(port, tls.clone()).await;
         assert_eq!(get(&mut idle, &path).await.0, 200);
-        let mut sender = connect::<Trickle>(port, tls).await;
-        let (more, body) = Trickle::new();
-        let request = hyper::Request::post(echo.as_str())
-            .header(hyper::header::HOST, "localhost")
-            .body(body)
-            .unwrap();
-        more.send(bytes::Bytes::from_static(b"first "))
-            .await
-            .unwrap();
-        let answer = tokio::spawn(async move {
-            let response = sender.send_request(request).await.unwrap();
-            let status = response.status().as_u16();
-            (
-                status,
-                response.into_body().collect().await.map(|b| b.to_bytes()),
-            )
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (more, answer) = trickled_echo(port, tls).await;
         let stopping = tokio::spawn(gateway.stop_gracefully(Duration::from_secs(10)));
         let asked = Instant::now();
         // The idle connection is closed by the gateway: hyper's handle says so.
@@ -398,11 +358,7 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
         }
         let idle_closed_in = asked.elapsed();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        more.send(bytes::Bytes::from_static(b"second "))
-            .await
-            .unwrap();
-        more.send(bytes::Bytes::from_static(b"last")).await.unwrap();
-        drop(more);
+        finish_trickle(more).await;
         let (status, body) = answer.await.unwrap();
         stopping.await.unwrap();
         (status, body, idle_closed_in)
@@ -420,6 +376,46 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
     );
     drop(log);
     system.stop();
+}
+
+/// Starts a POST to the management point's echo, from device-001, whose body comes as the test
+/// sends it: "first " goes at once, and 100 ms later the request is under way. The rest is
+/// [`finish_trickle`]'s; the task gives the answer's status and body.
+async fn trickled_echo(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<(u16, Result<bytes::Bytes, hyper::Error>)>,
+) {
+    let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
+    let mut sender = connect::<Trickle>(port, tls).await;
+    let (more, body) = Trickle::new();
+    let request = hyper::Request::post(echo.as_str())
+        .header(hyper::header::HOST, "localhost")
+        .body(body)
+        .unwrap();
+    more.send(bytes::Bytes::from_static(b"first "))
+        .await
+        .unwrap();
+    let answer = tokio::spawn(async move {
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.map(|b| b.to_bytes()),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (more, answer)
+}
+
+/// Sends the rest of [`trickled_echo`]'s body, "second last", and ends it.
+async fn finish_trickle(more: tokio::sync::mpsc::Sender<bytes::Bytes>) {
+    more.send(bytes::Bytes::from_static(b"second "))
+        .await
+        .unwrap();
+    more.send(bytes::Bytes::from_static(b"last")).await.unwrap();
 }
 
 /// A request body that comes as the test sends it.
