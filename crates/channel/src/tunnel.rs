@@ -180,9 +180,10 @@ impl Channel {
     pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
-        let answered = send_on(&self.sender, request).await;
-        if let Ok(response) = &answered {
-            if response.headers().contains_key(&headers::DRAINING) {
+        let mut answered = send_on(&self.sender, request).await;
+        if let Ok(response) = &mut answered {
+            // For this gateway, not for the device.
+            if response.headers_mut().remove(&headers::DRAINING).is_some() {
                 self.closing.store(true, Ordering::Relaxed);
             }
         }
@@ -353,10 +354,6 @@ impl std::fmt::Display for AcceptError {
     }
 }
 
-/// Sends `request` on a channel with h2 directly: hyper's HTTP/2 client hands every request to
-/// its connection task over a queue and spawns a task per request for the body, which cost the
-/// gateway a large share of its instructions per request. Here the device's own task sends
-/// and awaits; only a request with a body gets a task, to stream it.
 /// Why [`send_on`] failed.
 enum SendOnError {
     /// The connection takes no new stream (GOAWAY received, or broken); nothing was sent.
@@ -378,6 +375,10 @@ impl std::fmt::Display for SendOnError {
     }
 }
 
+/// Sends `request` on a channel with h2 directly: hyper's HTTP/2 client hands every request to
+/// its connection task over a queue and spawns a task per request for the body, which cost the
+/// gateway a large share of its instructions per request. Here the device's own task sends
+/// and awaits; only a request with a body gets a task, to stream it.
 async fn send_on(
     sender: &h2::client::SendRequest<Bytes>,
     request: Request<Body>,
