@@ -111,9 +111,12 @@ pub struct GatewayArgs {
 /// the endpoints or whether there is a certificate at all change, the channels drain and
 /// reopen one at a time, 1 s apart, so that the gateways route the new endpoints and their
 /// ServiceMetadata says so. The reload's log line names changed settings that wait for a
-/// restart (gateways, channel certificate, worker_threads, admin_listen, [log], ...). Ctrl-C or SIGTERM stops, gracefully: each channel
-/// tells its gateway it is draining, takes no new request and answers those under way (for
-/// at most 10 s) before it closes, so a rolling restart of connectors cuts no request. Admin surface (admin_listen): GET /status (the client certificate presented, and
+/// restart (gateways, channel certificate, worker_threads, admin_listen, [log], ...).
+/// Ctrl-C or SIGTERM stops, gracefully: each channel tells its gateway it is draining, takes
+/// no new request and answers those under way (for at most 10 s) before it closes, so a
+/// rolling restart of connectors cuts no request.
+///
+/// Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
 /// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
 #[derive(Args)]
