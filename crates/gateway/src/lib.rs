@@ -209,14 +209,15 @@ impl RunningGateway {
     /// channels serve until then. Says in the log how it went.
     pub async fn stop_gracefully(self, limit: Duration) {
         let counts = self.listening.open_counts();
+        let open = || counts.all().iter().sum::<usize>();
         self.listening.stop().await;
+        // Counted before they are told: idle ones close at once, on their own threads.
+        let before = open();
         self.shared
             .stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.shared.stop.notify_waiters();
         let deadline = tokio::time::Instant::now() + limit;
-        let open = || counts.all().iter().sum::<usize>();
-        let before = open();
         while open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -713,6 +714,8 @@ async fn route_request(
     shared: &Shared,
     device: &Device,
 ) -> Result<Response<Body>, Refusal> {
+    // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
+    // shares its bytes, measured no better: callgrind 59.8k-60.9k against 58.6k-59.6k.)
     let target = request
         .uri()
         .path_and_query()
@@ -723,14 +726,15 @@ async fn route_request(
             detail: e.to_string(),
         })
     })?;
-    let (auth, endpoint, path, query) = match route {
+    let (auth, endpoint, path, forward_target) = match route {
         Route::ServiceMetadata { .. } => return Ok(service_metadata(shared)),
         Route::Proxy {
             auth,
             endpoint,
             path,
-            query,
-        } => (auth, endpoint, path, query),
+            target,
+            ..
+        } => (auth, endpoint, path, target),
     };
     // Who the device is, as the connector will be told: a certificate, or a token's subject.
     let state;
@@ -770,12 +774,15 @@ async fn route_request(
     let started = std::time::Instant::now();
 
     let message_id = shared.message_ids.next();
-    let target = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
+    // The path and query as the device sent them after the endpoint id, as they are: no
+    // formatting (it cost 700 instructions a request), only for a bare `?query` or nothing.
+    let uri = if forward_target.starts_with('/') {
+        hyper::Uri::try_from(forward_target)
+    } else {
+        hyper::Uri::try_from(format!("/{forward_target}"))
     };
     let (mut parts, body) = request.into_parts();
-    parts.uri = target.parse().map_err(|e: hyper::http::uri::InvalidUri| {
+    parts.uri = uri.map_err(|e: hyper::http::uri::InvalidUri| {
         Refusal::new(Cause::BadRoute {
             detail: e.to_string(),
         })
