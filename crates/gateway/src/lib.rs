@@ -266,11 +266,19 @@ impl RunningGateway {
     pub fn reload(&self, config: &GatewayConfig) -> Result<String, GatewayError> {
         let generation = self.shared.auth.load().generation + 1;
         let auth = load_device_auth(config, generation, &self.shared.log)?;
+        // Everything that can fail is done before anything is swapped in.
+        let (tls, certificate) = server_tls(
+            config,
+            &auth,
+            &self.shared.connector_roots,
+            Some(&self.shared.tls.load()),
+        )?;
         let described = auth.describe();
         self.shared.auth.store(Arc::new(auth));
+        self.shared.tls.store(Arc::new(tls));
         let was = self.shared.log.set_verbose(config.verbose);
         Ok(format!(
-            "verbose {}{}; devices: {described} (listen, server certificate and connector settings take effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate} (listen and connector settings take effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
         ))
@@ -278,6 +286,8 @@ impl RunningGateway {
 }
 
 struct Shared {
+    /// The TLS configuration new connections get (server certificate, CA hints, `[tls]`).
+    tls: ArcSwap<rustls::ServerConfig>,
     auth: ArcSwap<DeviceAuth>,
     connector_roots: RootSet,
     allowed_connectors: Vec<String>,
@@ -327,7 +337,6 @@ pub async fn start_on(
     shards: Shards,
 ) -> Result<RunningGateway, GatewayError> {
     log.set_verbose(config.verbose);
-    let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
     let auth = load_device_auth(&config, 0, &log)?;
     log.info(&format!("Devices: {}", auth.describe()));
     let connector_roots = if config.connector_roots.is_empty() {
@@ -335,20 +344,10 @@ pub async fn start_on(
     } else {
         RootSet::load(&config.connector_roots)?
     };
-    let mut hint_roots = auth.roots.clone();
-    hint_roots
-        .certs
-        .extend(connector_roots.certs.iter().cloned());
-    let tls = pki::tls::server_config_with_policy(
-        identity,
-        &hint_roots,
-        true,
-        &[tunnel::ALPN, b"h2", b"http/1.1"],
-        &config.tls,
-    )?;
-    let tls = Arc::new(tls);
+    let (tls, _) = server_tls(&config, &auth, &connector_roots, None)?;
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
+        tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
         connector_roots,
         allowed_connectors: config
@@ -367,7 +366,13 @@ pub async fn start_on(
     });
     let handler_shared = shared.clone();
     let listening = channel::listener::listen_on(config.listen, &shards, move |tcp, peer| {
-        connection(tls.clone(), tcp, peer, handler_shared.clone())
+        // The configuration of this moment: a reload swaps in a new server certificate.
+        connection(
+            handler_shared.tls.load_full(),
+            tcp,
+            peer,
+            handler_shared.clone(),
+        )
     })
     .await
     .map_err(|source| GatewayError::Listen {
@@ -386,6 +391,40 @@ pub async fn start_on(
         listening,
         shared,
     })
+}
+
+/// The TLS configuration for new connections: the server certificate and key, the CA hints
+/// (device and connector roots) and `[tls]`; and the certificate's label. Session tickets
+/// issued under `previous` stay good, so devices resume across a reload.
+fn server_tls(
+    config: &GatewayConfig,
+    auth: &DeviceAuth,
+    connector_roots: &RootSet,
+    previous: Option<&rustls::ServerConfig>,
+) -> Result<(rustls::ServerConfig, String), GatewayError> {
+    let identity = pki::tls::Identity::load(&config.cert, &config.key)?;
+    let certificate = identity
+        .chain
+        .first()
+        .and_then(|leaf| pki::cert::Certificate::from_der(leaf.as_ref()).ok())
+        .map(|leaf| leaf.label())
+        .unwrap_or_else(|| "(unreadable)".into());
+    let mut hint_roots = auth.roots.clone();
+    hint_roots
+        .certs
+        .extend(connector_roots.certs.iter().cloned());
+    let mut tls = pki::tls::server_config_with_policy(
+        identity,
+        &hint_roots,
+        true,
+        &[tunnel::ALPN, b"h2", b"http/1.1"],
+        &config.tls,
+    )?;
+    if let Some(previous) = previous {
+        tls.ticketer = previous.ticketer.clone();
+        tls.session_storage = previous.session_storage.clone();
+    }
+    Ok((tls, certificate))
 }
 
 /// Loads how devices are judged, logging every CRL that cannot be used (the CRL policy then

@@ -342,3 +342,78 @@ fn a_connector_reload_adds_an_endpoint_and_names_what_waits_for_a_restart() {
     assert!(after.succeeded(), "{:?}", after.lines);
     system.stop();
 }
+
+/// The gateway's own certificate renewed in place and reloaded, as SIGHUP does: new
+/// connections get the new one (devices are answered through it), and a reload whose key does
+/// not match its certificate is refused, the running one kept.
+#[test]
+fn a_reload_gives_new_connections_the_renewed_server_certificate() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let port = system.gateway.as_ref().unwrap().addr.port();
+    let tls = std::sync::Arc::new(
+        testkit::probe::device_tls(
+            &[system.path("ca/root.crt")],
+            Some(&system.path("devices/device-001.crt")),
+            Some(&system.path("devices/device-001.key")),
+            false,
+        )
+        .unwrap(),
+    );
+    let served_certificate = || {
+        system.runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+            pki::cert::Certificate::from_der(leaf.as_ref())
+                .unwrap()
+                .label()
+        })
+    };
+    assert!(served_certificate().starts_with("CN=Portcullis Gateway,"));
+
+    let root = LabCa::from_pem(
+        &std::fs::read_to_string(system.path("ca/root.crt")).unwrap(),
+        &std::fs::read_to_string(system.path("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    let renewed = root
+        .issue(&LeafSpec::server_auth(
+            "Portcullis Gateway Renewed",
+            &["localhost".to_string()],
+            30,
+        ))
+        .unwrap();
+    std::fs::write(system.path("gateway/server.crt"), &renewed.cert_pem).unwrap();
+    std::fs::write(system.path("gateway/server.key"), &renewed.key_pem).unwrap();
+    let summary = system.reload_gateway("").unwrap();
+    assert!(
+        summary.contains("server certificate for new connections: CN=Portcullis Gateway Renewed"),
+        "{summary}"
+    );
+    assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
+    let report = system.probe(
+        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
+        Some("device-001"),
+    );
+    assert!(report.succeeded(), "{:?}", report.lines);
+
+    // A key that is not the certificate's: refused, and the renewed one still served.
+    let other = root
+        .issue(&LeafSpec::server_auth(
+            "Other",
+            &["localhost".to_string()],
+            30,
+        ))
+        .unwrap();
+    std::fs::write(system.path("gateway/server.key"), &other.key_pem).unwrap();
+    assert!(system.reload_gateway("").is_err());
+    assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
+    system.stop();
+}

@@ -51,7 +51,9 @@ use logs::{Log, Logger};
 ///   cipher_suites = []                       # empty: all of rustls' safe suites
 ///
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
-/// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again.
+/// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again. The
+/// server certificate and key (renewed in place or named anew) and [tls] serve new
+/// connections; a key that does not match its certificate is refused, the running one kept.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
