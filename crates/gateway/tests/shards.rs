@@ -30,7 +30,7 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
         (1, 1)
     );
 
-    let tls = device_tls(&system);
+    let tls = system.device_tls();
     let port = gateway.addr.port();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let mut devices = system.runtime.block_on(async {
@@ -133,7 +133,7 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();
     assert_eq!(gateway.registry.channel_count(), 1);
-    let tls = device_tls(&system);
+    let tls = system.device_tls();
     let port = gateway.addr.port();
     let echo = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/portcullis/echo");
     let body: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
@@ -225,7 +225,7 @@ fn a_certificate_given_by_a_reload_reaches_the_gateway_with_no_request_refused()
         gateway.registry.connectors(),
         [("lab-connector".to_string(), 2, false)]
     );
-    let tls = device_tls(&system);
+    let tls = system.device_tls();
     let port = gateway.addr.port();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let mut sender = system.runtime.block_on(connect(port, tls.clone()));
@@ -321,7 +321,7 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
     let mut system = System::start_on_shards(2);
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
-    let tls = device_tls(&system);
+    let tls = system.device_tls();
     let connector = system.connector.take().unwrap();
     let (status, body) = system.runtime.block_on(async {
         let (more, answer) = trickled_echo(port, tls).await;
@@ -352,7 +352,7 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
     let mut system = System::start_on_shards(2);
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
-    let tls = device_tls(&system);
+    let tls = system.device_tls();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let gateway = system.gateway.take().unwrap();
     let (status, body, idle_closed_in) = system.runtime.block_on(async {
@@ -462,19 +462,6 @@ fn connector_settings(settings: &'static str) -> impl FnOnce(&std::path::Path) {
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
-
-/// device-001's TLS client (HTTP/1.1).
-fn device_tls(system: &System) -> Arc<rustls::ClientConfig> {
-    Arc::new(
-        testkit::probe::device_tls(
-            &[system.path("ca/root.crt")],
-            Some(&system.path("devices/device-001.crt")),
-            Some(&system.path("devices/device-001.key")),
-            false,
-        )
-        .unwrap(),
-    )
-}
 
 /// A device connection to the gateway, TLS with device-001's certificate, HTTP/1.1, for
 /// requests with bodies of type `B`.

@@ -144,11 +144,7 @@ fn devices_are_refused_at_the_gateway_with_a_named_status() {
         .unwrap()
         .issue(&LeafSpec::client_auth("STRANGER", 30))
         .unwrap();
-    let root = LabCa::from_pem(
-        &std::fs::read_to_string(system.path("ca/root.crt")).unwrap(),
-        &std::fs::read_to_string(system.path("ca/root.key")).unwrap(),
-    )
-    .unwrap();
+    let root = system.lab_root();
     let mut old = LeafSpec::client_auth("EXPIRED", 30);
     old.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(60);
     old.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
@@ -351,15 +347,7 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
-    let tls = std::sync::Arc::new(
-        testkit::probe::device_tls(
-            &[system.path("ca/root.crt")],
-            Some(&system.path("devices/device-001.crt")),
-            Some(&system.path("devices/device-001.key")),
-            false,
-        )
-        .unwrap(),
-    );
+    let tls = system.device_tls();
     let served_certificate = || {
         system.runtime.block_on(async {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -378,11 +366,7 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     };
     assert!(served_certificate().starts_with("CN=Portcullis Gateway,"));
 
-    let root = LabCa::from_pem(
-        &std::fs::read_to_string(system.path("ca/root.crt")).unwrap(),
-        &std::fs::read_to_string(system.path("ca/root.key")).unwrap(),
-    )
-    .unwrap();
+    let root = system.lab_root();
     let renewed = root
         .issue(&LeafSpec::server_auth(
             "Portcullis Gateway Renewed",

@@ -180,6 +180,28 @@ impl System {
             .map_err(|e| e.to_string())
     }
 
+    /// device-001's TLS client configuration (HTTP/1.1), trusting the lab root.
+    pub fn device_tls(&self) -> Arc<rustls::ClientConfig> {
+        Arc::new(
+            probe::device_tls(
+                &[self.path("ca/root.crt")],
+                Some(&self.path("devices/device-001.crt")),
+                Some(&self.path("devices/device-001.key")),
+                false,
+            )
+            .unwrap(),
+        )
+    }
+
+    /// The lab's root CA, to issue more certificates with.
+    pub fn lab_root(&self) -> pki::lab::LabCa {
+        pki::lab::LabCa::from_pem(
+            &std::fs::read_to_string(self.path("ca/root.crt")).unwrap(),
+            &std::fs::read_to_string(self.path("ca/root.key")).unwrap(),
+        )
+        .unwrap()
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
