@@ -148,8 +148,12 @@ pub struct Channel {
     sender: h2::client::SendRequest<Bytes>,
     outstanding: AtomicUsize,
     /// Set once the channel refused a new request (the connector said GOAWAY to drain it, or
-    /// it broke): `pick` passes it by from then on.
+    /// it broke), or was closed: `pick` passes it by from then on.
     closing: AtomicBool,
+    /// The connector's certificate (DER), to judge it again after a reload.
+    pub peer_cert: Vec<u8>,
+    /// Told by [`Channel::close`]: the connection's driver drops it.
+    close: Arc<tokio::sync::Notify>,
 }
 
 /// Why a channel gave no answer's head.
@@ -196,6 +200,14 @@ impl Channel {
                 detail: e.to_string(),
             })),
         })
+    }
+
+    /// Closes the channel now (its connector is no longer allowed): what was on it fails, and
+    /// it leaves the registry.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        // A permit is kept if the driver is not waiting at this moment.
+        self.close.notify_one();
     }
 
     /// Whether the channel has refused a new request (see [`SendError::Closing`]).
@@ -319,6 +331,14 @@ impl Registry {
             .collect();
         list.sort();
         list
+    }
+
+    /// Every channel now.
+    pub fn all(&self) -> Vec<Arc<Channel>> {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Channels driven by `shard` now.
@@ -493,6 +513,7 @@ impl http_body::Body for ChannelBody {
 pub async fn accept<IO>(
     io: IO,
     peer: String,
+    peer_cert: Vec<u8>,
     registry: Arc<Registry>,
     gateway_threads: usize,
 ) -> Result<Arc<Channel>, AcceptError>
@@ -509,6 +530,8 @@ where
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
     let driver_registry = registry.clone();
     let pings = connection.ping_pong();
+    let close = Arc::new(tokio::sync::Notify::new());
+    let closed = close.clone();
     tokio::spawn(async move {
         // A PING every KEEPALIVE_INTERVAL, answered within KEEPALIVE_TIMEOUT, or the channel
         // is dropped: a connector that vanished without a FIN leaves within ~10 s. Dropping
@@ -529,6 +552,7 @@ where
         tokio::select! {
             _ = AfterOthers::new(&mut connection) => {}
             _ = keepalive => {}
+            _ = closed.notified() => {}
         }
         driver_registry.remove(id);
     });
@@ -564,6 +588,8 @@ where
         sender,
         outstanding: AtomicUsize::new(0),
         closing: AtomicBool::new(false),
+        peer_cert,
+        close,
     });
     registry.add(channel.clone());
     Ok(channel)
@@ -707,7 +733,7 @@ mod tests {
             }
         });
         let registry = Arc::new(Registry::default());
-        let channel = accept(gateway_end, "c".into(), registry.clone(), 1)
+        let channel = accept(gateway_end, "c".into(), Vec::new(), registry.clone(), 1)
             .await
             .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")

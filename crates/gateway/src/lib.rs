@@ -267,20 +267,40 @@ impl RunningGateway {
         let generation = self.shared.auth.load().generation + 1;
         let auth = load_device_auth(config, generation, &self.shared.log)?;
         // Everything that can fail is done before anything is swapped in.
+        let connectors = Connectors::load(config, &auth)?;
         let (tls, certificate) = server_tls(
             config,
             &auth,
-            &self.shared.connector_roots,
+            &connectors.roots,
             Some(&self.shared.tls.load()),
         )?;
         let described = auth.describe();
         self.shared.auth.store(Arc::new(auth));
         self.shared.tls.store(Arc::new(tls));
+        // Channels of connectors no longer allowed (or trusted) are closed now.
+        let now = OffsetDateTime::now_utc();
+        let mut closed = Vec::new();
+        for channel in self.registry.all() {
+            if let Err(why) = connectors.judge(Some(&channel.peer_cert), now) {
+                channel.close();
+                self.shared.log.warn(&format!(
+                    "Closed channel {} of connector {}: {why}",
+                    channel.id, channel.hello.connector_id
+                ));
+                closed.push(channel.id);
+            }
+        }
+        self.shared.connectors.store(Arc::new(connectors));
         let was = self.shared.log.set_verbose(config.verbose);
         Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate} (listen and connector settings take effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen takes effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
+            if closed.is_empty() {
+                "every open channel still allowed".to_string()
+            } else {
+                format!("{} channel(s) closed, no longer allowed", closed.len())
+            },
         ))
     }
 }
@@ -289,8 +309,7 @@ struct Shared {
     /// The TLS configuration new connections get (server certificate, CA hints, `[tls]`).
     tls: ArcSwap<rustls::ServerConfig>,
     auth: ArcSwap<DeviceAuth>,
-    connector_roots: RootSet,
-    allowed_connectors: Vec<String>,
+    connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
     timeout: Duration,
     log: Log,
@@ -339,22 +358,13 @@ pub async fn start_on(
     log.set_verbose(config.verbose);
     let auth = load_device_auth(&config, 0, &log)?;
     log.info(&format!("Devices: {}", auth.describe()));
-    let connector_roots = if config.connector_roots.is_empty() {
-        auth.roots.clone()
-    } else {
-        RootSet::load(&config.connector_roots)?
-    };
-    let (tls, _) = server_tls(&config, &auth, &connector_roots, None)?;
+    let connectors = Connectors::load(&config, &auth)?;
+    let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
         tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
-        connector_roots,
-        allowed_connectors: config
-            .allowed_connectors
-            .iter()
-            .map(|c| c.trim().to_string())
-            .collect(),
+        connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
         log,
@@ -391,6 +401,53 @@ pub async fn start_on(
         listening,
         shared,
     })
+}
+
+/// Which connectors may open channels: the roots their certificates must chain to
+/// (`connector_roots`, else the device roots) and the names (CN) or thumbprints allowed.
+struct Connectors {
+    roots: RootSet,
+    allowed: Vec<String>,
+}
+
+impl Connectors {
+    fn load(config: &GatewayConfig, auth: &DeviceAuth) -> Result<Connectors, GatewayError> {
+        let roots = if config.connector_roots.is_empty() {
+            auth.roots.clone()
+        } else {
+            RootSet::load(&config.connector_roots)?
+        };
+        Ok(Connectors {
+            roots,
+            allowed: config
+                .allowed_connectors
+                .iter()
+                .map(|c| c.trim().to_string())
+                .collect(),
+        })
+    }
+
+    /// The connector's certificate, if it may hold a channel; else why not.
+    fn judge(
+        &self,
+        leaf: Option<&[u8]>,
+        now: OffsetDateTime,
+    ) -> Result<Box<pki::cert::Certificate>, String> {
+        let cert = match judge_peer(leaf, &self.roots, &[], now) {
+            PeerCert::Trusted(cert) => cert,
+            other => return Err(describe_peer(&other)),
+        };
+        let cn = pki::cert::common_name(&cert.subject).unwrap_or("");
+        let allowed = self
+            .allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(cn) || a.eq_ignore_ascii_case(&cert.thumbprint));
+        if allowed {
+            Ok(cert)
+        } else {
+            Err(format!("{} is not in allowed_connectors", cert.label()))
+        }
+    }
 }
 
 /// The TLS configuration for new connections: the server certificate and key, the CA hints
@@ -522,32 +579,19 @@ async fn handshake_and_serve(
         .map(|c| c.as_ref().to_vec());
     let now = OffsetDateTime::now_utc();
     if is_channel {
-        let judged = judge_peer(leaf.as_deref(), &shared.connector_roots, &[], now);
-        let cert = match judged {
-            PeerCert::Trusted(cert) => cert,
-            other => {
-                shared.log.error(&format!(
-                    "Refused a connector channel from {peer}: {}",
-                    describe_peer(&other)
-                ));
+        let cert = match shared.connectors.load().judge(leaf.as_deref(), now) {
+            Ok(cert) => cert,
+            Err(why) => {
+                shared
+                    .log
+                    .error(&format!("Refused a connector channel from {peer}: {why}"));
                 return;
             }
         };
-        let cn = pki::cert::common_name(&cert.subject).unwrap_or("");
-        let allowed = shared
-            .allowed_connectors
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(cn) || a.eq_ignore_ascii_case(&cert.thumbprint));
-        if !allowed {
-            shared.log.error(&format!(
-                "Refused a connector channel from {peer}: {} is not in allowed_connectors",
-                cert.label()
-            ));
-            return;
-        }
         let accepted = tunnel::accept(
             tls,
             cert.label(),
+            leaf.unwrap_or_default(),
             shared.registry.clone(),
             shared.shards.len(),
         )

@@ -401,3 +401,54 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
     system.stop();
 }
+
+/// A connector taken out of allowed_connectors by a reload loses its channels at once (its
+/// redials are refused, devices get 503), and gets them back when it is allowed again.
+#[test]
+fn a_reload_that_disallows_a_connector_closes_its_channels() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let allowed = "allowed_connectors = [\"Portcullis Connector Channel\"]";
+    let summary = system
+        .reload_gateway_replacing((allowed, "allowed_connectors = [\"Someone Else\"]"), "")
+        .unwrap();
+    assert!(
+        summary.contains("connectors: 2 channel(s) closed, no longer allowed"),
+        "{summary}"
+    );
+    let registry = &system.gateway.as_ref().unwrap().registry;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while registry.channel_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(registry.channel_count(), 0);
+    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
+    let report = system.probe(&path, Some("device-001"));
+    assert!(
+        matches!(report.outcome, Outcome::HttpError { status: 503, .. }),
+        "{:?}",
+        report.lines
+    );
+    // Its redials are refused, and say why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = || {
+        system.gateway_log.lock().unwrap().iter().any(|l| {
+            l.starts_with("Refused a connector channel from ")
+                && l.ends_with("is not in allowed_connectors")
+        })
+    };
+    while !refused() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused(), "{:?}", system.gateway_log.lock().unwrap());
+    assert_eq!(registry.channel_count(), 0);
+
+    let summary = system.reload_gateway("").unwrap();
+    assert!(
+        summary.contains("connectors: every open channel still allowed"),
+        "{summary}"
+    );
+    assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
+    assert!(system.probe(&path, Some("device-001")).succeeded());
+    system.stop();
+}

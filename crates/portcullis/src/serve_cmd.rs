@@ -54,6 +54,8 @@ use logs::{Log, Logger};
 /// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again. The
 /// server certificate and key (renewed in place or named anew) and [tls] serve new
 /// connections; a key that does not match its certificate is refused, the running one kept.
+/// allowed_connectors and connector_roots apply at once: the channels of a connector no
+/// longer allowed are closed, and its redials refused.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and

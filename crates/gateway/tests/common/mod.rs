@@ -162,14 +162,25 @@ impl System {
     /// Rewrites the gateway's configuration with `extra` TOML after its usual keys and
     /// reloads the running gateway from it, as SIGHUP does.
     pub fn reload_gateway(&self, extra: &str) -> Result<String, String> {
+        self.reload_gateway_replacing(("", ""), extra)
+    }
+
+    /// [`System::reload_gateway`], with `from` replaced by `to` in the usual keys first.
+    pub fn reload_gateway_replacing(
+        &self,
+        (from, to): (&str, &str),
+        extra: &str,
+    ) -> Result<String, String> {
         let port = self.gateway.as_ref().unwrap().addr.port();
         let file = self.path("gateway.toml");
+        let usual = if from.is_empty() {
+            self.gateway_toml.clone()
+        } else {
+            self.gateway_toml.replace(from, to)
+        };
         std::fs::write(
             &file,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\n{}{extra}",
-                self.gateway_toml
-            ),
+            format!("listen = \"127.0.0.1:{port}\"\n{usual}{extra}"),
         )
         .unwrap();
         let config = GatewayConfig::load(&file).map_err(|e| e.to_string())?;
