@@ -157,7 +157,7 @@ pub struct Channel {
 }
 
 /// Why a channel gave no answer's head.
-pub enum SendError {
+enum SendError {
     /// The channel takes no new requests (drained by its connector, or broken): the request
     /// was not sent and comes back whole, for another channel.
     Closing(Box<Request<Body>>),
@@ -166,7 +166,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn into_refusal(self) -> Refusal {
+    fn into_refusal(self) -> Refusal {
         match self {
             SendError::Closing(_) => Refusal::new(Cause::ChannelBroken {
                 detail: "it takes no new requests (its connector closed it)".into(),
@@ -181,7 +181,7 @@ impl Channel {
     /// Counted down when the answer's head arrives, or when the caller stops waiting (its
     /// device went away, its timeout struck): else the count only grows, and `pick` avoids a
     /// channel for requests long gone.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
+    async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
         let mut answered = send_on(&self.sender, request).await;
@@ -279,6 +279,25 @@ impl Registry {
                 Err(Refusal::new(Cause::NoChannel { endpoint }))
             }
             None => Err(Refusal::new(Cause::UnknownEndpoint { endpoint })),
+        }
+    }
+
+    /// Sends `request` on `channel` (picked for `endpoint`). Should the channel take no new
+    /// requests before it took this one (drained by its connector, or broken), the request,
+    /// not sent, goes once more on the channel `pick` chooses now (which passes that one by).
+    pub async fn send(
+        &self,
+        channel: &Channel,
+        endpoint: u64,
+        request: Request<Body>,
+    ) -> Result<Response<ChannelBody>, Refusal> {
+        match channel.send(request).await {
+            Err(SendError::Closing(request)) => self
+                .pick(endpoint)?
+                .send(*request)
+                .await
+                .map_err(SendError::into_refusal),
+            sent => sent.map_err(SendError::into_refusal),
         }
     }
 

@@ -424,8 +424,9 @@ impl Target {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The pool's lists stay whole whatever panicked while holding the lock.
+/// A lock that a panic elsewhere does not poison: what these mutexes guard (the pool's lists,
+/// the connector's task list) changes only in whole steps.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 

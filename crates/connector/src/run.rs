@@ -24,7 +24,8 @@ use tokio::sync::watch;
 use logs::cmtrace::Severity;
 
 use crate::endpoint::{
-    endpoint_url, forwarding_parts, received_line, received_parts, EndpointClient, EndpointTrust,
+    endpoint_url, forwarding_parts, lock, received_line, received_parts, EndpointClient,
+    EndpointTrust,
 };
 use pki::crl::{CrlPolicy, RevocationList};
 
@@ -240,32 +241,20 @@ pub struct RunningConnector {
 }
 
 impl RunningConnector {
+    /// Stops at once: what is on the channels is cut.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        // A widening task may start a dial while the first ones are stopped: until none is left.
-        loop {
-            let tasks = std::mem::take(&mut lock(&self.dialer.tasks).handles);
-            if tasks.is_empty() {
-                break;
-            }
-            for task in tasks {
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        self.finish_tasks(tokio::time::Instant::now()).await;
     }
 
-    /// Stops after draining: each channel tells its gateway it is draining (the gateway sends
-    /// it nothing new), says GOAWAY, and answers the requests under way for at most `limit`
-    /// before it closes. The gateways meanwhile send through other connectors' channels.
-    pub async fn stop_gracefully(self, limit: Duration) {
-        let _ = self.stop.send(true);
-        let deadline = tokio::time::Instant::now() + DRAIN_NOTICE + limit;
+    /// Waits for every task until `deadline`, then aborts what is left; says how many were
+    /// cut. A widening task may start a dial while the first ones end: until none is left.
+    async fn finish_tasks(&self, deadline: tokio::time::Instant) -> usize {
         let mut cut = 0;
         loop {
             let tasks = std::mem::take(&mut lock(&self.dialer.tasks).handles);
             if tasks.is_empty() {
-                break;
+                return cut;
             }
             for mut task in tasks {
                 if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
@@ -275,6 +264,16 @@ impl RunningConnector {
                 }
             }
         }
+    }
+
+    /// Stops after draining: each channel tells its gateway it is draining (the gateway sends
+    /// it nothing new), says GOAWAY, and answers the requests under way for at most `limit`
+    /// before it closes. The gateways meanwhile send through other connectors' channels.
+    pub async fn stop_gracefully(self, limit: Duration) {
+        let _ = self.stop.send(true);
+        let cut = self
+            .finish_tasks(tokio::time::Instant::now() + DRAIN_NOTICE + limit)
+            .await;
         if cut > 0 {
             self.service.log.warn(&format!(
                 "Stopping: {cut} channel(s) still had requests under way after {} s and were closed",
@@ -640,11 +639,6 @@ async fn widen(
             dialer.start(first.numbered(open));
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The task list stays whole whatever panicked while holding the lock.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Clone)]

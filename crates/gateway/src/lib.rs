@@ -11,7 +11,7 @@ use channel::config::{self, ConfigError};
 use channel::refusal::{Cause, Refusal};
 use channel::route::{self, Auth, Route};
 use channel::shards::{Held, ShardCounts, Shards};
-use channel::tunnel::{self, headers, refusal_response, Body, Registry, SendError};
+use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
@@ -907,19 +907,7 @@ async fn route_request(
             channel.hello.connector_id,
         )
     });
-    let sent = async {
-        match channel.send(forward).await {
-            // Drained by its connector (or broken) before it took the request: the request
-            // goes, once, on another channel, which `pick` now chooses instead.
-            Err(SendError::Closing(forward)) => shared
-                .registry
-                .pick(endpoint)?
-                .send(*forward)
-                .await
-                .map_err(SendError::into_refusal),
-            sent => sent.map_err(SendError::into_refusal),
-        }
-    };
+    let sent = shared.registry.send(&channel, endpoint, forward);
     let response = tokio::time::timeout(shared.timeout, sent)
         .await
         .map_err(|_| {
