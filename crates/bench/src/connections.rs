@@ -28,6 +28,10 @@ pub struct ConnectionsOptions {
     pub concurrency: usize,
     /// How long to hold the connections before measuring.
     pub hold: Duration,
+    /// Each connection first asks the gateway for its ServiceMetadata (HTTP/1.1 keep-alive)
+    /// and reads the answer, then idles: a device between two polls, which is how a fleet's
+    /// connections mostly sit. Without it the connections idle before their first request.
+    pub request_first: bool,
     pub progress: bool,
 }
 
@@ -47,14 +51,23 @@ pub struct ConnectionsReport {
     /// The open-file limit of this process (the gateway raises its own likewise).
     pub fd_limit: u64,
     pub source_addresses: usize,
+    /// Whether each connection made one request before idling (`--request`).
+    pub request_first: bool,
+    /// Connections whose request was answered (2xx, body read to its end).
+    pub answered: usize,
 }
 
 impl ConnectionsReport {
     pub fn render_text(&self) -> String {
         let mut out = format!(
-            "{} of {} idle mutual-TLS connections opened in {:.2} s ({:.0}/s) from {} source addresses; {} still open after the hold\n  gateway RSS: {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection\n  open-file limit: {}\n",
+            "{} of {} idle mutual-TLS connections{} opened in {:.2} s ({:.0}/s) from {} source addresses; {} still open after the hold\n  gateway RSS: {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection\n  open-file limit: {}\n",
             self.opened,
             self.requested,
+            if self.request_first {
+                " (each after one keep-alive request)"
+            } else {
+                ""
+            },
             self.open_s,
             self.opened_per_s,
             self.source_addresses,
@@ -184,6 +197,7 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
     let gate = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let opened = Arc::new(AtomicUsize::new(0));
     let open_now = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
     let started = Instant::now();
     let progress = options.progress.then(|| {
@@ -217,8 +231,10 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
         let name = name.clone();
         let opened = opened.clone();
         let open_now = open_now.clone();
+        let answered = answered.clone();
         let failures = failures.clone();
         let mut released = released.clone();
+        let request_first = options.request_first;
         tasks.push(tokio::spawn(async move {
             let attempt = async {
                 let socket =
@@ -230,14 +246,19 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
                     .connect(target)
                     .await
                     .map_err(|e| format!("connect: {}", e.kind()))?;
-                connector
+                let tls = connector
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| format!("tls: {e}"))
+                    .map_err(|e| format!("tls: {e}"))?;
+                if request_first {
+                    ask_service_metadata(tls).await.map(Held::Http)
+                } else {
+                    Ok(Held::Tls(Box::new(tls)))
+                }
             };
             let stream = tokio::time::timeout(Duration::from_secs(30), attempt).await;
             drop(permit);
-            let mut stream = match stream {
+            let held = match stream {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(kind)) => {
                     *failures
@@ -258,11 +279,25 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
             };
             opened.fetch_add(1, Ordering::Relaxed);
             open_now.fetch_add(1, Ordering::Relaxed);
+            if matches!(held, Held::Http(_)) {
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
             // Idle: wait for the gateway to close it, or for the bench to end.
-            let mut byte = [0u8; 1];
-            tokio::select! {
-                _ = stream.read(&mut byte) => {}
-                _ = released.changed() => {}
+            match held {
+                Held::Tls(mut stream) => {
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        _ = stream.read(&mut byte) => {}
+                        _ = released.changed() => {}
+                    }
+                }
+                Held::Http(mut kept) => {
+                    tokio::select! {
+                        _ = &mut kept.connection => {}
+                        _ = released.changed() => {}
+                    }
+                    kept.connection.abort();
+                }
             }
             open_now.fetch_sub(1, Ordering::Relaxed);
         }));
@@ -309,6 +344,57 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
         },
         fd_limit,
         source_addresses: sources,
+        request_first: options.request_first,
+        answered: answered.load(Ordering::Relaxed),
+    })
+}
+
+type DeviceTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// What an open connection keeps on the bench's side while it idles.
+enum Held {
+    Tls(Box<DeviceTls>),
+    Http(KeptAlive),
+}
+
+/// A connection that made its request: the sender (dropping it would close the connection)
+/// and the task driving it, which ends when the gateway closes the connection.
+struct KeptAlive {
+    _sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+/// One keep-alive `GET /CCM_PROXY_MUTUALAUTH/ServiceMetadata`, answered by the gateway itself
+/// (no connector needed), read to its end; the connection stays open.
+async fn ask_service_metadata(tls: DeviceTls) -> Result<KeptAlive, String> {
+    use http_body_util::BodyExt;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = hyper::Request::get("/CCM_PROXY_MUTUALAUTH/ServiceMetadata")
+        .header(hyper::header::HOST, "localhost")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("answer body: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("answer: HTTP {status}"));
+    }
+    Ok(KeptAlive {
+        _sender: sender,
+        connection,
     })
 }
 

@@ -744,7 +744,7 @@ impl Dial {
         ));
         let hyper_service = hyper::service::service_fn(move |req| {
             let service = service.clone();
-            async move {
+            let fut = async move {
                 let (service, announced, draining) = &*service;
                 let mut response = service.handle(req, announced).await;
                 if draining.load(std::sync::atomic::Ordering::Relaxed) {
@@ -754,7 +754,10 @@ impl Dial {
                     );
                 }
                 Ok::<_, std::convert::Infallible>(response)
-            }
+            };
+            // Boxed: hyper spawns each request's future as a task and it is moved whole
+            // several times on the way (2.9 KiB each time); boxed, only a pointer moves.
+            Box::pin(fut)
         });
         let turn = REOPEN_STAGGER * u32::try_from(self.number.saturating_sub(1)).unwrap_or(0);
         let drain = async move {

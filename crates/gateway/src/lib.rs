@@ -632,7 +632,11 @@ async fn handshake_and_serve(
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let device = device.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) }
+        // Boxed: hyper keeps room for one request's future (3.3 KiB) in every HTTP/1.1
+        // connection for as long as it is open, so each idle keep-alive device paid for it.
+        Box::pin(
+            async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) },
+        )
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its request

@@ -94,6 +94,10 @@ pub struct ConnectionsArgs {
     /// Seconds to hold them before measuring.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub hold: f64,
+    /// Each connection first makes one keep-alive request (the gateway's ServiceMetadata) and
+    /// then idles, as a device does between polls; without it they idle from the handshake.
+    #[arg(long)]
+    pub request: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -183,6 +187,7 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
         concurrency: args.concurrency as usize,
         hold: Duration::try_from_secs_f64(args.hold)
             .with_context(|| format!("--hold: {} is not a number of seconds", args.hold))?,
+        request_first: args.request,
         progress: true,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

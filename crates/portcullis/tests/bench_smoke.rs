@@ -1,4 +1,4 @@
-//! `portcullis bench load` and `portcullis bench compare`, briefly, as processes: they run,
+//! `portcullis bench load`, `bench compare` and `bench connections`, briefly, as processes: they run,
 //! every request is answered, the JSON has what it promises. No performance assertions.
 
 mod common;
@@ -51,6 +51,37 @@ fn bench_load_against_dev_in_both_modes() {
         assert_eq!(report["errors"], 0, "{report}");
         assert!(report["rps"].as_f64().unwrap_or(0.0) > 0.0, "{report}");
         assert!(report["latency"]["p99_ms"].as_f64().is_some(), "{report}");
+    }
+}
+
+#[test]
+fn bench_connections_holds_idle_connections_before_and_after_a_request() {
+    for request in [false, true] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        command.args([
+            "bench",
+            "connections",
+            "--count",
+            "12",
+            "--hold",
+            "0.2",
+            "--json",
+        ]);
+        if request {
+            command.arg("--request");
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "request {request}: {}", text(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out)));
+        assert_eq!(report["opened"], 12, "{report}");
+        assert_eq!(report["held"], 12, "{report}");
+        assert_eq!(report["request_first"], request, "{report}");
+        assert_eq!(report["answered"], if request { 12 } else { 0 }, "{report}");
+        assert!(
+            report["rss_per_connection_kib"].as_f64().is_some(),
+            "{report}"
+        );
     }
 }
 
