@@ -125,6 +125,10 @@ pub struct Row {
     pub p99_ms: f64,
     /// CPU seconds of the system's processes over the measured run (0 for `direct`).
     pub cpu_s: f64,
+    /// `cpu_s` per request answered in the measured run, in microseconds (0 for `direct`):
+    /// what the system spends on a request, apart from the load generator and the management
+    /// point that share the machine with it.
+    pub cpu_us_per_request: f64,
     /// Sum of the system's processes' peak RSS (0 for `direct`).
     pub peak_rss_mib: f64,
     pub errors: u64,
@@ -384,6 +388,11 @@ fn run_once(
                 p50_ms: report.latency.p50_ms,
                 p99_ms: report.latency.p99_ms,
                 cpu_s,
+                cpu_us_per_request: if report.ok > 0 {
+                    cpu_s * 1e6 / report.ok as f64
+                } else {
+                    0.0
+                },
                 peak_rss_mib: peak_rss_kib as f64 / 1024.0,
                 errors: report.errors,
                 ok: report.ok,
@@ -1108,7 +1117,7 @@ impl CompareReport {
     pub fn render_text(&self) -> String {
         let mut out = format!(
             "{} connections, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
-             CPU s and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
+             CPU s, CPU us/req (per request answered) and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
             self.connections, self.duration_s, self.warmup_s
         );
         if let Some(threads) = self.threads {
@@ -1132,6 +1141,7 @@ impl CompareReport {
             "p50 ms",
             "p99 ms",
             "CPU s",
+            "CPU us/req",
             "peak RSS MiB",
             "errors",
             "vs portcullis",
@@ -1154,6 +1164,11 @@ impl CompareReport {
                 format!("{:.2}", r.p99_ms),
                 if proxy {
                     format!("{:.2}", r.cpu_s)
+                } else {
+                    "-".into()
+                },
+                if proxy {
+                    format!("{:.0}", r.cpu_us_per_request)
                 } else {
                     "-".into()
                 },
@@ -1269,6 +1284,7 @@ mod tests {
             p50_ms: rps / 1000.0,
             p99_ms: 0.0,
             cpu_s: 0.0,
+            cpu_us_per_request: 0.0,
             peak_rss_mib: 0.0,
             errors,
             ok: 10,

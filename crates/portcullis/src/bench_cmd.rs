@@ -59,10 +59,13 @@ pub enum BenchCommand {
     /// closed loop, GET /SMS_MP/.sms_aut?MPLIST.
     ///
     /// Prints one table: req/s, p50/p99 latency, the CPU seconds (user + system over the
-    /// measured run) and summed peak RSS (VmHWM) of the system's own processes (nginx's
-    /// workers included; "-" for direct), errors, and each row's req/s relative to portcullis
-    /// in the same mode. --json prints {"rows":[{"system", "mode", "rps", "p50_ms", "p99_ms",
-    /// "cpu_s", "peak_rss_mib", "errors", ...}], "skipped": [...], "failed": [...]}.
+    /// measured run), the same per request answered (microseconds: what the system itself
+    /// spends on one, apart from the load generator and the management point that share the
+    /// machine) and summed peak RSS (VmHWM) of the system's own processes (nginx's workers
+    /// included; "-" for direct), errors, and each row's req/s relative to portcullis in the
+    /// same mode. --json prints {"rows":[{"system", "mode", "rps", "p50_ms", "p99_ms",
+    /// "cpu_s", "cpu_us_per_request", "peak_rss_mib", "errors", ...}], "skipped": [...],
+    /// "failed": [...]}.
     ///
     /// On a shared machine one run can be 20% off the next. --rounds N runs the whole
     /// sequence N times, systems in turn, and reports each system's median round, with every

@@ -132,9 +132,23 @@ fn bench_compare_runs_every_system_it_can_and_reports_each_row() {
                 .unwrap_or_else(|| panic!("no {system} {mode} row: {said}"));
             assert!(row["rps"].as_f64().unwrap_or(0.0) > 0.0, "{row}");
             assert_eq!(row["errors"], 0, "{row}");
-            for key in ["p50_ms", "p99_ms", "cpu_s", "peak_rss_mib"] {
+            for key in [
+                "p50_ms",
+                "p99_ms",
+                "cpu_s",
+                "cpu_us_per_request",
+                "peak_rss_mib",
+            ] {
                 assert!(row[key].as_f64().is_some(), "{key} in {row}");
             }
+            // CPU per request is the run's CPU over the requests it answered.
+            let per_request =
+                row["cpu_s"].as_f64().unwrap_or(0.0) * 1e6 / row["ok"].as_f64().unwrap_or(1.0);
+            let said_per_request = row["cpu_us_per_request"].as_f64().unwrap_or(-1.0);
+            assert!(
+                (per_request - said_per_request).abs() <= 1e-6 * per_request.max(1.0),
+                "{row}"
+            );
             let proxy = *system != "direct";
             assert_eq!(
                 row["peak_rss_mib"].as_f64().unwrap_or(0.0) > 0.0,
