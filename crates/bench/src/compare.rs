@@ -72,7 +72,8 @@ pub struct CompareOptions {
     pub program: PathBuf,
     pub systems: Vec<System>,
     pub modes: Vec<Mode>,
-    pub connections: usize,
+    /// Concurrent device connections: each system and mode runs once with each count.
+    pub connections: Vec<usize>,
     /// The measured load of each run.
     pub duration: Duration,
     /// Load before each measured run, not counted (zero: none).
@@ -101,7 +102,7 @@ impl CompareOptions {
             program,
             systems: System::ALL.to_vec(),
             modes: vec![Mode::Keepalive, Mode::Handshake],
-            connections: 32,
+            connections: vec![32],
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(1),
             nginx: None,
@@ -120,6 +121,8 @@ impl CompareOptions {
 pub struct Row {
     pub system: System,
     pub mode: Mode,
+    /// Concurrent device connections of the run.
+    pub connections: usize,
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -161,7 +164,8 @@ pub struct CompareReport {
     pub skipped: Vec<NotRun>,
     /// Runs that failed (the system did not come up, or the load could not start).
     pub failed: Vec<NotRun>,
-    pub connections: usize,
+    /// The connection counts run (`--connections`), in order.
+    pub connections: Vec<usize>,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub rounds: usize,
@@ -203,9 +207,9 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
             "no systems or no modes to compare".into(),
         ));
     }
-    if options.connections == 0 {
+    if options.connections.is_empty() || options.connections.contains(&0) {
         return Err(CompareError::Options(
-            "--connections must be at least 1".into(),
+            "--connections must be at least 1 (each of a list)".into(),
         ));
     }
     if options.duration.is_zero() {
@@ -231,6 +235,12 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
             modes.push(*m);
         }
     }
+    let mut counts: Vec<usize> = Vec::new();
+    for c in &options.connections {
+        if !counts.contains(c) {
+            counts.push(*c);
+        }
+    }
 
     let tools = Tools::find(options);
     let mut skipped = Vec::new();
@@ -253,7 +263,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
         .prefix("portcullis-bench-")
         .tempdir()
         .map_err(io("creating a temporary directory"))?;
-    let outcome = run_in(tmp.path(), options, &tools, &systems, &modes);
+    let outcome = run_in(tmp.path(), options, &tools, &systems, &modes, &counts);
     let dir = if options.keep { Some(tmp.keep()) } else { None };
     let (rows, failed) = match (outcome, &dir) {
         (Ok(outcome), _) => outcome,
@@ -266,7 +276,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
         rows,
         skipped,
         failed,
-        connections: options.connections,
+        connections: counts,
         duration_s: options.duration.as_secs_f64(),
         warmup_s: options.warmup.as_secs_f64(),
         rounds: options.rounds,
@@ -283,6 +293,7 @@ fn run_in(
     tools: &Tools,
     systems: &[System],
     modes: &[Mode],
+    counts: &[usize],
 ) -> Result<Outcome, CompareError> {
     let lab = dir.join("lab");
     pki::lab::LabPki::issue(&pki::lab::LabOptions {
@@ -297,32 +308,44 @@ fn run_in(
     let lab = Lab { dir: lab };
 
     let mut mp = start_mp(dir, &lab, options)?;
-    let mut rounds: Vec<Vec<Row>> = vec![Vec::new(); systems.len() * modes.len()];
+    // (mode, connections): what each system is run under, in order.
+    let workloads: Vec<(Mode, usize)> = modes
+        .iter()
+        .flat_map(|&mode| counts.iter().map(move |&c| (mode, c)))
+        .collect();
+    let mut rounds: Vec<Vec<Row>> = vec![Vec::new(); systems.len() * workloads.len()];
     let mut failed = Vec::new();
-    let total = systems.len() * modes.len() * options.rounds;
+    let total = systems.len() * workloads.len() * options.rounds;
     let mut n = 0;
     for round in 1..=options.rounds {
         for (s, &system) in systems.iter().enumerate() {
-            for (m, &mode) in modes.iter().enumerate() {
+            for (w, &(mode, connections)) in workloads.iter().enumerate() {
                 n += 1;
-                let what = if options.rounds > 1 {
-                    format!(
-                        "{} {} (round {round}/{})",
-                        system.name(),
-                        mode.name(),
-                        options.rounds
-                    )
-                } else {
-                    format!("{} {}", system.name(), mode.name())
+                let mut what = format!("{} {}", system.name(), mode.name());
+                if counts.len() > 1 {
+                    what.push_str(&format!(" {connections} devices"));
+                }
+                if options.rounds > 1 {
+                    what.push_str(&format!(" (round {round}/{})", options.rounds));
+                }
+                let run = Run {
+                    system,
+                    mode,
+                    connections,
+                    what: &what,
+                    n,
+                    total,
                 };
-                match run_once(
-                    &runtime, dir, &lab, &mut mp, tools, options, system, mode, &what, n, total,
-                ) {
-                    Ok(row) => rounds[s * modes.len() + m].push(row),
+                match run_once(&runtime, dir, &lab, &mut mp, tools, options, &run) {
+                    Ok(row) => rounds[s * workloads.len() + w].push(row),
                     Err(reason) => failed.push(NotRun {
                         system,
                         mode: Some(mode),
-                        reason,
+                        reason: if counts.len() > 1 {
+                            format!("{connections} devices: {reason}")
+                        } else {
+                            reason
+                        },
                     }),
                 }
             }
@@ -330,22 +353,32 @@ fn run_in(
     }
     let mut rows: Vec<Row> = rounds.into_iter().filter_map(median_round).collect();
     drop(mp);
-    let reference: BTreeMap<&str, f64> = rows
+    let reference: BTreeMap<(&str, usize), f64> = rows
         .iter()
         .filter(|r| r.system == System::Portcullis)
-        .map(|r| (r.mode.name(), r.rps))
+        .map(|r| ((r.mode.name(), r.connections), r.rps))
         .collect();
     for row in &mut rows {
         row.vs_portcullis = reference
-            .get(row.mode.name())
+            .get(&(row.mode.name(), row.connections))
             .filter(|rps| **rps > 0.0)
             .map(|rps| row.rps / rps);
     }
     Ok((rows, failed))
 }
 
-/// One system under one mode, brought up fresh: its row, or why it could not be measured.
-#[allow(clippy::too_many_arguments)]
+/// One run: a system under one mode and one connection count, and where it stands in the
+/// sequence (for the progress lines).
+struct Run<'a> {
+    system: System,
+    mode: Mode,
+    connections: usize,
+    what: &'a str,
+    n: usize,
+    total: usize,
+}
+
+/// One run, the system brought up fresh: its row, or why it could not be measured.
 fn run_once(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
@@ -353,25 +386,29 @@ fn run_once(
     mp: &mut Mp,
     tools: &Tools,
     options: &CompareOptions,
-    system: System,
-    mode: Mode,
-    what: &str,
-    n: usize,
-    total: usize,
+    run: &Run,
 ) -> Result<Row, String> {
+    let Run {
+        system,
+        mode,
+        connections,
+        what,
+        n,
+        total,
+    } = *run;
     if options.progress {
         eprintln!(
-            "bench compare [{n}/{total}] {what}: starting; then {:.1} s warm-up, {:.1} s measured, {} connections",
+            "bench compare [{n}/{total}] {what}: starting; then {:.1} s warm-up, {:.1} s measured, {connections} connections",
             options.warmup.as_secs_f64(),
             options.duration.as_secs_f64(),
-            options.connections
         );
     }
-    let run_dir = dir.join(format!("{}-{}", slug(system), mode.name()));
+    let run_dir = dir.join(format!("{}-{}-{connections}", slug(system), mode.name()));
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
     let measured = bring_up(system, &run_dir, lab, mp, tools, options).and_then(|mut up| {
-        measure(runtime, &mut up, lab, mode, options, mp).map_err(|e| format!("{e}{}", up.tails()))
+        measure(runtime, &mut up, lab, mode, connections, options, mp)
+            .map_err(|e| format!("{e}{}", up.tails()))
     });
     match measured {
         Ok((report, cpu_s, peak_rss_kib, processes)) => {
@@ -384,6 +421,7 @@ fn run_once(
             Ok(Row {
                 system,
                 mode,
+                connections,
                 rps: report.rps,
                 p50_ms: report.latency.p50_ms,
                 p99_ms: report.latency.p99_ms,
@@ -1037,12 +1075,13 @@ fn measure(
     up: &mut Up,
     lab: &Lab,
     mode: Mode,
+    connections: usize,
     options: &CompareOptions,
     mp: &mut Mp,
 ) -> Result<Measured, String> {
     wait_ready(runtime, up, lab, options, mp)?;
     if !options.warmup.is_zero() {
-        let mut warm = load_options(&up.url, lab, mode, options.connections);
+        let mut warm = load_options(&up.url, lab, mode, connections);
         warm.duration = Some(options.warmup);
         runtime
             .block_on(load::run(&warm))
@@ -1052,7 +1091,7 @@ fn measure(
     pids.extend(procstat::descendants(&pids));
     let cpu = |pids: &[u32]| -> f64 { pids.iter().filter_map(|&p| procstat::cpu_seconds(p)).sum() };
     let before = cpu(&pids);
-    let mut measured = load_options(&up.url, lab, mode, options.connections);
+    let mut measured = load_options(&up.url, lab, mode, connections);
     measured.duration = Some(options.duration);
     measured.progress = options.progress;
     let report = runtime
@@ -1115,10 +1154,19 @@ fn wait_ready(
 impl CompareReport {
     /// The table, with the skipped and failed systems after it.
     pub fn render_text(&self) -> String {
+        let counts: Vec<String> = self.connections.iter().map(|c| c.to_string()).collect();
+        let sweep = self.connections.len() > 1;
         let mut out = format!(
-            "{} connections, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
+            "{} connections{}, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
              CPU s, CPU us/req (per request answered) and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
-            self.connections, self.duration_s, self.warmup_s
+            counts.join(", "),
+            if sweep {
+                " (a run with each; rows compare with portcullis at the same count)"
+            } else {
+                ""
+            },
+            self.duration_s,
+            self.warmup_s
         );
         if let Some(threads) = self.threads {
             out.push_str(&format!(
@@ -1136,6 +1184,7 @@ impl CompareReport {
         let header = [
             "system",
             "mode",
+            if sweep { "devices" } else { "" },
             "req/s",
             if ranges { "req/s range" } else { "" },
             "p50 ms",
@@ -1152,6 +1201,11 @@ impl CompareReport {
             table.push(vec![
                 r.system.name().to_string(),
                 r.mode.name().to_string(),
+                if sweep {
+                    r.connections.to_string()
+                } else {
+                    String::new()
+                },
                 format!("{:.0}", r.rps),
                 if ranges {
                     let low = r.rps_rounds.iter().copied().fold(f64::INFINITY, f64::min);
@@ -1265,7 +1319,7 @@ mod tests {
             ),
             (
                 CompareOptions {
-                    connections: 0,
+                    connections: vec![32, 0],
                     ..base.clone()
                 },
                 "--connections",
@@ -1280,6 +1334,7 @@ mod tests {
         Row {
             system: System::Portcullis,
             mode: Mode::Keepalive,
+            connections: 32,
             rps,
             p50_ms: rps / 1000.0,
             p99_ms: 0.0,

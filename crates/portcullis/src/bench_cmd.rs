@@ -42,9 +42,9 @@ pub enum BenchCommand {
     ///
     /// One run on loopback, all state in a temporary directory (removed at the end unless
     /// --keep): a lab PKI, one reference management point (`portcullis mp`, client
-    /// certificates required) shared by every system, then for each system and mode a fresh
-    /// start, a wait until it answers (at most 20 s), --warmup seconds of load, --duration
-    /// seconds measured, and a stop. Systems:
+    /// certificates required) shared by every system, then for each system, mode and
+    /// connection count a fresh start, a wait until it answers (at most 20 s), --warmup
+    /// seconds of load, --duration seconds measured, and a stop. Systems:
     ///
     ///   direct          devices straight to the management point (the floor; no proxy)
     ///   portcullis      device -> gateway -> channel -> connector -> management point
@@ -56,7 +56,8 @@ pub enum BenchCommand {
     ///
     /// Modes: keepalive (HTTP/1.1 keep-alive) and handshake (a new TCP connection and full TLS
     /// handshake per request). Every run: --connections devices with certificate device-001,
-    /// closed loop, GET /SMS_MP/.sms_aut?MPLIST.
+    /// closed loop, GET /SMS_MP/.sms_aut?MPLIST. A list (-c 32,128) runs each count in turn
+    /// and adds a devices column; ratios compare rows at the same count.
     ///
     /// Prints one table: req/s, p50/p99 latency, the CPU seconds (user + system over the
     /// measured run), the same per request answered (microseconds: what the system itself
@@ -262,9 +263,17 @@ pub struct CompareArgs {
         default_value = "keepalive,handshake"
     )]
     pub modes: Vec<ModeArg>,
-    /// Concurrent device connections (closed loop) in every run.
-    #[arg(long, short = 'c', value_name = "N", default_value_t = 32)]
-    pub connections: usize,
+    /// Concurrent device connections (closed loop) in every run; a comma-separated list runs
+    /// each system and mode once with each count (e.g. 32,128), each row compared with
+    /// portcullis at the same count.
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "32"
+    )]
+    pub connections: Vec<usize>,
     /// Seconds of measured load per system and mode.
     #[arg(long, short = 'd', value_name = "SECS", default_value_t = 10.0)]
     pub duration: f64,

@@ -170,6 +170,38 @@ fn bench_compare_runs_every_system_it_can_and_reports_each_row() {
 }
 
 #[test]
+fn bench_compare_runs_each_connection_count_and_compares_within_it() {
+    let (out, report) = compare_json(
+        &["portcullis"],
+        &[
+            "--modes",
+            "keepalive",
+            "--connections",
+            "2,4",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(report["connections"], serde_json::json!([2, 4]), "{said}");
+    let rows = report["rows"].as_array().expect("rows");
+    let counts: Vec<u64> = rows
+        .iter()
+        .map(|r| r["connections"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(counts, [2, 4], "{said}");
+    for row in rows {
+        assert_eq!(row["vs_portcullis"].as_f64(), Some(1.0), "{row}");
+        assert!(row["ok"].as_u64().unwrap_or(0) > 0, "{row}");
+    }
+    let shown = String::from_utf8_lossy(&out.stderr);
+    assert!(shown.contains("portcullis keepalive 4 devices"), "{shown}");
+}
+
+#[test]
 fn bench_compare_names_the_install_script_for_a_missing_tool() {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args([
@@ -225,13 +257,13 @@ fn bench_compare_threads_reach_every_process_under_test() {
     assert_eq!(report["threads"], 1, "{said}");
     let dir = Path::new(report["dir"].as_str().expect("the kept directory"));
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-    // Each run has its directory, named after the system and the mode.
+    // Each run has its directory, named after the system, the mode and the connections.
     for config in ["gateway.toml", "connector.toml"] {
-        let text = read(&format!("portcullis-keepalive/{config}"));
+        let text = read(&format!("portcullis-keepalive-2/{config}"));
         assert!(text.contains("worker_threads = 1\n"), "{config}: {text}");
     }
     if systems.contains(&"nginx") {
-        let text = read("nginx-keepalive/nginx.conf");
+        let text = read("nginx-keepalive-2/nginx.conf");
         assert!(text.contains("worker_processes 1;"), "{text}");
     }
     let _ = std::fs::remove_dir_all(dir);
