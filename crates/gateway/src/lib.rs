@@ -22,6 +22,7 @@ use pki::RootSet;
 use ring::rand::SecureRandom;
 use serde::Deserialize;
 use time::OffsetDateTime;
+use tokio::io::AsyncBufReadExt;
 use tokio_rustls::server::StartHandshake;
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -647,23 +648,56 @@ async fn handshake_and_serve(
             async move { Ok::<_, std::convert::Infallible>(handle(req, &shared, &device).await) },
         )
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its request
-    // headers (slow-loris); HTTP/2 needs the same timer for its own timeouts.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let served = builder.serve_connection(TokioIo::new(tls), service);
-    let _ = Drainable {
-        served,
-        stop: drain_shared.stop.clone().notified_owned(),
-        shared: drain_shared,
-        draining: false,
-        drain: |served| served.graceful_shutdown(),
+    // hyper's connection state is made once the device has sent something: until then an
+    // idle connection holds only its TLS stream. A stop meanwhile closes it at once.
+    let mut tls = tls;
+    let stop = drain_shared.stop.clone().notified_owned();
+    if drain_shared
+        .stopping
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
     }
-    .await;
+    let sent = tokio::select! {
+        first = tls.fill_buf() => matches!(first, Ok(bytes) if !bytes.is_empty()),
+        () = stop => false,
+    };
+    if !sent {
+        return;
+    }
+    // The protocol is the one ALPN chose: HTTP/2 only as "h2" (RFC 9113 3.2: over TLS it is
+    // never spoken without it), else HTTP/1.1. Not hyper-util's auto server, which reads the
+    // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
+    // after which hyper doubled its read buffer to 16 KiB on every connection.
+    let stop = drain_shared.stop.clone().notified_owned();
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(TokioIo::new(tls), service);
+        let _ = Drainable {
+            served,
+            stop,
+            shared: drain_shared,
+            draining: false,
+            drain: |served| served.graceful_shutdown(),
+        }
+        .await;
+    } else {
+        // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
+        // request headers (slow-loris).
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(tls), service);
+        let _ = Drainable {
+            served,
+            stop,
+            shared: drain_shared,
+            draining: false,
+            drain: |served| served.graceful_shutdown(),
+        }
+        .await;
+    }
 }
 
 pin_project_lite::pin_project! {

@@ -345,22 +345,36 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
 }
 
 /// A gateway stopped gracefully while one device's request is under way (its body still
-/// coming) and another device's connection is idle: the request is answered whole, the idle
-/// connection is closed at once, and the gateway says it cut nothing.
+/// coming), another device's connection is idle after a request and a third has sent nothing
+/// since its handshake: the request is answered whole, both quiet connections are closed at
+/// once, and the gateway says it cut nothing.
 #[test]
 fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
+    use tokio::io::AsyncReadExt;
     let mut system = System::start_on_shards(2);
     assert!(system.wait_for_channels(2));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let tls = system.device_tls();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let gateway = system.gateway.take().unwrap();
-    let (status, body, idle_closed_in) = system.runtime.block_on(async {
+    let (status, body, idle_closed_in, silent_closed_in) = system.runtime.block_on(async {
         let mut idle = connect::<http_body_util::Empty<bytes::Bytes>>(port, tls.clone()).await;
         assert_eq!(get(&mut idle, &path).await.0, 200);
+        let mut silent = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(
+                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
         let (more, answer) = trickled_echo(port, tls).await;
         let stopping = tokio::spawn(gateway.stop_gracefully(Duration::from_secs(10)));
         let asked = Instant::now();
+        // The connection that never sent a byte ends: its read says so.
+        let _ = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 1])).await;
+        let silent_closed_in = asked.elapsed();
         // The idle connection is closed by the gateway: hyper's handle says so.
         while !idle.is_closed() && asked.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -370,7 +384,7 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
         finish_trickle(more).await;
         let (status, body) = answer.await.unwrap();
         stopping.await.unwrap();
-        (status, body, idle_closed_in)
+        (status, body, idle_closed_in, silent_closed_in)
     });
     assert_eq!(status, 200);
     assert_eq!(body.unwrap(), "first second last");
@@ -378,9 +392,13 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
         idle_closed_in < Duration::from_secs(5),
         "{idle_closed_in:?}"
     );
+    assert!(
+        silent_closed_in < Duration::from_secs(5),
+        "{silent_closed_in:?}"
+    );
     let log = system.gateway_log.lock().unwrap().join("\n");
     assert!(
-        log.contains("Stopping: 2 device connection(s) drained, no request under way was cut"),
+        log.contains("Stopping: 3 device connection(s) drained, no request under way was cut"),
         "{log}"
     );
     drop(log);

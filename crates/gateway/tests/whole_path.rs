@@ -18,17 +18,22 @@ fn a_device_gets_the_management_points_exact_bytes() {
         system.gateway_log.lock().unwrap()
     );
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
-    for http in ["--http1.1", "--http2"] {
-        let out = curl(&system, &path, &[http]);
+    // HTTP/1.1 and HTTP/2 as ALPN chose them, and HTTP/1.1 from a client offering no ALPN.
+    for http in [
+        &["--http1.1"][..],
+        &["--http2"],
+        &["--http1.1", "--no-alpn"],
+    ] {
+        let out = curl(&system, &path, http);
         assert!(
             out.status.success(),
-            "{}",
+            "{http:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
             out.stdout
                 .starts_with(b"<MPList><MP Name=\"MP.PORTCULLIS.LAB\""),
-            "{http}: {}",
+            "{http:?}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
     }
