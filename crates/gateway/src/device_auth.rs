@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use channel::refusal::Cause;
@@ -34,7 +34,9 @@ pub struct DeviceAuth {
 
 /// A device certificate judged trusted, and how long that judgement may be reused.
 struct Cached {
-    cert: Box<Certificate>,
+    /// Shared with every connection judged by this entry: one copy per device, not one per
+    /// connection beside the cache's (a certificate with its raw parts is ~1.5 KiB).
+    cert: Arc<Certificate>,
     warning: Option<String>,
     valid_from: OffsetDateTime,
     valid_until: OffsetDateTime,
@@ -57,7 +59,7 @@ pub struct Revocation {
 #[derive(Clone)]
 pub struct Judgement {
     pub generation: u64,
-    pub cert: Result<Box<Certificate>, Cause>,
+    pub cert: Result<Arc<Certificate>, Cause>,
     /// Set when the device was let in with its revocation status unknown (allow-and-warn).
     pub warning: Option<String>,
 }
@@ -189,7 +191,7 @@ impl DeviceAuth {
             warning,
         };
         let cert = match judge_peer(leaf, &self.roots, &[], now) {
-            PeerCert::Trusted(cert) => cert,
+            PeerCert::Trusted(cert) => Arc::<Certificate>::from(cert),
             PeerCert::None => return judged(Err(Cause::DeviceCertificateMissing), None),
             PeerCert::Untrusted { detail } => {
                 return judged(Err(Cause::DeviceCertificateUntrusted { detail }), None)
@@ -230,5 +232,35 @@ impl DeviceAuth {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pki::lab::{LabCa, LeafSpec};
+
+    /// A device judged again (another connection of it) gets the cached judgement's own
+    /// certificate, not a copy: each copy is ~1.5 KiB held for as long as a connection stays.
+    #[test]
+    fn a_cached_judgement_shares_its_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = LabCa::new_root("Test Root", 5).unwrap();
+        let root_file = dir.path().join("root.crt");
+        std::fs::write(&root_file, &root.cert().cert_pem).unwrap();
+        let device = root.issue(&LeafSpec::client_auth("DEVICE-1", 30)).unwrap();
+        let auth = DeviceAuth::load(1, &[root_file], None, None).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let first = auth.judge(Some(&device.cert_der), now);
+        let second = auth.judge(Some(&device.cert_der), now);
+        let (Ok(first), Ok(second)) = (&first.cert, &second.cert) else {
+            panic!("not trusted: {:?} {:?}", first.cert, second.cert);
+        };
+        assert!(
+            first.subject.starts_with("CN=DEVICE-1"),
+            "{}",
+            first.subject
+        );
+        assert!(Arc::ptr_eq(first, second));
     }
 }
