@@ -32,6 +32,10 @@ pub struct ConnectionsOptions {
     /// and reads the answer, then idles: a device between two polls, which is how a fleet's
     /// connections mostly sit. Without it the connections idle before their first request.
     pub request_first: bool,
+    /// Distinct device certificates, used in turn (0: one per connection, as a fleet has).
+    /// With fewer, connections share certificates, and with them the gateway's judgement of
+    /// each, which a fleet of distinct devices does not.
+    pub devices: usize,
     pub progress: bool,
 }
 
@@ -55,12 +59,14 @@ pub struct ConnectionsReport {
     pub request_first: bool,
     /// Connections whose request was answered (2xx, body read to its end).
     pub answered: usize,
+    /// Distinct device certificates the connections presented.
+    pub devices: usize,
 }
 
 impl ConnectionsReport {
     pub fn render_text(&self) -> String {
         let mut out = format!(
-            "{} of {} idle mutual-TLS connections{} opened in {:.2} s ({:.0}/s) from {} source addresses; {} still open after the hold\n  gateway RSS: {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection\n  open-file limit: {}\n",
+            "{} of {} idle mutual-TLS connections{} opened in {:.2} s ({:.0}/s) from {} source addresses with {} device certificate(s); {} still open after the hold\n  gateway RSS: {:.1} MiB before, {:.1} MiB after: {:.1} KiB per connection\n  open-file limit: {}\n",
             self.opened,
             self.requested,
             if self.request_first {
@@ -71,6 +77,7 @@ impl ConnectionsReport {
             self.open_s,
             self.opened_per_s,
             self.source_addresses,
+            self.devices,
             self.held,
             self.gateway_rss_before_mib,
             self.gateway_rss_after_mib,
@@ -183,13 +190,12 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);
 
-    let tls = testkit::probe::device_tls(
-        &[dir.path().join("ca/root.crt")],
-        Some(&dir.path().join("devices/device-001.crt")),
-        Some(&dir.path().join("devices/device-001.key")),
-        false,
-    )?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let devices = if options.devices == 0 {
+        options.count
+    } else {
+        options.devices.min(options.count)
+    };
+    let connectors = device_connectors(dir.path(), devices, options.progress)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")
         .map_err(|e| ConnectionsError::Setup(e.to_string()))?;
     let target = SocketAddr::from(([127, 0, 0, 1], port));
@@ -227,7 +233,7 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
         let n = (i % sources) as u32 + 1;
         let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 1, 0)) + n + n / 255);
         let permit = gate.clone().acquire_owned().await;
-        let connector = connector.clone();
+        let connector = connectors[i % connectors.len()].clone();
         let name = name.clone();
         let opened = opened.clone();
         let open_now = open_now.clone();
@@ -346,7 +352,55 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
         source_addresses: sources,
         request_first: options.request_first,
         answered: answered.load(Ordering::Relaxed),
+        devices,
     })
+}
+
+/// TLS clients for `devices` device certificates, issued here by the lab's root CA (the one the
+/// gateway trusts), each its own subject and key.
+fn device_connectors(
+    lab: &Path,
+    devices: usize,
+    progress: bool,
+) -> Result<Vec<tokio_rustls::TlsConnector>, ConnectionsError> {
+    use rustls_pki_types::pem::PemObject;
+    let setup = |what: &str, e: &dyn std::fmt::Display| {
+        ConnectionsError::Setup(format!("device certificates: {what}: {e}"))
+    };
+    let read = |name: &str| {
+        std::fs::read_to_string(lab.join(name)).map_err(|e| setup(&format!("reading {name}"), &e))
+    };
+    let ca = pki::lab::LabCa::from_pem(&read("ca/root.crt")?, &read("ca/root.key")?)
+        .map_err(|e| setup("the lab root", &e))?;
+    let roots = pki::RootSet::load(&[lab.join("ca/root.crt")]).map_err(|e| setup("roots", &e))?;
+    let started = Instant::now();
+    let mut connectors = Vec::with_capacity(devices);
+    for i in 0..devices {
+        if progress && i > 0 && i % 2000 == 0 {
+            eprintln!(
+                "{:>5.1} s  {i} of {devices} device certificates issued",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let device = ca
+            .issue(&pki::lab::LeafSpec::client_auth(
+                &format!("BENCH-DEVICE-{:05}", i + 1),
+                30,
+            ))
+            .map_err(|e| setup("issuing", &e))?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(device.key_pem.as_bytes())
+            .map_err(|e| setup("a key", &e))?;
+        let mut tls = pki::tls::client_config(&roots)
+            .map_err(|e| setup("TLS", &e))?
+            .with_client_auth_cert(
+                vec![rustls_pki_types::CertificateDer::from(device.cert_der)],
+                key,
+            )
+            .map_err(|e| setup("TLS", &e))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        connectors.push(tokio_rustls::TlsConnector::from(Arc::new(tls)));
+    }
+    Ok(connectors)
 }
 
 type DeviceTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;

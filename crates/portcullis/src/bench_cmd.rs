@@ -102,6 +102,11 @@ pub struct ConnectionsArgs {
     /// then idles, as a device does between polls; without it they idle from the handshake.
     #[arg(long)]
     pub request: bool,
+    /// Distinct device certificates, used in turn (default: one per connection, as a fleet
+    /// has; they are issued at the start, a few seconds for tens of thousands). Fewer make
+    /// connections share a certificate and the gateway's cached judgement of it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub devices: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -192,6 +197,9 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
         hold: Duration::try_from_secs_f64(args.hold)
             .with_context(|| format!("--hold: {} is not a number of seconds", args.hold))?,
         request_first: args.request,
+        devices: args
+            .devices
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         progress: true,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

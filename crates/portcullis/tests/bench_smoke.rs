@@ -56,7 +56,8 @@ fn bench_load_against_dev_in_both_modes() {
 
 #[test]
 fn bench_connections_holds_idle_connections_before_and_after_a_request() {
-    for request in [false, true] {
+    // A certificate per connection by default; --devices shares fewer among them.
+    for (request, devices) in [(false, None), (true, Some(3))] {
         let mut command = Command::new(env!("CARGO_BIN_EXE_portcullis"));
         command.args([
             "bench",
@@ -70,6 +71,9 @@ fn bench_connections_holds_idle_connections_before_and_after_a_request() {
         if request {
             command.arg("--request");
         }
+        if let Some(devices) = devices {
+            command.args(["--devices", &devices.to_string()]);
+        }
         let out = command.output().unwrap();
         assert!(out.status.success(), "request {request}: {}", text(&out));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -78,6 +82,7 @@ fn bench_connections_holds_idle_connections_before_and_after_a_request() {
         assert_eq!(report["held"], 12, "{report}");
         assert_eq!(report["request_first"], request, "{report}");
         assert_eq!(report["answered"], if request { 12 } else { 0 }, "{report}");
+        assert_eq!(report["devices"], devices.unwrap_or(12), "{report}");
         assert!(
             report["rss_per_connection_kib"].as_f64().is_some(),
             "{report}"
