@@ -669,19 +669,11 @@ async fn handshake_and_serve(
     // never spoken without it), else HTTP/1.1. Not hyper-util's auto server, which reads the
     // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
     // after which hyper doubled its read buffer to 16 KiB on every connection.
-    let stop = drain_shared.stop.clone().notified_owned();
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable {
-            served,
-            stop,
-            shared: drain_shared,
-            draining: false,
-            drain: |served| served.graceful_shutdown(),
-        }
-        .await;
+        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
     } else {
         // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
         // request headers (slow-loris).
@@ -689,14 +681,7 @@ async fn handshake_and_serve(
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable {
-            served,
-            stop,
-            shared: drain_shared,
-            draining: false,
-            drain: |served| served.graceful_shutdown(),
-        }
-        .await;
+        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
     }
 }
 
@@ -713,6 +698,19 @@ pin_project_lite::pin_project! {
         shared: Arc<Shared>,
         draining: bool,
         drain: fn(std::pin::Pin<&mut F>),
+    }
+}
+
+impl<F> Drainable<F> {
+    /// `served`, told `drain` once the gateway stops (now, if it already has).
+    fn new(served: F, shared: Arc<Shared>, drain: fn(std::pin::Pin<&mut F>)) -> Drainable<F> {
+        Drainable {
+            served,
+            stop: shared.stop.clone().notified_owned(),
+            shared,
+            draining: false,
+            drain,
+        }
     }
 }
 
