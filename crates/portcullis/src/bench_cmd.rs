@@ -107,6 +107,7 @@ pub struct ConnectionsArgs {
     /// connections share a certificate and the gateway's cached judgement of it.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub devices: Option<u64>,
+    /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
