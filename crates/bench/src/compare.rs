@@ -207,10 +207,17 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
             "no systems or no modes to compare".into(),
         ));
     }
-    if options.connections.is_empty() || options.connections.contains(&0) {
-        return Err(CompareError::Options(
-            "--connections must be at least 1 (each of a list)".into(),
-        ));
+    // The load generator's own bound, checked before any system is brought up.
+    if options.connections.is_empty()
+        || options
+            .connections
+            .iter()
+            .any(|&c| c == 0 || c > load::MAX_CONNECTIONS)
+    {
+        return Err(CompareError::Options(format!(
+            "--connections must be between 1 and {} (each of a list)",
+            load::MAX_CONNECTIONS
+        )));
     }
     if options.duration.is_zero() {
         return Err(CompareError::Options("--duration must be positive".into()));

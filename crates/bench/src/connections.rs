@@ -95,8 +95,6 @@ impl ConnectionsReport {
 pub enum ConnectionsError {
     #[error("{0}")]
     Setup(String),
-    #[error(transparent)]
-    Probe(#[from] testkit::probe::ProbeError),
 }
 
 /// Connections per source address: one address has 28,232 ephemeral ports, but the kernel finds

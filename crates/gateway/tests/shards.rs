@@ -188,12 +188,10 @@ fn the_connector_opens_a_channel_for_each_gateway_thread() {
     let per_shard: Vec<usize> = (0..3).map(|s| gateway.registry.channels_on(s)).collect();
     assert_eq!(per_shard, [1, 1, 1]);
     assert_eq!(system.connector.as_ref().unwrap().dial_loops(), 3);
-    let log = system.connector_log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("runs 3 worker threads: opening 2 more channel(s) to it, 3 in all"),
-        "{log}"
+    assert_logged(
+        &system.connector_log,
+        "runs 3 worker threads: opening 2 more channel(s) to it, 3 in all",
     );
-    drop(log);
     system.stop();
 }
 
@@ -318,10 +316,7 @@ fn a_certificate_given_by_a_reload_reaches_the_gateway_with_no_request_refused()
 /// coming: the request is answered whole, then the channels close.
 #[test]
 fn a_connector_stopping_gracefully_answers_the_request_under_way() {
-    let mut system = System::start_on_shards(2);
-    assert!(system.wait_for_channels(2));
-    let port = system.gateway.as_ref().unwrap().addr.port();
-    let tls = system.device_tls();
+    let (mut system, port, tls) = two_shards_with_channels();
     let connector = system.connector.take().unwrap();
     let (status, body) = system.runtime.block_on(async {
         let (more, answer) = trickled_echo(port, tls).await;
@@ -335,12 +330,10 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
     });
     assert_eq!(status, 200);
     assert_eq!(body.unwrap(), "first second last");
-    let log = system.connector_log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("Stopping: every channel drained, no request under way was cut"),
-        "{log}"
+    assert_logged(
+        &system.connector_log,
+        "Stopping: every channel drained, no request under way was cut",
     );
-    drop(log);
     system.stop();
 }
 
@@ -351,10 +344,7 @@ fn a_connector_stopping_gracefully_answers_the_request_under_way() {
 #[test]
 fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
     use tokio::io::AsyncReadExt;
-    let mut system = System::start_on_shards(2);
-    assert!(system.wait_for_channels(2));
-    let port = system.gateway.as_ref().unwrap().addr.port();
-    let tls = system.device_tls();
+    let (mut system, port, tls) = two_shards_with_channels();
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     let gateway = system.gateway.take().unwrap();
     let (status, body, idle_closed_in, silent_closed_in) = system.runtime.block_on(async {
@@ -396,13 +386,21 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
         silent_closed_in < Duration::from_secs(5),
         "{silent_closed_in:?}"
     );
-    let log = system.gateway_log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("Stopping: 3 device connection(s) drained, no request under way was cut"),
-        "{log}"
+    assert_logged(
+        &system.gateway_log,
+        "Stopping: 3 device connection(s) drained, no request under way was cut",
     );
-    drop(log);
     system.stop();
+}
+
+/// A system on two shards each, its two channels up; the gateway's port and device-001's TLS
+/// client.
+fn two_shards_with_channels() -> (System, u16, Arc<rustls::ClientConfig>) {
+    let system = System::start_on_shards(2);
+    assert!(system.wait_for_channels(2));
+    let port = system.gateway.as_ref().unwrap().addr.port();
+    let tls = system.device_tls();
+    (system, port, tls)
 }
 
 /// Starts a POST to the management point's echo, from device-001, whose body comes as the test

@@ -372,13 +372,11 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     assert!(served_certificate().starts_with("CN=Portcullis Gateway,"));
 
     let root = system.lab_root();
-    let renewed = root
-        .issue(&LeafSpec::server_auth(
-            "Portcullis Gateway Renewed",
-            &["localhost".to_string()],
-            30,
-        ))
-        .unwrap();
+    let server_certificate = |name: &str| {
+        root.issue(&LeafSpec::server_auth(name, &["localhost".to_string()], 30))
+            .unwrap()
+    };
+    let renewed = server_certificate("Portcullis Gateway Renewed");
     std::fs::write(system.path("gateway/server.crt"), &renewed.cert_pem).unwrap();
     std::fs::write(system.path("gateway/server.key"), &renewed.key_pem).unwrap();
     let summary = system.reload_gateway("").unwrap();
@@ -394,13 +392,7 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     assert!(report.succeeded(), "{:?}", report.lines);
 
     // A key that is not the certificate's: refused, and the renewed one still served.
-    let other = root
-        .issue(&LeafSpec::server_auth(
-            "Other",
-            &["localhost".to_string()],
-            30,
-        ))
-        .unwrap();
+    let other = server_certificate("Other");
     std::fs::write(system.path("gateway/server.key"), &other.key_pem).unwrap();
     assert!(system.reload_gateway("").is_err());
     assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));

@@ -30,6 +30,12 @@ pub struct System {
     shard_threads: Vec<ShardThreads>,
 }
 
+/// Asserts that a recorded log has a line containing `text` (the whole log shown if not).
+pub fn assert_logged(lines: &Arc<Mutex<Vec<String>>>, text: &str) {
+    let log = lines.lock().unwrap().join("\n");
+    assert!(log.contains(text), "{text:?} not in:\n{log}");
+}
+
 pub fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
     let lines = lines.clone();
     logs::Logger::new("TEST")
