@@ -34,26 +34,112 @@ impl Hop {
 #[serde(tag = "cause", rename_all = "snake_case")]
 pub enum Cause {
     // Device -> gateway.
-    BadRoute { detail: String },
+    BadRoute {
+        detail: String,
+    },
     DeviceCertificateMissing,
-    DeviceCertificateUntrusted { detail: String },
-    DeviceCertificateNotTimeValid { detail: String },
-    DeviceCertificateRevoked { detail: String },
-    DeviceRevocationUnknown { detail: String },
-    InvalidToken { check: String },
+    DeviceCertificateUntrusted {
+        detail: String,
+    },
+    DeviceCertificateNotTimeValid {
+        detail: String,
+    },
+    DeviceCertificateRevoked {
+        detail: String,
+    },
+    DeviceRevocationUnknown {
+        detail: String,
+    },
+    InvalidToken {
+        check: String,
+    },
+    /// A certificate that chains but is not for client authentication (no clientAuth EKU).
+    DeviceCertificateWrongUsage {
+        detail: String,
+    },
+    /// The request's header block (names, values and the request line) exceeds the budget
+    /// every hop of the path can carry.
+    HeadersTooLarge {
+        size: usize,
+        limit: usize,
+    },
+    /// A method the gateway does not forward (CONNECT, TRACE, or not a token).
+    MethodNotAllowed {
+        method: String,
+    },
+    /// A transfer coding other than chunked on the request body.
+    TransferCodingUnsupported {
+        coding: String,
+    },
+    /// The device already has as many requests in flight as one device may.
+    TooManyRequests {
+        limit: usize,
+    },
+    /// The gateway holds as many connections as it may (in total or from this address).
+    TooManyConnections {
+        scope: String,
+        limit: usize,
+    },
+    /// The device stopped sending its body, or stopped reading the answer, for too long.
+    DeviceStalled {
+        what: String,
+        seconds: u64,
+    },
     // Gateway -> connector.
-    UnknownEndpoint { endpoint: u64 },
-    NoChannel { endpoint: u64 },
-    ConnectorTimeout { endpoint: u64, seconds: u64 },
-    ChannelBroken { detail: String },
+    UnknownEndpoint {
+        endpoint: u64,
+    },
+    NoChannel {
+        endpoint: u64,
+    },
+    ConnectorTimeout {
+        endpoint: u64,
+        seconds: u64,
+    },
+    ChannelBroken {
+        detail: String,
+    },
+    /// Every channel for the endpoint is full and the queue of requests waiting for one is too.
+    ChannelsBusy {
+        endpoint: u64,
+    },
+    /// The connector's answer broke a rule of the channel (its header block too large, a
+    /// pushed stream): it is not passed on.
+    BadConnectorAnswer {
+        detail: String,
+    },
+    /// The connector started its answer and then sent nothing for too long.
+    ConnectorStalled {
+        seconds: u64,
+    },
     // Connector -> endpoint.
-    EndpointNeedsClientCertificate { url: String, presented: bool },
-    EndpointForbidden { url: String, substatus: Option<u16> },
-    EndpointUnauthorized { url: String },
-    EndpointFailed { url: String, status: u16 },
-    EndpointUnreachable { url: String, detail: String },
-    EndpointTlsFailed { url: String, detail: String },
-    EndpointTimeout { url: String, seconds: u64 },
+    EndpointNeedsClientCertificate {
+        url: String,
+        presented: bool,
+    },
+    EndpointForbidden {
+        url: String,
+        substatus: Option<u16>,
+    },
+    EndpointUnauthorized {
+        url: String,
+    },
+    EndpointFailed {
+        url: String,
+        status: u16,
+    },
+    EndpointUnreachable {
+        url: String,
+        detail: String,
+    },
+    EndpointTlsFailed {
+        url: String,
+        detail: String,
+    },
+    EndpointTimeout {
+        url: String,
+        seconds: u64,
+    },
 }
 
 /// A refusal: what the device sees and what the admin reads.
@@ -96,6 +182,31 @@ impl Refusal {
                 "CMGService_Revocationcheckfailed",
             ),
             Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
+            Cause::DeviceCertificateWrongUsage { .. } => (
+                Hop::DeviceToGateway,
+                403,
+                "CMGService_Clientcertificatewrongusage",
+            ),
+            Cause::HeadersTooLarge { .. } => (
+                Hop::DeviceToGateway,
+                431,
+                "CMGService_Requestheaderstoolarge",
+            ),
+            Cause::MethodNotAllowed { .. } => {
+                (Hop::DeviceToGateway, 405, "CMGService_Methodnotallowed")
+            }
+            Cause::TransferCodingUnsupported { .. } => (
+                Hop::DeviceToGateway,
+                501,
+                "CMGService_Transfercodingnotsupported",
+            ),
+            Cause::TooManyRequests { .. } => {
+                (Hop::DeviceToGateway, 429, "CMGService_Toomanyrequests")
+            }
+            Cause::TooManyConnections { .. } => {
+                (Hop::DeviceToGateway, 503, "CMGService_Toomanyconnections")
+            }
+            Cause::DeviceStalled { .. } => (Hop::DeviceToGateway, 408, "CMGService_Devicestalled"),
             Cause::UnknownEndpoint { .. } => {
                 (Hop::GatewayToConnector, 404, "CMGService_Unknownendpoint")
             }
@@ -109,6 +220,15 @@ impl Refusal {
             }
             Cause::ChannelBroken { .. } => {
                 (Hop::GatewayToConnector, 502, "CMGService_Channelbroken")
+            }
+            Cause::ChannelsBusy { .. } => (Hop::GatewayToConnector, 503, "CMGService_Channelbusy"),
+            Cause::BadConnectorAnswer { .. } => (
+                Hop::GatewayToConnector,
+                502,
+                "CMGService_Badconnectoranswer",
+            ),
+            Cause::ConnectorStalled { .. } => {
+                (Hop::GatewayToConnector, 504, "CMGService_Connectorstalled")
             }
             Cause::EndpointNeedsClientCertificate { .. } => (
                 Hop::ConnectorToEndpoint,
@@ -170,6 +290,13 @@ impl Refusal {
                 format!("the revocation status of the device's certificate cannot be checked: {detail}")
             }
             Cause::InvalidToken { check } => format!("the device's token was refused: {check}"),
+            Cause::DeviceCertificateWrongUsage { detail } => format!("the device's certificate is not for client authentication: {detail}"),
+            Cause::HeadersTooLarge { size, limit } => format!("the request's headers are {size} bytes, over the gateway's limit of {limit}"),
+            Cause::MethodNotAllowed { method } => format!("the gateway does not forward {method} requests"),
+            Cause::TransferCodingUnsupported { coding } => format!("the request body's transfer coding \"{coding}\" is not supported (only chunked)"),
+            Cause::TooManyRequests { limit } => format!("the device already has {limit} requests in flight, as many as one device may"),
+            Cause::TooManyConnections { scope, limit } => format!("the gateway already holds {limit} device connections {scope}, as many as it may"),
+            Cause::DeviceStalled { what, seconds } => format!("the device {what} for {seconds} s"),
             Cause::UnknownEndpoint { endpoint } => {
                 format!("no connector has ever announced endpoint {endpoint}")
             }
@@ -180,6 +307,9 @@ impl Refusal {
                 format!("the connector did not answer for endpoint {endpoint} within {seconds} s")
             }
             Cause::ChannelBroken { detail } => format!("the channel to the connector broke: {detail}"),
+            Cause::ChannelsBusy { endpoint } => format!("every channel for endpoint {endpoint} is full and so is the queue of requests waiting for one"),
+            Cause::BadConnectorAnswer { detail } => format!("the connector's answer was refused: {detail}"),
+            Cause::ConnectorStalled { seconds } => format!("the connector started its answer and then sent nothing for {seconds} s"),
             Cause::EndpointNeedsClientCertificate { url, presented: false } => format!(
                 "{url} requires a client certificate and the connector has none to present (IIS 403.7)"
             ),
@@ -210,9 +340,19 @@ impl Refusal {
             Cause::DeviceCertificateRevoked { .. } => "Issue the device a new certificate; the revoked one stays refused.",
             Cause::DeviceRevocationUnknown { .. } => "Publish a current CRL from the device certificate's issuer and list it in the gateway's crls (reload with SIGHUP), or set crl_policy = \"allow-and-warn\".",
             Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
+            Cause::DeviceCertificateWrongUsage { .. } => "Give the device a certificate whose extended key usage includes Client Authentication (1.3.6.1.5.5.7.3.2).",
+            Cause::HeadersTooLarge { .. } => "Send fewer or smaller headers (cookies, tokens), or raise the gateway's max_request_header_bytes and the connector's to match.",
+            Cause::MethodNotAllowed { .. } => "Use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS; the gateway forwards no tunnels (CONNECT) or TRACE.",
+            Cause::TransferCodingUnsupported { .. } => "Send the body with Content-Length or chunked only; put content codings in Content-Encoding.",
+            Cause::TooManyRequests { .. } => "Wait for the device's requests under way to be answered; raise the gateway's max_streams_per_device if devices need more at once.",
+            Cause::TooManyConnections { .. } => "Retry later; if the load is legitimate raise the gateway's max_connections or max_connections_per_address, or add gateway instances.",
+            Cause::DeviceStalled { .. } => "Check the device's network; the gateway gives up on a stream whose device neither sends nor reads within device_idle_timeout_secs.",
             Cause::UnknownEndpoint { .. } => "Check the endpoint id in the URL against the connector's endpoint table (see ServiceMetadata).",
             Cause::NoChannel { .. } => "Start the connector serving this endpoint and check it can reach this gateway (its log says \"Maintaining connections...\").",
             Cause::ConnectorTimeout { .. } | Cause::ChannelBroken { .. } => "Check the connector's log and its network path to the gateway.",
+            Cause::ChannelsBusy { .. } => "Retry later; if the load is legitimate raise the connector's channels_per_gateway or the gateway's max_queued_requests.",
+            Cause::BadConnectorAnswer { .. } => "Check the connector's version and the endpoint's answer (its headers must fit max_response_header_bytes).",
+            Cause::ConnectorStalled { .. } => "Check the endpoint behind the connector: it started an answer and stopped sending it.",
             Cause::EndpointNeedsClientCertificate { .. } => "Give the connector a client authentication certificate: run `portcullis doctor certs` on its store and apply the fix it names.",
             Cause::EndpointForbidden { .. } => "Make the endpoint trust the connector's client certificate (its root in the endpoint's trusted roots, not expired or revoked), and check the endpoint's HTTPS binding.",
             Cause::EndpointUnauthorized { .. } => "Check the endpoint's authentication settings for requests from the connector.",
@@ -311,6 +451,28 @@ impl Cause {
             Cause::InvalidToken {
                 check: "expired".into(),
             },
+            Cause::DeviceCertificateWrongUsage {
+                detail: "its extended key usage is Server Authentication only".into(),
+            },
+            Cause::HeadersTooLarge {
+                size: 70_000,
+                limit: 16_384,
+            },
+            Cause::MethodNotAllowed {
+                method: "CONNECT".into(),
+            },
+            Cause::TransferCodingUnsupported {
+                coding: "gzip".into(),
+            },
+            Cause::TooManyRequests { limit: 100 },
+            Cause::TooManyConnections {
+                scope: "from 203.0.113.7".into(),
+                limit: 256,
+            },
+            Cause::DeviceStalled {
+                what: "stopped reading the answer".into(),
+                seconds: 30,
+            },
             Cause::UnknownEndpoint { endpoint: 3456 },
             Cause::NoChannel { endpoint: 3456 },
             Cause::ConnectorTimeout {
@@ -320,6 +482,11 @@ impl Cause {
             Cause::ChannelBroken {
                 detail: "stream reset".into(),
             },
+            Cause::ChannelsBusy { endpoint: 3456 },
+            Cause::BadConnectorAnswer {
+                detail: "its header block is over 65536 bytes".into(),
+            },
+            Cause::ConnectorStalled { seconds: 30 },
             Cause::EndpointNeedsClientCertificate {
                 url: url(),
                 presented: false,
@@ -355,10 +522,20 @@ impl Cause {
                 | Cause::DeviceCertificateRevoked { .. }
                 | Cause::DeviceRevocationUnknown { .. }
                 | Cause::InvalidToken { .. }
+                | Cause::DeviceCertificateWrongUsage { .. }
+                | Cause::HeadersTooLarge { .. }
+                | Cause::MethodNotAllowed { .. }
+                | Cause::TransferCodingUnsupported { .. }
+                | Cause::TooManyRequests { .. }
+                | Cause::TooManyConnections { .. }
+                | Cause::DeviceStalled { .. }
                 | Cause::UnknownEndpoint { .. }
                 | Cause::NoChannel { .. }
                 | Cause::ConnectorTimeout { .. }
                 | Cause::ChannelBroken { .. }
+                | Cause::ChannelsBusy { .. }
+                | Cause::BadConnectorAnswer { .. }
+                | Cause::ConnectorStalled { .. }
                 | Cause::EndpointNeedsClientCertificate { .. }
                 | Cause::EndpointForbidden { .. }
                 | Cause::EndpointUnauthorized { .. }
