@@ -42,6 +42,10 @@ pub enum System {
     Direct,
     #[serde(rename = "portcullis")]
     Portcullis,
+    /// Portcullis from another binary (`--baseline`, e.g. a build of an earlier commit), run
+    /// with the same configuration in the same run, so a change's cost shows side by side.
+    #[serde(rename = "portcullis-baseline")]
+    PortcullisBaseline,
     #[serde(rename = "nginx+rathole")]
     NginxRathole,
     #[serde(rename = "nginx")]
@@ -60,6 +64,7 @@ impl System {
         match self {
             System::Direct => "direct",
             System::Portcullis => "portcullis",
+            System::PortcullisBaseline => "portcullis-baseline",
             System::NginxRathole => "nginx+rathole",
             System::Nginx => "nginx",
         }
@@ -70,6 +75,8 @@ impl System {
 pub struct CompareOptions {
     /// The `portcullis` binary that runs `mp`, `gateway` and `connector`.
     pub program: PathBuf,
+    /// The `portcullis` binary `portcullis-baseline` runs, when that system is asked for.
+    pub baseline: Option<PathBuf>,
     pub systems: Vec<System>,
     pub modes: Vec<Mode>,
     /// Concurrent device connections: each system and mode runs once with each count.
@@ -100,6 +107,7 @@ impl CompareOptions {
     pub fn new(program: PathBuf) -> CompareOptions {
         CompareOptions {
             program,
+            baseline: None,
             systems: System::ALL.to_vec(),
             modes: vec![Mode::Keepalive, Mode::Handshake],
             connections: vec![32],
@@ -537,6 +545,7 @@ fn free_ports(n: usize) -> Result<Vec<u16>, CompareError> {
 struct Tools {
     nginx: Result<PathBuf, String>,
     rathole: Result<PathBuf, String>,
+    baseline: Result<PathBuf, String>,
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -590,12 +599,25 @@ impl Tools {
                     })
             }
         };
-        Tools { nginx, rathole }
+        let baseline = match &options.baseline {
+            Some(p) if is_executable(p) => Ok(p.clone()),
+            Some(p) => Err(format!(
+                "the baseline portcullis {} is not an executable file (--baseline)",
+                p.display()
+            )),
+            None => Err("no baseline binary given (--baseline FILE)".into()),
+        };
+        Tools {
+            nginx,
+            rathole,
+            baseline,
+        }
     }
 
     fn missing_for(&self, system: System) -> Option<String> {
         let needs: &[&Result<PathBuf, String>] = match system {
             System::Direct | System::Portcullis => &[],
+            System::PortcullisBaseline => &[&self.baseline],
             System::Nginx => &[&self.nginx],
             System::NginxRathole => &[&self.nginx, &self.rathole],
         };
@@ -611,6 +633,9 @@ impl Tools {
     }
     fn rathole(&self) -> Result<&Path, String> {
         self.rathole.as_deref().map_err(Clone::clone)
+    }
+    fn baseline(&self) -> Result<&Path, String> {
+        self.baseline.as_deref().map_err(Clone::clone)
     }
 }
 
@@ -829,7 +854,11 @@ fn bring_up(
             procs: vec![],
             url: direct,
         }),
-        System::Portcullis => {
+        System::Portcullis | System::PortcullisBaseline => {
+            let program = match system {
+                System::PortcullisBaseline => tools.baseline()?,
+                _ => options.program.as_path(),
+            };
             let [gw] = free_ports(1).map_err(err)?[..] else {
                 return Err("no free port".into());
             };
@@ -866,7 +895,7 @@ fn bring_up(
             )
             .map_err(err)?;
             let mut procs = Vec::new();
-            let mut command = Command::new(&options.program);
+            let mut command = Command::new(program);
             command.arg("gateway").arg("--config").arg(&gateway);
             procs.push(Proc::spawn(
                 "gateway",
@@ -874,7 +903,7 @@ fn bring_up(
                 dir,
                 vec![dir.join("SMS_Cloud_ProxyGateway.log")],
             )?);
-            let mut command = Command::new(&options.program);
+            let mut command = Command::new(program);
             command.arg("connector").arg("--config").arg(&connector);
             procs.push(Proc::spawn(
                 "connector",

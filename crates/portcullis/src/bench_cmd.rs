@@ -237,6 +237,9 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
 pub enum SystemArg {
     Direct,
     Portcullis,
+    /// Portcullis from the binary given with --baseline.
+    #[value(name = "portcullis-baseline")]
+    PortcullisBaseline,
     #[value(name = "nginx+rathole")]
     NginxRathole,
     Nginx,
@@ -248,6 +251,7 @@ impl From<SystemArg> for bench::compare::System {
         match s {
             SystemArg::Direct => System::Direct,
             SystemArg::Portcullis => System::Portcullis,
+            SystemArg::PortcullisBaseline => System::PortcullisBaseline,
             SystemArg::NginxRathole => System::NginxRathole,
             SystemArg::Nginx => System::Nginx,
         }
@@ -295,6 +299,12 @@ pub struct CompareArgs {
     /// rathole to run (default: rathole on PATH, then target/bench-tools/bin/rathole).
     #[arg(long, value_name = "FILE")]
     pub rathole: Option<PathBuf>,
+    /// Another portcullis binary (e.g. a release build of an earlier commit) to run as system
+    /// portcullis-baseline, with the same configuration, right after portcullis in every
+    /// round: a change's cost measured side by side in one run. Adds the system if --systems
+    /// does not name it.
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
     /// Run the whole sequence this many times, systems in turn, and report each system's
     /// median round (with every round's req/s): steadier ratios on a noisy machine.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
@@ -317,6 +327,17 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
         std::env::current_exe().context("finding this program")?,
     );
     options.systems = args.systems.iter().map(|&s| s.into()).collect();
+    use bench::compare::System;
+    if args.baseline.is_some() && !options.systems.contains(&System::PortcullisBaseline) {
+        // Right after portcullis, so the two see the machine as alike as possible.
+        let at = options
+            .systems
+            .iter()
+            .position(|&s| s == System::Portcullis)
+            .map_or(options.systems.len(), |i| i + 1);
+        options.systems.insert(at, System::PortcullisBaseline);
+    }
+    options.baseline = args.baseline;
     options.modes = args.modes.iter().map(|&m| m.into()).collect();
     options.connections = args.connections;
     options.duration = seconds(args.duration, "--duration")?;

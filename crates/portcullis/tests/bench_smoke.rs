@@ -206,6 +206,51 @@ fn bench_compare_runs_each_connection_count_and_compares_within_it() {
     assert!(shown.contains("portcullis keepalive 4 devices"), "{shown}");
 }
 
+/// `--baseline` runs another binary (here this one again) as portcullis-baseline right after
+/// portcullis, compared with it; a baseline that is not there is skipped, named.
+#[test]
+fn bench_compare_runs_a_baseline_binary_beside_portcullis() {
+    let (out, report) = compare_json(
+        &["portcullis"],
+        &[
+            "--baseline",
+            env!("CARGO_BIN_EXE_portcullis"),
+            "--modes",
+            "keepalive",
+            "--connections",
+            "2",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
+    let said = text(&out);
+    let rows = report["rows"].as_array().expect("rows");
+    let systems: Vec<&str> = rows
+        .iter()
+        .map(|r| r["system"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(systems, ["portcullis", "portcullis-baseline"], "{said}");
+    assert!(rows[1]["ok"].as_u64().unwrap_or(0) > 0, "{said}");
+    assert!(rows[1]["vs_portcullis"].as_f64().is_some(), "{said}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "compare",
+            "--json",
+            "--systems",
+            "portcullis-baseline",
+        ])
+        .args(["--baseline", "/nonexistent/portcullis", "--duration", "0.2"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(said.contains("skipping portcullis-baseline"), "{said}");
+    assert!(said.contains("/nonexistent/portcullis"), "{said}");
+}
+
 #[test]
 fn bench_compare_names_the_install_script_for_a_missing_tool() {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
