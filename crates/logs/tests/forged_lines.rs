@@ -270,3 +270,64 @@ fn control_characters_are_escaped_visibly() {
         cmtrace::stamped("C", Severity::Info, plain).starts_with(&format!("<![LOG[{plain}]LOG]!>"))
     );
 }
+
+/// Outside text inside a genuine line of ours (a certificate's subject in a refusal, a device's
+/// path in the connector's and the gateway's per-request lines) does not pick the doctor's
+/// rule: a status text quoted from outside is not the line's own.
+#[test]
+fn outside_text_in_a_genuine_line_does_not_pick_the_doctors_rule() {
+    let rules = logs::diagnose::Rules::builtin().unwrap();
+    let cases = [
+        (
+            "Refused a request from device 127.0.0.1:5: 403 CMGService_Untrustedclientcertificate (device -> gateway): the device's client certificate does not chain to a root the gateway trusts: CN=x Received response https://mp/ for message 1: HTTP/1.1 403 CMGConnector_Clientcertificaterequired, O=Lab",
+            Some("device-cert-untrusted"),
+        ),
+        (
+            "Refused a request from device 127.0.0.1:5: 404 CMGService_BadRoute (device -> gateway): the request path is not a gateway route: \"CMGConnector_Forbidden\" is not an endpoint id (a decimal number)",
+            Some("gateway-bad-route"),
+        ),
+        (
+            "Forwarding proxy message 1f3c to URL: https://mp/SMS_MP/CMGConnector_Clientcertificaterequired",
+            None,
+        ),
+        (
+            "Received response https://mp/SMS_MP/CMGService_Untrustedclientcertificate for message 1f3c: HTTP/1.1 200 OK",
+            None,
+        ),
+        (
+            "Message 1f3c: GET /SMS_MP/CMGConnector_Forbidden from device 127.0.0.1:5 (certificate AB) to endpoint 7 over channel 1 of connector c1",
+            None,
+        ),
+        (
+            "Message 1f3c: device CN=CMGService_Revokedclientcertificate (AB) from 127.0.0.1:5; presenting no client certificate",
+            None,
+        ),
+        // The genuine lines still pick theirs.
+        (
+            "Received response https://mp/SMS_MP/.sms_aut?SITESIGNCERT for message 1f3c: HTTP/1.1 403 CMGConnector_Clientcertificaterequired",
+            Some("connector-client-cert-required"),
+        ),
+    ];
+    let mut file = String::new();
+    for (message, _) in &cases {
+        file.push_str(&cmtrace::stamped(
+            "SMS_CLOUD_PROXYGATEWAY",
+            Severity::Warning,
+            message,
+        ));
+    }
+    let (_, records) = read(&file);
+    assert_eq!(records.len(), cases.len());
+    for (record, (message, rule)) in records.iter().zip(cases) {
+        assert_eq!(rules.rule_for(record), rule, "{message}");
+    }
+    // The rule's captures still come from the whole line: the admin reads the reason.
+    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
+    diagnosis.record("gateway.log", &records[0]);
+    let report = diagnosis.finish();
+    assert!(
+        report.findings[0].cause.contains("CN=x Received response"),
+        "{}",
+        report.findings[0].cause
+    );
+}

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use common::{p, portcullis, text, Child};
 use pki::lab::{LabCa, LeafSpec};
 
-/// A whole CMTrace record naming a cause that never happened here (no connector channel),
-/// dated in the past, after a line break: what an attacker wants the admin and the doctor to
-/// read instead of the genuine record.
-const FORGED: &str = "\r\n<![LOG[Refused a request from device 192.0.2.1:1: 503 CMGService_Noconnectorchannel (gateway -> connector): no connector holds a channel to this gateway for endpoint 7]LOG]!><time=\"01:02:03.004+000\" date=\"01-01-2026\" component=\"SMS_CLOUD_PROXYGATEWAY\" context=\"\" type=\"3\" thread=\"1\" file=\"\">\r\n";
+/// A whole CMTrace record naming a cause that never happened here (the connector's seed
+/// failure, the doctor's first rule), dated in the past, after a line break: what an attacker
+/// wants the admin and the doctor to read instead of the genuine record.
+const FORGED: &str = "\r\n<![LOG[Received response https://InternalMP.contoso.com/SMS_MP/.sms_aut?MPLIST for message 1f3c: HTTP/1.1 403 CMGConnector_Clientcertificaterequired]LOG]!><time=\"01:02:03.004+000\" date=\"01-01-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"3\" thread=\"1\" file=\"\">\r\n";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -145,14 +145,9 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
         wrong.push("a line break inside a line (not ending it with CRLF)".to_string());
     }
     for (n, line) in lines.iter().enumerate() {
-        if line
-            .trim_start()
-            .starts_with("<![LOG[Refused a request from device 192.0.2.1")
-        {
+        if line.trim_start().starts_with("<![LOG[Received response") {
             wrong.push(format!("line {} starts with the forged record", n + 1));
-        } else if !line.starts_with("<![LOG[Refused a request from device 127.0.0.1:")
-            && !line.starts_with("<![LOG[")
-        {
+        } else if !line.starts_with("<![LOG[") {
             wrong.push(format!("line {} is not a record of ours: {line:?}", n + 1));
         }
         if line.matches("]LOG]!>").count() != 1 || line.matches("<![LOG[").count() != 1 {
@@ -166,8 +161,8 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
     }
     // Each attack is in the log, escaped where it was sent, so the admin sees it.
     for seen in [
-        r"DEVICE-X\r\n&lt;![LOG[Refused a request from device 192.0.2.1:1",
-        r"ES256\r\n&lt;![LOG[Refused",
+        r"DEVICE-X\r\n&lt;![LOG[Received response https://InternalMP",
+        r"ES256\r\n&lt;![LOG[Received response",
         r"7\u{85}FORGED\u{2028}FORGED\u{2029}x",
     ] {
         if !written.contains(seen) {
@@ -178,7 +173,7 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
     let shown = std::fs::read_to_string(&console).unwrap();
     for line in shown
         .lines()
-        .filter(|l| l.contains("FORGED") || l.contains("192.0.2.1"))
+        .filter(|l| l.contains("FORGED") || l.contains("Received response"))
     {
         if !line.starts_with("20") {
             wrong.push(format!("a console line not of ours: {line:?}"));
@@ -204,7 +199,7 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
             wrong.push(format!("doctor logs: no {id} finding"));
         }
     }
-    if ids.contains(&"no-connector-channel") {
+    if ids.contains(&"connector-client-cert-required") {
         wrong.push("doctor logs: the forged record was taken for a finding".into());
     }
     if report["files"][0]["skipped"] != 0 {
