@@ -583,11 +583,22 @@ impl Seen {
     }
 
     fn context_capture(&mut self, name: String, value: String) {
-        self.context_captures.entry(name).or_insert(value);
+        self.context_captures
+            .entry(name)
+            .or_insert_with(|| shown(value));
     }
 }
 
-/// A line as shown: one line, at most [`MAX_TEXT`] characters.
+/// A captured value as the report shows it: controls escaped, as in [`shorten`].
+fn shown(value: String) -> String {
+    match crate::escape::message(&value) {
+        Cow::Borrowed(_) => value,
+        Cow::Owned(escaped) => escaped,
+    }
+}
+
+/// A line as shown: one line, at most [`MAX_TEXT`] characters, its controls escaped (a log
+/// from anywhere must not drive the admin's terminal or start a line of the report).
 fn shorten(text: &str) -> String {
     let mut out = String::new();
     for (i, part) in text.split('\n').enumerate() {
@@ -595,6 +606,9 @@ fn shorten(text: &str) -> String {
             out.push_str(" | ");
         }
         out.push_str(part.trim_end_matches('\r'));
+    }
+    if let Cow::Owned(escaped) = crate::escape::message(&out) {
+        out = escaped;
     }
     if out.chars().count() > MAX_TEXT {
         out = out.chars().take(MAX_TEXT).collect::<String>() + "...";
@@ -735,7 +749,7 @@ impl<'r> Diagnosis<'r> {
                 ));
             }
             for (n, v) in captures {
-                seen.captures.entry(n).or_insert(v);
+                seen.captures.entry(n).or_insert_with(|| shown(v));
             }
             if let Some((line, previous)) = &context.previous {
                 for r in &rule.before {

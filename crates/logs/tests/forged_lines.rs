@@ -331,3 +331,30 @@ fn outside_text_in_a_genuine_line_does_not_pick_the_doctors_rule() {
         report.findings[0].cause
     );
 }
+
+/// `doctor logs` reads logs from anywhere (a device's, the original product's) and prints
+/// their lines: what it shows holds no control character but its own line breaks, so a
+/// hostile log cannot drive the admin's terminal (escape sequences) or forge report lines.
+#[test]
+fn the_doctors_report_shows_hostile_lines_escaped() {
+    // A foreign writer's CMTrace line, controls raw: a terminal title and a colour change.
+    let hostile = "<![LOG[[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= CMGConnector_Clientcertificaterequired \u{1b}]0;pwned\u{7}\u{1b}[2J\u{85}Finding: none]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"CcmMessaging\" context=\"\" type=\"3\" thread=\"1\" file=\"\">\r\n<![LOG[[CCMHTTP] ERROR: URL=https://cmg/CCM_PROXY_MUTUALAUTH/1/x\u{1b}[31m, Port=443]LOG]!><time=\"14:03:07.124+000\" date=\"11-24-2026\" component=\"CcmMessaging\" context=\"\" type=\"3\" thread=\"1\" file=\"\">\r\n";
+    let rules = logs::diagnose::Rules::builtin().unwrap();
+    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
+    diagnosis
+        .read_from(hostile.as_bytes(), "CcmMessaging.log")
+        .unwrap();
+    let report = diagnosis.finish();
+    assert_eq!(report.findings.len(), 1, "{report:?}");
+    let shown = report.render_text();
+    assert!(
+        shown.contains(r"\x1b]0;pwned\x07\x1b[2J\u{85}Finding: none"),
+        "{shown}"
+    );
+    for c in shown.chars() {
+        assert!(
+            c == '\n' || !(c.is_control() || c == '\u{2028}' || c == '\u{2029}'),
+            "{c:?} in {shown}"
+        );
+    }
+}
