@@ -425,7 +425,66 @@ pub fn classify_endpoint_answer(
     Some(Refusal::new(cause))
 }
 
+/// The table of every status text, for README's "Status texts" section: markdown, one row
+/// per [`Cause::examples`] entry in that order, from [`Refusal::new`] (status, status text,
+/// hop), [`Cause::summary`] (when) and [`Refusal::remedy`] (what to do). README's copy is
+/// checked against it by `crates/portcullis/tests/readme.rs`.
+pub fn status_text_table() -> String {
+    // A `|` in a cell would end it early, and a `<word>` would be taken for an HTML tag and
+    // not shown (`https://<gateway>/...`).
+    let cell = |text: &str| text.replace('|', "\\|").replace('<', "&lt;");
+    let mut table =
+        String::from("| status | status text | hop | when | what to do |\n|---|---|---|---|---|\n");
+    for cause in Cause::examples() {
+        let refusal = Refusal::new(cause);
+        table.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} |\n",
+            refusal.status,
+            cell(refusal.text),
+            cell(refusal.hop.describe()),
+            cell(refusal.cause.summary()),
+            cell(refusal.remedy()),
+        ));
+    }
+    table
+}
+
 impl Cause {
+    /// When this refusal is sent, in one sentence that holds for every case of it (no detail
+    /// of one case): README's status-text table.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            Cause::BadRoute { .. } => "The request path is not a gateway route: not under /CCM_PROXY_MUTUALAUTH/ or /CCM_PROXY_SERVERAUTH/ with a numeric endpoint id, or it holds a dot segment.",
+            Cause::DeviceCertificateMissing => "The device presented no client certificate on a CCM_PROXY_MUTUALAUTH route.",
+            Cause::DeviceCertificateUntrusted { .. } => "The device's client certificate does not chain to a root the gateway trusts.",
+            Cause::DeviceCertificateNotTimeValid { .. } => "The device's client certificate, or a CA certificate in its chain, is expired or not yet valid.",
+            Cause::DeviceCertificateRevoked { .. } => "The device's client certificate is revoked by a CRL the gateway holds.",
+            Cause::DeviceRevocationUnknown { .. } => "The gateway checks revocation and has no current CRL from the device certificate's issuer.",
+            Cause::InvalidToken { .. } => "The device's token on a CCM_PROXY_SERVERAUTH route was refused: missing, not a JWT, a bad signature, expired, or for another issuer, audience or endpoint.",
+            Cause::DeviceCertificateWrongUsage { .. } => "The device's certificate chains to a trusted root but is not for client authentication (no Client Authentication extended key usage).",
+            Cause::HeadersTooLarge { .. } => "The request's header block is larger than every hop of the path can carry.",
+            Cause::MethodNotAllowed { .. } => "The request's method is one the gateway does not forward (CONNECT, TRACE, or not a valid method).",
+            Cause::TransferCodingUnsupported { .. } => "The request body is sent with a transfer coding other than chunked.",
+            Cause::TooManyRequests { .. } => "The device already has as many requests in flight as one device may.",
+            Cause::TooManyConnections { .. } => "The gateway already holds as many device connections as it may, in total or from the device's address.",
+            Cause::DeviceStalled { .. } => "The device stopped sending its request body, or stopped reading the answer, for too long.",
+            Cause::UnknownEndpoint { .. } => "No connector has announced the endpoint id in the URL.",
+            Cause::NoChannel { .. } => "The endpoint is known, but no connector serving it holds a channel to this gateway now.",
+            Cause::ConnectorTimeout { .. } => "The connector did not answer within the gateway's request timeout.",
+            Cause::ChannelBroken { .. } => "The channel to the connector broke while the request was on it.",
+            Cause::ChannelsBusy { .. } => "Every channel for the endpoint is full, and so is the queue of requests waiting for one.",
+            Cause::BadConnectorAnswer { .. } => "The connector's answer broke a rule of the channel (a header block too large, a pushed stream), so it is not passed on.",
+            Cause::ConnectorStalled { .. } => "The connector started its answer and then sent nothing for too long.",
+            Cause::EndpointNeedsClientCertificate { .. } => "The endpoint demanded a client certificate (IIS 403.7) that the connector did not have or could not present.",
+            Cause::EndpointForbidden { .. } => "The endpoint refused the connector for another reason: its client certificate untrusted, expired or revoked, or the wrong HTTPS binding (IIS 403.16, 403.17, 403.13 ...).",
+            Cause::EndpointUnauthorized { .. } => "The endpoint wants authentication the forwarded request does not carry (401).",
+            Cause::EndpointFailed { .. } => "The endpoint failed: it answered with a 5xx status.",
+            Cause::EndpointUnreachable { .. } => "The connector cannot reach the endpoint: name resolution, a refused connection or the network.",
+            Cause::EndpointTlsFailed { .. } => "TLS between the connector and the endpoint failed: the endpoint's certificate is not trusted, or its name does not match the URL.",
+            Cause::EndpointTimeout { .. } => "The endpoint did not answer the connector in time.",
+        }
+    }
+
     /// One of each cause, with details as they might read, for tests and documentation. The
     /// match below names every variant, so adding one does not compile until someone comes
     /// here (and adds an example to the list beside it).
@@ -632,5 +691,43 @@ mod tests {
             texts.insert(r.text);
         }
         assert_eq!(texts.len(), count, "each cause has its own status text");
+    }
+
+    /// README's status-text table: a row per example, in order, five cells each, every
+    /// summary a sentence of its own.
+    #[test]
+    fn the_status_text_table_has_a_row_per_cause() {
+        let table = status_text_table();
+        let rows: Vec<&str> = table.lines().collect();
+        let all = Cause::examples();
+        assert_eq!(rows.len(), all.len() + 2, "{table}");
+        assert_eq!(
+            rows[0],
+            "| status | status text | hop | when | what to do |"
+        );
+        for (row, cause) in rows[2..].iter().zip(all) {
+            let r = Refusal::new(cause);
+            assert!(
+                row.starts_with(&format!(
+                    "| {} | `{}` | {} | ",
+                    r.status,
+                    r.text,
+                    r.hop.describe()
+                )),
+                "{row}"
+            );
+            let remedy = r.remedy().replace('|', "\\|").replace('<', "&lt;");
+            assert!(row.ends_with(&format!(" | {remedy} |")), "{row}");
+            let summary = r.cause.summary();
+            assert!(
+                summary.ends_with('.') && !summary.contains('\n'),
+                "{summary}"
+            );
+            assert_eq!(
+                row.matches(" | ").count() - row.matches("\\|").count(),
+                4,
+                "{row}"
+            );
+        }
     }
 }

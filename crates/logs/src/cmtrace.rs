@@ -33,8 +33,8 @@ pub struct Line<'a> {
 }
 
 impl Line<'_> {
-    /// The line, without its line break. A message holding `]LOG]!>` would end the message
-    /// early for every reader, so that marker is defused.
+    /// The line, without its line break. The message is written as [`crate::escape`] says:
+    /// one line, neither marker whole.
     pub fn format(&self) -> String {
         let mut text = String::with_capacity(self.message.len() + 160);
         self.write_to(&mut text);
@@ -67,18 +67,14 @@ fn write_line(
     severity: Severity,
     thread: u64,
 ) {
-    const END: &str = "]LOG]!>";
     text.push_str("<![LOG[");
     let start = text.len();
     for part in message {
         text.push_str(part);
     }
-    // A message holding the end marker (even across parts) would end early for every reader.
-    if text[start..].contains(END) {
-        let defused = text[start..].replace(END, "]LOG]!&gt;");
-        text.truncate(start);
-        text.push_str(&defused);
-    }
+    // The message may hold outside text: a line break would start a record of its own, an end
+    // marker (even across parts) would end this one early. See `crate::escape`.
+    crate::escape::neutralise_from(text, start);
     text.push_str("]LOG]!><time=\"");
     text.push_str(time_fields);
     text.push_str("\" component=\"");

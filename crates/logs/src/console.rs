@@ -5,8 +5,9 @@
 //! {"time":"2026-11-25T06:30:57.123Z","component":"SMS_CLOUD_PROXYCONNECTOR","level":"info","message":"Maintaining connections..."}
 //! ```
 //!
-//! A plain message that spans lines continues on lines indented by two spaces, so every line
-//! that starts with a time starts a new message.
+//! A message is one line, whatever it holds (see [`crate::escape`]), so every line starts with
+//! a time or is a JSON object of ours. (Older Portcullis wrote a multi-line plain message on
+//! continuation lines indented by two spaces; the reader still takes those.)
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -54,16 +55,14 @@ pub fn format(
     message: &str,
 ) -> String {
     let time = timestamp(at);
+    let message = crate::escape::message(message);
     match style {
-        ConsoleFormat::Plain => {
-            let message = message.trim_end_matches(['\r', '\n']).replace('\n', "\n  ");
-            format!("{time} {component} {}: {message}", severity.word())
-        }
+        ConsoleFormat::Plain => format!("{time} {component} {}: {message}", severity.word()),
         ConsoleFormat::Json => serde_json::to_string(&JsonLine {
             time: &time,
             component,
             level: severity.word(),
-            message,
+            message: &message,
         })
         // Serialising strings cannot fail; keep a line either way.
         .unwrap_or_else(|_| {
@@ -91,7 +90,7 @@ mod tests {
         );
         assert_eq!(
             format(ConsoleFormat::Plain, at, "C", Severity::Warning, "one\ntwo"),
-            "2026-11-25T06:30:57.123Z C warning: one\n  two"
+            r"2026-11-25T06:30:57.123Z C warning: one\ntwo"
         );
         assert_eq!(
             format(
@@ -101,7 +100,7 @@ mod tests {
                 Severity::Error,
                 "say \"hi\"\n"
             ),
-            r#"{"time":"2026-11-25T06:30:57.123Z","component":"C","level":"error","message":"say \"hi\"\n"}"#
+            r#"{"time":"2026-11-25T06:30:57.123Z","component":"C","level":"error","message":"say \"hi\"\\n"}"#
         );
     }
 }

@@ -30,9 +30,17 @@
 //! turns into that status text. Where the endpoint names a more precise cause (403.16 for a
 //! `CMGConnector_Forbidden`), the precise rule absorbs the general one. Findings are ordered by
 //! their first evidence, in the order files were read.
+//!
+//! **Outside text picks no rule.** Portcullis's own lines quote what devices sent: a refused
+//! certificate's subject or token's header in a refusal's reason, a device's path in the
+//! connector's `Forwarding proxy message`/`Received response` lines and in the per-request
+//! `Message` lines. A status text quoted so is not the line's own, so a rule is chosen on the
+//! line with those parts masked ([`own_text`]); its captures still come from the whole line.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::LazyLock;
 
 use regex::{Regex, RegexSet};
 use serde::{Deserialize, Serialize};
@@ -371,9 +379,12 @@ impl Rules {
             .map(|(i, _)| self.rules[i].id.as_str())
     }
 
-    /// The first rule whose matcher holds, with its captures when asked.
+    /// The first rule whose matcher holds, with its captures when asked. The rule is chosen
+    /// on the record's own text ([`own_text`]); captures come from the whole message when a
+    /// pattern of that rule matches it.
     fn classify(&self, record: &Record, want: bool) -> Option<(usize, Vec<(String, String)>)> {
-        let hits = self.message_set.matches(&record.message);
+        let own = own_text(&record.message);
+        let hits = self.message_set.matches(&own);
         for (index, rule) in self.rules.iter().enumerate() {
             for m in &rule.matchers {
                 if let Some(i) = m.message {
@@ -396,7 +407,21 @@ impl Rules {
                 let mut captures = Vec::new();
                 if want {
                     if let Some(i) = m.message {
-                        collect(&self.message_regexes[i], &record.message, &mut captures);
+                        let whole = match own {
+                            Cow::Borrowed(_) => None,
+                            // The masked parts hold what the captures quote (a reason).
+                            Cow::Owned(_) => rule
+                                .matchers
+                                .iter()
+                                .filter_map(|m| m.message)
+                                .find(|&j| self.message_regexes[j].is_match(&record.message)),
+                        };
+                        match whole {
+                            Some(j) => {
+                                collect(&self.message_regexes[j], &record.message, &mut captures)
+                            }
+                            None => collect(&self.message_regexes[i], &own, &mut captures),
+                        }
                     }
                     if !m.fields.is_empty() {
                         captures.extend(
@@ -412,6 +437,52 @@ impl Rules {
         }
         None
     }
+}
+
+/// Portcullis's own lines that quote outside text: the prefix a line starts with, and a
+/// regex whose groups `own` and `tail` are what is ours (the quote between them, or after
+/// `own`, becomes `-`).
+static OWN_LINES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
+    [
+        // The gateway's refusals: the status text is ours, the reason may quote the device.
+        (
+            "Refused a request from device ",
+            r"^(?P<own>Refused a request from device \S+: \d{3} \S+ \([^)]*\): ).+$",
+        ),
+        // The connector's per-request lines: the URL ends with the device's path.
+        (
+            "Forwarding proxy message ",
+            r"^(?P<own>Forwarding proxy message \S+ to URL: )\S+$",
+        ),
+        (
+            "Received response ",
+            r"^(?P<own>Received response )\S+(?P<tail> for message \S+: HTTP/1\.1 .*)$",
+        ),
+        // Verbose per-request lines: the gateway's (method and path) and the connector's (the
+        // device certificate's subject).
+        (
+            "Message ",
+            r"^(?P<own>Message \S+: )(?:[A-Z]+ \S+ from device |device ).*$",
+        ),
+    ]
+    .into_iter()
+    .map(|(prefix, pattern)| (prefix, Regex::new(pattern).expect("a valid literal regex")))
+    .collect()
+});
+
+/// `message` with the outside text of Portcullis's own line shapes ([`OWN_LINES`]) written
+/// as `-`; any other message as it is.
+fn own_text(message: &str) -> Cow<'_, str> {
+    for (prefix, shape) in OWN_LINES.iter() {
+        if !message.starts_with(prefix) {
+            continue;
+        }
+        if let Some(c) = shape.captures(message) {
+            let part = |name: &str| c.name(name).map_or("", |m| m.as_str());
+            return Cow::Owned(format!("{}-{}", part("own"), part("tail")));
+        }
+    }
+    Cow::Borrowed(message)
 }
 
 fn collect(regex: &Regex, text: &str, into: &mut Vec<(String, String)>) {
@@ -512,11 +583,22 @@ impl Seen {
     }
 
     fn context_capture(&mut self, name: String, value: String) {
-        self.context_captures.entry(name).or_insert(value);
+        self.context_captures
+            .entry(name)
+            .or_insert_with(|| shown(value));
     }
 }
 
-/// A line as shown: one line, at most [`MAX_TEXT`] characters.
+/// A captured value as the report shows it: controls escaped, as in [`shorten`].
+fn shown(value: String) -> String {
+    match crate::escape::message(&value) {
+        Cow::Borrowed(_) => value,
+        Cow::Owned(escaped) => escaped,
+    }
+}
+
+/// A line as shown: one line, at most [`MAX_TEXT`] characters, its controls escaped (a log
+/// from anywhere must not drive the admin's terminal or start a line of the report).
 fn shorten(text: &str) -> String {
     let mut out = String::new();
     for (i, part) in text.split('\n').enumerate() {
@@ -524,6 +606,9 @@ fn shorten(text: &str) -> String {
             out.push_str(" | ");
         }
         out.push_str(part.trim_end_matches('\r'));
+    }
+    if let Cow::Owned(escaped) = crate::escape::message(&out) {
+        out = escaped;
     }
     if out.chars().count() > MAX_TEXT {
         out = out.chars().take(MAX_TEXT).collect::<String>() + "...";
@@ -664,7 +749,7 @@ impl<'r> Diagnosis<'r> {
                 ));
             }
             for (n, v) in captures {
-                seen.captures.entry(n).or_insert(v);
+                seen.captures.entry(n).or_insert_with(|| shown(v));
             }
             if let Some((line, previous)) = &context.previous {
                 for r in &rule.before {

@@ -2,6 +2,10 @@
 //! with rollover, the console in plain or JSON, or a function for tests) and holds the
 //! verbose switch, which can be flipped while the component runs: a config reload or an
 //! admin call changes what the next line does, with no restart.
+//!
+//! Every sink is handed the message as [`crate::escape`] writes it, one line whatever it
+//! holds: callers format outside text into messages freely, and write several messages for
+//! several lines.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,7 +157,8 @@ impl Logger {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                 }
-                Sink::Func(f) => f(severity, &joined(parts)),
+                // What the file shows, so what a test records is what an admin reads.
+                Sink::Func(f) => f(severity, &crate::escape::message(&joined(parts))),
             }
         }
     }

@@ -30,23 +30,12 @@ pub struct W3cEntry<'a> {
     pub time_taken_ms: u64,
 }
 
-/// IIS writes `-` for an empty field and `+` for a space, so every line splits on spaces.
+/// IIS writes `-` for an empty field and `+` for a space, so every line splits on spaces;
+/// controls are escaped as in every log (see [`crate::escape`]).
 fn field(value: Option<&str>) -> String {
-    match value {
-        None | Some("") => "-".into(),
-        Some(v) => v
-            .chars()
-            .map(|c| {
-                if c == ' ' {
-                    '+'
-                } else if c.is_control() {
-                    '?'
-                } else {
-                    c
-                }
-            })
-            .collect(),
-    }
+    let mut out = String::with_capacity(value.map_or(1, str::len));
+    crate::escape::push_field(&mut out, value);
+    out
 }
 
 impl W3cEntry<'_> {
@@ -93,7 +82,8 @@ impl W3cLog {
     pub fn open_with_limit(path: &Path, max_bytes: u64) -> std::io::Result<W3cLog> {
         let file = RollingFile::open_with_header(path, max_bytes, Some(Box::new(header)))?
             .with_gap_line(|lost, why| {
-                format!("#Remark: {}\r\n", crate::logger::lost_lines(lost, why))
+                let remark = crate::logger::lost_lines(lost, why);
+                format!("#Remark: {}\r\n", crate::escape::message(&remark))
             });
         Ok(W3cLog { file })
     }

@@ -79,15 +79,14 @@ fn cmtrace_round_trip_from_the_writer() {
     let (stats, records) = read(file.as_bytes());
     assert_eq!((stats.records, stats.skipped), (4, 0));
     for (r, (message, severity)) in records.iter().zip(cases) {
-        let expected = message
-            .replace("\r\n", "\n")
-            .replace("]LOG]!>", "]LOG]!&gt;");
-        assert_eq!(r.message, expected);
+        // A message is one line, its line breaks and markers escaped (issue 14).
+        assert_eq!(r.message, logs::escape::message(message));
         assert_eq!(r.severity, Some(severity));
         assert_eq!(r.component.as_deref(), Some("SMS_CLOUD_PROXYCONNECTOR"));
         assert_eq!(r.time.as_deref(), Some("11-24-2026 14:03:07.123-300"));
     }
-    assert_eq!(records[3].line, 5, "the two-line record took lines 3 and 4");
+    assert_eq!(records[2].message, r"two\r\nlines");
+    assert_eq!(records[3].line, 4, "one line per message");
 }
 
 #[test]
@@ -177,16 +176,23 @@ fn console_plain_and_json_round_trip() {
         assert_eq!(stats.format, expected);
         assert_eq!(records.len(), 3, "{style:?}: {records:?}");
         for (r, (component, severity, message)) in records.iter().zip(cases) {
-            assert_eq!(r.message, message, "{style:?}");
+            // One line per message in both styles, line breaks escaped (issue 14).
+            assert_eq!(r.message, logs::escape::message(message), "{style:?}");
             assert_eq!(r.component.as_deref(), Some(component));
             assert_eq!(r.severity, Some(severity));
             assert_eq!(r.time.as_deref(), Some("2026-11-25T06:30:57.123Z"));
             assert_eq!(r.format, expected);
         }
-        if style == ConsoleFormat::Plain {
-            assert_eq!(records[2].line, 5, "continuation lines are counted");
-        }
+        assert_eq!(records[1].message, r"one\ntwo\n  indented");
+        assert_eq!(records[2].line, 3, "{style:?}: one line per message");
     }
+    // Older Portcullis wrote a plain message's further lines indented by two spaces: they
+    // are still read as part of it, and counted.
+    let older = "2026-11-25T06:30:57.123Z C warning: one\n  two\n    indented\n2026-11-25T06:30:57.124Z C info: next\n";
+    let (_, records) = read(older.as_bytes());
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].message, "one\ntwo\n  indented");
+    assert_eq!(records[1].line, 4, "continuation lines are counted");
 }
 
 #[test]

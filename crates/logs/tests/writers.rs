@@ -25,8 +25,9 @@ fn cmtrace_golden_lines() {
         ),
         (
             Severity::Error,
+            // A message is one line: outside text in it cannot start a record (issue 14).
             "first line\r\nsecond line",
-            "<![LOG[first line\r\nsecond line]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"3\" thread=\"7\" file=\"\">",
+            "<![LOG[first line\\r\\nsecond line]LOG]!><time=\"14:03:07.123+000\" date=\"11-24-2026\" component=\"SMS_CLOUD_PROXYCONNECTOR\" context=\"\" type=\"3\" thread=\"7\" file=\"\">",
         ),
     ];
     for (severity, message, expected) in cases {

@@ -79,7 +79,8 @@ pub fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let report = runtime.block_on(probe::probe(&options))?;
     for (_, line) in &report.lines {
-        println!("{line}");
+        // The lines quote the server's answer: escaped as in the log, one line each.
+        println!("{}", logs::escape::message(line));
     }
     if let Some(path) = &args.log {
         // Rolls over to LocationServices.lo_ like the client's own log.
