@@ -396,7 +396,7 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
 #[test]
 fn a_bad_tls_or_token_setting_is_refused_at_load_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let base = "cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nallowed_connectors = [\"x\"]\n";
+    let base = "cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nconnector_roots = [\"cr\"]\nallowed_connectors = [\"x\"]\n";
     for (extra, key, words) in [
         (
             "\n[tls]\ncipher_suites = [\"TLS_RSA_WITH_RC4_128_SHA\"]\n",
