@@ -513,14 +513,16 @@ impl Connectors {
         })
     }
 
-    /// Whether `entry` names this certificate: its one CN (from the parsed subject, never the
-    /// printed one) or its thumbprint.
-    fn names(entry: &AllowedConnector, cert: &pki::cert::Certificate) -> bool {
+    /// Whether `entry` names this certificate: its thumbprint, or its one CN (from the parsed
+    /// subject, never the printed one). Pinned, the thumbprint only: with no roots anyone can
+    /// make a certificate whose CN reads like a pinned thumbprint.
+    fn names(&self, entry: &AllowedConnector, cert: &pki::cert::Certificate) -> bool {
         let name = entry.name();
         name.eq_ignore_ascii_case(&cert.thumbprint)
-            || cert
-                .common_name()
-                .is_some_and(|cn| name.eq_ignore_ascii_case(cn))
+            || (!self.pinned
+                && cert
+                    .common_name()
+                    .is_some_and(|cn| name.eq_ignore_ascii_case(cn)))
     }
 
     /// The connector's certificate, if it may hold a channel; else why not. Checked: trust
@@ -554,7 +556,7 @@ impl Connectors {
                 other => return Err(describe_peer(&other)),
             }
         };
-        if !self.allowed.iter().any(|a| Connectors::names(a, &cert)) {
+        if !self.allowed.iter().any(|a| self.names(a, &cert)) {
             return Err(format!("{} is not in allowed_connectors", cert.label()));
         }
         // A connector's certificate is issued for this: unlike a device's, an absent EKU is
@@ -595,7 +597,7 @@ impl Connectors {
         let mine: Vec<&AllowedConnector> = self
             .allowed
             .iter()
-            .filter(|a| Connectors::names(a, cert))
+            .filter(|a| self.names(a, cert))
             .collect();
         let plain = mine.iter().any(|a| matches!(a, AllowedConnector::Name(_)));
         let binds = |a: &AllowedConnector, id: u64| matches!(a, AllowedConnector::Bound(b) if b.endpoints.contains(&id));

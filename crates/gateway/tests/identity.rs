@@ -228,6 +228,28 @@ fn a_connector_from_the_device_ca_is_refused_when_connector_roots_names_another_
         .unwrap();
     assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
     assert!(system.probe(&mp_path(), Some("device-001")).succeeded());
+    // Pinned, a certificate is named by its thumbprint only: one whose CN spells the pinned
+    // thumbprint (anyone can make it: no roots are checked) is refused.
+    let mimic = pki::lab::LabCa::new_root("Anyone", 1)
+        .unwrap()
+        .issue(&LeafSpec::client_auth(&thumbprint, 30))
+        .unwrap();
+    put_channel_cert(&system, "mimic", &mimic);
+    let mimic = start_connector(&system, "mimic", "mimic-connector");
+    assert!(wait_logged(
+        &system,
+        &[
+            "Refused a connector channel from ",
+            &format!("CN={thumbprint}, O=Portcullis Lab"),
+            "is not in allowed_connectors",
+        ]
+    ));
+    let registry = &system.gateway.as_ref().unwrap().registry;
+    assert!(registry
+        .all()
+        .iter()
+        .all(|c| c.hello.connector_id == "lab-connector"));
+    system.runtime.block_on(mimic.stop());
     system.stop();
 }
 
