@@ -21,7 +21,7 @@ trap 'pkill -f "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 cd "$work/lab"
 MP_PORT=${MP_PORT:-19001}; GW_PORT=${GW_PORT:-19443}
 printf 'listen = "127.0.0.1:%s"\ncert = "mp/server.crt"\nkey = "mp/server.key"\ntrusted_roots = ["ca/root.crt"]\n' "$MP_PORT" > mp.toml
-printf 'listen = "127.0.0.1:%s"\ncert = "gateway/server.crt"\nkey = "gateway/server.key"\ntrusted_roots = ["ca/root.crt"]\nallowed_connectors = ["Portcullis Connector Channel"]\n[log]\nconsole = "off"\n' "$GW_PORT" > gateway.toml
+printf 'listen = "127.0.0.1:%s"\ncert = "gateway/server.crt"\nkey = "gateway/server.key"\ntrusted_roots = ["ca/root.crt"]\nconnector_roots = ["ca/connector-roots.crt"]\nallowed_connectors = ["Portcullis Connector Channel"]\n[log]\nconsole = "off"\n' "$GW_PORT" > gateway.toml
 printf 'connector_id = "c1"\ngateways = ["localhost:%s"]\ngateway_roots = ["ca/root.crt"]\nchannel_cert = "connector/channel.crt"\nchannel_key = "connector/channel.key"\nclient_cert_store = "connector/store"\nallowed_roots = ["ca/root.crt"]\nendpoint_roots = ["ca/root.crt"]\n[log]\nconsole = "off"\nfile = "logs/SMS_Cloud_ProxyConnector.log"\n[[endpoints]]\nid = 7\nname = "SMS_MP"\nurl = "https://localhost:%s"\n' "$GW_PORT" "$MP_PORT" > connector.toml
 
 run() {

@@ -870,10 +870,11 @@ fn bring_up(
             write(
                 &gateway,
                 &format!(
-                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n",
+                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nconnector_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n",
                     q(&lab.file(pki::lab::layout::GATEWAY_CERT)),
                     q(&lab.file(pki::lab::layout::GATEWAY_KEY)),
                     q(&lab.root()),
+                    q(&lab.file(pki::lab::layout::CONNECTOR_ROOTS)),
                     q(&dir.join("SMS_Cloud_ProxyGateway.log")),
                     threads = threads_setting,
                 ),

@@ -146,7 +146,7 @@ fn start_gateway(program: &Path, dir: &Path) -> Result<(Gateway, u16), Connectio
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n"),
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n"),
     )
     .map_err(|e| setup("writing gateway.toml", &e))?;
     let child = Command::new(program)

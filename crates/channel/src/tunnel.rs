@@ -382,6 +382,8 @@ impl Registry {
 pub enum AcceptError {
     Handshake(h2::Error),
     Hello(String),
+    /// The hello announced what this connector may not serve.
+    Refused(String),
 }
 
 impl std::fmt::Display for AcceptError {
@@ -389,6 +391,7 @@ impl std::fmt::Display for AcceptError {
         match self {
             AcceptError::Handshake(e) => write!(f, "HTTP/2 handshake on the channel failed: {e}"),
             AcceptError::Hello(why) => write!(f, "the connector's hello failed: {why}"),
+            AcceptError::Refused(why) => write!(f, "refused: {why}"),
         }
     }
 }
@@ -528,13 +531,15 @@ impl http_body::Body for ChannelBody {
 /// Gateway side: drives a freshly accepted channel connection. Returns once the channel is
 /// registered; the connection keeps running in the background and leaves the registry when it
 /// ends (including when PINGs go unanswered). The hello tells the connector the gateway's
-/// `gateway_threads`.
+/// `gateway_threads`. `admit` judges the connector's hello before the channel is registered
+/// (the endpoints it may announce): refused, the channel closes without ever taking a request.
 pub async fn accept<IO>(
     io: IO,
     peer: String,
     peer_cert: Vec<u8>,
     registry: Arc<Registry>,
     gateway_threads: usize,
+    admit: impl FnOnce(&Hello) -> Result<(), String>,
 ) -> Result<Arc<Channel>, AcceptError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -599,6 +604,11 @@ where
         .await
         .map_err(|_| AcceptError::Hello("no answer within 10 s".into()))?
         .map_err(AcceptError::Hello)?;
+    if let Err(why) = admit(&hello) {
+        // The driver drops the connection; the channel was never registered.
+        close.notify_one();
+        return Err(AcceptError::Refused(why));
+    }
     let channel = Arc::new(Channel {
         id,
         hello,
@@ -752,9 +762,16 @@ mod tests {
             }
         });
         let registry = Arc::new(Registry::default());
-        let channel = accept(gateway_end, "c".into(), Vec::new(), registry.clone(), 1)
-            .await
-            .expect("channel");
+        let channel = accept(
+            gateway_end,
+            "c".into(),
+            Vec::new(),
+            registry.clone(),
+            1,
+            |_| Ok(()),
+        )
+        .await
+        .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")
             .body(empty())
             .expect("request");

@@ -72,7 +72,7 @@ fn connector_configuration_errors_name_the_key() {
 fn gateway_configuration_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.toml");
-    let ok = "cert = \"g.crt\"\nkey = \"g.key\"\ntrusted_roots = [\"r.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n";
+    let ok = "cert = \"g.crt\"\nkey = \"g.key\"\ntrusted_roots = [\"r.crt\"]\nconnector_roots = [\"c.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n";
     std::fs::write(&file, ok).unwrap();
     let cfg = GatewayConfig::load(&file).expect("the baseline loads");
     assert_eq!(cfg.listen.port(), 443, "443 by default");

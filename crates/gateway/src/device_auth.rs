@@ -81,12 +81,32 @@ impl DeviceAuth {
         revocation: Option<(&[PathBuf], CrlPolicy)>,
         tokens: Option<&TokenSettings>,
     ) -> Result<DeviceAuth, AuthError> {
+        DeviceAuth::load_with_crl_issuers(
+            generation,
+            trusted_roots,
+            &RootSet::default(),
+            revocation,
+            tokens,
+        )
+    }
+
+    /// [`DeviceAuth::load`], where a CRL may also be signed by one of `more_issuers` (the
+    /// connector roots: the gateway reads its CRLs once, for devices and connectors).
+    pub fn load_with_crl_issuers(
+        generation: u64,
+        trusted_roots: &[PathBuf],
+        more_issuers: &RootSet,
+        revocation: Option<(&[PathBuf], CrlPolicy)>,
+        tokens: Option<&TokenSettings>,
+    ) -> Result<DeviceAuth, AuthError> {
         let roots = RootSet::load(trusted_roots)?;
         let revocation = revocation.map(|(files, policy)| {
+            let mut issuers = roots.clone();
+            issuers.certs.extend(more_issuers.certs.iter().cloned());
             let mut crls = Vec::new();
             let mut unreadable = Vec::new();
             for file in files {
-                match RevocationList::load(file, &roots) {
+                match RevocationList::load(file, &issuers) {
                     Ok(crl) => crls.push(crl),
                     Err(e) => unreadable.push(e.to_string()),
                 }
@@ -203,6 +223,13 @@ impl DeviceAuth {
                 return judged(Err(Cause::DeviceCertificateRevoked { detail }), None)
             }
         };
+        // Only a certificate for client authentication identifies a device (the gateway's
+        // own server certificate chains to a trusted root too). An absent extended key usage
+        // means any purpose (RFC 5280 4.2.1.12), and Windows and IIS accept it for client
+        // authentication, so device fleets with such certificates keep working.
+        if let Err(detail) = cert.client_auth_usage(true) {
+            return judged(Err(Cause::DeviceCertificateWrongUsage { detail }), None);
+        }
         let Some(revocation) = &self.revocation else {
             return judged(Ok(cert), None);
         };

@@ -45,11 +45,24 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// Roots device certificates must chain to on CCM_PROXY_MUTUALAUTH routes.
     pub trusted_roots: Vec<PathBuf>,
-    /// Roots connector channel certificates must chain to (default: `trusted_roots`).
+    /// Roots connector channel certificates must chain to. Connectors have a trust of their
+    /// own: `trusted_roots` (the device roots) are never used for them, so a CA that issues
+    /// device certificates cannot issue a connector. Required, unless every entry of
+    /// `allowed_connectors` is a SHA-1 thumbprint: the connectors are then pinned, and the
+    /// pinned certificate itself is the trust (no chain is built; it must still be valid now
+    /// and state Client Authentication; revoked by a CRL at hand, it is refused, and with no
+    /// CRL from its issuer it is let in, since removing the thumbprint and reloading revokes a
+    /// pin).
     #[serde(default)]
     pub connector_roots: Vec<PathBuf>,
-    /// Connectors allowed to open channels: certificate subject CNs or SHA-1 thumbprints.
-    pub allowed_connectors: Vec<String>,
+    /// Connectors allowed to open channels, by their certificate's subject CN (read from the
+    /// parsed certificate; a subject with two CNs matches by thumbprint only) or SHA-1
+    /// thumbprint. An entry may bind a connector to endpoints:
+    /// `{ name = "Branch Connector", endpoints = [3456, 3457] }`. A bound endpoint may be
+    /// announced only by the connectors bound to it; a plain entry (a string) may announce any
+    /// endpoint that no entry binds. A hello announcing an endpoint outside this is refused,
+    /// its channel closed, and logged with the connector and the endpoint ids.
+    pub allowed_connectors: Vec<AllowedConnector>,
     /// Seconds to wait for a connector's answer to start.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
@@ -82,6 +95,41 @@ pub struct GatewayConfig {
     /// TLS versions and cipher suites offered to devices and connectors.
     #[serde(default)]
     pub tls: pki::tls::TlsPolicy,
+}
+
+/// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a connector's certificate CN or SHA-1 thumbprint, or a table { name = \"...\", endpoints = [id, ...] }"
+)]
+pub enum AllowedConnector {
+    /// May announce any endpoint no entry binds.
+    Name(String),
+    Bound(BoundConnector),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundConnector {
+    /// The certificate's subject CN or SHA-1 thumbprint.
+    pub name: String,
+    /// The endpoint ids this connector may announce.
+    pub endpoints: Vec<u64>,
+}
+
+impl AllowedConnector {
+    pub fn name(&self) -> &str {
+        match self {
+            AllowedConnector::Name(name) => name.trim(),
+            AllowedConnector::Bound(bound) => bound.name.trim(),
+        }
+    }
+}
+
+/// A SHA-1 thumbprint as Windows shows it: 40 hex digits.
+fn is_thumbprint(name: &str) -> bool {
+    name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn default_listen() -> SocketAddr {
@@ -155,10 +203,31 @@ impl GatewayConfig {
                 "at least one root CA file is needed for device certificates",
             ));
         }
-        if cfg.allowed_connectors.iter().all(|c| c.trim().is_empty()) {
+        if cfg.allowed_connectors.iter().all(|c| c.name().is_empty()) {
             return Err(invalid(
                 "allowed_connectors",
                 "name at least one connector (its certificate's CN or thumbprint); without one no channel can open",
+            ));
+        }
+        for entry in &cfg.allowed_connectors {
+            if let AllowedConnector::Bound(bound) = entry {
+                if bound.name.trim().is_empty() || bound.endpoints.is_empty() {
+                    return Err(invalid(
+                        "allowed_connectors",
+                        &format!("the entry {{ name = \"{}\", endpoints = {:?} }} needs a name (a CN or thumbprint) and at least one endpoint id", bound.name, bound.endpoints),
+                    ));
+                }
+            }
+        }
+        let pinned = cfg
+            .allowed_connectors
+            .iter()
+            .filter(|c| !c.name().is_empty())
+            .all(|c| is_thumbprint(c.name()));
+        if cfg.connector_roots.is_empty() && !pinned {
+            return Err(invalid(
+                "connector_roots",
+                "list the root CA file(s) connector channel certificates must chain to (the device roots in trusted_roots are not used for connectors), or pin every connector in allowed_connectors by its certificate's SHA-1 thumbprint",
             ));
         }
         if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
@@ -266,9 +335,10 @@ impl RunningGateway {
     /// applies now; on an error nothing changes.
     pub fn reload(&self, config: &GatewayConfig) -> Result<String, GatewayError> {
         let generation = self.shared.auth.load().generation + 1;
-        let auth = load_device_auth(config, generation, &self.shared.log)?;
         // Everything that can fail is done before anything is swapped in.
-        let connectors = Connectors::load(config, &auth)?;
+        let connector_roots = load_connector_roots(config)?;
+        let auth = load_device_auth(config, generation, &connector_roots, &self.shared.log)?;
+        let connectors = Connectors::load(config, connector_roots, &auth)?;
         let (tls, certificate) = server_tls(
             config,
             &auth,
@@ -282,7 +352,10 @@ impl RunningGateway {
         let now = OffsetDateTime::now_utc();
         let mut closed = Vec::new();
         for channel in self.registry.all() {
-            if let Err(why) = connectors.judge(Some(&channel.peer_cert), now) {
+            let judged = connectors
+                .judge(Some(&channel.peer_cert), now)
+                .and_then(|cert| connectors.admits(&cert, &channel.hello));
+            if let Err(why) = judged {
                 channel.close();
                 self.shared.log.warn(&format!(
                     "Closed channel {} of connector {}: {why}",
@@ -357,9 +430,10 @@ pub async fn start_on(
     shards: Shards,
 ) -> Result<RunningGateway, GatewayError> {
     log.set_verbose(config.verbose);
-    let auth = load_device_auth(&config, 0, &log)?;
+    let connector_roots = load_connector_roots(&config)?;
+    let auth = load_device_auth(&config, 0, &connector_roots, &log)?;
     log.info(&format!("Devices: {}", auth.describe()));
-    let connectors = Connectors::load(&config, &auth)?;
+    let connectors = Connectors::load(&config, connector_roots, &auth)?;
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
     let registry = Arc::new(Registry::default());
     let shared = Arc::new(Shared {
@@ -405,49 +479,148 @@ pub async fn start_on(
 }
 
 /// Which connectors may open channels: the roots their certificates must chain to
-/// (`connector_roots`, else the device roots) and the names (CN) or thumbprints allowed.
+/// (`connector_roots`; none when every connector is pinned by thumbprint), the names (CN) or
+/// thumbprints allowed, the endpoints each may announce, and the CRLs to check them against.
 struct Connectors {
     roots: RootSet,
-    allowed: Vec<String>,
+    /// No `connector_roots`: every entry is a thumbprint, and the certificate is the trust.
+    pinned: bool,
+    allowed: Vec<AllowedConnector>,
+    /// Present when `verify_client_revocation` is on: the gateway's CRLs (read once, for
+    /// devices and connectors) and the ones that could not be read.
+    revocation: Option<(Vec<pki::crl::RevocationList>, Vec<String>)>,
 }
 
 impl Connectors {
-    fn load(config: &GatewayConfig, auth: &DeviceAuth) -> Result<Connectors, GatewayError> {
-        let roots = if config.connector_roots.is_empty() {
-            auth.roots.clone()
-        } else {
-            RootSet::load(&config.connector_roots)?
-        };
+    fn load(
+        config: &GatewayConfig,
+        roots: RootSet,
+        auth: &DeviceAuth,
+    ) -> Result<Connectors, GatewayError> {
         Ok(Connectors {
+            pinned: config.connector_roots.is_empty(),
             roots,
             allowed: config
                 .allowed_connectors
                 .iter()
-                .map(|c| c.trim().to_string())
+                .filter(|c| !c.name().is_empty())
+                .cloned()
                 .collect(),
+            revocation: auth
+                .revocation
+                .as_ref()
+                .map(|r| (r.crls.clone(), r.unreadable.clone())),
         })
     }
 
-    /// The connector's certificate, if it may hold a channel; else why not.
+    /// Whether `entry` names this certificate: its thumbprint, or its one CN (from the parsed
+    /// subject, never the printed one). Pinned, the thumbprint only: with no roots anyone can
+    /// make a certificate whose CN reads like a pinned thumbprint.
+    fn names(&self, entry: &AllowedConnector, cert: &pki::cert::Certificate) -> bool {
+        let name = entry.name();
+        name.eq_ignore_ascii_case(&cert.thumbprint)
+            || (!self.pinned
+                && cert
+                    .common_name()
+                    .is_some_and(|cn| name.eq_ignore_ascii_case(cn)))
+    }
+
+    /// The connector's certificate, if it may hold a channel; else why not. Checked: trust
+    /// (a chain to `connector_roots`, or a pinned thumbprint), validity now, the allow-list,
+    /// the Client Authentication EKU, and revocation when the gateway checks it.
     fn judge(
         &self,
         leaf: Option<&[u8]>,
         now: OffsetDateTime,
     ) -> Result<Box<pki::cert::Certificate>, String> {
-        let cert = match judge_peer(leaf, &self.roots, &[], now) {
-            PeerCert::Trusted(cert) => cert,
-            other => return Err(describe_peer(&other)),
+        let cert = if self.pinned {
+            let Some(der) = leaf else {
+                return Err(describe_peer(&PeerCert::None));
+            };
+            let cert = pki::cert::Certificate::from_der(der)
+                .map_err(|e| format!("its certificate cannot be parsed: {e}"))?;
+            if now < cert.not_before || now > cert.not_after {
+                return Err(describe_peer(&PeerCert::NotTimeValid {
+                    detail: format!(
+                        "{} is valid from {} to {}",
+                        cert.label(),
+                        pki::filter::date_text(cert.not_before),
+                        pki::filter::date_text(cert.not_after)
+                    ),
+                }));
+            }
+            Box::new(cert)
+        } else {
+            match judge_peer(leaf, &self.roots, &[], now) {
+                PeerCert::Trusted(cert) => cert,
+                other => return Err(describe_peer(&other)),
+            }
         };
-        let cn = pki::cert::common_name(&cert.subject).unwrap_or("");
-        let allowed = self
+        if !self.allowed.iter().any(|a| self.names(a, &cert)) {
+            return Err(format!("{} is not in allowed_connectors", cert.label()));
+        }
+        // A connector's certificate is issued for this: unlike a device's, an absent EKU is
+        // not read as "any purpose".
+        cert.client_auth_usage(false).map_err(|why| {
+            format!("{why}; issue the connector's channel certificate with Client Authentication in its enhanced key usage")
+        })?;
+        if let Some((crls, unreadable)) = &self.revocation {
+            match pki::crl::status(&cert, crls, now) {
+                pki::crl::RevocationStatus::Good => {}
+                pki::crl::RevocationStatus::Revoked { detail } => {
+                    return Err(describe_peer(&PeerCert::Revoked { detail }))
+                }
+                // Unknown is refused whatever crl_policy says for devices: a gateway has few
+                // connectors, and each is given every device's traffic for its endpoints.
+                // A pinned certificate's trust is its pin, so no CRL from its issuer is fine.
+                pki::crl::RevocationStatus::Unknown { .. } if self.pinned => {}
+                pki::crl::RevocationStatus::Unknown { why } => {
+                    return Err(format!(
+                        "the revocation status of {} is unknown ({why}{}); connectors are refused when it is: add the CRL of its issuer to crls",
+                        cert.label(),
+                        if unreadable.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; unreadable CRL: {}", unreadable.join("; "))
+                        }
+                    ))
+                }
+            }
+        }
+        Ok(cert)
+    }
+
+    /// Whether the connector of `cert` may announce every endpoint of `hello`: an endpoint
+    /// bound by some entry only by the connectors it binds; any other, by a connector with a
+    /// plain entry. Else which endpoints it may not, and the fix.
+    fn admits(&self, cert: &pki::cert::Certificate, hello: &tunnel::Hello) -> Result<(), String> {
+        let mine: Vec<&AllowedConnector> = self
             .allowed
             .iter()
-            .any(|a| a.eq_ignore_ascii_case(cn) || a.eq_ignore_ascii_case(&cert.thumbprint));
-        if allowed {
-            Ok(cert)
-        } else {
-            Err(format!("{} is not in allowed_connectors", cert.label()))
+            .filter(|a| self.names(a, cert))
+            .collect();
+        let plain = mine.iter().any(|a| matches!(a, AllowedConnector::Name(_)));
+        let binds = |a: &AllowedConnector, id: u64| matches!(a, AllowedConnector::Bound(b) if b.endpoints.contains(&id));
+        let refused: Vec<String> = hello
+            .endpoints
+            .iter()
+            .filter(|e| {
+                let mine_binds = mine.iter().any(|a| binds(a, e.id));
+                let anyone_binds = self.allowed.iter().any(|a| binds(a, e.id));
+                !(mine_binds || (plain && !anyone_binds))
+            })
+            .map(|e| format!("{} ({})", e.id, e.name))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
         }
+        Err(format!(
+            "connector {} ({}) announced endpoint(s) {} that allowed_connectors does not bind to it; bind them to it ({{ name = \"{}\", endpoints = [...] }}) or take them out of the connector's [[endpoints]]",
+            hello.connector_id,
+            cert.label(),
+            refused.join(", "),
+            cert.common_name().unwrap_or(&cert.thumbprint),
+        ))
     }
 }
 
@@ -485,16 +658,27 @@ fn server_tls(
     Ok((tls, certificate))
 }
 
+/// The roots connector certificates must chain to: none when they are pinned.
+fn load_connector_roots(config: &GatewayConfig) -> Result<RootSet, GatewayError> {
+    if config.connector_roots.is_empty() {
+        return Ok(RootSet::default());
+    }
+    Ok(RootSet::load(&config.connector_roots)?)
+}
+
 /// Loads how devices are judged, logging every CRL that cannot be used (the CRL policy then
-/// decides for the devices it would have covered).
+/// decides for the devices it would have covered). The CRLs may come from the device roots
+/// or the connector roots: connectors are checked against the same ones.
 fn load_device_auth(
     config: &GatewayConfig,
     generation: u64,
+    connector_roots: &RootSet,
     log: &Log,
 ) -> Result<DeviceAuth, GatewayError> {
-    let auth = DeviceAuth::load(
+    let auth = DeviceAuth::load_with_crl_issuers(
         generation,
         &config.trusted_roots,
+        connector_roots,
         config
             .verify_client_revocation
             .then_some((config.crls.as_slice(), config.crl_policy)),
@@ -604,6 +788,7 @@ async fn handshake_and_serve(
             leaf.unwrap_or_default(),
             shared.registry.clone(),
             shared.shards.len(),
+            |hello| shared.connectors.load().admits(&cert, hello),
         )
         .await;
         // Registered (or failed): the registry now counts it on its shard.
@@ -623,6 +808,9 @@ async fn handshake_and_serve(
                     endpoints.join(", ")
                 ));
             }
+            Err(tunnel::AcceptError::Refused(why)) => shared
+                .log
+                .error(&format!("Refused a connector channel from {peer}: {why}")),
             Err(e) => shared
                 .log
                 .error(&format!("Channel from {peer} failed: {e}")),

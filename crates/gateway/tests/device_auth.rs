@@ -377,18 +377,23 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
         status("device-002"),
         (403, "CMGService_Revocationcheckfailed".to_string())
     );
+    // The device is let in; its connector is not: crl_policy is for devices, and a connector
+    // whose status is unknown is refused, so no channel serves the endpoint (503).
     check_against("missing.crl", "crl_policy = \"allow-and-warn\"\n");
-    assert_eq!(status("device-002").0, 200);
+    assert_eq!(status("device-002").0, 503);
     let log = system.gateway_log.lock().unwrap().join("\n");
     assert!(log.contains("CRL cannot be used"), "{log}");
     assert!(
         log.contains("Revocation status unknown, allowed by crl_policy = \"allow-and-warn\""),
         "{log}"
     );
+    assert!(log.contains("connectors are refused when it is"), "{log}");
     drop(log);
 
-    // Revocation off again: the revoked certificate is only judged by its chain.
+    // Revocation off again: the revoked certificate is only judged by its chain, and the
+    // connector is back.
     system.reload_gateway("").unwrap();
+    assert!(system.wait_for_channels_within(2, std::time::Duration::from_secs(40)));
     assert_eq!(status("device-001").0, 200);
     system.stop();
 }
@@ -396,7 +401,7 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
 #[test]
 fn a_bad_tls_or_token_setting_is_refused_at_load_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let base = "cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nallowed_connectors = [\"x\"]\n";
+    let base = "cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nconnector_roots = [\"cr\"]\nallowed_connectors = [\"x\"]\n";
     for (extra, key, words) in [
         (
             "\n[tls]\ncipher_suites = [\"TLS_RSA_WITH_RC4_128_SHA\"]\n",

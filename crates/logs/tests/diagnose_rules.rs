@@ -293,6 +293,27 @@ fn connector_channel_failures() {
         .contains("not in allowed_connectors"));
 }
 
+/// The gateway's refusals of a connector for its certificate's usage or for endpoints not
+/// bound to it are named by the same rule, with the gateway's reason.
+#[test]
+fn a_connector_refused_for_its_usage_or_its_endpoints() {
+    for why in [
+        "CN=Portcullis Connector Channel, O=Contoso (thumbprint 0A1B) has enhanced key usage 1.3.6.1.5.5.7.3.1 (Server Authentication) without Client Authentication (1.3.6.1.5.5.7.3.2); issue the connector's channel certificate with Client Authentication in its enhanced key usage",
+        "connector branch (CN=Branch Connector, O=Contoso (thumbprint 0A1B)) announced endpoint(s) 3456 (SMS_MP) that allowed_connectors does not bind to it; bind them to it ({ name = \"Branch Connector\", endpoints = [...] }) or take them out of the connector's [[endpoints]]",
+    ] {
+        let gateway = format!("2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: {why}\n");
+        let report = diagnose(&[("gateway.log", gateway)]);
+        assert_eq!(ids(&report), ["gateway-refused-connector"]);
+        assert!(report.findings[0].cause.contains(why), "{}", report.findings[0].cause);
+        assert!(
+            report.findings[0].resolution.contains("Client Authentication")
+                && report.findings[0].resolution.contains("endpoints = [...]"),
+            "{}",
+            report.findings[0].resolution
+        );
+    }
+}
+
 #[test]
 fn clean_logs_find_nothing() {
     let connector = cm(

@@ -50,6 +50,12 @@ pub struct Certificate {
     /// Problems found while reading extensions (a duplicated or malformed extension). The
     /// certificate still loads; the stage that needs the extension treats it as absent.
     pub extension_problems: Vec<String>,
+    /// The subject's CN attributes as parsed (RFC 5280 AttributeTypeAndValue), in DER order;
+    /// a value that is not a string type is left out. Names that decide anything (the
+    /// connector allow-list, the filter chain's shared-name check) are read from here, never
+    /// from the printed [`Certificate::subject`], where an O of `Contoso, CN=X` reads as a CN.
+    #[serde(skip)]
+    common_names: Vec<String>,
     #[serde(skip)]
     der: Vec<u8>,
     #[serde(skip)]
@@ -170,6 +176,11 @@ impl Certificate {
             thumbprint: hex_upper(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref()),
             sha256: hex_upper(digest::digest(&digest::SHA256, der).as_ref()),
             extension_problems: problems,
+            common_names: x509
+                .subject()
+                .iter_common_name()
+                .filter_map(|attr| attr.as_str().ok().map(str::to_string))
+                .collect(),
             der: der.to_vec(),
             subject_raw: x509.subject().as_raw().to_vec(),
             issuer_raw: x509.issuer().as_raw().to_vec(),
@@ -238,12 +249,49 @@ impl Certificate {
             .is_some_and(|e| e.client_auth)
     }
 
-    /// The names that identify a machine: the subject's CN (as `CN=...`) and every SAN.
+    /// Whether the extended key usage allows TLS client authentication: it states Client
+    /// Authentication (1.3.6.1.5.5.7.3.2), or, when `absent_allows`, the extension is absent
+    /// (RFC 5280 4.2.1.12: any purpose). Else what it states instead, for the refusal.
+    pub fn client_auth_usage(&self, absent_allows: bool) -> Result<(), String> {
+        match &self.extended_key_usage {
+            Some(eku) if eku.client_auth => Ok(()),
+            None if absent_allows && !self.extension_problems.iter().any(|p| p.starts_with("extended key usage")) => Ok(()),
+            None => Err(format!(
+                "{} has no usable enhanced key usage extension, so Client Authentication (1.3.6.1.5.5.7.3.2) is not stated",
+                self.label()
+            )),
+            Some(eku) => Err(format!(
+                "{} has enhanced key usage {} without Client Authentication (1.3.6.1.5.5.7.3.2)",
+                self.label(),
+                if eku.purposes.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    eku.purposes.join(", ")
+                }
+            )),
+        }
+    }
+
+    /// The subject's common name, read from its parsed attributes: `None` when it has no CN,
+    /// an empty one, or more than one (which of two names is meant cannot be told, so a name
+    /// check must not pass on either).
+    pub fn common_name(&self) -> Option<&str> {
+        match self.common_names.as_slice() {
+            [only] if !only.is_empty() => Some(only),
+            _ => None,
+        }
+    }
+
+    /// The names that identify a machine: every SAN and every CN attribute of the subject (as
+    /// `CN=...`), read from the parsed certificate.
     pub fn machine_names(&self) -> Vec<String> {
         let mut names = self.sans.clone();
-        if let Some(cn) = common_name(&self.subject) {
-            names.push(format!("CN={cn}"));
-        }
+        names.extend(
+            self.common_names
+                .iter()
+                .filter(|cn| !cn.is_empty())
+                .map(|cn| format!("CN={cn}")),
+        );
         names
     }
 }
@@ -254,14 +302,6 @@ fn display_subject(subject: &str) -> &str {
     } else {
         subject
     }
-}
-
-/// The CN value of an RFC 4514-style name as x509-parser prints it.
-pub fn common_name(subject: &str) -> Option<&str> {
-    subject
-        .split(", ")
-        .find_map(|part| part.strip_prefix("CN="))
-        .filter(|cn| !cn.is_empty())
 }
 
 /// A name as Windows and RFC 4514 print it: most specific first (`CN=host, O=Contoso`).

@@ -5,10 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, IsCa, Issuer, KeyPair, SerialNumber,
 };
-pub use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
+pub use rcgen::{DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose};
 use ring::rand::SecureRandom;
 use time::{Duration, OffsetDateTime};
 
@@ -163,11 +162,30 @@ impl LabCa {
 
     /// Issues a leaf certificate with a new ECDSA P-256 key.
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued> {
+        self.issue_named(spec, common_name_dn(&spec.common_name))
+    }
+
+    /// Issues a leaf certificate whose subject is `subject`'s attributes, in order (one RDN
+    /// each), instead of `O=Portcullis Lab, CN=<spec.common_name>`: tests make crafted names
+    /// with it, e.g. an O holding `, CN=...` or two CNs.
+    pub fn issue_with_subject(
+        &self,
+        spec: &LeafSpec,
+        subject: &[(DnType, &str)],
+    ) -> Result<Issued> {
+        let mut dn = DistinguishedName::new();
+        for (kind, value) in subject {
+            dn.push(kind.clone(), *value);
+        }
+        self.issue_named(spec, dn)
+    }
+
+    fn issue_named(&self, spec: &LeafSpec, dn: DistinguishedName) -> Result<Issued> {
         let name = &spec.common_name;
         let key = new_key(name)?;
         let mut params =
             CertificateParams::new(spec.sans.clone()).map_err(|e| issue_error(name, e))?;
-        params.distinguished_name = common_name_dn(name);
+        params.distinguished_name = dn;
         params.key_usages = spec.key_usages.clone();
         params.extended_key_usages = spec.extended_key_usages.clone();
         params.not_before = spec.not_before;
@@ -265,6 +283,9 @@ pub struct LabFile {
 pub mod layout {
     pub const ROOT_CERT: &str = "ca/root.crt";
     pub const ROOT_KEY: &str = "ca/root.key";
+    /// The roots the gateway's `connector_roots` names. In the lab a copy of the root CA; in
+    /// production the CA that issues connector channel certificates and no device's.
+    pub const CONNECTOR_ROOTS: &str = "ca/connector-roots.crt";
     pub const GATEWAY_CERT: &str = "gateway/server.crt";
     pub const GATEWAY_KEY: &str = "gateway/server.key";
     pub const MP_CERT: &str = "mp/server.crt";
@@ -342,7 +363,7 @@ impl LabPki {
         pair(
             layout::ROOT_CERT,
             layout::ROOT_KEY,
-            "lab root CA: the gateway's trusted root for devices and connectors, the connector's allowed root CA, and the CA curl and probe trust (--cacert / --ca)",
+            "lab root CA: the gateway's trusted root for devices, the connector's allowed root CA, and the CA curl and probe trust (--cacert / --ca)",
             root.cert(),
         );
         let days = 825;
@@ -395,6 +416,12 @@ impl LabPki {
                 &root.issue(&device)?,
             );
         }
+        files.push(LabFile {
+            path: layout::CONNECTOR_ROOTS.into(),
+            purpose: "the gateway's connector_roots: connector channel certificates must chain to these (in this lab the same root CA; in production the CA that issues connectors and no devices)".into(),
+            contents: root.cert().cert_pem.clone(),
+            secret: false,
+        });
         let (token_key, token_pub) = token_key_pair(false)?;
         files.push(LabFile {
             path: layout::SITE_TOKEN_KEY.into(),

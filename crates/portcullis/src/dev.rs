@@ -69,6 +69,14 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(dir.join(layout::SITE_TOKEN_PUB), public)
             .with_context(|| format!("writing {}", layout::SITE_TOKEN_PUB))?;
     }
+    if !dir.join(layout::CONNECTOR_ROOTS).exists() {
+        // A lab made before connectors had roots of their own: the lab root is theirs too.
+        std::fs::copy(
+            dir.join(layout::ROOT_CERT),
+            dir.join(layout::CONNECTOR_ROOTS),
+        )
+        .with_context(|| format!("writing {}", layout::CONNECTOR_ROOTS))?;
+    }
     let store = match args.scenario {
         Scenario::Healthy => layout::CONNECTOR_STORE.to_string(),
         Scenario::MissingClientCert => seed_store(dir)?,
@@ -126,10 +134,11 @@ async fn serve(
     let gateway_config = write(
         "gateway.toml",
         format!(
-            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n\n[tokens]\nkeys = [\"{}\"]\n",
+            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nconnector_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n\n[tokens]\nkeys = [\"{}\"]\n",
             layout::GATEWAY_CERT,
             layout::GATEWAY_KEY,
             layout::ROOT_CERT,
+            layout::CONNECTOR_ROOTS,
             layout::SITE_TOKEN_PUB,
         ),
     )?;

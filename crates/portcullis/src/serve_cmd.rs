@@ -23,10 +23,17 @@ use logs::{Log, Logger};
 ///   cert = "gateway/server.crt"
 ///   key = "gateway/server.key"
 ///   trusted_roots = ["ca/root.crt"]          # device certificates chain to these
-///   connector_roots = ["ca/root.crt"]        # optional; default trusted_roots
-///   allowed_connectors = ["Portcullis Connector Channel"]   # CN or SHA-1 thumbprint
+///   connector_roots = ["ca/connector-roots.crt"]   # connector certificates chain to these;
+///                                            # never trusted_roots. Optional only when every
+///                                            # allowed_connectors entry is a SHA-1 thumbprint
+///                                            # (pinned: the certificate itself is trusted)
+///   allowed_connectors = ["Portcullis Connector Channel",   # CN or SHA-1 thumbprint, or
+///     { name = "Branch Connector", endpoints = [3456] }]     # bound to its endpoints: a
+///                                            # bound endpoint only from connectors bound to it
+///   verify_client_revocation = false         # check device and connector certificates
+///                                            # against crls (a connector of unknown status
+///                                            # is refused)
 ///   request_timeout_secs = 120               # optional
-///   verify_client_revocation = false         # check device certificates against crls
 ///   crls = ["ca/root.crl"]                   # re-read on SIGHUP
 ///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
@@ -55,7 +62,8 @@ use logs::{Log, Logger};
 /// server certificate and key (renewed in place or named anew) and [tls] serve new
 /// connections; a key that does not match its certificate is refused, the running one kept.
 /// allowed_connectors and connector_roots apply at once: the channels of a connector no
-/// longer allowed are closed, and its redials refused.
+/// longer allowed, or announcing an endpoint no longer bound to it, are closed, and its
+/// redials refused.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and

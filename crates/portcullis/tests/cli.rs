@@ -928,7 +928,7 @@ fn gateway_config(lab: &Path, port: u16, extra: &str) -> PathBuf {
     let file = lab.join(format!("gateway-{port}.toml"));
     std::fs::write(
         &file,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{extra}"),
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{extra}"),
     )
     .unwrap();
     file

@@ -112,7 +112,7 @@ impl System {
         let mp = runtime
             .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
             .unwrap();
-        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n");
+        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n");
         std::fs::write(
             p("gateway.toml"),
             format!("listen = \"127.0.0.1:0\"\n{gateway_toml}"),
