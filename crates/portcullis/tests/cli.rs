@@ -953,11 +953,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Channels the gateway on `port` reports in ServiceMetadata (0 when it does not answer).
+/// Channels the gateway on `port` reports in ServiceMetadata to device-001 (0 when it does not
+/// answer; anonymous callers are not told).
 fn channels_at(lab: &Path, port: u16) -> u64 {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "5", "--cacert"])
         .arg(lab.join("ca/root.crt"))
+        .arg("--cert")
+        .arg(lab.join("devices/device-001.crt"))
+        .arg("--key")
+        .arg(lab.join("devices/device-001.key"))
         .arg(format!(
             "https://localhost:{port}/CCM_PROXY_MUTUALAUTH/ServiceMetadata"
         ))
