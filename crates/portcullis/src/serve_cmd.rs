@@ -59,8 +59,9 @@ use logs::{Log, Logger};
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
-/// channels), PUT /verbose with body on|off, POST /reload,
-/// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
+/// channels), PUT /verbose with body on|off (as JSON or with no Content-Type), POST /reload,
+/// e.g. curl -X PUT -H 'Content-Type: application/json' --data '"on"' http://127.0.0.1:9441/verbose
+/// (loopback Host only; a call with an Origin header or a form's content type is refused)
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct GatewayArgs {
@@ -122,7 +123,8 @@ pub struct GatewayArgs {
 ///
 /// Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
-/// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
+/// body on|off as JSON or with no Content-Type (turning it on logs the filter trail of the
+/// current choice), POST /reload.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {

@@ -1099,8 +1099,14 @@ fn admin_call(method: &str, url: &str, body: Option<&str>) -> (String, String) {
         "-w",
         "\n%{http_code}",
     ]);
+    // As JSON: the admin surface refuses the form content type curl --data sends by default.
     if let Some(body) = body {
-        cmd.args(["--data", body]);
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            &format!("\"{body}\""),
+        ]);
     }
     let out = cmd.arg(url).output().expect("curl must be installed");
     let all = String::from_utf8_lossy(&out.stdout).to_string();
