@@ -88,8 +88,8 @@ pub async fn serve(addr: SocketAddr, control: Arc<dyn Control>) -> std::io::Resu
 
 async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<Body> {
     let (parts, body) = request.into_parts();
-    if let Err(refused) = from_an_admin_tool(&parts) {
-        return refused;
+    if let Err((status, why)) = from_an_admin_tool(&parts) {
+        return plain(status, &why);
     }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(control)),
@@ -132,7 +132,7 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
 }
 
 /// Refuses what a web page in a browser on this machine could send, as described above.
-fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), Response<Body>> {
+fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), (StatusCode, String)> {
     // The authority of an absolute-form or HTTP/2 request, and the Host header: each there
     // must name loopback, and one must be there.
     let named = [
@@ -140,9 +140,10 @@ fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), Respons
         parts.headers.get(hyper::header::HOST).map(|h| h.as_bytes()),
     ];
     if named.iter().all(Option::is_none) {
-        return Err(plain(
+        return Err((
             StatusCode::FORBIDDEN,
-            "the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]); this one has none\n",
+            "the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]); this one has none\n"
+            .to_string(),
         ));
     }
     for host in named.into_iter().flatten() {
@@ -152,9 +153,9 @@ fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), Respons
                 .take(100)
                 .map(|c| if c.is_ascii_graphic() { c } else { '?' })
                 .collect();
-            return Err(plain(
+            return Err((
                 StatusCode::FORBIDDEN,
-                &format!("the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]), not \"{shown}\": a web page's name rebound to this address is refused\n"),
+                format!("the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]), not \"{shown}\": a web page's name rebound to this address is refused\n"),
             ));
         }
     }
@@ -162,9 +163,10 @@ fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), Respons
         return Ok(());
     }
     if parts.headers.contains_key(hyper::header::ORIGIN) {
-        return Err(plain(
+        return Err((
             StatusCode::FORBIDDEN,
-            "a call that changes something must carry no Origin header: browsers send one for a web page's request (CSRF); admin tools such as curl do not\n",
+            "a call that changes something must carry no Origin header: browsers send one for a web page's request (CSRF); admin tools such as curl do not\n"
+            .to_string(),
         ));
     }
     for value in parts.headers.get_all(hyper::header::CONTENT_TYPE) {
@@ -183,9 +185,9 @@ fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), Respons
         .iter()
         .any(|form| media.eq_ignore_ascii_case(form))
         {
-            return Err(plain(
+            return Err((
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                &format!("Content-Type {media} is one a web page's form can send, so it is refused here: send the body as application/json or with no Content-Type, e.g. curl -X PUT -H 'Content-Type: application/json' --data '\"on\"' http://127.0.0.1:PORT/verbose\n"),
+                format!("Content-Type {media} is one a web page's form can send, so it is refused here: send the body as application/json or with no Content-Type, e.g. curl -X PUT -H 'Content-Type: application/json' --data '\"on\"' http://127.0.0.1:PORT/verbose\n"),
             ));
         }
     }

@@ -75,8 +75,10 @@ pub mod headers {
     fn strip_where(map: &mut hyper::HeaderMap, forwarding: bool) {
         // A HeaderName is always lower case, so exact comparisons suffice here.
         let mut unwanted = Vec::new();
+        let mut connection = false;
         for name in map.keys() {
             let text = name.as_str();
+            connection |= text == "connection";
             if text.starts_with(PREFIX)
                 || is_hop_by_hop_lower(text)
                 || (forwarding && is_forwarding_lower(text))
@@ -85,7 +87,12 @@ pub mod headers {
             }
         }
         // Headers the device named as its connection's own (RFC 9110 7.6.1): no further.
-        for value in map.get_all(hyper::header::CONNECTION) {
+        // Looked up only when there is a Connection header (never over HTTP/2).
+        for value in connection
+            .then(|| map.get_all(hyper::header::CONNECTION))
+            .into_iter()
+            .flatten()
+        {
             for token in value.to_str().unwrap_or("").split(',') {
                 let token = token.trim();
                 if map.contains_key(token) {

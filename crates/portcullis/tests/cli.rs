@@ -356,6 +356,30 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
                 text(&run)
             );
         }
+        if line.contains("ServiceMetadata") {
+            // With the device's certificate: the detail, not only the health.
+            assert!(
+                String::from_utf8_lossy(&run.stdout).contains("\"connector_id\":\"dev-connector\""),
+                "{}",
+                text(&run)
+            );
+        }
+    }
+    // The admin lines, pasted, turn verbose logging on (the admin surface refuses the form
+    // content type curl --data sends by default).
+    let admin: Vec<&str> = shown
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl -X PUT"))
+        .collect();
+    assert_eq!(admin.len(), 2, "{shown}");
+    for line in admin {
+        let run = Command::new("sh").arg("-c").arg(line).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&run.stdout).contains("\"verbose\":true"),
+            "{line}: {}",
+            text(&run)
+        );
     }
     drop(child);
     let root = std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap();
