@@ -134,9 +134,10 @@ fn check_path(path: &[u8]) -> Result<(), RouteError> {
     let dot_segment = |dots: usize, only_dots: bool| only_dots && (dots == 1 || dots == 2);
     let mut i = 0;
     while i < path.len() {
-        let (byte, step, escaped) = match escape_at(path, i) {
+        let byte = path[i];
+        let (byte, step, escaped) = match (byte == b'%').then(|| escape_at(path, i)).flatten() {
             Some(value) => (value, 3, true),
-            None => (path[i], 1, false),
+            None => (byte, 1, false),
         };
         match (byte, escaped) {
             (b'/', false) => {
