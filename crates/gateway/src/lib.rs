@@ -840,7 +840,8 @@ struct DeviceState {
     /// and the device's address, as one header value made once per judgement (one HPACK
     /// table entry per connection rather than three lookups per request).
     device_header: HeaderValue,
-    /// `client_cert_header` and the trusted certificate's DER in base64, when configured.
+    /// `client_cert_header` and the trusted certificate's DER in base64, when configured (and
+    /// the certificate trusted).
     cert_header: Option<Box<(hyper::header::HeaderName, HeaderValue)>>,
 }
 
@@ -850,9 +851,12 @@ impl DeviceState {
             shared.log.warn(&format!("Device {addr}: {warning}"));
         }
         let cert_header = match (&judgement.cert, shared.cert_header.load_full()) {
-            (Ok(cert), Some(name)) => HeaderValue::try_from(base64(cert.der()))
-                .ok()
-                .map(|value| Box::new(((*name).clone(), value))),
+            // Base64 is always a valid value; were it not, the device's copy is still replaced.
+            (Ok(cert), Some(name)) => Some(Box::new((
+                (*name).clone(),
+                HeaderValue::try_from(base64(cert.der()))
+                    .unwrap_or_else(|_| HeaderValue::from_static("")),
+            ))),
             _ => None,
         };
         let device_header = match &judgement.cert {
@@ -1044,8 +1048,10 @@ async fn route_request(
         } => {
             map.insert(cert_header.0.clone(), cert_header.1.clone());
         }
+        // Not configured when the judgement was made.
+        Identity::Certificate { .. } => {}
         // A name of the operator's choosing may be outside what strip_device drops.
-        _ => {
+        Identity::Token { .. } => {
             if let Some(name) = &*shared.cert_header.load() {
                 map.remove(&**name);
             }

@@ -189,6 +189,32 @@ fn headers_an_endpoint_may_trust_are_set_by_the_gateway_not_the_device() {
             .collect();
         assert_eq!(sent, [&format!("x-arr-clientcert: {der_base64}")], "{http}");
     }
+    // A name of the operator's own, outside those every device request is cleaned of: the
+    // device's copy never passes, on a token route (no certificate judged) either.
+    system
+        .reload_gateway(
+            "client_cert_header = \"X-Device-Cert\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n",
+        )
+        .unwrap();
+    let seen = headers_seen(&system, &["-H", "X-Device-Cert: forged"]);
+    assert!(
+        seen.contains(&format!("x-device-cert: {der_base64}")),
+        "{seen:#?}"
+    );
+    let token = token_for(&system, Vec::new());
+    let out = curl(
+        &system,
+        &format!("/CCM_PROXY_SERVERAUTH/{HEADERS}/whoami"),
+        &[
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "X-Device-Cert: forged",
+        ],
+    );
+    let seen = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    assert!(!seen.contains("x-device-cert"), "{seen}");
     // A name the gateway cannot use is refused with the key named.
     let refused = system
         .reload_gateway("client_cert_header = \"x-portcullis-device\"\n")
