@@ -32,6 +32,8 @@ use logs::{Log, Logger};
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
 ///   worker_threads = 2                       # optional; default one per CPU
+///   client_cert_header = "X-ARR-ClientCert"  # optional: endpoints get the trusted device
+///                                            # certificate (DER, base64), as IIS ARR sends it
 ///
 ///   [log]                                    # optional
 ///   file = "logs/SMS_Cloud_ProxyGateway.log" # CMTrace; rolls over to .lo_
@@ -51,9 +53,10 @@ use logs::{Log, Logger};
 ///   cipher_suites = []                       # empty: all of rustls' safe suites
 ///
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
-/// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again. The
-/// server certificate and key (renewed in place or named anew) and [tls] serve new
-/// connections; a key that does not match its certificate is refused, the running one kept.
+/// (trusted roots, CRLs, token keys, revoked tokens, client_cert_header); open connections
+/// are judged again. The server certificate and key (renewed in place or named anew) and
+/// [tls] serve new connections; a key that does not match its certificate is refused, the
+/// running one kept.
 /// allowed_connectors and connector_roots apply at once: the channels of a connector no
 /// longer allowed are closed, and its redials refused.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
