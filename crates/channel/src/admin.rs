@@ -7,7 +7,13 @@
 //! | `POST /reload` | re-read the configuration file, as SIGHUP does |
 //!
 //! It has no authentication of its own, so it listens on loopback only: whoever can reach it
-//! is already on the machine (config loading refuses any other address).
+//! is already on the machine (config loading refuses any other address). A web page open in a
+//! browser on that machine can reach it too, so it also refuses what only a browser sends:
+//! a `Host` that is not a loopback name or address (a page whose name was rebound to
+//! 127.0.0.1 reading `/status`), and on calls that change something an `Origin` header or a
+//! content type a form can send without a preflight (`application/x-www-form-urlencoded`,
+//! `multipart/form-data`, `text/plain`). The `/verbose` body is `on` or `off`, sent with no
+//! content type or as JSON: `curl -X PUT -H 'Content-Type: application/json' --data '"on"'`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -82,14 +88,19 @@ pub async fn serve(addr: SocketAddr, control: Arc<dyn Control>) -> std::io::Resu
 
 async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<Body> {
     let (parts, body) = request.into_parts();
+    if let Err((status, why)) = from_an_admin_tool(&parts) {
+        return plain(status, &why);
+    }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(control)),
         (&Method::PUT | &Method::POST, "/verbose") => {
             // The body is one word; anything longer is not a setting.
             let limited = http_body_util::Limited::new(body, 64);
             let text = match limited.collect().await {
+                // A JSON string ("on") is the word in quotes.
                 Ok(collected) => String::from_utf8_lossy(&collected.to_bytes())
                     .trim()
+                    .trim_matches('"')
                     .to_ascii_lowercase(),
                 Err(_) => {
                     return plain(
@@ -115,16 +126,106 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
             Ok(summary) => plain(StatusCode::OK, &format!("{summary}\n")),
             Err(why) => plain(StatusCode::UNPROCESSABLE_ENTITY, &format!("{why}\n")),
         },
-        (_, "/status" | "/verbose" | "/reload") => plain(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "GET /status, PUT /verbose (on|off), POST /reload\n",
-        ),
-        _ => plain(
-            StatusCode::NOT_FOUND,
-            "GET /status, PUT /verbose (on|off), POST /reload\n",
-        ),
+        (_, "/status" | "/verbose" | "/reload") => plain(StatusCode::METHOD_NOT_ALLOWED, USAGE),
+        _ => plain(StatusCode::NOT_FOUND, USAGE),
     }
 }
+
+/// Refuses what a web page in a browser on this machine could send, as described above.
+fn from_an_admin_tool(parts: &hyper::http::request::Parts) -> Result<(), (StatusCode, String)> {
+    // The authority of an absolute-form or HTTP/2 request, and the Host header: each there
+    // must name loopback, and one must be there.
+    let named = [
+        parts.uri.authority().map(|a| a.as_str().as_bytes()),
+        parts.headers.get(hyper::header::HOST).map(|h| h.as_bytes()),
+    ];
+    if named.iter().all(Option::is_none) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]); this one has none\n"
+            .to_string(),
+        ));
+    }
+    for host in named.into_iter().flatten() {
+        if !is_loopback_host(host) {
+            let shown: String = String::from_utf8_lossy(host)
+                .chars()
+                .take(100)
+                .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                .collect();
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("the admin surface answers requests whose Host is a loopback name or address (localhost, 127.x.x.x, [::1]), not \"{shown}\": a web page's name rebound to this address is refused\n"),
+            ));
+        }
+    }
+    if matches!(parts.method, Method::GET | Method::HEAD) {
+        return Ok(());
+    }
+    if parts.headers.contains_key(hyper::header::ORIGIN) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "a call that changes something must carry no Origin header: browsers send one for a web page's request (CSRF); admin tools such as curl do not\n"
+            .to_string(),
+        ));
+    }
+    for value in parts.headers.get_all(hyper::header::CONTENT_TYPE) {
+        let media = value
+            .to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if [
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "text/plain",
+        ]
+        .iter()
+        .any(|form| media.eq_ignore_ascii_case(form))
+        {
+            return Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Type {media} is one a web page's form can send, so it is refused here: send the body as application/json or with no Content-Type, e.g. curl -X PUT -H 'Content-Type: application/json' --data '\"on\"' http://127.0.0.1:PORT/verbose\n"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `localhost`, an IPv4 loopback address (127.0.0.0/8) or `[::1]`, with or without a port.
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => {
+                let loopback = v6
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+                return loopback && (port.is_empty() || is_port(port.strip_prefix(':')));
+            }
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (name, is_port(Some(port))),
+            None => (host, true),
+        },
+    };
+    port && (name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback()))
+}
+
+fn is_port(port: Option<&str>) -> bool {
+    port.is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+const USAGE: &str =
+    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload\n";
 
 fn status(control: &dyn Control) -> serde_json::Value {
     let mut value = serde_json::json!({

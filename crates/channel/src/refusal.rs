@@ -333,7 +333,7 @@ impl Refusal {
     /// What to do about it.
     pub fn remedy(&self) -> &'static str {
         match &self.cause {
-            Cause::BadRoute { .. } => "Use https://<gateway>/CCM_PROXY_MUTUALAUTH/<endpoint id>/<path> (or CCM_PROXY_SERVERAUTH with a token).",
+            Cause::BadRoute { .. } => "Use https://<gateway>/CCM_PROXY_MUTUALAUTH/<endpoint id>/<path> (or CCM_PROXY_SERVERAUTH with a token), the path with no dot segments, backslashes, encoded slashes or dots, or double escapes.",
             Cause::DeviceCertificateMissing => "Give the device a client authentication certificate from a CA the gateway trusts, or use a CCM_PROXY_SERVERAUTH route with a token.",
             Cause::DeviceCertificateUntrusted { .. } => "Add the device certificate's root CA to the gateway's trusted roots, or reissue the certificate from a trusted CA.",
             Cause::DeviceCertificateNotTimeValid { .. } => "Renew the device's certificate (or check the device's and the gateway's clocks).",

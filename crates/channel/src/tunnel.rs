@@ -54,16 +54,52 @@ pub mod headers {
     /// On the hello request: how many worker threads (shards) the gateway runs, so that the
     /// connector can open a channel for each and no gateway thread sends through another's.
     pub const GATEWAY_THREADS: HeaderName = HeaderName::from_static("x-portcullis-gateway-threads");
+    /// The device's address, for endpoints, set by the gateway (the device's own dropped).
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-    /// Drops hop-by-hop headers and every `x-portcullis-*` header, in place, in one pass over
-    /// the names (allocating only when there is something to drop).
+    /// Drops hop-by-hop headers, those the `Connection` header names, and every
+    /// `x-portcullis-*` header, in place, in one pass over the names (allocating only when
+    /// there is something to drop). What the connector does to what the gateway sends.
     pub fn strip(map: &mut hyper::HeaderMap) {
+        strip_where(map, false);
+    }
+
+    /// [`strip`], and also every header that tells an endpoint who called or how
+    /// ([`is_forwarding_lower`]): the gateway's cleaning of what a device sends, before it sets
+    /// its own. An endpoint behind a proxy may trust these (IIS ARR's `X-ARR-ClientCert`, a
+    /// client address in `X-Forwarded-For`), so a device must not write them.
+    pub fn strip_device(map: &mut hyper::HeaderMap) {
+        strip_where(map, true);
+    }
+
+    fn strip_where(map: &mut hyper::HeaderMap, forwarding: bool) {
         // A HeaderName is always lower case, so exact comparisons suffice here.
         let mut unwanted = Vec::new();
+        let mut connection = false;
         for name in map.keys() {
             let text = name.as_str();
-            if text.starts_with(PREFIX) || is_hop_by_hop_lower(text) {
+            connection |= text == "connection";
+            if text.starts_with(PREFIX)
+                || is_hop_by_hop_lower(text)
+                || (forwarding && is_forwarding_lower(text))
+            {
                 unwanted.push(name.clone());
+            }
+        }
+        // Headers the device named as its connection's own (RFC 9110 7.6.1): no further.
+        // Looked up only when there is a Connection header (never over HTTP/2).
+        for value in connection
+            .then(|| map.get_all(hyper::header::CONNECTION))
+            .into_iter()
+            .flatten()
+        {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if map.contains_key(token) {
+                    if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                        unwanted.push(name);
+                    }
+                }
             }
         }
         for name in unwanted {
@@ -71,8 +107,30 @@ pub mod headers {
         }
     }
 
+    /// Headers that say who the client is, what certificate it showed, or how it reached a
+    /// proxy, lower case: set by proxies (IIS ARR, nginx, Envoy, load balancers) for the
+    /// servers behind them, never by a client.
+    pub fn is_forwarding_lower(name: &str) -> bool {
+        name.starts_with("x-forwarded-")
+            || name.starts_with("x-ssl-")
+            || name.starts_with("x-arr-")
+            || matches!(
+                name,
+                "forwarded"
+                    | "x-real-ip"
+                    | "x-client-ip"
+                    | "x-client-cert"
+                    | "x-client-verify"
+                    | "true-client-ip"
+                    | "x-cluster-client-ip"
+                    | "x-original-url"
+                    | "x-rewrite-url"
+                    | "ms-aspnetcore-clientcert"
+            )
+    }
+
     /// Connection-specific headers that must not cross a hop (RFC 9110 7.6.1), lower case.
-    fn is_hop_by_hop_lower(name: &str) -> bool {
+    pub fn is_hop_by_hop_lower(name: &str) -> bool {
         matches!(
             name,
             "connection"
@@ -729,6 +787,41 @@ pub fn refusal_response(refusal: &Refusal) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a device sends is cleaned of what endpoints may trust and of what it named as its
+    /// connection's own; what the connector cleans keeps the gateway's forwarding headers.
+    #[test]
+    fn a_devices_forwarding_and_connection_headers_are_dropped() {
+        let mut map = hyper::HeaderMap::new();
+        for (name, value) in [
+            ("x-forwarded-for", "203.0.113.66"),
+            ("forwarded", "for=203.0.113.66"),
+            ("x-real-ip", "203.0.113.66"),
+            ("x-arr-clientcert", "forged"),
+            ("x-ssl-client-cert", "forged"),
+            ("x-forwarded-client-cert", "forged"),
+            ("x-portcullis-device", "forged"),
+            ("connection", "keep-alive, X-Hop"),
+            ("x-hop", "1"),
+            ("accept", "*/*"),
+            ("authorization", "Bearer t"),
+        ] {
+            map.insert(
+                hyper::header::HeaderName::from_static(name),
+                hyper::header::HeaderValue::from_static(value),
+            );
+        }
+        let mut connector = map.clone();
+        headers::strip_device(&mut map);
+        let mut left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "authorization"]);
+        headers::strip(&mut connector);
+        assert!(
+            connector.contains_key("x-forwarded-for") && connector.contains_key("x-arr-clientcert")
+        );
+        assert!(!connector.contains_key("x-hop") && !connector.contains_key("x-portcullis-device"));
+    }
 
     /// A request the gateway stops waiting for (its device went away, its timeout struck) no
     /// longer counts as outstanding on its channel: least-outstanding picking would otherwise

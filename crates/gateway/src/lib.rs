@@ -95,6 +95,11 @@ pub struct GatewayConfig {
     /// TLS versions and cipher suites offered to devices and connectors.
     #[serde(default)]
     pub tls: pki::tls::TlsPolicy,
+    /// A request header in which endpoints get the device's trusted certificate, its DER in
+    /// base64, as IIS ARR sends it (e.g. "X-ARR-ClientCert"); none by default. A device's own
+    /// copy never passes. Changes on reload.
+    #[serde(default)]
+    pub client_cert_header: Option<String>,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -197,6 +202,11 @@ impl GatewayConfig {
         if let Err(reason) = cfg.tls.check() {
             return Err(invalid("tls", &reason));
         }
+        if let Some(name) = &cfg.client_cert_header {
+            if let Err(reason) = client_cert_header_problem(name) {
+                return Err(invalid("client_cert_header", &reason));
+            }
+        }
         if cfg.trusted_roots.is_empty() {
             return Err(invalid(
                 "trusted_roots",
@@ -241,6 +251,39 @@ impl GatewayConfig {
         }
         Ok(cfg)
     }
+}
+
+/// Whether `name` can carry the device's certificate to endpoints; the name to use if so.
+fn client_cert_header_problem(name: &str) -> Result<hyper::header::HeaderName, String> {
+    let parsed = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("\"{name}\" is not a header name"))?;
+    let lower = parsed.as_str();
+    if lower.starts_with(headers::PREFIX)
+        || headers::is_hop_by_hop_lower(lower)
+        || matches!(
+            lower,
+            "content-length"
+                | "content-type"
+                | "content-encoding"
+                | "authorization"
+                | "cookie"
+                | "x-forwarded-for"
+                | "forwarded"
+        )
+    {
+        return Err(format!(
+            "\"{name}\" is a header the request needs for something else; name one of its own, e.g. \"X-ARR-ClientCert\""
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The configured certificate header, checked by [`GatewayConfig::load`].
+fn client_cert_header(config: &GatewayConfig) -> Option<hyper::header::HeaderName> {
+    config
+        .client_cert_header
+        .as_deref()
+        .and_then(|name| client_cert_header_problem(name).ok())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,6 +389,11 @@ impl RunningGateway {
             Some(&self.shared.tls.load()),
         )?;
         let described = auth.describe();
+        // Before the new generation: connections judged again under it make their header
+        // with this name.
+        self.shared
+            .cert_header
+            .store(client_cert_header(config).map(Arc::new));
         self.shared.auth.store(Arc::new(auth));
         self.shared.tls.store(Arc::new(tls));
         // Channels of connectors no longer allowed (or trusted) are closed now.
@@ -383,6 +431,8 @@ struct Shared {
     /// The TLS configuration new connections get (server certificate, CA hints, `[tls]`).
     tls: ArcSwap<rustls::ServerConfig>,
     auth: ArcSwap<DeviceAuth>,
+    /// `client_cert_header`: where endpoints get the device's certificate, if anywhere.
+    cert_header: arc_swap::ArcSwapOption<hyper::header::HeaderName>,
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
     timeout: Duration,
@@ -439,6 +489,7 @@ pub async fn start_on(
     let shared = Arc::new(Shared {
         tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
+        cert_header: arc_swap::ArcSwapOption::from(client_cert_header(&config).map(Arc::new)),
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
@@ -821,10 +872,12 @@ async fn handshake_and_serve(
     // Offered the channel protocol but chose a device one: nothing was placed.
     drop(placed);
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
+    let state = DeviceState::new(judgement, peer, &shared);
     let device = Arc::new(Device {
         addr: peer,
         leaf,
-        state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
+        state: std::sync::Mutex::new(Arc::new(state)),
+        forwarded: std::sync::OnceLock::new(),
     });
     let drain_shared = shared.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -942,6 +995,30 @@ struct Device {
     /// The certificate it presented (DER), kept to judge it again after a reload.
     leaf: Option<Vec<u8>>,
     state: std::sync::Mutex<Arc<DeviceState>>,
+    /// `X-Forwarded-For` and `Forwarded` with the device's address, made at its first
+    /// forwarded request (an idle connection holds 8 bytes for them, not 80 and two values).
+    forwarded: std::sync::OnceLock<Box<[HeaderValue; 2]>>,
+}
+
+impl Device {
+    /// The values endpoints get in `X-Forwarded-For` and `Forwarded` (RFC 7239: an IPv6
+    /// address in brackets and quotes), made once per connection.
+    fn forwarded(&self) -> &[HeaderValue; 2] {
+        self.forwarded.get_or_init(|| {
+            let [forwarded_for, forwarded] = forwarded_texts(self.addr.ip());
+            Box::new([header_value(&forwarded_for), header_value(&forwarded)])
+        })
+    }
+}
+
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239 4: an IPv6 address in brackets and quotes)
+/// for a device at `ip`.
+fn forwarded_texts(ip: std::net::IpAddr) -> [String; 2] {
+    let forwarded = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    };
+    [ip.to_string(), forwarded]
 }
 
 /// A device connection's judged certificate, as of one [`DeviceAuth`] generation.
@@ -951,13 +1028,25 @@ struct DeviceState {
     /// and the device's address, as one header value made once per judgement (one HPACK
     /// table entry per connection rather than three lookups per request).
     device_header: HeaderValue,
+    /// `client_cert_header` and the trusted certificate's DER in base64, when configured (and
+    /// the certificate trusted).
+    cert_header: Option<Box<(hyper::header::HeaderName, HeaderValue)>>,
 }
 
 impl DeviceState {
-    fn new(judgement: Judgement, addr: SocketAddr, log: &Log) -> DeviceState {
+    fn new(judgement: Judgement, addr: SocketAddr, shared: &Shared) -> DeviceState {
         if let Some(warning) = &judgement.warning {
-            log.warn(&format!("Device {addr}: {warning}"));
+            shared.log.warn(&format!("Device {addr}: {warning}"));
         }
+        let cert_header = match (&judgement.cert, shared.cert_header.load_full()) {
+            // Base64 is always a valid value; were it not, the device's copy is still replaced.
+            (Ok(cert), Some(name)) => Some(Box::new((
+                (*name).clone(),
+                HeaderValue::try_from(base64(cert.der()))
+                    .unwrap_or_else(|_| HeaderValue::from_static("")),
+            ))),
+            _ => None,
+        };
         let device_header = match &judgement.cert {
             Ok(cert) => header_value(&format!(
                 "{} ({}) from {addr}",
@@ -968,6 +1057,7 @@ impl DeviceState {
         DeviceState {
             judgement,
             device_header,
+            cert_header,
         }
     }
 }
@@ -980,7 +1070,7 @@ impl Device {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.judgement.generation != auth.generation {
             let judgement = auth.judge(self.leaf.as_deref(), OffsetDateTime::now_utc());
-            *state = Arc::new(DeviceState::new(judgement, self.addr, &shared.log));
+            *state = Arc::new(DeviceState::new(judgement, self.addr, shared));
         }
         state.clone()
     }
@@ -992,6 +1082,8 @@ enum Identity<'a> {
         thumbprint: &'a str,
         /// What the connector is told: [`DeviceState::device_header`].
         header: &'a HeaderValue,
+        /// [`DeviceState::cert_header`].
+        cert_header: Option<&'a (hyper::header::HeaderName, HeaderValue)>,
     },
     Token {
         subject: String,
@@ -1030,6 +1122,7 @@ async fn route_request(
     shared: &Shared,
     device: &Device,
 ) -> Result<Response<Body>, Refusal> {
+    refuse_transfer_codings(request.headers())?;
     // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
     // shares its bytes, measured no better: callgrind 59.8k-60.9k against 58.6k-59.6k.)
     let target = request
@@ -1043,7 +1136,10 @@ async fn route_request(
         })
     })?;
     let (auth, endpoint, path, forward_target) = match route {
-        Route::ServiceMetadata { .. } => return Ok(service_metadata(shared)),
+        Route::ServiceMetadata { auth } => {
+            let view = metadata_view(&request, auth, shared, device);
+            return Ok(service_metadata(shared, view));
+        }
         Route::Proxy {
             auth,
             endpoint,
@@ -1061,6 +1157,7 @@ async fn route_request(
                 Ok(cert) => Identity::Certificate {
                     thumbprint: &cert.thumbprint,
                     header: &state.device_header,
+                    cert_header: state.cert_header.as_deref(),
                 },
                 Err(cause) => return Err(Refusal::new(cause.clone())),
             }
@@ -1103,9 +1200,10 @@ async fn route_request(
             detail: e.to_string(),
         })
     })?;
-    // The device's own headers go on as they are, minus hop-by-hop ones and any claim to be
-    // Portcullis metadata; the map is edited in place rather than rebuilt.
-    headers::strip(&mut parts.headers);
+    // The device's own headers go on as they are, minus hop-by-hop ones, any claim to be
+    // Portcullis metadata and any header an endpoint may trust to say who called (set below);
+    // the map is edited in place rather than rebuilt.
+    headers::strip_device(&mut parts.headers);
     // What the device's own connection carried (HTTP/2 stream state, upgrades) stays here.
     parts.version = hyper::Version::HTTP_11;
     parts.extensions = hyper::http::Extensions::new();
@@ -1127,6 +1225,26 @@ async fn route_request(
         }
     };
     map.insert(headers::DEVICE, device_header);
+    // Who called, for the endpoint: the gateway's word, made once per connection.
+    let [forwarded_for, forwarded] = device.forwarded();
+    map.insert(headers::X_FORWARDED_FOR, forwarded_for.clone());
+    map.insert(hyper::header::FORWARDED, forwarded.clone());
+    match &identity {
+        Identity::Certificate {
+            cert_header: Some(cert_header),
+            ..
+        } => {
+            map.insert(cert_header.0.clone(), cert_header.1.clone());
+        }
+        // Not configured when the judgement was made.
+        Identity::Certificate { .. } => {}
+        // A name of the operator's choosing may be outside what strip_device drops.
+        Identity::Token { .. } => {
+            if let Some(name) = &*shared.cert_header.load() {
+                map.remove(&**name);
+            }
+        }
+    }
     let forward = Request::from_parts(parts, tunnel::boxed(body));
 
     shared.log.verbose(|| {
@@ -1166,13 +1284,82 @@ async fn route_request(
     Ok(Response::from_parts(parts, tunnel::boxed(body)))
 }
 
-fn service_metadata(shared: &Shared) -> Response<Body> {
+/// What a ServiceMetadata caller may see.
+enum MetadataView {
+    /// Not authenticated: the service, its version and whether it is healthy.
+    Anonymous,
+    /// A trusted device certificate, or a token for every endpoint: channels, endpoints,
+    /// connectors.
+    Full,
+    /// A token for these endpoints only: those endpoints (no connectors: they serve others
+    /// too).
+    Endpoints(Vec<u64>),
+}
+
+/// Whether the caller authenticated as its route asks: a trusted certificate on
+/// CCM_PROXY_MUTUALAUTH, a device token on CCM_PROXY_SERVERAUTH. Anything else (none, an
+/// untrusted certificate, a bad or bulk token) is anonymous, not refused: the service's health
+/// is for anyone.
+fn metadata_view(
+    request: &Request<Incoming>,
+    auth: Auth,
+    shared: &Shared,
+    device: &Device,
+) -> MetadataView {
+    match auth {
+        Auth::MutualTls => match device.state(shared).judgement.cert {
+            Ok(_) => MetadataView::Full,
+            Err(_) => MetadataView::Anonymous,
+        },
+        Auth::Token => {
+            let auth = shared.auth.load();
+            let Some(tokens) = &auth.tokens else {
+                return MetadataView::Anonymous;
+            };
+            let authorization = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            match tokens.verify(authorization, OffsetDateTime::now_utc()) {
+                Ok(claims) if claims.kind != token::TokenKind::Device => MetadataView::Anonymous,
+                Ok(claims) if claims.endpoints.is_empty() => MetadataView::Full,
+                Ok(claims) => MetadataView::Endpoints(claims.endpoints),
+                Err(_) => MetadataView::Anonymous,
+            }
+        }
+    }
+}
+
+fn service_metadata(shared: &Shared, view: MetadataView) -> Response<Body> {
+    let healthy = shared.registry.channel_count() > 0;
+    let only = match view {
+        MetadataView::Anonymous => {
+            let body = serde_json::json!({
+                "service": "Portcullis gateway",
+                "version": env!("CARGO_PKG_VERSION"),
+                "healthy": healthy,
+            });
+            return json_response(&body);
+        }
+        MetadataView::Full => None,
+        MetadataView::Endpoints(ids) => Some(ids),
+    };
     let endpoints: Vec<serde_json::Value> = shared
         .registry
         .endpoints()
         .into_iter()
+        .filter(|(id, ..)| only.as_ref().is_none_or(|ids| ids.contains(id)))
         .map(|(id, name, channels)| serde_json::json!({"id": id, "name": name, "channels": channels, "healthy": channels > 0}))
         .collect();
+    if only.is_some() {
+        let body = serde_json::json!({
+            "service": "Portcullis gateway",
+            "version": env!("CARGO_PKG_VERSION"),
+            "healthy": healthy,
+            "endpoints": endpoints,
+        });
+        return json_response(&body);
+    }
     let connectors: Vec<serde_json::Value> = shared
         .registry
         .connectors()
@@ -1182,14 +1369,56 @@ fn service_metadata(shared: &Shared) -> Response<Body> {
     let body = serde_json::json!({
         "service": "Portcullis gateway",
         "version": env!("CARGO_PKG_VERSION"),
+        "healthy": healthy,
         "channels": shared.registry.channel_count(),
         "endpoints": endpoints,
         "connectors": connectors,
     });
+    json_response(&body)
+}
+
+fn json_response(body: &serde_json::Value) -> Response<Body> {
     Response::builder()
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(tunnel::full(body.to_string()))
         .unwrap_or_else(|_| Response::new(tunnel::empty()))
+}
+
+/// RFC 9112 6.1: a transfer coding the gateway cannot pass on as it came is refused (501).
+/// HTTP/1.1 takes `chunked` off a body, and the channel and the endpoint's hop carry their
+/// own framing, so any other coding (`gzip, chunked`) would reach the endpoint lost.
+fn refuse_transfer_codings(headers: &hyper::HeaderMap) -> Result<(), Refusal> {
+    for value in headers.get_all(hyper::header::TRANSFER_ENCODING) {
+        let text = value.to_str().unwrap_or("(not text)");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked") {
+                return Err(Refusal::new(Cause::TransferCodingUnsupported {
+                    coding: coding.chars().take(40).collect(),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding (RFC 4648), as IIS ARR sends a client certificate.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
 }
 
 /// Message ids: 8 random bytes chosen at start (so two gateway instances or two runs do not
@@ -1256,6 +1485,34 @@ fn header_safe(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::MessageIds;
+
+    #[test]
+    fn forwarded_quotes_an_ipv6_address() {
+        assert_eq!(
+            super::forwarded_texts("127.0.0.1".parse().unwrap()),
+            ["127.0.0.1", "for=127.0.0.1;proto=https"]
+        );
+        assert_eq!(
+            super::forwarded_texts("2001:db8::1".parse().unwrap()),
+            ["2001:db8::1", "for=\"[2001:db8::1]\";proto=https"]
+        );
+    }
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (bytes, text) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xff, 0xfe, 0x00], "//4A"),
+        ] {
+            assert_eq!(super::base64(bytes), text);
+        }
+    }
 
     /// The size of what `f` returns, found from its type alone: an async fn's future is never
     /// made.

@@ -215,6 +215,29 @@ impl TokenPolicy {
         path: &str,
         now: OffsetDateTime,
     ) -> Result<Claims, String> {
+        let claims = self.verify(authorization, now)?;
+        if !claims.endpoints.is_empty() && !claims.endpoints.contains(&endpoint) {
+            return Err(format!("the token is not valid for endpoint {endpoint}"));
+        }
+        if claims.kind == TokenKind::Bulk {
+            let path = path.trim_start_matches('/').to_ascii_lowercase();
+            if !self.registration_paths.contains(&path) {
+                return Err(format!(
+                    "a bulk registration token only enrols devices ({}); use the device's own token here",
+                    self.registration_paths.join(", ")
+                ));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The token's own checks (signature, times, issuer, audience, id, subject), whatever
+    /// endpoint or path it is used for: what ServiceMetadata asks of a token.
+    pub fn verify(
+        &self,
+        authorization: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Claims, String> {
         let token = bearer(authorization)?;
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("the token is not a JWT: {e}"))?;
@@ -288,18 +311,6 @@ impl TokenPolicy {
         }
         if claims.sub.as_deref().is_none_or(str::is_empty) {
             return Err("the token names no device (sub)".into());
-        }
-        if !claims.endpoints.is_empty() && !claims.endpoints.contains(&endpoint) {
-            return Err(format!("the token is not valid for endpoint {endpoint}"));
-        }
-        if claims.kind == TokenKind::Bulk {
-            let path = path.trim_start_matches('/').to_ascii_lowercase();
-            if !self.registration_paths.contains(&path) {
-                return Err(format!(
-                    "a bulk registration token only enrols devices ({}); use the device's own token here",
-                    self.registration_paths.join(", ")
-                ));
-            }
         }
         Ok(claims)
     }

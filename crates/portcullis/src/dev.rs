@@ -243,7 +243,8 @@ async fn serve(
     println!(
         "  curl --cacert {root} -H 'Authorization: Bearer {token}' 'https://localhost:{g}/CCM_PROXY_SERVERAUTH/{DEV_ENDPOINT}/SMS_MP/.sms_aut?MPLIST'"
     );
-    println!("  curl --cacert {root} 'https://localhost:{g}/CCM_PROXY_MUTUALAUTH/ServiceMetadata'");
+    // Anonymous callers get the service's health only; a device sees endpoints and connectors.
+    println!("  curl --cacert {root} --cert {cert} --key {key} 'https://localhost:{g}/CCM_PROXY_MUTUALAUTH/ServiceMetadata'");
     println!(
         "  {} doctor certs --store {} --allowed-roots {root}",
         crate::this_program(),
@@ -259,7 +260,7 @@ async fn serve(
     for (name, admin) in [("gateway", &gateway_admin), ("connector", &connector_admin)] {
         if let Some(admin) = admin {
             println!(
-                "  curl -X PUT --data on http://{}/verbose    # verbose {name} log, no restart",
+                "  curl -X PUT -H 'Content-Type: application/json' --data '\"on\"' http://{}/verbose    # verbose {name} log, no restart",
                 admin.addr
             );
         }

@@ -39,6 +39,8 @@ use logs::{Log, Logger};
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
 ///   worker_threads = 2                       # optional; default one per CPU
+///   client_cert_header = "X-ARR-ClientCert"  # optional: endpoints get the trusted device
+///                                            # certificate (DER, base64), as IIS ARR sends it
 ///
 ///   [log]                                    # optional
 ///   file = "logs/SMS_Cloud_ProxyGateway.log" # CMTrace; rolls over to .lo_
@@ -58,17 +60,19 @@ use logs::{Log, Logger};
 ///   cipher_suites = []                       # empty: all of rustls' safe suites
 ///
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
-/// (trusted roots, CRLs, token keys, revoked tokens); open connections are judged again. The
-/// server certificate and key (renewed in place or named anew) and [tls] serve new
-/// connections; a key that does not match its certificate is refused, the running one kept.
+/// (trusted roots, CRLs, token keys, revoked tokens, client_cert_header); open connections
+/// are judged again. The server certificate and key (renewed in place or named anew) and
+/// [tls] serve new connections; a key that does not match its certificate is refused, the
+/// running one kept.
 /// allowed_connectors and connector_roots apply at once: the channels of a connector no
 /// longer allowed, or announcing an endpoint no longer bound to it, are closed, and its
 /// redials refused.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
-/// channels), PUT /verbose with body on|off, POST /reload,
-/// e.g. curl -X PUT --data on http://127.0.0.1:9441/verbose
+/// channels), PUT /verbose with body on|off (as JSON or with no Content-Type), POST /reload,
+/// e.g. curl -X PUT -H 'Content-Type: application/json' --data '"on"' http://127.0.0.1:9441/verbose
+/// (loopback Host only; a call with an Origin header or a form's content type is refused)
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct GatewayArgs {
@@ -130,7 +134,8 @@ pub struct GatewayArgs {
 ///
 /// Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
-/// body on|off (turning it on logs the filter trail of the current choice), POST /reload.
+/// body on|off as JSON or with no Content-Type (turning it on logs the filter trail of the
+/// current choice), POST /reload.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {

@@ -356,6 +356,30 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
                 text(&run)
             );
         }
+        if line.contains("ServiceMetadata") {
+            // With the device's certificate: the detail, not only the health.
+            assert!(
+                String::from_utf8_lossy(&run.stdout).contains("\"connector_id\":\"dev-connector\""),
+                "{}",
+                text(&run)
+            );
+        }
+    }
+    // The admin lines, pasted, turn verbose logging on (the admin surface refuses the form
+    // content type curl --data sends by default).
+    let admin: Vec<&str> = shown
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("curl -X PUT"))
+        .collect();
+    assert_eq!(admin.len(), 2, "{shown}");
+    for line in admin {
+        let run = Command::new("sh").arg("-c").arg(line).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&run.stdout).contains("\"verbose\":true"),
+            "{line}: {}",
+            text(&run)
+        );
     }
     drop(child);
     let root = std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap();
@@ -953,11 +977,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Channels the gateway on `port` reports in ServiceMetadata (0 when it does not answer).
+/// Channels the gateway on `port` reports in ServiceMetadata to device-001 (0 when it does not
+/// answer; anonymous callers are not told).
 fn channels_at(lab: &Path, port: u16) -> u64 {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "5", "--cacert"])
         .arg(lab.join("ca/root.crt"))
+        .arg("--cert")
+        .arg(lab.join("devices/device-001.crt"))
+        .arg("--key")
+        .arg(lab.join("devices/device-001.key"))
         .arg(format!(
             "https://localhost:{port}/CCM_PROXY_MUTUALAUTH/ServiceMetadata"
         ))
@@ -1094,8 +1123,14 @@ fn admin_call(method: &str, url: &str, body: Option<&str>) -> (String, String) {
         "-w",
         "\n%{http_code}",
     ]);
+    // As JSON: the admin surface refuses the form content type curl --data sends by default.
     if let Some(body) = body {
-        cmd.args(["--data", body]);
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            &format!("\"{body}\""),
+        ]);
     }
     let out = cmd.arg(url).output().expect("curl must be installed");
     let all = String::from_utf8_lossy(&out.stdout).to_string();

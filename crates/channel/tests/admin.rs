@@ -1,0 +1,173 @@
+//! The admin surface on a real loopback socket, called by curl: a web page open on the
+//! admin's machine must not be able to read it through a rebound name (DNS rebinding) or
+//! change a setting with a form or a script (CSRF); admin tools still can.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use channel::admin::{self, Control};
+
+struct Counting {
+    log: logs::Log,
+    reloads: AtomicUsize,
+}
+
+impl Control for Counting {
+    fn log(&self) -> &logs::Log {
+        &self.log
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        self.reloads.fetch_add(1, Ordering::SeqCst);
+        Ok("reloaded".into())
+    }
+}
+
+/// The status code and body of a curl call with `args` to `path` on `port`.
+fn call(port: u16, method: &str, path: &str, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl must be installed");
+    let all = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = all.rsplit_once('\n').unwrap_or((&all, ""));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn the_admin_surface_refuses_what_a_web_page_could_send() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let control = Arc::new(Counting {
+        log: logs::Logger::new("TEST").into_log(),
+        reloads: AtomicUsize::new(0),
+    });
+    let listening = runtime
+        .block_on(admin::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            control.clone(),
+        ))
+        .unwrap();
+    let port = listening.addr.port();
+    let verbose = || control.log.is_verbose();
+
+    // A name that is not loopback, on any call (a rebound name reading /status too).
+    for host in [
+        "evil.example",
+        "evil.example:80",
+        "127.0.0.1.evil.example",
+        "[::2]",
+        "",
+    ] {
+        let header = format!("Host: {host}");
+        let (code, body) = call(port, "GET", "/status", &["-H", &header]);
+        assert_eq!(code, "403", "{host}: {body}");
+        assert!(body.contains("loopback"), "{host}: {body}");
+    }
+    let (code, body) = call(
+        port,
+        "PUT",
+        "/verbose",
+        &[
+            "-H",
+            "Host: evil.example",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "\"on\"",
+        ],
+    );
+    assert_eq!(code, "403", "{body}");
+    // Loopback names and addresses, with and without a port.
+    for host in [
+        "localhost".to_string(),
+        format!("LocalHost:{port}"),
+        "127.0.0.1".to_string(),
+        format!("127.1.2.3:{port}"),
+        "[::1]".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let header = format!("Host: {host}");
+        let (code, body) = call(port, "GET", "/status", &["-H", &header]);
+        assert_eq!(code, "200", "{host}: {body}");
+    }
+
+    // Any Origin on a call that changes something (a script's fetch sends one).
+    let (code, body) = call(
+        port,
+        "PUT",
+        "/verbose",
+        &[
+            "-H",
+            "Origin: http://evil.example",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            "\"on\"",
+        ],
+    );
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("Origin"), "{body}");
+    let (code, body) = call(port, "POST", "/reload", &["-H", "Origin: http://localhost"]);
+    assert_eq!(code, "403", "{body}");
+
+    // The content types an HTML form sends with no preflight.
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+        "Text/Plain; charset=utf-8",
+    ] {
+        let header = format!("Content-Type: {content_type}");
+        let (code, body) = call(port, "PUT", "/verbose", &["-H", &header, "--data", "on"]);
+        assert_eq!(code, "415", "{content_type}: {body}");
+        assert!(body.contains("application/json"), "{body}");
+        let (code, body) = call(port, "POST", "/reload", &["-H", &header, "--data", ""]);
+        assert_eq!(code, "415", "{content_type}: {body}");
+    }
+    // curl --data's default is a form.
+    let (code, body) = call(port, "PUT", "/verbose", &["--data", "on"]);
+    assert_eq!(code, "415", "{body}");
+    assert!(!verbose());
+    assert_eq!(control.reloads.load(Ordering::SeqCst), 0);
+
+    // What an admin tool sends: JSON, or a bare word with no content type.
+    let (code, body) = call(
+        port,
+        "PUT",
+        "/verbose",
+        &["-H", "Content-Type: application/json", "--data", "\"on\""],
+    );
+    assert_eq!(code, "200", "{body}");
+    assert!(verbose());
+    let (code, body) = call(
+        port,
+        "PUT",
+        "/verbose",
+        &["-H", "Content-Type:", "--data-binary", "off"],
+    );
+    assert_eq!(code, "200", "{body}");
+    assert!(!verbose());
+    let (code, body) = call(
+        port,
+        "PUT",
+        "/verbose",
+        &["-H", "Content-Type: application/json", "--data", "true"],
+    );
+    assert_eq!(code, "200", "{body}");
+    assert!(verbose());
+    let (code, body) = call(port, "POST", "/reload", &[]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "reloaded\n"));
+    assert_eq!(control.reloads.load(Ordering::SeqCst), 1);
+    runtime.block_on(listening.stop());
+}
