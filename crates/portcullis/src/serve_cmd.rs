@@ -179,7 +179,10 @@ impl Control for GatewayControl {
     }
 
     fn status(&self) -> serde_json::Value {
-        serde_json::json!({ "shards": self.running.shards_status() })
+        serde_json::json!({
+            "shards": self.running.shards_status(),
+            "connections": self.running.connections_status(),
+        })
     }
 }
 
