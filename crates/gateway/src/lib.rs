@@ -41,6 +41,11 @@ pub struct GatewayConfig {
     /// Address for devices and connector channels (default "0.0.0.0:443").
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A second address for connector channels only, as the original has its connection
+    /// point ports: no device cap applies there and no device is served. Optional; channels
+    /// may still come to `listen`.
+    #[serde(default)]
+    pub channel_listen: Option<SocketAddr>,
     /// The gateway's server certificate (PEM, leaf first) and key.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -256,6 +261,12 @@ impl GatewayConfig {
                 return Err(invalid(key, "must be between 1 and 10000000"));
             }
         }
+        if cfg.channel_listen == Some(cfg.listen) && cfg.listen.port() != 0 {
+            return Err(invalid(
+                "channel_listen",
+                "is the same address as listen: give it a port of its own, or leave it out",
+            ));
+        }
         if cfg.reserved_for_channels > 100_000 {
             return Err(invalid(
                 "reserved_for_channels",
@@ -289,12 +300,22 @@ pub struct RunningGateway {
     pub registry: Arc<Registry>,
     listening: channel::listener::Listening,
     shared: Arc<Shared>,
+    /// `channel_listen`'s listener, and its own room for channels' handshakes.
+    channel_listening: Option<(channel::listener::Listening, Arc<limits::Limits>)>,
 }
 
 impl RunningGateway {
     /// Stops accepting; connections already open go on until the process ends.
     pub async fn stop(self) {
         self.listening.stop().await;
+        if let Some((listening, _)) = self.channel_listening {
+            listening.stop().await;
+        }
+    }
+
+    /// Where `channel_listen` listens, when set.
+    pub fn channel_addr(&self) -> Option<SocketAddr> {
+        self.channel_listening.as_ref().map(|(l, _)| l.addr)
     }
 
     /// Stops accepting, then drains the device connections: each answers the request under
@@ -304,6 +325,9 @@ impl RunningGateway {
         let counts = self.listening.open_counts();
         let open = || counts.all().iter().sum::<usize>();
         self.listening.stop().await;
+        if let Some((listening, _)) = self.channel_listening {
+            listening.stop().await;
+        }
         // Counted before they are told: idle ones close at once, on their own threads.
         let before = open();
         self.shared
@@ -355,7 +379,17 @@ impl RunningGateway {
     /// Device connections against their caps, and the refusals and closes since start
     /// (handshake, first-request and idle deadlines), for the admin surface's status.
     pub fn connections_status(&self) -> serde_json::Value {
-        self.shared.limits.status()
+        let mut status = self.shared.limits.status();
+        if let (Some((listening, limits)), Some(all)) =
+            (&self.channel_listening, status.as_object_mut())
+        {
+            let mut channels = limits.status();
+            if let Some(channels) = channels.as_object_mut() {
+                channels.insert("address".into(), listening.addr.to_string().into());
+            }
+            all.insert("channel_listen".into(), channels);
+        }
+        status
     }
 
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
@@ -525,11 +559,38 @@ pub async fn start_on(
         shards.len(),
         if shards.len() == 1 { "" } else { "s" }
     ));
+    let channel_listening = match config.channel_listen {
+        Some(addr) => {
+            // Every connection here is let in only to show a channel's ClientHello: its
+            // room is this listener's own, out of reach of the devices on `listen`.
+            let limits = Arc::new(limits::Limits::channels_only(config.reserved_for_channels));
+            let (handler_shared, handler_limits) = (shared.clone(), limits.clone());
+            let listening = channel::listener::listen_on(addr, &shards, move |tcp, peer| {
+                let slot = handler_limits.admit(peer, &handler_shared.log);
+                connection(
+                    handler_shared.tls.load_full(),
+                    tcp,
+                    peer,
+                    handler_shared.clone(),
+                    slot,
+                )
+            })
+            .await
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+            shared.log.info(&format!(
+                "Gateway listening on {} for connector channels only",
+                listening.addr
+            ));
+            Some((listening, limits))
+        }
+        None => None,
+    };
     Ok(RunningGateway {
         addr: listening.addr,
         registry,
         listening,
         shared,
+        channel_listening,
     })
 }
 
@@ -664,9 +725,9 @@ async fn connection(
             // Failed handshakes are the client's business (and very common on the internet).
             Ok(Err(_)) => return,
             Err(_) => {
-                match over {
-                    Some(cap) => shared.limits.refused(cap, peer, &shared.log),
-                    None => {
+                match (over, &slot) {
+                    (Some(cap), Some(slot)) => slot.refused(cap, peer, &shared.log),
+                    _ => {
                         let counts = &shared.limits.counts;
                         counts
                             .closed_handshake_timeout
@@ -677,9 +738,9 @@ async fn connection(
             }
         };
         let offers = offers_channel(&start.client_hello());
-        if let (Some(cap), false) = (over, offers) {
+        if let (Some(cap), false, Some(slot)) = (over, offers, &slot) {
             // Over a cap and not a connector: a device refused, before any handshake.
-            shared.limits.refused(cap, peer, &shared.log);
+            slot.refused(cap, peer, &shared.log);
             return;
         }
         let mut placed = None;
@@ -1017,12 +1078,18 @@ impl<F: std::future::Future> std::future::Future for Idle<F> {
         while self.as_mut().project().sleep.poll(cx).is_ready() {
             let this = self.as_mut().project();
             let now = tokio::time::Instant::now();
+            let open = this.device.streams.load(Ordering::Acquire) > 0;
             if *this.closing {
-                // Told to go and still here after the grace: cut.
-                return Poll::Ready(());
+                if !open {
+                    // Told to go, nothing under way, and still here: cut.
+                    return Poll::Ready(());
+                }
+                // Its streams are answered first (a graceful stop waits for them).
+                this.sleep.reset(now + GOAWAY_GRACE);
+                continue;
             }
             let ended = this.device.last_stream_end.load(Ordering::Acquire);
-            let due = if this.device.streams.load(Ordering::Acquire) > 0 {
+            let due = if open {
                 now + this.shared.idle
             } else if ended == 0 {
                 *this.first_deadline

@@ -21,6 +21,8 @@ use logs::Log;
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Limits {
+    /// `channel_listen`'s: no device is served there, every connection is in the room.
+    channels_only: bool,
     max_total: usize,
     max_per_address: usize,
     reserved: usize,
@@ -84,6 +86,11 @@ impl Slot {
     pub(crate) fn over(&self) -> Option<Cap> {
         self.over
     }
+
+    /// Counts and logs this connection refused for being over `cap` (not a channel).
+    pub(crate) fn refused(&self, cap: Cap, peer: SocketAddr, log: &Log) {
+        self.limits.refused(cap, peer, log);
+    }
 }
 
 impl Drop for Slot {
@@ -123,12 +130,21 @@ fn address_key(ip: IpAddr) -> IpAddr {
 impl Limits {
     pub(crate) fn new(max_total: usize, max_per_address: usize, reserved: usize) -> Limits {
         Limits {
+            channels_only: false,
             max_total,
             max_per_address,
             reserved,
             state: Mutex::new(State::default()),
             logged: [RateLog::default(), RateLog::default()],
             counts: Counts::default(),
+        }
+    }
+
+    /// For `channel_listen`: no device slots, only the room for channels' handshakes.
+    pub(crate) fn channels_only(reserved: usize) -> Limits {
+        Limits {
+            channels_only: true,
+            ..Limits::new(0, 0, reserved)
         }
     }
 
@@ -216,6 +232,14 @@ impl Limits {
                 (std::mem::take(&mut pending.count), pending.latest.take())
             };
             let Some(latest) = latest else { return };
+            if limits.channels_only {
+                log.warn(&format!(
+                    "Refused {count} connection(s) on the channel listener since the last such line, the latest from {latest}: no connector's ClientHello (the channel ALPN) within {} s, or more at once than reserved_for_channels ({}) or {ROOM_PER_ADDRESS} from one address",
+                    ROOM_HELLO_TIME.as_secs(),
+                    limits.reserved
+                ));
+                return;
+            }
             let (scope, limit) = match cap {
                 Cap::Total => ("in total".to_string(), limits.max_total),
                 Cap::PerAddress => (

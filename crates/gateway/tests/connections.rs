@@ -400,6 +400,88 @@ fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
 }
 
 #[test]
+fn a_channel_listener_takes_connectors_only_whatever_devices_do() {
+    let mut system = System::start_with_gateway(
+        "max_connections = 2\nfirst_request_timeout_secs = 60\nchannel_listen = \"127.0.0.1:0\"\n",
+    );
+    assert!(system.wait_for_channels(1));
+    let gateway = system.gateway.as_ref().unwrap();
+    let (port, channel_port) = (gateway.addr.port(), gateway.channel_addr().unwrap().port());
+    let channels = gateway.registry.channel_count();
+    let tls = lab_tls(&system, Some("device-001"), false);
+    let connector = system.connector.take().unwrap();
+    system.runtime.block_on(connector.stop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while system.gateway.as_ref().unwrap().registry.channel_count() > 0 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (held, flood) = system.runtime.block_on(async {
+        // Devices hold every device slot, and silent connections from 40 addresses fill the
+        // room kept for channels on the device port (8 each, 320 for its 256).
+        let mut held = Vec::new();
+        for i in 0..2 {
+            held.push(tls_from(Ipv4Addr::new(127, 0, 3, i + 1), port, tls.clone()).await);
+        }
+        let mut flood = Vec::new();
+        for i in 0..320u32 {
+            let source = Ipv4Addr::new(127, 0, 6, (i / 8) as u8 + 1);
+            if let Ok(tcp) = tcp_from(source, port).await {
+                flood.push(tcp);
+            }
+        }
+        // A device on the channel listener is closed before any handshake.
+        let tcp = tcp_from(Ipv4Addr::new(127, 0, 7, 1), channel_port)
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let device = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
+        )
+        .await
+        .expect("closed within 10 s");
+        assert!(
+            device.is_err(),
+            "a device was served on the channel listener"
+        );
+        (held, flood)
+    });
+    // The connector, pointed at the channel listener, opens its channels.
+    let file = system.path("connector.toml");
+    let toml = std::fs::read_to_string(&file).unwrap().replace(
+        &format!("localhost:{port}"),
+        &format!("localhost:{channel_port}"),
+    );
+    std::fs::write(&file, toml).unwrap();
+    let config = connector::run::ConnectorConfig::load(&file).unwrap();
+    let log = recorder(&system.connector_log);
+    system.connector = Some(
+        system
+            .runtime
+            .block_on(connector::run::start(config, log))
+            .unwrap(),
+    );
+    assert!(
+        system.wait_for_channels_within(channels, Duration::from_secs(10)),
+        "the connector could not open its channels on the channel listener"
+    );
+    drop(flood);
+    drop(held);
+    let report = system.probe(
+        "/CCM_PROXY_MUTUALAUTH/72057594037927939/SMS_MP/.sms_aut?MPLIST",
+        Some("device-001"),
+    );
+    assert!(report.succeeded(), "{report:?}");
+    let status = system.gateway.as_ref().unwrap().connections_status();
+    assert_eq!(
+        status["channel_listen"]["refused"]["max_connections"], 1,
+        "{status}"
+    );
+    system.stop();
+}
+
+#[test]
 fn a_bad_limit_is_refused_at_start_naming_its_key() {
     let dir = tempfile::tempdir().unwrap();
     for (key, value) in [
