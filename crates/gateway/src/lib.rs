@@ -267,6 +267,12 @@ impl GatewayConfig {
                 "is the same address as listen: give it a port of its own, or leave it out",
             ));
         }
+        if cfg.channel_listen.is_some() && cfg.reserved_for_channels == 0 {
+            return Err(invalid(
+                "reserved_for_channels",
+                "is 0, and channel_listen takes no more channel handshakes at once than this: give at least 1",
+            ));
+        }
         if cfg.reserved_for_channels > 100_000 {
             return Err(invalid(
                 "reserved_for_channels",
