@@ -136,7 +136,11 @@ fn free_port() -> Result<u16, ConnectionsError> {
         .map_err(|e| ConnectionsError::Setup(format!("no free port: {e}")))
 }
 
-fn start_gateway(program: &Path, dir: &Path) -> Result<(Gateway, u16), ConnectionsError> {
+fn start_gateway(
+    program: &Path,
+    dir: &Path,
+    count: usize,
+) -> Result<(Gateway, u16), ConnectionsError> {
     let setup =
         |what: &str, e: &dyn std::fmt::Display| ConnectionsError::Setup(format!("{what}: {e}"));
     pki::lab::LabPki::issue(&pki::lab::LabOptions::default())
@@ -146,7 +150,7 @@ fn start_gateway(program: &Path, dir: &Path) -> Result<(Gateway, u16), Connectio
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n"),
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{}\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n", held_open(count)),
     )
     .map_err(|e| setup("writing gateway.toml", &e))?;
     let child = Command::new(program)
@@ -170,6 +174,18 @@ fn start_gateway(program: &Path, dir: &Path) -> Result<(Gateway, u16), Connectio
     Ok((gateway, port))
 }
 
+/// The gateway settings that let the bench hold `count` connections that never send a
+/// request (or idle after one) for as long as it likes: caps above the count, from any one
+/// source address too, and the first-request and idle deadlines at their longest. A gateway
+/// facing devices keeps its defaults (see `GatewayConfig`).
+fn held_open(count: usize) -> String {
+    format!(
+        "max_connections = {}\nmax_connections_per_address = {}\nhandshake_timeout_secs = 60\nfirst_request_timeout_secs = 86400\nidle_timeout_secs = 86400\n",
+        count + 64,
+        count + 64
+    )
+}
+
 pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, ConnectionsError> {
     let fd_limit = channel::listener::raise_fd_limit();
     if options.count == 0 {
@@ -183,7 +199,7 @@ pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, Conn
         )));
     }
     let dir = tempfile_dir()?;
-    let (gateway, port) = start_gateway(&options.program, dir.path())?;
+    let (gateway, port) = start_gateway(&options.program, dir.path(), options.count)?;
     let pid = gateway.0.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(pid);

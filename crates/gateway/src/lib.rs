@@ -27,6 +27,7 @@ use tokio_rustls::server::StartHandshake;
 use tokio_rustls::LazyConfigAcceptor;
 
 pub mod device_auth;
+mod limits;
 pub mod token;
 
 use arc_swap::ArcSwap;
@@ -40,6 +41,11 @@ pub struct GatewayConfig {
     /// Address for devices and connector channels (default "0.0.0.0:443").
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A second address for connector channels only, as the original has its connection
+    /// point ports: no device cap applies there and no device is served. Optional; channels
+    /// may still come to `listen`.
+    #[serde(default)]
+    pub channel_listen: Option<SocketAddr>,
     /// The gateway's server certificate (PEM, leaf first) and key.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -100,6 +106,30 @@ pub struct GatewayConfig {
     /// copy never passes. Changes on reload.
     #[serde(default)]
     pub client_cert_header: Option<String>,
+    /// Seconds from accepting a connection to the end of its TLS handshake (default 10).
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a device has after its handshake to send its first request (default 10).
+    #[serde(default = "default_first_request_timeout")]
+    pub first_request_timeout_secs: u64,
+    /// Seconds a device connection may stay open with no request under way (default 120,
+    /// IIS's connectionTimeout). HTTP/1.1 kept-alive connections get at most 30 s.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds between HTTP/2 PINGs to a device that has sent nothing meanwhile; one not
+    /// answered within 20 s closes the connection (default 30; 0: none).
+    #[serde(default = "default_http2_keepalive")]
+    pub http2_keepalive_secs: u64,
+    /// Device connections held at once, in total (default 16,000).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Device connections held at once from one source address (IPv6: one /64) (default 1,000).
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Connections let in beyond the device caps to show a connector's ClientHello (the
+    /// channel ALPN); any other is closed (default 256).
+    #[serde(default = "default_reserved_for_channels")]
+    pub reserved_for_channels: usize,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -143,6 +173,37 @@ fn default_listen() -> SocketAddr {
 
 fn default_timeout() -> u64 {
     120
+}
+
+fn default_handshake_timeout() -> u64 {
+    10
+}
+
+fn default_first_request_timeout() -> u64 {
+    10
+}
+
+fn default_idle_timeout() -> u64 {
+    120
+}
+
+fn default_http2_keepalive() -> u64 {
+    30
+}
+
+/// Fits a process allowed 20,000 open files (`ulimit -n`), each connection taking one: 16,000
+/// devices, 256 held for channels' handshakes, and the rest for channels, logs, CRLs, the
+/// admin surface and each shard's own descriptors.
+fn default_max_connections() -> usize {
+    16_000
+}
+
+fn default_max_connections_per_address() -> usize {
+    1_000
+}
+
+fn default_reserved_for_channels() -> usize {
+    256
 }
 
 impl GatewayConfig {
@@ -249,6 +310,54 @@ impl GatewayConfig {
                 "must be between 1 and 3600",
             ));
         }
+        for (key, value, most) in [
+            ("handshake_timeout_secs", cfg.handshake_timeout_secs, 300),
+            (
+                "first_request_timeout_secs",
+                cfg.first_request_timeout_secs,
+                86_400,
+            ),
+            ("idle_timeout_secs", cfg.idle_timeout_secs, 86_400),
+        ] {
+            if value == 0 || value > most {
+                return Err(invalid(key, &format!("must be between 1 and {most}")));
+            }
+        }
+        if cfg.http2_keepalive_secs > 86_400 {
+            return Err(invalid(
+                "http2_keepalive_secs",
+                "must be between 0 (no PINGs) and 86400",
+            ));
+        }
+        for (key, value) in [
+            ("max_connections", cfg.max_connections),
+            (
+                "max_connections_per_address",
+                cfg.max_connections_per_address,
+            ),
+        ] {
+            if value == 0 || value > 10_000_000 {
+                return Err(invalid(key, "must be between 1 and 10000000"));
+            }
+        }
+        if cfg.channel_listen == Some(cfg.listen) && cfg.listen.port() != 0 {
+            return Err(invalid(
+                "channel_listen",
+                "is the same address as listen: give it a port of its own, or leave it out",
+            ));
+        }
+        if cfg.channel_listen.is_some() && cfg.reserved_for_channels == 0 {
+            return Err(invalid(
+                "reserved_for_channels",
+                "is 0, and channel_listen takes no more channel handshakes at once than this: give at least 1",
+            ));
+        }
+        if cfg.reserved_for_channels > 100_000 {
+            return Err(invalid(
+                "reserved_for_channels",
+                "must be between 0 and 100000",
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -309,12 +418,22 @@ pub struct RunningGateway {
     pub registry: Arc<Registry>,
     listening: channel::listener::Listening,
     shared: Arc<Shared>,
+    /// `channel_listen`'s listener, and its own room for channels' handshakes.
+    channel_listening: Option<(channel::listener::Listening, Arc<limits::Limits>)>,
 }
 
 impl RunningGateway {
     /// Stops accepting; connections already open go on until the process ends.
     pub async fn stop(self) {
         self.listening.stop().await;
+        if let Some((listening, _)) = self.channel_listening {
+            listening.stop().await;
+        }
+    }
+
+    /// Where `channel_listen` listens, when set.
+    pub fn channel_addr(&self) -> Option<SocketAddr> {
+        self.channel_listening.as_ref().map(|(l, _)| l.addr)
     }
 
     /// Stops accepting, then drains the device connections: each answers the request under
@@ -324,6 +443,9 @@ impl RunningGateway {
         let counts = self.listening.open_counts();
         let open = || counts.all().iter().sum::<usize>();
         self.listening.stop().await;
+        if let Some((listening, _)) = self.channel_listening {
+            listening.stop().await;
+        }
         // Counted before they are told: idle ones close at once, on their own threads.
         let before = open();
         self.shared
@@ -372,6 +494,22 @@ impl RunningGateway {
         serde_json::Value::Array(shards)
     }
 
+    /// Device connections against their caps, and the refusals and closes since start
+    /// (handshake, first-request and idle deadlines), for the admin surface's status.
+    pub fn connections_status(&self) -> serde_json::Value {
+        let mut status = self.shared.limits.status();
+        if let (Some((listening, limits)), Some(all)) =
+            (&self.channel_listening, status.as_object_mut())
+        {
+            let mut channels = limits.status();
+            if let Some(channels) = channels.as_object_mut() {
+                channels.insert("address".into(), listening.addr.to_string().into());
+            }
+            all.insert("channel_listen".into(), channels);
+        }
+        status
+    }
+
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
     /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
     /// revoked token ids). Open connections are judged again on their next request. Says what
@@ -415,7 +553,7 @@ impl RunningGateway {
         self.shared.connectors.store(Arc::new(connectors));
         let was = self.shared.log.set_verbose(config.verbose);
         Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen takes effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen, the connection caps and timeouts take effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
             if closed.is_empty() {
@@ -444,6 +582,16 @@ struct Shared {
     /// Set when the gateway stops gracefully, and `stop` told: device connections drain.
     stopping: std::sync::atomic::AtomicBool,
     stop: Arc<tokio::sync::Notify>,
+    /// Caps on device connections, and the counts `/status` shows.
+    limits: Arc<limits::Limits>,
+    /// `handshake_timeout_secs`, `first_request_timeout_secs`, `idle_timeout_secs`.
+    handshake: Duration,
+    first_request: Duration,
+    idle: Duration,
+    /// `http2_keepalive_secs` (None: 0).
+    http2_keepalive: Option<Duration>,
+    /// What a device's HTTP/2 stream ends are timed from (milliseconds, in an atomic).
+    epoch: tokio::time::Instant,
 }
 
 impl Shared {
@@ -463,8 +611,15 @@ impl Shared {
     }
 }
 
-/// How long a device or connector has for its whole TLS handshake.
-const HANDSHAKE_TIME: Duration = Duration::from_secs(30);
+/// How long an HTTP/1.1 device has for a request's headers (slow-loris), counted from the end
+/// of the answer before (hyper's header read timeout starts as the connection turns idle).
+const HEADER_TIME: Duration = Duration::from_secs(30);
+
+/// How long a device has to answer an HTTP/2 PING before its connection is closed.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long an idle HTTP/2 device has to close after its GOAWAY before it is cut.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
 /// Starts a gateway on the runtime it is called on.
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
@@ -499,15 +654,29 @@ pub async fn start_on(
         shards: shards.clone(),
         stopping: std::sync::atomic::AtomicBool::new(false),
         stop: Arc::new(tokio::sync::Notify::new()),
+        limits: Arc::new(limits::Limits::new(
+            config.max_connections,
+            config.max_connections_per_address,
+            config.reserved_for_channels,
+        )),
+        handshake: Duration::from_secs(config.handshake_timeout_secs),
+        first_request: Duration::from_secs(config.first_request_timeout_secs),
+        idle: Duration::from_secs(config.idle_timeout_secs),
+        http2_keepalive: (config.http2_keepalive_secs > 0)
+            .then(|| Duration::from_secs(config.http2_keepalive_secs)),
+        epoch: tokio::time::Instant::now(),
     });
     let handler_shared = shared.clone();
     let listening = channel::listener::listen_on(config.listen, &shards, move |tcp, peer| {
+        // Counted before any TLS: over the caps, closed at once (see `limits`).
+        let slot = handler_shared.limits.admit(peer, &handler_shared.log);
         // The configuration of this moment: a reload swaps in a new server certificate.
         connection(
             handler_shared.tls.load_full(),
             tcp,
             peer,
             handler_shared.clone(),
+            slot,
         )
     })
     .await
@@ -521,11 +690,38 @@ pub async fn start_on(
         shards.len(),
         if shards.len() == 1 { "" } else { "s" }
     ));
+    let channel_listening = match config.channel_listen {
+        Some(addr) => {
+            // Every connection here is let in only to show a channel's ClientHello: its
+            // room is this listener's own, out of reach of the devices on `listen`.
+            let limits = Arc::new(limits::Limits::channels_only(config.reserved_for_channels));
+            let (handler_shared, handler_limits) = (shared.clone(), limits.clone());
+            let listening = channel::listener::listen_on(addr, &shards, move |tcp, peer| {
+                let slot = handler_limits.admit(peer, &handler_shared.log);
+                connection(
+                    handler_shared.tls.load_full(),
+                    tcp,
+                    peer,
+                    handler_shared.clone(),
+                    slot,
+                )
+            })
+            .await
+            .map_err(|source| GatewayError::Listen { addr, source })?;
+            shared.log.info(&format!(
+                "Gateway listening on {} for connector channels only",
+                listening.addr
+            ));
+            Some((listening, limits))
+        }
+        None => None,
+    };
     Ok(RunningGateway {
         addr: listening.addr,
         registry,
         listening,
         shared,
+        channel_listening,
     })
 }
 
@@ -746,20 +942,50 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    slot: Option<limits::Slot>,
 ) {
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIME;
+    // Over the caps with no room left: closed now, refusal logged by `admit`. (Kept as the
+    // Option it came as: a binding of its own would be one more copy in this future.)
+    let Some(over) = slot.as_ref().map(limits::Slot::over) else {
+        return;
+    };
+    let now = tokio::time::Instant::now();
+    let deadline = now + shared.handshake;
     // The ClientHello is read and judged in a block of its own: a local moved away still keeps
     // its room in an async fn's future until its scope ends, and the handshake's state would
     // ride along, dead, for as long as the connection is served.
     let (start, placed) = {
+        // Let in over a cap only to show a connector's ClientHello, which comes at once.
+        let hello_deadline = match over {
+            Some(_) => deadline.min(now + limits::ROOM_HELLO_TIME),
+            None => deadline,
+        };
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-        let start = match tokio::time::timeout_at(deadline, hello).await {
+        let start = match tokio::time::timeout_at(hello_deadline, hello).await {
             Ok(Ok(start)) => start,
             // Failed handshakes are the client's business (and very common on the internet).
-            _ => return,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                match (over, &slot) {
+                    (Some(cap), Some(slot)) => slot.refused(cap, peer, &shared.log),
+                    _ => {
+                        let counts = &shared.limits.counts;
+                        counts
+                            .closed_handshake_timeout
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
         };
+        let offers = offers_channel(&start.client_hello());
+        if let (Some(cap), false, Some(slot)) = (over, offers, &slot) {
+            // Over a cap and not a connector: a device refused, before any handshake.
+            slot.refused(cap, peer, &shared.log);
+            return;
+        }
         let mut placed = None;
-        if shared.shards.len() > 1 && offers_channel(&start.client_hello()) {
+        if shared.shards.len() > 1 && offers {
             let place = shared.place_channel();
             if place.shard() != Shards::here() {
                 // The channel moves before its handshake: its socket leaves this shard's event
@@ -772,8 +998,16 @@ async fn connection(
                 let moved_shared = shared.clone();
                 shared.shards.spawn_on(target, async move {
                     let start = Box::new(StartHandshake::from_parts(accepted, io));
-                    handshake_and_serve(start, tls, deadline, peer, moved_shared, Some(place))
-                        .await;
+                    handshake_and_serve(
+                        start,
+                        tls,
+                        deadline,
+                        peer,
+                        moved_shared,
+                        Some(place),
+                        slot,
+                    )
+                    .await;
                 });
                 return;
             }
@@ -781,7 +1015,7 @@ async fn connection(
         }
         (Box::new(start), placed)
     };
-    handshake_and_serve(start, tls, deadline, peer, shared, placed).await
+    handshake_and_serve(start, tls, deadline, peer, shared, placed, slot).await
 }
 
 /// The value, its box freed on return.
@@ -808,13 +1042,22 @@ async fn handshake_and_serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
     placed: Option<Held>,
+    slot: Option<limits::Slot>,
 ) {
     // Taken out of its box by a call of its own, so that the box is freed now: moved out of
     // in place, the box's memory would stay allocated until this fn returns, that is for as
     // long as the device stays (1.4 KiB each).
     let tls = match tokio::time::timeout_at(deadline, unbox(start).into_stream(config)).await {
         Ok(Ok(tls)) => Box::new(tls),
-        _ => return,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            shared
+                .limits
+                .counts
+                .closed_handshake_timeout
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
     };
     let (_, session) = tls.get_ref();
     let is_channel = session.alpn_protocol() == Some(tunnel::ALPN);
@@ -842,8 +1085,10 @@ async fn handshake_and_serve(
             |hello| shared.connectors.load().admits(&cert, hello),
         )
         .await;
-        // Registered (or failed): the registry now counts it on its shard.
+        // Registered (or failed): the registry now counts it on its shard, and it holds no
+        // device slot.
         drop(placed);
+        drop(slot);
         match accepted {
             Ok(ch) => {
                 let endpoints: Vec<String> = ch
@@ -878,8 +1123,12 @@ async fn handshake_and_serve(
         leaf,
         state: std::sync::Mutex::new(Arc::new(state)),
         forwarded: std::sync::OnceLock::new(),
+        streams: std::sync::atomic::AtomicUsize::new(0),
+        last_stream_end: std::sync::atomic::AtomicU64::new(0),
     });
+    let first_deadline = tokio::time::Instant::now() + shared.first_request;
     let drain_shared = shared.clone();
+    let idle_device = device.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let device = device.clone();
@@ -900,7 +1149,17 @@ async fn handshake_and_serve(
         return;
     }
     let sent = tokio::select! {
-        first = tls.fill_buf() => matches!(first, Ok(bytes) if !bytes.is_empty()),
+        first = tokio::time::timeout_at(first_deadline, tls.fill_buf()) => match first {
+            Ok(first) => matches!(first, Ok(bytes) if !bytes.is_empty()),
+            Err(_) => {
+                drain_shared
+                    .limits
+                    .counts
+                    .closed_first_request_timeout
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+        },
         () = stop => false,
     };
     if !sent {
@@ -911,18 +1170,197 @@ async fn handshake_and_serve(
     // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
     // after which hyper doubled its read buffer to 16 KiB on every connection.
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        // Each stream is counted open until its answer's body is done with, so that the
+        // connection is idle only with none open.
+        let (epoch, counted_device) = (drain_shared.epoch, idle_device.clone());
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let open = OpenStream::new(&counted_device, epoch);
+            let served = hyper::service::Service::call(&service, req);
+            async move {
+                let response = served.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Counted { body, _open: open }),
+                )
+            }
+        });
         let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            // PINGs find a device gone without a word; hyper sends one only after a quiet
+            // interval.
+            .keep_alive_interval(drain_shared.http2_keepalive)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        let served = Idle {
+            served,
+            sleep: tokio::time::sleep_until(first_deadline),
+            device: idle_device,
+            shared: drain_shared.clone(),
+            first_deadline,
+            closing: false,
+            drain: |served| served.graceful_shutdown(),
+        };
+        Drainable::new(served, drain_shared, |idle| idle.shut()).await;
     } else {
         // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
-        // request headers (slow-loris).
+        // request headers (slow-loris). Its timer starts when the connection turns idle, so
+        // it also closes a kept-alive connection with no request: idle_timeout_secs, when
+        // that is shorter.
         let served = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(drain_shared.idle.min(HEADER_TIME))
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        let counts = drain_shared.limits.clone();
+        let served =
+            Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        if served.is_err_and(|e| e.is_timeout()) {
+            counts
+                .counts
+                .closed_idle
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// An HTTP/2 stream open on a device connection, until dropped with its answer's body.
+struct OpenStream {
+    device: Arc<Device>,
+    epoch: tokio::time::Instant,
+}
+
+impl OpenStream {
+    fn new(device: &Arc<Device>, epoch: tokio::time::Instant) -> OpenStream {
+        device
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        OpenStream {
+            device: device.clone(),
+            epoch,
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        // Milliseconds since the epoch, plus one: 0 says no stream has ended yet.
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.device
+            .last_stream_end
+            .fetch_max(ms, std::sync::atomic::Ordering::AcqRel);
+        self.device
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body with its stream's [`OpenStream`].
+    struct Counted {
+        #[pin]
+        body: Body,
+        _open: OpenStream,
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = tunnel::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 device connection closed (GOAWAY, then cut after `GOAWAY_GRACE`) once it has
+    /// had no stream open for `idle_timeout_secs`, or none at all by its first-request
+    /// deadline: hyper's HTTP/2 server has no idle timeout of its own. Its timer is reset only
+    /// when it fires, not per stream.
+    struct Idle<F> {
+        #[pin]
+        served: F,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        device: Arc<Device>,
+        shared: Arc<Shared>,
+        first_deadline: tokio::time::Instant,
+        closing: bool,
+        drain: fn(std::pin::Pin<&mut F>),
+    }
+}
+
+impl<F> Idle<F> {
+    /// GOAWAY: the streams open are answered, no new one is taken.
+    fn shut(self: std::pin::Pin<&mut Self>) {
+        let this = self.project();
+        if !*this.closing {
+            *this.closing = true;
+            (this.drain)(this.served);
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Idle<F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::sync::atomic::Ordering;
+        use std::task::Poll;
+        if self.as_mut().project().served.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        while self.as_mut().project().sleep.poll(cx).is_ready() {
+            let this = self.as_mut().project();
+            let now = tokio::time::Instant::now();
+            let open = this.device.streams.load(Ordering::Acquire) > 0;
+            if *this.closing {
+                if !open {
+                    // Told to go, nothing under way, and still here: cut.
+                    return Poll::Ready(());
+                }
+                // Its streams are answered first (a graceful stop waits for them).
+                this.sleep.reset(now + GOAWAY_GRACE);
+                continue;
+            }
+            let ended = this.device.last_stream_end.load(Ordering::Acquire);
+            let due = if open {
+                now + this.shared.idle
+            } else if ended == 0 {
+                *this.first_deadline
+            } else {
+                this.shared.epoch + Duration::from_millis(ended - 1) + this.shared.idle
+            };
+            if due > now {
+                this.sleep.reset(due);
+                continue;
+            }
+            let counts = &this.shared.limits.counts;
+            if ended == 0 {
+                &counts.closed_first_request_timeout
+            } else {
+                &counts.closed_idle
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            this.sleep.reset(now + GOAWAY_GRACE);
+            self.as_mut().shut();
+            if self.as_mut().project().served.poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -998,6 +1436,9 @@ struct Device {
     /// `X-Forwarded-For` and `Forwarded` with the device's address, made at its first
     /// forwarded request (an idle connection holds 8 bytes for them, not 80 and two values).
     forwarded: std::sync::OnceLock<Box<[HeaderValue; 2]>>,
+    /// HTTP/2 streams open now, and when the last one ended (see [`OpenStream`]).
+    streams: std::sync::atomic::AtomicUsize,
+    last_stream_end: std::sync::atomic::AtomicU64,
 }
 
 impl Device {
@@ -1516,9 +1957,9 @@ mod tests {
 
     /// The size of what `f` returns, found from its type alone: an async fn's future is never
     /// made.
-    fn returned_size<F, A, B, C, D, R>(_: &F) -> usize
+    fn returned_size<F, A, B, C, D, E, R>(_: &F) -> usize
     where
-        F: Fn(A, B, C, D) -> R,
+        F: Fn(A, B, C, D, E) -> R,
     {
         std::mem::size_of::<R>()
     }

@@ -192,7 +192,10 @@ impl Control for GatewayControl {
     }
 
     fn status(&self) -> serde_json::Value {
-        serde_json::json!({ "shards": self.running.shards_status() })
+        serde_json::json!({
+            "shards": self.running.shards_status(),
+            "connections": self.running.connections_status(),
+        })
     }
 }
 
@@ -362,6 +365,14 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         log.info(&format!(
             "Open-file limit: {files} (each device or channel connection takes one)"
         ));
+        // The caps are what keep descriptors for channels; past the limit they cannot.
+        let wanted = (config.max_connections + config.reserved_for_channels) as u64 + 1_000;
+        if files > 0 && wanted > files {
+            log.warn(&format!(
+                "max_connections ({}) and reserved_for_channels ({}) leave fewer than 1,000 of the {files} open files for channels, logs and the rest: when descriptors run out, connectors are locked out too. Lower max_connections or raise the limit (LimitNOFILE=)",
+                config.max_connections, config.reserved_for_channels
+            ));
+        }
         let running = Arc::new(gateway::start_on(config, log.clone(), shards).await?);
         let control = GatewayControl {
             path: args.config.clone(),

@@ -90,6 +90,29 @@ fn bench_connections_holds_idle_connections_before_and_after_a_request() {
     }
 }
 
+/// The bench's gateway must not close what it holds: its idle connections outlive the
+/// default first-request deadline (10 s) of a gateway facing devices.
+#[test]
+fn bench_connections_holds_idle_connections_past_the_first_request_deadline() {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "connections",
+            "--count",
+            "6",
+            "--hold",
+            "12",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out)));
+    assert_eq!(report["opened"], 6, "{report}");
+    assert_eq!(report["held"], 6, "{report}");
+}
+
 /// rathole where `bench compare` looks for it: on PATH, or target/bench-tools/bin.
 fn rathole_found() -> bool {
     let program = PathBuf::from(env!("CARGO_BIN_EXE_portcullis"));

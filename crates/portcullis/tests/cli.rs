@@ -1199,6 +1199,11 @@ fn verbose_logging_changes_while_the_connector_runs() {
         .map(|s| s["channels"].as_u64().unwrap())
         .collect();
     assert_eq!(channels, [1, 1, 1], "{body}");
+    // And its device connections against their caps, refusals and closes counted.
+    let connections = &status["connections"];
+    assert_eq!(connections["max_connections"], 16_000, "{body}");
+    assert_eq!(connections["refused"]["max_connections"], 0, "{body}");
+    assert!(connections["closed"]["idle_timeout"].is_u64(), "{body}");
     let (body, code) = admin_call("GET", &format!("http://127.0.0.1:{admin}/status"), None);
     assert_eq!(code, "200", "{body}");
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -57,7 +57,19 @@ impl System {
         allowed_roots: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> System {
-        System::launch(store, allowed_connectors, allowed_roots, prepare, None)
+        System::launch(store, allowed_connectors, allowed_roots, prepare, None, "")
+    }
+
+    /// The usual system, with `extra` TOML after the gateway's usual keys (limits, say).
+    pub fn start_with_gateway(extra: &str) -> System {
+        System::launch(
+            "connector/store",
+            "Portcullis Connector Channel",
+            "\"ca/root.crt\"",
+            |_| {},
+            None,
+            extra,
+        )
     }
 
     /// The usual system, with the gateway and the connector each on `count` shards of their
@@ -76,6 +88,7 @@ impl System {
             "\"ca/root.crt\"",
             prepare,
             Some(count),
+            "",
         )
     }
 
@@ -85,6 +98,7 @@ impl System {
         allowed_roots: &str,
         prepare: impl FnOnce(&std::path::Path),
         shard_count: Option<usize>,
+        gateway_extra: &str,
     ) -> System {
         let mut shard_threads = Vec::new();
         let mut shards = || match shard_count {
@@ -112,7 +126,7 @@ impl System {
         let mp = runtime
             .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
             .unwrap();
-        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n");
+        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n{gateway_extra}");
         std::fs::write(
             p("gateway.toml"),
             format!("listen = \"127.0.0.1:0\"\n{gateway_toml}"),
