@@ -91,7 +91,8 @@ fn push_escape(out: &mut String, c: char) {
     }
 }
 
-/// Appends `text` with its escaped characters escaped, spaces as `space` says.
+/// Appends `text` with every character [`is_escaped`] says escaped, and each space as `+`
+/// when `plus_for_space`.
 fn push_escaped(out: &mut String, text: &str, plus_for_space: bool) {
     let mut from = 0;
     for (at, c) in text.char_indices() {
