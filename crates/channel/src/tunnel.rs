@@ -154,6 +154,8 @@ pub struct Channel {
     pub peer_cert: Vec<u8>,
     /// Told by [`Channel::close`]: the connection's driver drops it.
     close: Arc<tokio::sync::Notify>,
+    /// The small DATA frames sent on this channel that the connector's h2 still counts.
+    frames: Arc<SmallFrames>,
 }
 
 /// Why a channel gave no answer's head.
@@ -184,7 +186,7 @@ impl Channel {
     async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
-        let mut answered = send_on(&self.sender, request).await;
+        let mut answered = send_on(&self.sender, request, &self.frames).await;
         if let Ok(response) = &mut answered {
             // For this gateway, not for the device.
             if response.headers_mut().remove(&headers::DRAINING).is_some() {
@@ -196,9 +198,7 @@ impl Channel {
                 self.closing.store(true, Ordering::Relaxed);
                 SendError::Closing(request)
             }
-            SendOnError::Failed(e) => SendError::Refused(Refusal::new(Cause::ChannelBroken {
-                detail: e.to_string(),
-            })),
+            SendOnError::Failed(e) => SendError::Refused(Refusal::new(refused_answer(&e))),
         })
     }
 
@@ -217,6 +217,30 @@ impl Channel {
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// What to tell the device when h2 failed its request. The gateway's own h2 refusing what the
+/// connector sent (an answer's header block over `max_response_header_bytes`, a PUSH_PROMISE
+/// the gateway's SETTINGS disabled) is the connector's answer breaking the channel's rules;
+/// anything else is the channel failing.
+fn refused_answer(e: &h2::Error) -> Cause {
+    let local = !e.is_remote() && !e.is_io();
+    match e.reason() {
+        // h2 refuses a stream whose answer's header block is over the limit (up to four times
+        // the limit; past that it closes the whole channel, with ENHANCE_YOUR_CALM).
+        Some(h2::Reason::REFUSED_STREAM) if local => Cause::BadConnectorAnswer {
+            detail: "its answer's header block is larger than the gateway takes (max_response_header_bytes)".into(),
+        },
+        Some(h2::Reason::ENHANCE_YOUR_CALM) if local && e.is_go_away() => Cause::BadConnectorAnswer {
+            detail: format!("it overran a limit of the gateway's HTTP/2 ({e}), so the gateway closed the channel"),
+        },
+        Some(h2::Reason::PROTOCOL_ERROR) if local && e.is_go_away() => Cause::BadConnectorAnswer {
+            detail: format!("it broke HTTP/2's rules on the channel ({e}; a PUSH_PROMISE is one: the gateway disables push), so the gateway closed the channel"),
+        },
+        _ => Cause::ChannelBroken {
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -421,6 +445,7 @@ impl std::fmt::Display for SendOnError {
 async fn send_on(
     sender: &h2::client::SendRequest<Bytes>,
     request: Request<Body>,
+    frames: &Arc<SmallFrames>,
 ) -> Result<Response<ChannelBody>, SendOnError> {
     use http_body::Body as _;
     let end = request.body().is_end_stream();
@@ -431,13 +456,18 @@ async fn send_on(
     let (parts, body) = request.into_parts();
     let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end)?;
     if !end {
-        tokio::spawn(stream_body(body, stream));
+        tokio::spawn(stream_body(body, stream, frames.clone()));
     }
     Ok(response.await?.map(ChannelBody::new))
 }
 
-/// Streams a request body into its HTTP/2 stream as the peer's flow control allows.
-async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
+/// Streams a request body into its HTTP/2 stream as the peer's flow control allows. The
+/// device's pieces are gathered first ([`Coalesced`]): sent as they came, a device's framing
+/// (a byte a DATA frame) would spend the connector's budget for small frames, and h2 closes the
+/// whole channel when it runs out. The last piece carries END_STREAM itself (h2 does not count
+/// a stream's final frame), not an empty frame after it.
+async fn stream_body(body: Body, mut stream: h2::SendStream<Bytes>, frames: Arc<SmallFrames>) {
+    let mut body = Coalesced::new(body, frames);
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
@@ -456,13 +486,17 @@ async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 return;
             }
         };
+        let end = http_body::Body::is_end_stream(&body);
+        if data.is_empty() && end {
+            break;
+        }
         while !data.is_empty() {
             stream.reserve_capacity(data.len());
             // h2 answers Pending, not a room of 0, while the window is shut.
             match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
                 Some(Ok(room)) => {
                     let chunk = data.split_to(room.min(data.len()));
-                    if stream.send_data(chunk, false).is_err() {
+                    if stream.send_data(chunk, end && data.is_empty()).is_err() {
                         return;
                     }
                 }
@@ -470,8 +504,194 @@ async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 Some(Err(_)) | None => return,
             }
         }
+        if end {
+            return;
+        }
     }
     let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// What h2 (0.4) counts against a connection's budget for small DATA frames: each frame that
+/// is not its stream's last and carries fewer than this many bytes costs the difference; a
+/// larger one gives back its excess. The budget (at least 25,600, half the connection window
+/// when one is set) is never otherwise restored, and when it runs out h2 closes the connection
+/// with GOAWAY ENHANCE_YOUR_CALM (`too_many_data_frames`).
+const SMALL_FRAME: usize = 256;
+/// How much of that budget one end of a channel lets its small frames use: well under h2's
+/// least, so the peer's h2 never closes the channel whatever the devices or endpoints send.
+const SMALL_FRAME_ALLOWANCE: usize = 12 * 1024;
+/// The most a [`Coalesced`] body gathers into one piece: one HTTP/2 frame's default maximum.
+const COALESCE_MAX: usize = 16 * 1024;
+
+/// The sending end's mirror of the peer's small-frame budget on one channel (shared by every
+/// stream on it): small pieces are sent at once while it allows, and otherwise wait to grow
+/// (or for their stream's end).
+#[derive(Debug, Default)]
+pub struct SmallFrames {
+    spent: AtomicUsize,
+}
+
+impl SmallFrames {
+    /// Whether a piece of `len` (< [`SMALL_FRAME`]) bytes may go as a frame of its own now;
+    /// if so it is counted.
+    fn take(&self, len: usize) -> bool {
+        let cost = SMALL_FRAME.saturating_sub(len);
+        self.spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                (spent + cost <= SMALL_FRAME_ALLOWANCE).then_some(spent + cost)
+            })
+            .is_ok()
+    }
+
+    /// A piece of `len` bytes (at least [`SMALL_FRAME`]) went, not as its stream's last: h2
+    /// splits it into frames of at most 16 KiB, each giving back its excess.
+    fn give_back(&self, len: usize) {
+        // A load first: with nothing spent (the usual case) no write to the shared line.
+        if self.spent.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let back = len.saturating_sub(SMALL_FRAME * len.div_ceil(COALESCE_MAX));
+        let _ = self
+            .spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                Some(spent.saturating_sub(back))
+            });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body whose data is gathered before it goes on a channel: what the inner body has ready
+    /// is joined (up to [`COALESCE_MAX`]) without waiting; a piece is then passed on at once,
+    /// unless it is small and its channel's [`SmallFrames`] allowance is spent, when it waits
+    /// for more data or for the body's end. (A device sending a byte at a time is slowed only
+    /// once the whole channel's allowance is used, and its bytes are never lost or reordered.)
+    pub struct Coalesced<B> {
+        #[pin]
+        inner: B,
+        held: Option<bytes::BytesMut>,
+        first: Option<Bytes>,
+        trailers: Option<hyper::HeaderMap>,
+        ended: bool,
+        frames: Arc<SmallFrames>,
+    }
+}
+
+impl<B> Coalesced<B> {
+    pub fn new(inner: B, frames: Arc<SmallFrames>) -> Coalesced<B> {
+        Coalesced {
+            inner,
+            held: None,
+            first: None,
+            trailers: None,
+            ended: false,
+            frames,
+        }
+    }
+}
+
+impl<B> http_body::Body for Coalesced<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        // What is held so far, taken out: one piece without a copy, more joined.
+        fn take(first: &mut Option<Bytes>, held: &mut Option<bytes::BytesMut>) -> Bytes {
+            match held.take() {
+                Some(joined) => joined.freeze(),
+                None => first.take().unwrap_or_default(),
+            }
+        }
+        fn held_len(first: &Option<Bytes>, held: &Option<bytes::BytesMut>) -> usize {
+            held.as_ref().map_or(0, |h| h.len()) + first.as_ref().map_or(0, |f| f.len())
+        }
+        if this.held.is_none() && this.first.is_none() {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        }
+        while !*this.ended && this.trailers.is_none() {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        match (this.first.take(), this.held.as_mut()) {
+                            (None, None) => *this.first = Some(data),
+                            (Some(first), _) => {
+                                let mut joined =
+                                    bytes::BytesMut::with_capacity(first.len() + data.len());
+                                joined.extend_from_slice(&first);
+                                joined.extend_from_slice(&data);
+                                *this.held = Some(joined);
+                            }
+                            (None, Some(joined)) => joined.extend_from_slice(&data),
+                        }
+                        if held_len(this.first, this.held) >= COALESCE_MAX {
+                            break;
+                        }
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => *this.trailers = Some(trailers),
+                        // No other kind of frame exists; nothing to pass on.
+                        Err(_) => {}
+                    },
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => *this.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        let len = held_len(this.first, this.held);
+        if len == 0 {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            return if *this.ended {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
+        }
+        // The last piece goes with END_STREAM (or before the trailers) and costs nothing.
+        let last = *this.ended || this.trailers.is_some();
+        if !last {
+            if len < SMALL_FRAME {
+                if !this.frames.take(len) {
+                    // The inner body is pending and will wake this task with more.
+                    return Poll::Pending;
+                }
+            } else {
+                this.frames.give_back(len);
+            }
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(take(this.first, this.held)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none()
+            && self.held.is_none()
+            && self.trailers.is_none()
+            && (self.ended || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let held = (self.first.as_ref().map_or(0, |f| f.len())
+            + self.held.as_ref().map_or(0, |h| h.len())) as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
 }
 
 /// A response body arriving on a channel, as an `http_body::Body`; what it reads is released
@@ -528,13 +748,15 @@ impl http_body::Body for ChannelBody {
 /// Gateway side: drives a freshly accepted channel connection. Returns once the channel is
 /// registered; the connection keeps running in the background and leaves the registry when it
 /// ends (including when PINGs go unanswered). The hello tells the connector the gateway's
-/// `gateway_threads`.
+/// `gateway_threads`. An answer whose header block is over `max_response_header_bytes`
+/// (counted as HPACK does) is refused, and so is every pushed stream.
 pub async fn accept<IO>(
     io: IO,
     peer: String,
     peer_cert: Vec<u8>,
     registry: Arc<Registry>,
     gateway_threads: usize,
+    max_response_header_bytes: u32,
 ) -> Result<Arc<Channel>, AcceptError>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -543,6 +765,10 @@ where
         .initial_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
         .header_table_size(HPACK_TABLE_BYTES)
+        // A connector is outside input too: h2's defaults take header blocks up to 16 MiB
+        // and keep every stream it pushes.
+        .max_header_list_size(max_response_header_bytes)
+        .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(AcceptError::Handshake)?;
@@ -577,12 +803,13 @@ where
     });
 
     let hello_sender = sender.clone();
+    let frames = Arc::new(SmallFrames::default());
     let hello = async {
         let request = Request::get(HELLO_PATH)
             .header(headers::GATEWAY_THREADS, gateway_threads)
             .body(empty())
             .map_err(|e| e.to_string())?;
-        let response = send_on(&hello_sender, request)
+        let response = send_on(&hello_sender, request, &frames)
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
@@ -609,10 +836,15 @@ where
         closing: AtomicBool::new(false),
         peer_cert,
         close,
+        frames,
     });
     registry.add(channel.clone());
     Ok(channel)
 }
+
+/// Streams the gateway has reset before the connector took them, at once, that a channel
+/// tolerates (h2's default is 20).
+const MAX_PENDING_ACCEPT_RESETS: usize = 4096;
 
 /// How a channel served by [`serve`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -628,10 +860,15 @@ pub enum Served {
 /// service should say [`headers::DRAINING`] on its answers for a while before, so that the
 /// gateway has stopped sending when the GOAWAY comes: a request it sent just as the GOAWAY
 /// arrived could be refused, unprocessed, with nothing to send it again from.)
+///
+/// `max_request_header_bytes` is the largest request header block (counted as HPACK does) it
+/// takes: at least what its gateways send (their own `max_request_header_bytes`, which counts
+/// their metadata headers too), so that h2 never refuses a request a gateway passed.
 pub async fn serve<IO, S>(
     io: IO,
     service: S,
     drain: impl Future<Output = ()>,
+    max_request_header_bytes: u32,
 ) -> Result<Served, hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -647,6 +884,13 @@ where
         .initial_connection_window_size(4 * 1024 * 1024)
         .adaptive_window(true)
         .header_table_size(HPACK_TABLE_BYTES)
+        .max_header_list_size(max_request_header_bytes)
+        // The peer is the connector's own authenticated gateway, which resets a stream for
+        // every device that gives up on a request: h2's rapid-reset limits (20 reset streams
+        // awaiting accept; 1,024 refused in a channel's life) would close a channel that
+        // every device shares because of a few devices' cancellations.
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(None)
         .serve_connection(TokioIo::new(io), service);
     let mut connection = AfterOthers::new(connection);
     tokio::select! {
@@ -752,8 +996,15 @@ mod tests {
             }
         });
         let registry = Arc::new(Registry::default());
-        let channel = accept(gateway_end, "c".into(), Vec::new(), registry.clone(), 1)
-            .await
+        let channel = accept(
+            gateway_end,
+            "c".into(),
+            Vec::new(),
+            registry.clone(),
+            1,
+            64 * 1024,
+        )
+        .await
             .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")
             .body(empty())

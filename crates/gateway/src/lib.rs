@@ -82,6 +82,16 @@ pub struct GatewayConfig {
     /// TLS versions and cipher suites offered to devices and connectors.
     #[serde(default)]
     pub tls: pki::tls::TlsPolicy,
+    /// The largest request header block the gateway forwards, counted as HPACK does (each
+    /// field's name and value and 32, the request's method and path included) with the
+    /// metadata headers the gateway adds; over it a device gets 431. Every connector's
+    /// `max_request_header_bytes` must be at least this.
+    #[serde(default = "default_max_request_header_bytes")]
+    pub max_request_header_bytes: u32,
+    /// The largest answer header block taken from a connector (counted likewise); over it the
+    /// device gets 502 CMGService_Badconnectoranswer.
+    #[serde(default = "default_max_response_header_bytes")]
+    pub max_response_header_bytes: u32,
 }
 
 fn default_listen() -> SocketAddr {
@@ -90,6 +100,14 @@ fn default_listen() -> SocketAddr {
 
 fn default_timeout() -> u64 {
     120
+}
+
+fn default_max_request_header_bytes() -> u32 {
+    32 * 1024
+}
+
+fn default_max_response_header_bytes() -> u32 {
+    64 * 1024
 }
 
 impl GatewayConfig {
@@ -163,6 +181,14 @@ impl GatewayConfig {
         }
         if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
             return Err(invalid("worker_threads", &reason));
+        }
+        for (key, value) in [
+            ("max_request_header_bytes", cfg.max_request_header_bytes),
+            ("max_response_header_bytes", cfg.max_response_header_bytes),
+        ] {
+            if !(4 * 1024..=1024 * 1024).contains(&value) {
+                return Err(invalid(key, "must be between 4096 and 1048576"));
+            }
         }
         if cfg.request_timeout_secs == 0 || cfg.request_timeout_secs > 3600 {
             return Err(invalid(
@@ -313,6 +339,9 @@ struct Shared {
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
     timeout: Duration,
+    /// `max_request_header_bytes` and `max_response_header_bytes`.
+    max_request_header_bytes: usize,
+    max_response_header_bytes: u32,
     log: Log,
     message_ids: MessageIds,
     shards: Shards,
@@ -338,6 +367,44 @@ impl Shared {
             .unwrap_or(here);
         self.placing.hold(shard)
     }
+}
+
+/// What an HTTP/1.1 device connection's read buffer may hold beyond the header budget (body
+/// reads).
+const H1_BODY_READ: usize = 64 * 1024;
+
+/// The methods the gateway forwards: HTTP's own but CONNECT (a tunnel, which HTTP/2 carries
+/// without a path: the connector refused each such stream, and h2 closes a channel after
+/// 1,024 refusals) and TRACE (it echoes headers back); and Configuration Manager's extension
+/// methods: `CCM_POST` (its clients' requests to a management point) and `BITS_POST` (BITS
+/// uploads), and WebDAV's `PROPFIND` (BITS and distribution points list content with it).
+/// Anything else gets 405 with `Allow`.
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
+
+fn is_forwarded(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    ) || matches!(method.as_str(), "CCM_POST" | "BITS_POST" | "PROPFIND")
+}
+
+/// A header block's size as HPACK counts it (RFC 7541 4.1: name, value and 32 a field), with
+/// the pseudo-header fields the request goes on the channel with (`:method`, `:scheme`,
+/// `:path`; h2 sends no `:authority` for a path-only URI).
+fn header_block_size(parts: &hyper::http::request::Parts) -> usize {
+    let pseudo = (7 + parts.method.as_str().len() + 32)
+        + (7 + 5 + 32)
+        + (5 + parts.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 32);
+    parts.headers.iter().fold(pseudo, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 32
+    })
 }
 
 /// How long a device or connector has for its whole TLS handshake.
@@ -368,6 +435,8 @@ pub async fn start_on(
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
+        max_request_header_bytes: config.max_request_header_bytes as usize,
+        max_response_header_bytes: config.max_response_header_bytes,
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
         placing: ShardCounts::new(shards.len()),
@@ -604,6 +673,7 @@ async fn handshake_and_serve(
             leaf.unwrap_or_default(),
             shared.registry.clone(),
             shared.shards.len(),
+            shared.max_response_header_bytes,
         )
         .await;
         // Registered (or failed): the registry now counts it on its shard.
@@ -670,16 +740,26 @@ async fn handshake_and_serve(
     // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
     // after which hyper doubled its read buffer to 16 KiB on every connection.
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        // h2 answers a header block over the budget with 431 itself (one over four times it
+        // closes that device's connection); one within it that the metadata pushes over is
+        // refused by `route_request`, with the status text.
+        let header_list = u32::try_from(drain_shared.max_request_header_bytes).unwrap_or(u32::MAX);
         let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(header_list)
             .serve_connection(TokioIo::new(tls), service);
         let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
     } else {
         // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
         // request headers (slow-loris).
+        // The read buffer holds a request's head whole: hyper's default (~400 KiB) took heads
+        // far over what the channel carries. Room for the budget and a body's reads beyond it;
+        // a head over that gets hyper's own 431, one under it `route_request`'s.
+        let buffer = (drain_shared.max_request_header_bytes + H1_BODY_READ).max(8192);
         let served = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(buffer)
             .serve_connection(TokioIo::new(tls), service);
         let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
     }
@@ -832,7 +912,15 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
                 },
                 &format!("Refused a request from device {}: {refusal}", device.addr),
             );
-            refusal_response(&refusal)
+            let mut response = refusal_response(&refusal);
+            if matches!(refusal.cause, Cause::MethodNotAllowed { .. }) {
+                // RFC 9110 15.5.6: a 405 says what the resource does take.
+                response.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    HeaderValue::from_static(FORWARDED_METHODS),
+                );
+            }
+            response
         }
     }
 }
@@ -854,6 +942,11 @@ async fn route_request(
             detail: e.to_string(),
         })
     })?;
+    if !is_forwarded(request.method()) && matches!(route, Route::Proxy { .. }) {
+        return Err(Refusal::new(Cause::MethodNotAllowed {
+            method: header_safe(request.method().as_str()),
+        }));
+    }
     let (auth, endpoint, path, forward_target) = match route {
         Route::ServiceMetadata { .. } => return Ok(service_metadata(shared)),
         Route::Proxy {
@@ -939,6 +1032,16 @@ async fn route_request(
         }
     };
     map.insert(headers::DEVICE, device_header);
+    // One budget along the path: what goes on the channel, metadata included, fits what the
+    // connector's h2 takes, which would otherwise refuse it (and past four times its limit
+    // close the channel, cutting every other device's request on it).
+    let size = header_block_size(&parts);
+    if size > shared.max_request_header_bytes {
+        return Err(Refusal::new(Cause::HeadersTooLarge {
+            size,
+            limit: shared.max_request_header_bytes,
+        }));
+    }
     let forward = Request::from_parts(parts, tunnel::boxed(body));
 
     shared.log.verbose(|| {
