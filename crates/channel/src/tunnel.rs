@@ -671,7 +671,9 @@ where
                 this.frames.give_back(len);
             }
         }
-        Poll::Ready(Some(Ok(http_body::Frame::data(take(this.first, this.held)))))
+        Poll::Ready(Some(Ok(http_body::Frame::data(take(
+            this.first, this.held,
+        )))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1005,7 +1007,7 @@ mod tests {
             64 * 1024,
         )
         .await
-            .expect("channel");
+        .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")
             .body(empty())
             .expect("request");

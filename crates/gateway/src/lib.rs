@@ -379,7 +379,8 @@ const H1_BODY_READ: usize = 64 * 1024;
 /// methods: `CCM_POST` (its clients' requests to a management point) and `BITS_POST` (BITS
 /// uploads), and WebDAV's `PROPFIND` (BITS and distribution points list content with it).
 /// Anything else gets 405 with `Allow`.
-const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
+const FORWARDED_METHODS: &str =
+    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
 
 fn is_forwarded(method: &hyper::Method) -> bool {
     use hyper::Method;
