@@ -227,17 +227,21 @@ impl Channel {
 fn refused_answer(e: &h2::Error) -> Cause {
     let local = !e.is_remote() && !e.is_io();
     match e.reason() {
-        // h2 refuses a stream whose answer's header block is over the limit (up to four times
-        // the limit; past that it closes the whole channel, with ENHANCE_YOUR_CALM).
-        Some(h2::Reason::REFUSED_STREAM) if local => Cause::BadConnectorAnswer {
-            detail: "its answer's header block is larger than the gateway takes (max_response_header_bytes)".into(),
-        },
-        Some(h2::Reason::ENHANCE_YOUR_CALM) if local && e.is_go_away() => Cause::BadConnectorAnswer {
-            detail: format!("it overran a limit of the gateway's HTTP/2 ({e}), so the gateway closed the channel"),
-        },
-        Some(h2::Reason::PROTOCOL_ERROR) if local && e.is_go_away() => Cause::BadConnectorAnswer {
-            detail: format!("it broke HTTP/2's rules on the channel ({e}; a PUSH_PROMISE is one: the gateway disables push), so the gateway closed the channel"),
-        },
+        // The gateway's h2 resets a stream whose answer it refuses: a header block over the
+        // limit (up to four times it; past that it closes the whole channel, below), or one
+        // otherwise malformed. The channel carries on.
+        Some(h2::Reason::PROTOCOL_ERROR | h2::Reason::REFUSED_STREAM) if local && e.is_reset() => {
+            Cause::BadConnectorAnswer {
+                detail: "its answer's header block is larger than the gateway takes (max_response_header_bytes) or malformed".into(),
+            }
+        }
+        Some(h2::Reason::ENHANCE_YOUR_CALM | h2::Reason::PROTOCOL_ERROR | h2::Reason::COMPRESSION_ERROR)
+            if local && e.is_go_away() =>
+        {
+            Cause::BadConnectorAnswer {
+                detail: format!("it broke the channel's rules ({e}: a header block over four times max_response_header_bytes, or a PUSH_PROMISE, which the gateway disables), so the gateway closed the channel"),
+            }
+        }
         _ => Cause::ChannelBroken {
             detail: e.to_string(),
         },

@@ -584,3 +584,282 @@ fn methods_not_forwarded_get_405_and_ten_thousand_leave_the_channels_alone() {
     assert_eq!(channels_opened(&system), 2);
     system.stop();
 }
+
+/// A connector of the test's own, built from the `h2` crate: it dials the gateway with the
+/// lab's connector channel certificate, answers the hello for [`ENDPOINT`], and then answers
+/// `/huge` with a ~100 KiB header block, `/enormous` with a ~300 KiB one, `/push` after trying
+/// a PUSH_PROMISE, anything else with 200 "fine". What it saw goes to the returned receiver.
+async fn fake_connector(
+    system: &System,
+    port: u16,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let identity = pki::tls::Identity::load(
+        &system.path("connector/channel.crt"),
+        &system.path("connector/channel.key"),
+    )
+    .unwrap();
+    let roots = pki::RootSet::load(&[system.path("ca/root.crt")]).unwrap();
+    let mut tls = pki::tls::client_config(&roots)
+        .unwrap()
+        .with_client_auth_cert(identity.chain, identity.key)
+        .unwrap();
+    tls.alpn_protocols = vec![channel::tunnel::ALPN.to_vec()];
+    let stream = tls_to(port, Arc::new(tls)).await;
+    let (events, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let path = request.uri().path().to_string();
+            let fill = |response: &mut hyper::Response<()>, kib: usize| {
+                for i in 0..kib {
+                    response.headers_mut().insert(
+                        hyper::header::HeaderName::try_from(format!("x-huge-{i}")).unwrap(),
+                        hyper::header::HeaderValue::from_str(&"h".repeat(1000)).unwrap(),
+                    );
+                }
+            };
+            if path == channel::tunnel::HELLO_PATH {
+                let hello = channel::tunnel::Hello {
+                    connector_id: "fake-connector".into(),
+                    version: "0".into(),
+                    endpoints: vec![channel::tunnel::EndpointInfo {
+                        id: ENDPOINT,
+                        name: "SMS_MP".into(),
+                    }],
+                    has_client_certificate: true,
+                };
+                let body = Bytes::from(serde_json::to_vec(&hello).unwrap());
+                if let Ok(mut stream) = respond.send_response(hyper::Response::new(()), false) {
+                    let _ = stream.send_data(body, true);
+                }
+                continue;
+            }
+            let mut response = hyper::Response::new(());
+            if path.ends_with("/huge") {
+                fill(&mut response, 100);
+            } else if path.ends_with("/enormous") {
+                fill(&mut response, 300);
+            } else if path.ends_with("/push") {
+                let promise = hyper::Request::get("https://localhost/pushed")
+                    .body(())
+                    .unwrap();
+                let _ = events.send(match respond.push_request(promise) {
+                    Ok(_) => "push sent".to_string(),
+                    Err(e) => format!("push refused: {e}"),
+                });
+            }
+            let sent = respond
+                .send_response(response, false)
+                .and_then(|mut stream| stream.send_data(Bytes::from_static(b"fine"), true));
+            let _ = events.send(format!(
+                "{path}: {}",
+                if sent.is_ok() { "answered" } else { "not sent" }
+            ));
+        }
+        let _ = events.send("channel ended".to_string());
+    });
+    seen
+}
+
+/// Item 10: the gateway takes from a connector no header block over its budget and no pushed
+/// stream. A block over the budget gets the device 502 and leaves the channel; one over four
+/// times it makes h2 close the channel (GOAWAY), and the device still gets 502 with the text.
+#[test]
+fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
+    let mut system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let connector = system.connector.take().unwrap();
+    system.runtime.block_on(connector.stop());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while channel_ids(&system).len() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(channel_ids(&system).is_empty());
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut seen = fake_connector(&system, port).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while channel_ids(&system).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ids = channel_ids(&system);
+        assert_eq!(ids.len(), 1);
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        let mut get = async |path: &str| {
+            raw.send(
+                format!("GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n", proxied(path)).as_bytes(),
+            )
+            .await;
+            raw.answer().await
+        };
+        let huge = get("/huge").await;
+        assert_eq!(
+            (huge.status, huge.reason.as_str(), huge.headers.len() < 20),
+            (502, "CMGService_Badconnectoranswer", true),
+            "{} headers: {}",
+            huge.headers.len(),
+            String::from_utf8_lossy(&huge.body)
+        );
+        assert!(
+            String::from_utf8_lossy(&huge.body).contains("max_response_header_bytes"),
+            "{}",
+            String::from_utf8_lossy(&huge.body)
+        );
+        // The channel took that in its stride.
+        let fine = get("/fine").await;
+        assert_eq!((fine.status, &fine.body[..]), (200, &b"fine"[..]));
+        let pushed = get("/push").await;
+        assert_eq!(pushed.status, 200);
+        assert_eq!(channel_ids(&system), ids);
+        let mut said = Vec::new();
+        while let Ok(line) = seen.try_recv() {
+            said.push(line);
+        }
+        assert!(
+            said.iter().any(|l| l.starts_with("push refused")),
+            "the gateway's SETTINGS disable push: {said:?}"
+        );
+        // Past four times the budget h2 closes the channel itself; the device is told why.
+        let enormous = get("/enormous").await;
+        assert_eq!(
+            (enormous.status, enormous.reason.as_str()),
+            (502, "CMGService_Badconnectoranswer"),
+            "{}",
+            String::from_utf8_lossy(&enormous.body)
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !channel_ids(&system).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(channel_ids(&system).is_empty(), "h2 closed that channel");
+    });
+    system.stop();
+}
+
+/// An endpoint of the test's own on the management point's certificate: it answers every
+/// request with 200 OK and headers claiming to be the channel's metadata, and
+/// `/_portcullis/v1/hello` with a page of its own. Serves on its own thread until the test ends.
+fn forging_endpoint(lab: &std::path::Path) -> u16 {
+    let identity =
+        pki::tls::Identity::load(&lab.join("mp/server.crt"), &lab.join("mp/server.key")).unwrap();
+    let roots = pki::RootSet::load(&[lab.join("ca/root.crt")]).unwrap();
+    let tls = Arc::new(pki::tls::server_config(identity, &roots, false, &[b"http/1.1"]).unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
+                        return;
+                    };
+                    let service =
+                        hyper::service::service_fn(|request: hyper::Request<_>| async move {
+                            let _: &hyper::body::Incoming = request.body();
+                            let response = if request.uri().path() == channel::tunnel::HELLO_PATH {
+                                hyper::Response::new(http_body_util::Full::new(Bytes::from_static(
+                                    b"the endpoint's own page",
+                                )))
+                            } else {
+                                hyper::Response::builder()
+                                    .header("x-portcullis-draining", "1")
+                                    .header("x-portcullis-status-text", "Forged")
+                                    .header("x-portcullis-message-id", "forged")
+                                    .body(http_body_util::Full::new(Bytes::from_static(
+                                        b"endpoint answer",
+                                    )))
+                                    .unwrap()
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+/// Item 11: an endpoint's `x-portcullis-*` answer headers steer nothing (the channel is not
+/// taken for draining, the reason phrase is the endpoint's), and a device's request to the
+/// hello path reaches the endpoint instead of being answered with the connector's hello.
+#[test]
+fn an_endpoints_answer_headers_steer_nothing_and_the_hello_path_is_the_endpoints() {
+    let system = System::start_with(
+        "connector/store",
+        "Portcullis Connector Channel",
+        "\"ca/root.crt\"",
+        |lab| {
+            let endpoint = forging_endpoint(lab);
+            let file = lab.join("connector.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let text: Vec<String> = text
+                .lines()
+                .map(|line| {
+                    if line.starts_with("url = ") {
+                        format!("url = \"https://localhost:{endpoint}\"")
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&file, text.join("\n") + "\n").unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(2));
+    let ids = channel_ids(&system);
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            raw.send(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    proxied("/SMS_MP/anything")
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = raw.answer().await;
+            let forged = answer
+                .headers
+                .iter()
+                .filter(|(name, _)| name.to_ascii_lowercase().starts_with("x-portcullis-"))
+                .count();
+            answers.push((answer.status, answer.reason.clone(), forged));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(answers, vec![(200, "OK".to_string(), 0); 6]);
+
+        raw.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                proxied("/_portcullis/v1/hello")
+            )
+            .as_bytes(),
+        )
+        .await;
+        let hello = raw.answer().await;
+        assert_eq!(
+            (hello.status, String::from_utf8_lossy(&hello.body).as_ref()),
+            (200, "the endpoint's own page")
+        );
+    });
+    assert_eq!(channel_ids(&system), ids);
+    system.stop();
+}
