@@ -641,11 +641,12 @@ where
                             break;
                         }
                     }
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(trailers) => *this.trailers = Some(trailers),
-                        // No other kind of frame exists; nothing to pass on.
-                        Err(_) => {}
-                    },
+                    // No kind of frame but data and trailers exists.
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            *this.trailers = Some(trailers);
+                        }
+                    }
                 },
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => *this.ended = true,

@@ -671,7 +671,7 @@ fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
     let connector = system.connector.take().unwrap();
     system.runtime.block_on(connector.stop());
     let deadline = Instant::now() + Duration::from_secs(15);
-    while channel_ids(&system).len() > 0 && Instant::now() < deadline {
+    while !channel_ids(&system).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(channel_ids(&system).is_empty());
