@@ -524,8 +524,8 @@ const SMALL_FRAME: usize = 256;
 /// How much of that budget one end of a channel lets its small frames use: well under h2's
 /// least, so the peer's h2 never closes the channel whatever the devices or endpoints send.
 const SMALL_FRAME_ALLOWANCE: usize = 12 * 1024;
-/// The most a [`Coalesced`] body gathers into one piece: one HTTP/2 frame's default maximum.
-const COALESCE_MAX: usize = 16 * 1024;
+/// HTTP/2's default largest frame: h2 splits a larger piece into frames of this size.
+const MAX_FRAME: usize = 16 * 1024;
 
 /// The sending end's mirror of the peer's small-frame budget on one channel (shared by every
 /// stream on it): small pieces are sent at once while it allows, and otherwise wait to grow
@@ -554,7 +554,7 @@ impl SmallFrames {
         if self.spent.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let back = len.saturating_sub(SMALL_FRAME * len.div_ceil(COALESCE_MAX));
+        let back = len.saturating_sub(SMALL_FRAME * len.div_ceil(MAX_FRAME));
         let _ = self
             .spent
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
@@ -564,8 +564,8 @@ impl SmallFrames {
 }
 
 pin_project_lite::pin_project! {
-    /// A body whose data is gathered before it goes on a channel: what the inner body has ready
-    /// is joined (up to [`COALESCE_MAX`]) without waiting; a piece is then passed on at once,
+    /// A body whose data is gathered before it goes on a channel: small pieces the inner body
+    /// has ready are joined without waiting; a piece is then passed on at once,
     /// unless it is small and its channel's [`SmallFrames`] allowance is spent, when it waits
     /// for more data or for the body's end. (A device sending a byte at a time is slowed only
     /// once the whole channel's allowance is used, and its bytes are never lost or reordered.)
@@ -637,7 +637,9 @@ where
                             }
                             (None, Some(joined)) => joined.extend_from_slice(&data),
                         }
-                        if held_len(this.first, this.held) >= COALESCE_MAX {
+                        // Gathered only while small: a piece the budget does not charge
+                        // goes as it came, never copied (bulk data stays zero-copy).
+                        if held_len(this.first, this.held) >= SMALL_FRAME {
                             break;
                         }
                     }
@@ -664,16 +666,20 @@ where
                 Poll::Pending
             };
         }
-        // The last piece goes with END_STREAM (or before the trailers) and costs nothing.
-        let last = *this.ended || this.trailers.is_some();
-        if !last {
-            if len < SMALL_FRAME {
-                if !this.frames.take(len) {
+        // The last piece goes with END_STREAM and costs nothing.
+        if !*this.ended {
+            if len >= SMALL_FRAME {
+                this.frames.give_back(len);
+            } else if !this.frames.take(len) {
+                if this.trailers.is_none() {
                     // The inner body is pending and will wake this task with more.
                     return Poll::Pending;
                 }
-            } else {
-                this.frames.give_back(len);
+                // Nothing more is coming and the piece cannot go as a frame of its own:
+                // it goes last, and the trailers (which no management traffic uses) are
+                // dropped rather than the channel put at risk.
+                *this.trailers = None;
+                *this.ended = true;
             }
         }
         Poll::Ready(Some(Ok(http_body::Frame::data(take(
@@ -970,6 +976,92 @@ pub fn refusal_response(refusal: &Refusal) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that yields its pieces as scripted: `None` is one Pending (woken at once).
+    struct Script(std::collections::VecDeque<Option<&'static [u8]>>);
+
+    impl http_body::Body for Script {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            match self.0.pop_front() {
+                None => std::task::Poll::Ready(None),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+                Some(Some(piece)) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(
+                    Bytes::from_static(piece),
+                )))),
+            }
+        }
+    }
+
+    /// Each piece `Coalesced` passes on, and whether the body said it was the last.
+    async fn pieces(body: Script, frames: &Arc<SmallFrames>) -> Vec<(Bytes, bool)> {
+        let mut body = Coalesced::new(body, frames.clone());
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("infallible").into_data().expect("data");
+            out.push((data, http_body::Body::is_end_stream(&body)));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn small_pieces_ready_together_go_as_one_and_the_last_says_so() {
+        let frames = Arc::new(SmallFrames::default());
+        let script = Script([Some(&b"a"[..]), Some(b"b"), Some(b"c")].into());
+        let out = pieces(script, &frames).await;
+        assert_eq!(out, vec![(Bytes::from_static(b"abc"), true)]);
+        // The last piece is not charged: h2 does not count a stream's final frame.
+        assert_eq!(frames.spent.load(Ordering::Relaxed), 0);
+    }
+
+    /// A byte at a time, each alone: sent at once while the channel's allowance lasts, then
+    /// gathered to SMALL_FRAME bytes (or the end); every byte arrives, in order.
+    #[tokio::test]
+    async fn a_byte_at_a_time_spends_only_the_allowance() {
+        let frames = Arc::new(SmallFrames::default());
+        let mut script = std::collections::VecDeque::new();
+        for i in 0..2000 {
+            script.push_back(Some(&b"0123456789"[i % 10..i % 10 + 1]));
+            script.push_back(None);
+        }
+        let out = pieces(Script(script), &frames).await;
+        let all: Vec<u8> = out.iter().flat_map(|(piece, _)| piece.to_vec()).collect();
+        let expected: Vec<u8> = (0..2000).map(|i| b'0' + (i % 10) as u8).collect();
+        assert_eq!(all, expected);
+        // What h2 would charge the channel for these frames stays within the allowance.
+        let charged: usize = out
+            .iter()
+            .filter(|(piece, last)| !last && piece.len() < SMALL_FRAME)
+            .map(|(piece, _)| SMALL_FRAME - piece.len())
+            .sum();
+        assert!(charged <= SMALL_FRAME_ALLOWANCE, "{charged}");
+        assert!(out.len() < 200, "{} pieces", out.len());
+    }
+
+    #[tokio::test]
+    async fn large_pieces_go_as_they_came_and_give_back() {
+        static BIG: [u8; 20_000] = [7; 20_000];
+        let frames = Arc::new(SmallFrames::default());
+        frames.spent.store(5_000, Ordering::Relaxed);
+        let out = pieces(
+            Script([Some(&BIG[..]), None, Some(&BIG[..])].into()),
+            &frames,
+        )
+        .await;
+        assert_eq!(out.len(), 2);
+        // Not copied.
+        assert_eq!(out[0].0.as_ptr(), BIG.as_ptr());
+        // 20,000 bytes go as two frames, giving back 20,000 - 512.
+        assert_eq!(frames.spent.load(Ordering::Relaxed), 0);
+    }
 
     /// A request the gateway stops waiting for (its device went away, its timeout struck) no
     /// longer counts as outstanding on its channel: least-outstanding picking would otherwise

@@ -547,6 +547,20 @@ fn methods_not_forwarded_get_405_and_ten_thousand_leave_the_channels_alone() {
             .await
             .expect("10,000 answered within 120 s");
 
+        // A CONNECT in authority form, as a proxy client sends it, and one over HTTP/2.
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        raw.send(b"CONNECT internal-mp.contoso.com:443 HTTP/1.1\r\nHost: internal-mp.contoso.com:443\r\n\r\n")
+            .await;
+        assert_eq!(raw.answer().await.status, 405);
+        let mut h2 = h2_device(port, h2_tls.clone()).await;
+        let request = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri("localhost:443")
+            .body(())
+            .unwrap();
+        let (response, _) = h2.send_request(request, true).unwrap();
+        assert_eq!(h2_answer(response).await.unwrap().0, 405);
+
         // Devices that give up on their requests at once: each cancel resets a stream on a
         // channel.
         for _ in 0..20 {
