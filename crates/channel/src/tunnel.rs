@@ -498,6 +498,10 @@ async fn stream_body(body: Body, mut stream: h2::SendStream<Bytes>, frames: Arc<
             stream.reserve_capacity(data.len());
             // h2 answers Pending, not a room of 0, while the window is shut.
             match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                // A frame under SMALL_FRAME that the piece did not pay for would be charged by
+                // the peer: with a little room (a window nearly spent), wait for more. (h2
+                // wakes this again only when the stream's capacity grows.)
+                Some(Ok(room)) if room < SMALL_FRAME.min(data.len()) => {}
                 Some(Ok(room)) => {
                     let chunk = data.split_to(room.min(data.len()));
                     if stream.send_data(chunk, end && data.is_empty()).is_err() {
