@@ -128,6 +128,11 @@ pub struct Hello {
     /// endpoints (absent from older connectors: unknown, read as false).
     #[serde(default)]
     pub has_client_certificate: bool,
+    /// The largest request header block the connector's channels take (its
+    /// `max_request_header_bytes`, counted as HPACK does): the gateway sends none larger,
+    /// whatever its own budget. Absent from older connectors: the gateway's budget alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_header_bytes: Option<u32>,
 }
 
 /// How long a channel may stay silent before a PING must be answered.
@@ -1090,6 +1095,7 @@ mod tests {
                         name: "SMS_MP".into(),
                     }],
                     has_client_certificate: true,
+                    max_request_header_bytes: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).expect("json"));
                 let mut stream = respond

@@ -531,6 +531,7 @@ pub async fn start_on(
             version: env!("CARGO_PKG_VERSION").into(),
             endpoints: endpoint_infos(&config),
             has_client_certificate: choice.label.is_some(),
+            max_request_header_bytes: Some(config.max_request_header_bytes),
         }),
         endpoints: ArcSwap::from_pointee(endpoint_urls(&config)),
         client: ArcSwap::from_pointee(choice.client),

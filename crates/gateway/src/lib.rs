@@ -693,6 +693,16 @@ async fn handshake_and_serve(
                     ch.id,
                     endpoints.join(", ")
                 ));
+                if let Some(theirs) = ch
+                    .hello
+                    .max_request_header_bytes
+                    .filter(|&theirs| (theirs as usize) < shared.max_request_header_bytes)
+                {
+                    shared.log.warn(&format!(
+                        "Connector {} takes request headers up to {theirs} bytes, less than this gateway's max_request_header_bytes ({}): devices get 431 over {theirs} on its channels; raise the connector's max_request_header_bytes to match",
+                        ch.hello.connector_id, shared.max_request_header_bytes
+                    ));
+                }
             }
             Err(e) => shared
                 .log
@@ -1038,12 +1048,16 @@ async fn route_request(
     // One budget along the path: what goes on the channel, metadata included, fits what the
     // connector's h2 takes, which would otherwise refuse it (and past four times its limit
     // close the channel, cutting every other device's request on it).
+    // The connector's own limit, when it announced a smaller one, is the budget.
+    let limit = channel
+        .hello
+        .max_request_header_bytes
+        .map_or(shared.max_request_header_bytes, |theirs| {
+            shared.max_request_header_bytes.min(theirs as usize)
+        });
     let size = header_block_size(&parts);
-    if size > shared.max_request_header_bytes {
-        return Err(Refusal::new(Cause::HeadersTooLarge {
-            size,
-            limit: shared.max_request_header_bytes,
-        }));
+    if size > limit {
+        return Err(Refusal::new(Cause::HeadersTooLarge { size, limit }));
     }
     let forward = Request::from_parts(parts, tunnel::boxed(body));
 

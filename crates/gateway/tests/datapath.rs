@@ -386,6 +386,58 @@ fn an_oversized_request_gets_431_and_the_upload_beside_it_on_the_channel_complet
     system.stop();
 }
 
+/// Item 1, the two ends agreeing: a connector that takes less than the gateway's budget says so
+/// in its hello, and the gateway holds its devices to the smaller limit (431 with its status
+/// text) instead of sending what the connector's h2 would refuse.
+#[test]
+fn a_connector_taking_less_than_the_gateway_is_sent_nothing_larger() {
+    let system = System::start_with(
+        "connector/store",
+        "Portcullis Connector Channel",
+        "\"ca/root.crt\"",
+        |lab| {
+            let file = lab.join("connector.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let text = text.replace(
+                "verbose = true\n",
+                "verbose = true\nchannels_per_gateway = 1\nmax_request_header_bytes = 8192\n",
+            );
+            std::fs::write(&file, text).unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(1));
+    let ids = channel_ids(&system);
+    assert_logged(
+        &system.gateway_log,
+        "takes request headers up to 8192 bytes, less than this gateway's max_request_header_bytes (32768)",
+    );
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut raw = Raw::connect(port, tls).await;
+        for (size, status) in [(10 * 1024, 431), (6 * 1024, 200)] {
+            raw.send(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                    proxied(MPLIST),
+                    "e".repeat(size)
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = raw.answer().await;
+            assert_eq!(answer.status, status, "{answer:?}");
+            if status == 431 {
+                assert_eq!(answer.reason, "CMGService_Requestheaderstoolarge");
+                assert!(String::from_utf8_lossy(&answer.body)
+                    .contains("over the gateway's limit of 8192"));
+            }
+        }
+    });
+    assert_eq!(channel_ids(&system), ids);
+    system.stop();
+}
+
 /// A device connection's body sent as the test says: `pieces` written one by one with
 /// `pause` between, over HTTP/2 (one DATA frame each), to the echo; its answer.
 async fn h2_trickle(
@@ -641,6 +693,7 @@ async fn fake_connector(
                         name: "SMS_MP".into(),
                     }],
                     has_client_certificate: true,
+                    max_request_header_bytes: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).unwrap());
                 if let Ok(mut stream) = respond.send_response(hyper::Response::new(()), false) {
