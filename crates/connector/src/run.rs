@@ -84,9 +84,9 @@ pub struct ConnectorConfig {
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_secs: u64,
     /// The largest request header block a channel takes from a gateway, counted as HPACK
-    /// does (each field's name and value and 32). At least every gateway's own
-    /// `max_request_header_bytes` (which counts the metadata it adds): the gateway refuses a
-    /// larger request with 431 before it goes on a channel, so none reaches this limit.
+    /// does (each field's name and value and 32). Announced in the hello: a gateway sends
+    /// nothing larger (its devices get 431), so keep it at least the gateways' own
+    /// `max_request_header_bytes` (which counts the metadata they add).
     #[serde(default = "default_max_request_header_bytes")]
     pub max_request_header_bytes: u32,
     /// Verbose logging: the whole certificate filter trail, not only its outcome, and a line

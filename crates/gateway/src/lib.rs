@@ -84,8 +84,9 @@ pub struct GatewayConfig {
     pub tls: pki::tls::TlsPolicy,
     /// The largest request header block the gateway forwards, counted as HPACK does (each
     /// field's name and value and 32, the request's method and path included) with the
-    /// metadata headers the gateway adds; over it a device gets 431. Every connector's
-    /// `max_request_header_bytes` must be at least this.
+    /// metadata headers the gateway adds; over it a device gets 431. A connector announcing a
+    /// smaller `max_request_header_bytes` in its hello gets nothing over its own (and a warning
+    /// is logged when its channel opens).
     #[serde(default = "default_max_request_header_bytes")]
     pub max_request_header_bytes: u32,
     /// The largest answer header block taken from a connector (counted likewise); over it the
@@ -959,7 +960,6 @@ async fn route_request(
             detail: e.to_string(),
         })
     })?;
-
     let (auth, endpoint, path, forward_target) = match route {
         Route::ServiceMetadata { .. } => return Ok(service_metadata(shared)),
         Route::Proxy {
@@ -1047,8 +1047,8 @@ async fn route_request(
     map.insert(headers::DEVICE, device_header);
     // One budget along the path: what goes on the channel, metadata included, fits what the
     // connector's h2 takes, which would otherwise refuse it (and past four times its limit
-    // close the channel, cutting every other device's request on it).
-    // The connector's own limit, when it announced a smaller one, is the budget.
+    // close the channel, cutting every other device's request on it). The connector's own
+    // limit, announced in its hello, is the budget when it is the smaller.
     let limit = channel
         .hello
         .max_request_header_bytes
