@@ -342,7 +342,7 @@ impl Refusal {
             Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
             Cause::DeviceCertificateWrongUsage { .. } => "Give the device a certificate whose extended key usage includes Client Authentication (1.3.6.1.5.5.7.3.2).",
             Cause::HeadersTooLarge { .. } => "Send fewer or smaller headers (cookies, tokens), or raise the gateway's max_request_header_bytes and the connector's to match.",
-            Cause::MethodNotAllowed { .. } => "Use GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS; the gateway forwards no tunnels (CONNECT) or TRACE.",
+            Cause::MethodNotAllowed { .. } => "Use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or Configuration Manager's CCM_POST, BITS_POST and PROPFIND (the response's Allow header lists them); the gateway forwards no tunnels (CONNECT), TRACE or other methods.",
             Cause::TransferCodingUnsupported { .. } => "Send the body with Content-Length or chunked only; put content codings in Content-Encoding.",
             Cause::TooManyRequests { .. } => "Wait for the device's requests under way to be answered; raise the gateway's max_streams_per_device if devices need more at once.",
             Cause::TooManyConnections { .. } => "Retry later; if the load is legitimate raise the gateway's max_connections or max_connections_per_address, or add gateway instances.",

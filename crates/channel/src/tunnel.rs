@@ -186,6 +186,11 @@ pub struct Hello {
     /// endpoints (absent from older connectors: unknown, read as false).
     #[serde(default)]
     pub has_client_certificate: bool,
+    /// The largest request header block the connector's channels take (its
+    /// `max_request_header_bytes`, counted as HPACK does): the gateway sends none larger,
+    /// whatever its own budget. Absent from older connectors: the gateway's budget alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_header_bytes: Option<u32>,
 }
 
 /// How long a channel may stay silent before a PING must be answered.
@@ -212,6 +217,8 @@ pub struct Channel {
     pub peer_cert: Vec<u8>,
     /// Told by [`Channel::close`]: the connection's driver drops it.
     close: Arc<tokio::sync::Notify>,
+    /// The small DATA frames sent on this channel that the connector's h2 still counts.
+    frames: Arc<SmallFrames>,
 }
 
 /// Why a channel gave no answer's head.
@@ -242,7 +249,7 @@ impl Channel {
     async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
-        let mut answered = send_on(&self.sender, request).await;
+        let mut answered = send_on(&self.sender, request, &self.frames).await;
         if let Ok(response) = &mut answered {
             // For this gateway, not for the device.
             if response.headers_mut().remove(&headers::DRAINING).is_some() {
@@ -254,9 +261,7 @@ impl Channel {
                 self.closing.store(true, Ordering::Relaxed);
                 SendError::Closing(request)
             }
-            SendOnError::Failed(e) => SendError::Refused(Refusal::new(Cause::ChannelBroken {
-                detail: e.to_string(),
-            })),
+            SendOnError::Failed(e) => SendError::Refused(Refusal::new(refused_answer(&e))),
         })
     }
 
@@ -275,6 +280,34 @@ impl Channel {
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// What to tell the device when h2 failed its request. The gateway's own h2 refusing what the
+/// connector sent (an answer's header block over `max_response_header_bytes`, a PUSH_PROMISE
+/// the gateway's SETTINGS disabled) is the connector's answer breaking the channel's rules;
+/// anything else is the channel failing.
+fn refused_answer(e: &h2::Error) -> Cause {
+    let local = !e.is_remote() && !e.is_io();
+    match e.reason() {
+        // The gateway's h2 resets a stream whose answer it refuses: a header block over the
+        // limit (up to four times it; past that it closes the whole channel, below), or one
+        // otherwise malformed. The channel carries on.
+        Some(h2::Reason::PROTOCOL_ERROR | h2::Reason::REFUSED_STREAM) if local && e.is_reset() => {
+            Cause::BadConnectorAnswer {
+                detail: "its answer's header block is larger than the gateway takes (max_response_header_bytes) or malformed".into(),
+            }
+        }
+        Some(h2::Reason::ENHANCE_YOUR_CALM | h2::Reason::PROTOCOL_ERROR | h2::Reason::COMPRESSION_ERROR)
+            if local && e.is_go_away() =>
+        {
+            Cause::BadConnectorAnswer {
+                detail: format!("it broke the channel's rules ({e}: a header block over four times max_response_header_bytes, or a PUSH_PROMISE, which the gateway disables), so the gateway closed the channel"),
+            }
+        }
+        _ => Cause::ChannelBroken {
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -482,6 +515,7 @@ impl std::fmt::Display for SendOnError {
 async fn send_on(
     sender: &h2::client::SendRequest<Bytes>,
     request: Request<Body>,
+    frames: &Arc<SmallFrames>,
 ) -> Result<Response<ChannelBody>, SendOnError> {
     use http_body::Body as _;
     let end = request.body().is_end_stream();
@@ -492,13 +526,18 @@ async fn send_on(
     let (parts, body) = request.into_parts();
     let (response, stream) = sender.send_request(Request::from_parts(parts, ()), end)?;
     if !end {
-        tokio::spawn(stream_body(body, stream));
+        tokio::spawn(stream_body(body, stream, frames.clone()));
     }
     Ok(response.await?.map(ChannelBody::new))
 }
 
-/// Streams a request body into its HTTP/2 stream as the peer's flow control allows.
-async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
+/// Streams a request body into its HTTP/2 stream as the peer's flow control allows. The
+/// device's pieces are gathered first ([`Coalesced`]): sent as they came, a device's framing
+/// (a byte a DATA frame) would spend the connector's budget for small frames, and h2 closes the
+/// whole channel when it runs out. The last piece carries END_STREAM itself (h2 does not count
+/// a stream's final frame), not an empty frame after it.
+async fn stream_body(body: Body, mut stream: h2::SendStream<Bytes>, frames: Arc<SmallFrames>) {
+    let mut body = Coalesced::new(body, frames);
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
@@ -517,13 +556,21 @@ async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 return;
             }
         };
+        let end = http_body::Body::is_end_stream(&body);
+        if data.is_empty() && end {
+            break;
+        }
         while !data.is_empty() {
             stream.reserve_capacity(data.len());
             // h2 answers Pending, not a room of 0, while the window is shut.
             match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                // A frame under SMALL_FRAME that the piece did not pay for would be charged by
+                // the peer: with a little room (a window nearly spent), wait for more. (h2
+                // wakes this again only when the stream's capacity grows.)
+                Some(Ok(room)) if room < SMALL_FRAME.min(data.len()) => {}
                 Some(Ok(room)) => {
                     let chunk = data.split_to(room.min(data.len()));
-                    if stream.send_data(chunk, false).is_err() {
+                    if stream.send_data(chunk, end && data.is_empty()).is_err() {
                         return;
                     }
                 }
@@ -531,8 +578,203 @@ async fn stream_body(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 Some(Err(_)) | None => return,
             }
         }
+        if end {
+            return;
+        }
     }
     let _ = stream.send_data(Bytes::new(), true);
+}
+
+/// What h2 (0.4) counts against a connection's budget for small DATA frames: each frame that
+/// is not its stream's last and carries fewer than this many bytes costs the difference; a
+/// larger one gives back its excess. The budget (at least 25,600, half the connection window
+/// when one is set) is never otherwise restored, and when it runs out h2 closes the connection
+/// with GOAWAY ENHANCE_YOUR_CALM (`too_many_data_frames`).
+const SMALL_FRAME: usize = 256;
+/// How much of that budget one end of a channel lets its small frames use: well under h2's
+/// least, so the peer's h2 never closes the channel whatever the devices or endpoints send.
+const SMALL_FRAME_ALLOWANCE: usize = 12 * 1024;
+/// HTTP/2's default largest frame: h2 splits a larger piece into frames of this size.
+const MAX_FRAME: usize = 16 * 1024;
+
+/// The sending end's mirror of the peer's small-frame budget on one channel (shared by every
+/// stream on it): small pieces are sent at once while it allows, and otherwise wait to grow
+/// (or for their stream's end).
+#[derive(Debug, Default)]
+pub struct SmallFrames {
+    spent: AtomicUsize,
+}
+
+impl SmallFrames {
+    /// Whether a piece of `len` (< [`SMALL_FRAME`]) bytes may go as a frame of its own now;
+    /// if so it is counted.
+    fn take(&self, len: usize) -> bool {
+        let cost = SMALL_FRAME.saturating_sub(len);
+        self.spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                (spent + cost <= SMALL_FRAME_ALLOWANCE).then_some(spent + cost)
+            })
+            .is_ok()
+    }
+
+    /// A piece of `len` bytes (at least [`SMALL_FRAME`]) went, not as its stream's last: h2
+    /// splits it into frames of at most 16 KiB, each giving back its excess.
+    fn give_back(&self, len: usize) {
+        // A load first: with nothing spent (the usual case) no write to the shared line.
+        if self.spent.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let back = len.saturating_sub(SMALL_FRAME * len.div_ceil(MAX_FRAME));
+        let _ = self
+            .spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                Some(spent.saturating_sub(back))
+            });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body whose data is gathered before it goes on a channel: small pieces the inner body
+    /// has ready are joined without waiting; a piece is then passed on at once,
+    /// unless it is small and its channel's [`SmallFrames`] allowance is spent, when it waits
+    /// for more data or for the body's end. (A device sending a byte at a time is slowed only
+    /// once the whole channel's allowance is used, and its bytes are never lost or reordered.)
+    pub struct Coalesced<B> {
+        #[pin]
+        inner: B,
+        held: Option<bytes::BytesMut>,
+        first: Option<Bytes>,
+        trailers: Option<hyper::HeaderMap>,
+        ended: bool,
+        frames: Arc<SmallFrames>,
+    }
+}
+
+impl<B> Coalesced<B> {
+    pub fn new(inner: B, frames: Arc<SmallFrames>) -> Coalesced<B> {
+        Coalesced {
+            inner,
+            held: None,
+            first: None,
+            trailers: None,
+            ended: false,
+            frames,
+        }
+    }
+}
+
+impl<B> http_body::Body for Coalesced<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        // What is held so far, taken out: one piece without a copy, more joined.
+        fn take(first: &mut Option<Bytes>, held: &mut Option<bytes::BytesMut>) -> Bytes {
+            match held.take() {
+                Some(joined) => joined.freeze(),
+                None => first.take().unwrap_or_default(),
+            }
+        }
+        fn held_len(first: &Option<Bytes>, held: &Option<bytes::BytesMut>) -> usize {
+            held.as_ref().map_or(0, |h| h.len()) + first.as_ref().map_or(0, |f| f.len())
+        }
+        if this.held.is_none() && this.first.is_none() {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+        }
+        while !*this.ended && this.trailers.is_none() {
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        match (this.first.take(), this.held.as_mut()) {
+                            (None, None) => *this.first = Some(data),
+                            (Some(first), _) => {
+                                let mut joined =
+                                    bytes::BytesMut::with_capacity(first.len() + data.len());
+                                joined.extend_from_slice(&first);
+                                joined.extend_from_slice(&data);
+                                *this.held = Some(joined);
+                            }
+                            (None, Some(joined)) => joined.extend_from_slice(&data),
+                        }
+                        // Gathered only while small: a piece the budget does not charge
+                        // goes as it came, never copied (bulk data stays zero-copy).
+                        if held_len(this.first, this.held) >= SMALL_FRAME {
+                            break;
+                        }
+                    }
+                    // No kind of frame but data and trailers exists.
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            *this.trailers = Some(trailers);
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => *this.ended = true,
+                Poll::Pending => break,
+            }
+        }
+        let len = held_len(this.first, this.held);
+        if len == 0 {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            return if *this.ended {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
+        }
+        // The last piece goes with END_STREAM and costs nothing.
+        if !*this.ended {
+            if len >= SMALL_FRAME {
+                this.frames.give_back(len);
+            } else if !this.frames.take(len) {
+                if this.trailers.is_none() {
+                    // The inner body is pending and will wake this task with more.
+                    return Poll::Pending;
+                }
+                // Nothing more is coming and the piece cannot go as a frame of its own:
+                // it goes last, and the trailers (which no management traffic uses) are
+                // dropped rather than the channel put at risk.
+                *this.trailers = None;
+                *this.ended = true;
+            }
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::data(take(
+            this.first, this.held,
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none()
+            && self.held.is_none()
+            && self.trailers.is_none()
+            && (self.ended || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let held = (self.first.as_ref().map_or(0, |f| f.len())
+            + self.held.as_ref().map_or(0, |h| h.len())) as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
 }
 
 /// A response body arriving on a channel, as an `http_body::Body`; what it reads is released
@@ -591,12 +833,15 @@ impl http_body::Body for ChannelBody {
 /// ends (including when PINGs go unanswered). The hello tells the connector the gateway's
 /// `gateway_threads`. `admit` judges the connector's hello before the channel is registered
 /// (the endpoints it may announce): refused, the channel closes without ever taking a request.
+/// An answer whose header block is over `max_response_header_bytes`
+/// (counted as HPACK does) is refused, and so is every pushed stream.
 pub async fn accept<IO>(
     io: IO,
     peer: String,
     peer_cert: Vec<u8>,
     registry: Arc<Registry>,
     gateway_threads: usize,
+    max_response_header_bytes: u32,
     admit: impl FnOnce(&Hello) -> Result<(), String>,
 ) -> Result<Arc<Channel>, AcceptError>
 where
@@ -606,6 +851,10 @@ where
         .initial_window_size(1024 * 1024)
         .initial_connection_window_size(4 * 1024 * 1024)
         .header_table_size(HPACK_TABLE_BYTES)
+        // A connector is outside input too: h2's defaults take header blocks up to 16 MiB
+        // and keep every stream it pushes.
+        .max_header_list_size(max_response_header_bytes)
+        .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(AcceptError::Handshake)?;
@@ -640,12 +889,13 @@ where
     });
 
     let hello_sender = sender.clone();
+    let frames = Arc::new(SmallFrames::default());
     let hello = async {
         let request = Request::get(HELLO_PATH)
             .header(headers::GATEWAY_THREADS, gateway_threads)
             .body(empty())
             .map_err(|e| e.to_string())?;
-        let response = send_on(&hello_sender, request)
+        let response = send_on(&hello_sender, request, &frames)
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
@@ -677,10 +927,15 @@ where
         closing: AtomicBool::new(false),
         peer_cert,
         close,
+        frames,
     });
     registry.add(channel.clone());
     Ok(channel)
 }
+
+/// Streams the gateway has reset before the connector took them, at once, that a channel
+/// tolerates (h2's default is 20).
+const MAX_PENDING_ACCEPT_RESETS: usize = 4096;
 
 /// How a channel served by [`serve`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -696,10 +951,15 @@ pub enum Served {
 /// service should say [`headers::DRAINING`] on its answers for a while before, so that the
 /// gateway has stopped sending when the GOAWAY comes: a request it sent just as the GOAWAY
 /// arrived could be refused, unprocessed, with nothing to send it again from.)
+///
+/// `max_request_header_bytes` is the largest request header block (counted as HPACK does) it
+/// takes: at least what its gateways send (their own `max_request_header_bytes`, which counts
+/// their metadata headers too), so that h2 never refuses a request a gateway passed.
 pub async fn serve<IO, S>(
     io: IO,
     service: S,
     drain: impl Future<Output = ()>,
+    max_request_header_bytes: u32,
 ) -> Result<Served, hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -715,6 +975,13 @@ where
         .initial_connection_window_size(4 * 1024 * 1024)
         .adaptive_window(true)
         .header_table_size(HPACK_TABLE_BYTES)
+        .max_header_list_size(max_request_header_bytes)
+        // The peer is the connector's own authenticated gateway, which resets a stream for
+        // every device that gives up on a request: h2's rapid-reset limits (20 reset streams
+        // awaiting accept; 1,024 refused in a channel's life) would close a channel that
+        // every device shares because of a few devices' cancellations.
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(None)
         .serve_connection(TokioIo::new(io), service);
     let mut connection = AfterOthers::new(connection);
     tokio::select! {
@@ -823,6 +1090,92 @@ mod tests {
         assert!(!connector.contains_key("x-hop") && !connector.contains_key("x-portcullis-device"));
     }
 
+    /// A body that yields its pieces as scripted: `None` is one Pending (woken at once).
+    struct Script(std::collections::VecDeque<Option<&'static [u8]>>);
+
+    impl http_body::Body for Script {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            match self.0.pop_front() {
+                None => std::task::Poll::Ready(None),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+                Some(Some(piece)) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(
+                    Bytes::from_static(piece),
+                )))),
+            }
+        }
+    }
+
+    /// Each piece `Coalesced` passes on, and whether the body said it was the last.
+    async fn pieces(body: Script, frames: &Arc<SmallFrames>) -> Vec<(Bytes, bool)> {
+        let mut body = Coalesced::new(body, frames.clone());
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("infallible").into_data().expect("data");
+            out.push((data, http_body::Body::is_end_stream(&body)));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn small_pieces_ready_together_go_as_one_and_the_last_says_so() {
+        let frames = Arc::new(SmallFrames::default());
+        let script = Script([Some(&b"a"[..]), Some(b"b"), Some(b"c")].into());
+        let out = pieces(script, &frames).await;
+        assert_eq!(out, vec![(Bytes::from_static(b"abc"), true)]);
+        // The last piece is not charged: h2 does not count a stream's final frame.
+        assert_eq!(frames.spent.load(Ordering::Relaxed), 0);
+    }
+
+    /// A byte at a time, each alone: sent at once while the channel's allowance lasts, then
+    /// gathered to SMALL_FRAME bytes (or the end); every byte arrives, in order.
+    #[tokio::test]
+    async fn a_byte_at_a_time_spends_only_the_allowance() {
+        let frames = Arc::new(SmallFrames::default());
+        let mut script = std::collections::VecDeque::new();
+        for i in 0..2000 {
+            script.push_back(Some(&b"0123456789"[i % 10..i % 10 + 1]));
+            script.push_back(None);
+        }
+        let out = pieces(Script(script), &frames).await;
+        let all: Vec<u8> = out.iter().flat_map(|(piece, _)| piece.to_vec()).collect();
+        let expected: Vec<u8> = (0..2000).map(|i| b'0' + (i % 10) as u8).collect();
+        assert_eq!(all, expected);
+        // What h2 would charge the channel for these frames stays within the allowance.
+        let charged: usize = out
+            .iter()
+            .filter(|(piece, last)| !last && piece.len() < SMALL_FRAME)
+            .map(|(piece, _)| SMALL_FRAME - piece.len())
+            .sum();
+        assert!(charged <= SMALL_FRAME_ALLOWANCE, "{charged}");
+        assert!(out.len() < 200, "{} pieces", out.len());
+    }
+
+    #[tokio::test]
+    async fn large_pieces_go_as_they_came_and_give_back() {
+        static BIG: [u8; 20_000] = [7; 20_000];
+        let frames = Arc::new(SmallFrames::default());
+        frames.spent.store(5_000, Ordering::Relaxed);
+        let out = pieces(
+            Script([Some(&BIG[..]), None, Some(&BIG[..])].into()),
+            &frames,
+        )
+        .await;
+        assert_eq!(out.len(), 2);
+        // Not copied.
+        assert_eq!(out[0].0.as_ptr(), BIG.as_ptr());
+        // 20,000 bytes go as two frames, giving back 20,000 - 512.
+        assert_eq!(frames.spent.load(Ordering::Relaxed), 0);
+    }
+
     /// A request the gateway stops waiting for (its device went away, its timeout struck) no
     /// longer counts as outstanding on its channel: least-outstanding picking would otherwise
     /// shun that channel for good.
@@ -846,6 +1199,7 @@ mod tests {
                         name: "SMS_MP".into(),
                     }],
                     has_client_certificate: true,
+                    max_request_header_bytes: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).expect("json"));
                 let mut stream = respond
@@ -861,6 +1215,7 @@ mod tests {
             Vec::new(),
             registry.clone(),
             1,
+            64 * 1024,
             |_| Ok(()),
         )
         .await

@@ -83,6 +83,12 @@ pub struct ConnectorConfig {
     /// Seconds an endpoint may take to answer.
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_secs: u64,
+    /// The largest request header block a channel takes from a gateway, counted as HPACK
+    /// does (each field's name and value and 32). Announced in the hello: a gateway sends
+    /// nothing larger (its devices get 431), so keep it at least the gateways' own
+    /// `max_request_header_bytes` (which counts the metadata they add).
+    #[serde(default = "default_max_request_header_bytes")]
+    pub max_request_header_bytes: u32,
     /// Verbose logging: the whole certificate filter trail, not only its outcome, and a line
     /// per message with the device and the certificate presented. Changes on reload (SIGHUP)
     /// or an admin call, without a restart.
@@ -112,6 +118,10 @@ fn default_pfx_env() -> String {
 }
 fn default_endpoint_timeout() -> u64 {
     60
+}
+/// Twice the gateway's default, so a gateway may raise its own somewhat.
+fn default_max_request_header_bytes() -> u32 {
+    64 * 1024
 }
 
 impl ConnectorConfig {
@@ -200,6 +210,12 @@ impl ConnectorConfig {
             if roots.is_empty() {
                 return Err(invalid(key, "list at least one root CA file".into()));
             }
+        }
+        if !(4 * 1024..=1024 * 1024).contains(&cfg.max_request_header_bytes) {
+            return Err(invalid(
+                "max_request_header_bytes",
+                "must be between 4096 and 1048576 (and at least the gateways' max_request_header_bytes)".into(),
+            ));
         }
         if cfg.endpoint_timeout_secs == 0 || cfg.endpoint_timeout_secs > 3600 {
             return Err(invalid(
@@ -415,6 +431,7 @@ fn restart_only_changes(running: &ConnectorConfig, loaded: &ConnectorConfig) -> 
         "channel_cert": channel_cert, channel_key;
         "worker_threads": worker_threads;
         "admin_listen": admin_listen;
+        "max_request_header_bytes": max_request_header_bytes;
         "[log]": log;
     }
 }
@@ -514,6 +531,7 @@ pub async fn start_on(
             version: env!("CARGO_PKG_VERSION").into(),
             endpoints: endpoint_infos(&config),
             has_client_certificate: choice.label.is_some(),
+            max_request_header_bytes: Some(config.max_request_header_bytes),
         }),
         endpoints: ArcSwap::from_pointee(endpoint_urls(&config)),
         client: ArcSwap::from_pointee(choice.client),
@@ -553,6 +571,7 @@ pub async fn start_on(
             announced: Arc::new(announced),
             log: log.clone(),
             number: 1,
+            max_request_header_bytes: config.max_request_header_bytes,
         };
         for n in 1..=config.channels_per_gateway {
             dialer.start(first.numbered(n));
@@ -653,6 +672,7 @@ struct Dial {
     announced: Arc<watch::Sender<usize>>,
     log: Log,
     number: usize,
+    max_request_header_bytes: u32,
 }
 
 /// How far apart a connector's channels to one gateway are drained and dialled again after its
@@ -737,16 +757,19 @@ impl Dial {
         };
         // Set when this channel's turn to drain has come: its answers then say so.
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The small DATA frames this channel's answers have spent of the gateway's budget.
+        let frames = Arc::new(tunnel::SmallFrames::default());
         let service = Arc::new((
             self.service.clone(),
             self.announced.clone(),
             draining.clone(),
+            frames,
         ));
         let hyper_service = hyper::service::service_fn(move |req| {
             let service = service.clone();
             let fut = async move {
-                let (service, announced, draining) = &*service;
-                let mut response = service.handle(req, announced).await;
+                let (service, announced, draining, frames) = &*service;
+                let mut response = service.handle(req, announced, frames).await;
                 if draining.load(std::sync::atomic::Ordering::Relaxed) {
                     response.headers_mut().insert(
                         headers::DRAINING,
@@ -774,7 +797,7 @@ impl Dial {
             draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(DRAIN_NOTICE).await;
         };
-        tunnel::serve(tls, hyper_service, drain)
+        tunnel::serve(tls, hyper_service, drain, self.max_request_header_bytes)
             .await
             .map_err(|e| format!("channel ended: {e}"))
     }
@@ -810,8 +833,14 @@ impl Service {
         &self,
         request: Request<Incoming>,
         announced: &watch::Sender<usize>,
+        frames: &Arc<tunnel::SmallFrames>,
     ) -> Response<Body> {
-        if request.uri().path() == tunnel::HELLO_PATH {
+        // Only the gateway's own hello is answered so: a device's request forwarded to the
+        // same path carries a message id and an endpoint, and goes to that endpoint.
+        if request.uri().path() == tunnel::HELLO_PATH
+            && !request.headers().contains_key(&headers::MESSAGE_ID)
+            && !request.headers().contains_key(&headers::ENDPOINT)
+        {
             let threads = header_text_of(request.headers(), &headers::GATEWAY_THREADS)
                 .and_then(|t| t.parse::<usize>().ok());
             if let Some(threads) = threads {
@@ -896,8 +925,16 @@ impl Service {
                     status.as_str(),
                     status.canonical_reason().unwrap_or(""),
                 ));
-                let (parts, body) = answer.into_parts();
-                Response::from_parts(parts, tunnel::boxed(body))
+                let (mut parts, body) = answer.into_parts();
+                // The gateway reads x-portcullis-* on answers (a status text, the draining
+                // notice): only the connector's own may carry them, never an endpoint's.
+                strip_metadata(&mut parts.headers);
+                // Gathered, so that an endpoint's small pieces do not spend the gateway's
+                // budget for small frames and close the channel.
+                Response::from_parts(
+                    parts,
+                    tunnel::boxed(tunnel::Coalesced::new(body, frames.clone())),
+                )
             }
             Err(refusal) => {
                 self.log.error(&received_line(
@@ -914,6 +951,18 @@ impl Service {
                 refusal_response(&refusal)
             }
         }
+    }
+}
+
+/// Drops every `x-portcullis-*` header, in place; allocates only when there is one.
+fn strip_metadata(map: &mut hyper::HeaderMap) {
+    let unwanted: Vec<hyper::header::HeaderName> = map
+        .keys()
+        .filter(|name| name.as_str().starts_with(headers::PREFIX))
+        .cloned()
+        .collect();
+    for name in unwanted {
+        map.remove(&name);
     }
 }
 

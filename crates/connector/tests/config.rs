@@ -13,6 +13,7 @@ fn connector_configuration_errors_name_the_key() {
     let cfg = ConnectorConfig::load(&file).expect("the baseline loads");
     assert_eq!(cfg.channels_per_gateway, 2);
     assert!(cfg.channels_follow_gateway_threads);
+    assert_eq!(cfg.max_request_header_bytes, 64 * 1024);
     assert!(
         cfg.client_cert_store.starts_with(dir.path()),
         "relative paths resolve against the file"
@@ -59,6 +60,13 @@ fn connector_configuration_errors_name_the_key() {
             CONNECTOR_OK.replace("channel_key = \"c.key\"\n", ""),
             "missing field `channel_key`",
         ),
+        (
+            CONNECTOR_OK.replace(
+                "connector_id = \"c\"\n",
+                "connector_id = \"c\"\nmax_request_header_bytes = 100\n",
+            ),
+            "key `max_request_header_bytes`: must be between 4096 and 1048576",
+        ),
     ];
     for (text, needle) in cases {
         std::fs::write(&file, &text).unwrap();
@@ -77,6 +85,10 @@ fn gateway_configuration_errors_name_the_key() {
     let cfg = GatewayConfig::load(&file).expect("the baseline loads");
     assert_eq!(cfg.listen.port(), 443, "443 by default");
     assert_eq!(cfg.worker_threads, None, "one per CPU by default");
+    assert_eq!(
+        (cfg.max_request_header_bytes, cfg.max_response_header_bytes),
+        (32 * 1024, 64 * 1024)
+    );
     std::fs::write(&file, format!("{ok}worker_threads = 1\n")).unwrap();
     assert_eq!(GatewayConfig::load(&file).unwrap().worker_threads, Some(1));
     let cases = [
@@ -98,6 +110,14 @@ fn gateway_configuration_errors_name_the_key() {
             "key `worker_threads`: 5000 is not a thread count",
         ),
         (format!("{ok}worker_threads = -1\n"), "worker_threads"),
+        (
+            format!("{ok}max_request_header_bytes = 100\n"),
+            "key `max_request_header_bytes`: must be between 4096 and 1048576",
+        ),
+        (
+            format!("{ok}max_response_header_bytes = 2000000\n"),
+            "key `max_response_header_bytes`: must be between 4096 and 1048576",
+        ),
     ];
     for (text, needle) in cases {
         std::fs::write(&file, &text).unwrap();

@@ -130,6 +130,17 @@ pub struct GatewayConfig {
     /// channel ALPN); any other is closed (default 256).
     #[serde(default = "default_reserved_for_channels")]
     pub reserved_for_channels: usize,
+    /// The largest request header block the gateway forwards, counted as HPACK does (each
+    /// field's name and value and 32, the request's method and path included) with the
+    /// metadata headers the gateway adds; over it a device gets 431. A connector announcing a
+    /// smaller `max_request_header_bytes` in its hello gets nothing over its own (and a warning
+    /// is logged when its channel opens).
+    #[serde(default = "default_max_request_header_bytes")]
+    pub max_request_header_bytes: u32,
+    /// The largest answer header block taken from a connector (counted likewise); over it the
+    /// device gets 502 CMGService_Badconnectoranswer.
+    #[serde(default = "default_max_response_header_bytes")]
+    pub max_response_header_bytes: u32,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -204,6 +215,14 @@ fn default_max_connections_per_address() -> usize {
 
 fn default_reserved_for_channels() -> usize {
     256
+}
+
+fn default_max_request_header_bytes() -> u32 {
+    32 * 1024
+}
+
+fn default_max_response_header_bytes() -> u32 {
+    64 * 1024
 }
 
 impl GatewayConfig {
@@ -303,6 +322,14 @@ impl GatewayConfig {
         }
         if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
             return Err(invalid("worker_threads", &reason));
+        }
+        for (key, value) in [
+            ("max_request_header_bytes", cfg.max_request_header_bytes),
+            ("max_response_header_bytes", cfg.max_response_header_bytes),
+        ] {
+            if !(4 * 1024..=1024 * 1024).contains(&value) {
+                return Err(invalid(key, "must be between 4096 and 1048576"));
+            }
         }
         if cfg.request_timeout_secs == 0 || cfg.request_timeout_secs > 3600 {
             return Err(invalid(
@@ -574,6 +601,9 @@ struct Shared {
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
     timeout: Duration,
+    /// `max_request_header_bytes` and `max_response_header_bytes`.
+    max_request_header_bytes: usize,
+    max_response_header_bytes: u32,
     log: Log,
     message_ids: MessageIds,
     shards: Shards,
@@ -621,6 +651,45 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an idle HTTP/2 device has to close after its GOAWAY before it is cut.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
+/// What an HTTP/1.1 device connection's read buffer may hold beyond the header budget (body
+/// reads).
+const H1_BODY_READ: usize = 64 * 1024;
+
+/// The methods the gateway forwards: HTTP's own but CONNECT (a tunnel, which HTTP/2 carries
+/// without a path: the connector refused each such stream, and h2 closes a channel after
+/// 1,024 refusals) and TRACE (it echoes headers back); and Configuration Manager's extension
+/// methods: `CCM_POST` (its clients' requests to a management point) and `BITS_POST` (BITS
+/// uploads), and WebDAV's `PROPFIND` (BITS and distribution points list content with it).
+/// Anything else gets 405 with `Allow`.
+const FORWARDED_METHODS: &str =
+    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
+
+fn is_forwarded(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    ) || matches!(method.as_str(), "CCM_POST" | "BITS_POST" | "PROPFIND")
+}
+
+/// A header block's size as HPACK counts it (RFC 7541 4.1: name, value and 32 a field), with
+/// the pseudo-header fields the request goes on the channel with (`:method`, `:scheme`,
+/// `:path`; h2 sends no `:authority` for a path-only URI).
+fn header_block_size(parts: &hyper::http::request::Parts) -> usize {
+    let pseudo = (7 + parts.method.as_str().len() + 32)
+        + (7 + 5 + 32)
+        + (5 + parts.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 32);
+    parts.headers.iter().fold(pseudo, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 32
+    })
+}
+
 /// Starts a gateway on the runtime it is called on.
 pub async fn start(config: GatewayConfig, log: Log) -> Result<RunningGateway, GatewayError> {
     start_on(config, log, Shards::current()).await
@@ -648,6 +717,8 @@ pub async fn start_on(
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
+        max_request_header_bytes: config.max_request_header_bytes as usize,
+        max_response_header_bytes: config.max_response_header_bytes,
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
         placing: ShardCounts::new(shards.len()),
@@ -1082,6 +1153,7 @@ async fn handshake_and_serve(
             leaf.unwrap_or_default(),
             shared.registry.clone(),
             shared.shards.len(),
+            shared.max_response_header_bytes,
             |hello| shared.connectors.load().admits(&cert, hello),
         )
         .await;
@@ -1103,6 +1175,16 @@ async fn handshake_and_serve(
                     ch.id,
                     endpoints.join(", ")
                 ));
+                if let Some(theirs) = ch
+                    .hello
+                    .max_request_header_bytes
+                    .filter(|&theirs| (theirs as usize) < shared.max_request_header_bytes)
+                {
+                    shared.log.warn(&format!(
+                        "Connector {} takes request headers up to {theirs} bytes, less than this gateway's max_request_header_bytes ({}): devices get 431 over {theirs} on its channels; raise the connector's max_request_header_bytes to match",
+                        ch.hello.connector_id, shared.max_request_header_bytes
+                    ));
+                }
             }
             Err(tunnel::AcceptError::Refused(why)) => shared
                 .log
@@ -1183,12 +1265,17 @@ async fn handshake_and_serve(
                 )
             }
         });
+        // h2 answers a header block over the budget with 431 itself (one over four times it
+        // closes that device's connection); one within it that the metadata pushes over is
+        // refused by `route_request`, with the status text.
+        let header_list = u32::try_from(drain_shared.max_request_header_bytes).unwrap_or(u32::MAX);
         let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             // PINGs find a device gone without a word; hyper sends one only after a quiet
             // interval.
             .keep_alive_interval(drain_shared.http2_keepalive)
             .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_header_list_size(header_list)
             .serve_connection(TokioIo::new(tls), service);
         let served = Idle {
             served,
@@ -1205,9 +1292,14 @@ async fn handshake_and_serve(
         // request headers (slow-loris). Its timer starts when the connection turns idle, so
         // it also closes a kept-alive connection with no request: idle_timeout_secs, when
         // that is shorter.
+        // The read buffer holds a request's head whole: hyper's default (~400 KiB) took heads
+        // far over what the channel carries. Room for the budget and a body's reads beyond it;
+        // a head over that gets hyper's own 431, one under it `route_request`'s.
+        let buffer = (drain_shared.max_request_header_bytes + H1_BODY_READ).max(8192);
         let served = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(drain_shared.idle.min(HEADER_TIME))
+            .max_buf_size(buffer)
             .serve_connection(TokioIo::new(tls), service);
         let counts = drain_shared.limits.clone();
         let served =
@@ -1553,7 +1645,15 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
                 },
                 &format!("Refused a request from device {}: {refusal}", device.addr),
             );
-            refusal_response(&refusal)
+            let mut response = refusal_response(&refusal);
+            if matches!(refusal.cause, Cause::MethodNotAllowed { .. }) {
+                // RFC 9110 15.5.6: a 405 says what the resource does take.
+                response.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    HeaderValue::from_static(FORWARDED_METHODS),
+                );
+            }
+            response
         }
     }
 }
@@ -1563,6 +1663,12 @@ async fn route_request(
     shared: &Shared,
     device: &Device,
 ) -> Result<Response<Body>, Refusal> {
+    // First: a CONNECT in authority form has no path to route by, and is still a CONNECT.
+    if !is_forwarded(request.method()) {
+        return Err(Refusal::new(Cause::MethodNotAllowed {
+            method: header_safe(request.method().as_str()),
+        }));
+    }
     refuse_transfer_codings(request.headers())?;
     // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
     // shares its bytes, measured no better: callgrind 59.8k-60.9k against 58.6k-59.6k.)
@@ -1685,6 +1791,20 @@ async fn route_request(
                 map.remove(&**name);
             }
         }
+    }
+    // One budget along the path: what goes on the channel, metadata included, fits what the
+    // connector's h2 takes, which would otherwise refuse it (and past four times its limit
+    // close the channel, cutting every other device's request on it). The connector's own
+    // limit, announced in its hello, is the budget when it is the smaller.
+    let limit = channel
+        .hello
+        .max_request_header_bytes
+        .map_or(shared.max_request_header_bytes, |theirs| {
+            shared.max_request_header_bytes.min(theirs as usize)
+        });
+    let size = header_block_size(&parts);
+    if size > limit {
+        return Err(Refusal::new(Cause::HeadersTooLarge { size, limit }));
     }
     let forward = Request::from_parts(parts, tunnel::boxed(body));
 

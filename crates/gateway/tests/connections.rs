@@ -509,7 +509,7 @@ fn a_bad_limit_is_refused_at_start_naming_its_key() {
         let file = dir.path().join("gateway.toml");
         std::fs::write(
             &file,
-            format!("cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nallowed_connectors = [\"x\"]\n{key} = {value}\n"),
+            format!("cert = \"c\"\nkey = \"k\"\ntrusted_roots = [\"r\"]\nconnector_roots = [\"r\"]\nallowed_connectors = [\"x\"]\n{key} = {value}\n"),
         )
         .unwrap();
         let err = gateway::GatewayConfig::load(&file).expect_err("refused");

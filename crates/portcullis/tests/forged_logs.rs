@@ -69,7 +69,7 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
     let config = lab.join("gateway.toml");
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nverbose = true\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"plain\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n"),
+        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nverbose = true\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"plain\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n"),
     )
     .unwrap();
     let console = tmp.path().join("gateway-console.txt");
@@ -77,14 +77,16 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
         Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["gateway", "--config", p(&config)])
             .stdout(std::fs::File::create(&console).unwrap())
-            .stderr(Stdio::null())
+            // A refused configuration is said on standard error: kept beside the console.
+            .stderr(std::fs::File::create(tmp.path().join("gateway-stderr.txt")).unwrap())
             .spawn()
             .unwrap(),
     );
     assert!(
         wait_for(&console, "Gateway listening", 1).contains("Gateway listening"),
-        "the gateway did not start: {}",
-        std::fs::read_to_string(&console).unwrap_or_default()
+        "the gateway did not start: {}{}",
+        std::fs::read_to_string(&console).unwrap_or_default(),
+        std::fs::read_to_string(tmp.path().join("gateway-stderr.txt")).unwrap_or_default()
     );
 
     let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");

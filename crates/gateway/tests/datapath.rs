@@ -1,0 +1,932 @@
+//! Issue 14, the data path: what one device, connector or endpoint sends must not close a
+//! channel every other device shares, nor steer the gateway. Real TLS and sockets on loopback;
+//! every attack bounded in count and time.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+
+const MPLIST: &str = "/SMS_MP/.sms_aut?MPLIST";
+
+/// The usual system with one channel, so that every request shares it.
+fn one_channel() -> System {
+    let system = System::start_with(
+        "connector/store",
+        "Portcullis Connector Channel",
+        "\"ca/root.crt\"",
+        |lab| {
+            let file = lab.join("connector.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let text = text.replace(
+                "verbose = true\n",
+                "verbose = true\nchannels_per_gateway = 1\n",
+            );
+            std::fs::write(&file, text).unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(1));
+    system
+}
+
+fn port(system: &System) -> u16 {
+    system.gateway.as_ref().unwrap().addr.port()
+}
+
+/// The ids of the gateway's channels now.
+fn channel_ids(system: &System) -> Vec<u64> {
+    let mut ids: Vec<u64> = system
+        .gateway
+        .as_ref()
+        .unwrap()
+        .registry
+        .all()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// How many channels the gateway's log says were opened.
+fn channels_opened(system: &System) -> usize {
+    system
+        .gateway_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(" opened channel "))
+        .count()
+}
+
+fn proxied(path: &str) -> String {
+    format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}{path}")
+}
+
+/// device-001's TLS client offering h2.
+fn h2_tls(system: &System) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        testkit::probe::device_tls(
+            &[system.path("ca/root.crt")],
+            Some(&system.path("devices/device-001.crt")),
+            Some(&system.path("devices/device-001.key")),
+            true,
+        )
+        .unwrap(),
+    )
+}
+
+async fn tls_to(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _ = tcp.set_nodelay(true);
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// An HTTP/2 device connection (the `h2` crate: it sends frames as the test says).
+async fn h2_device(port: u16, tls: Arc<rustls::ClientConfig>) -> h2::client::SendRequest<Bytes> {
+    let stream = tls_to(port, tls).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // A large window, and so a large budget for small frames: the device here is the
+    // attacker, not what is judged.
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.ready().await.unwrap()
+}
+
+fn h2_uri(path: &str) -> String {
+    format!("https://localhost{}", proxied(path))
+}
+
+/// An h2 response's status and whole body.
+async fn h2_answer(response: h2::client::ResponseFuture) -> Result<(u16, Vec<u8>), h2::Error> {
+    let response = response.await?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data?;
+        let _ = body.flow_control().release_capacity(data.len());
+        bytes.extend_from_slice(&data);
+    }
+    Ok((status, bytes))
+}
+
+/// A raw HTTP/1.1 device connection: requests written as the test writes them, answers read
+/// one by one (pipelining allowed).
+struct Raw {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    reason: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Raw {
+    async fn connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Raw {
+        Raw {
+            stream: tls_to(port, tls).await,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    async fn fill(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk))
+            .await
+            .expect("an answer within 30 s")
+            .unwrap_or(0);
+        assert!(n > 0, "the gateway closed the connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Up to the next CRLF, taken out of the buffer.
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
+                self.buf.drain(..i + 2);
+                return line;
+            }
+            self.fill().await;
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            self.fill().await;
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn answer(&mut self) -> Answer {
+        let status_line = self.line().await;
+        let mut parts = status_line.splitn(3, ' ');
+        let _version = parts.next();
+        let status = parts.next().unwrap_or("0").parse().unwrap_or(0);
+        let reason = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
+        }
+        let mut answer = Answer {
+            status,
+            reason,
+            headers,
+            body: Vec::new(),
+        };
+        if let Some(length) = answer.header("content-length") {
+            let length: usize = length.parse().unwrap();
+            answer.body = self.take(length).await;
+        } else if answer
+            .header("transfer-encoding")
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                let size = usize::from_str_radix(self.line().await.trim(), 16).unwrap();
+                let chunk = self.take(size + 2).await;
+                if size == 0 {
+                    break;
+                }
+                answer.body.extend_from_slice(&chunk[..size]);
+            }
+        }
+        answer
+    }
+}
+
+/// A request body that comes as the test sends it.
+struct Trickle(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|data| Ok(hyper::body::Frame::data(data))))
+    }
+}
+
+/// A POST to the management point's echo whose body is under way: "first " is sent, the rest
+/// is the test's to send on the returned sender; the task gives the status and the body.
+async fn upload_under_way(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<(u16, Result<Bytes, hyper::Error>)>,
+) {
+    let stream = tls_to(port, tls).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Trickle>(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let (more, rest) = tokio::sync::mpsc::channel(4);
+    let request = hyper::Request::post(proxied("/portcullis/echo"))
+        .header(hyper::header::HOST, "localhost")
+        .body(Trickle(rest))
+        .unwrap();
+    more.send(Bytes::from_static(b"first ")).await.unwrap();
+    let answer = tokio::spawn(async move {
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.map(|b| b.to_bytes()),
+        )
+    });
+    // Under way: its headers and first bytes are on the channel.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (more, answer)
+}
+
+/// Item 1: a request whose headers are over the budget is refused at the gateway with 431 and
+/// never reaches the channel; an upload on that channel meanwhile completes.
+#[test]
+fn an_oversized_request_gets_431_and_the_upload_beside_it_on_the_channel_completes() {
+    let system = one_channel();
+    let ids = channel_ids(&system);
+    let port = port(&system);
+    let tls = system.device_tls();
+    let h2_tls = h2_tls(&system);
+    system.runtime.block_on(async {
+        let (more, upload) = upload_under_way(port, tls.clone()).await;
+        // HTTP/1.1, a 70 KiB header, four times over one keep-alive connection.
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        let big = "a".repeat(70 * 1024);
+        for _ in 0..4 {
+            raw.send(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n",
+                    proxied(MPLIST)
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = raw.answer().await;
+            assert_eq!(
+                (answer.status, answer.reason.as_str()),
+                (431, "CMGService_Requestheaderstoolarge"),
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        // Just over the budget with the gateway's metadata: refused by the gateway itself.
+        raw.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                proxied(MPLIST),
+                "c".repeat(32 * 1024 - 100)
+            )
+            .as_bytes(),
+        )
+        .await;
+        let answer = raw.answer().await;
+        assert_eq!(
+            (answer.status, answer.reason.as_str()),
+            (431, "CMGService_Requestheaderstoolarge")
+        );
+        assert!(
+            String::from_utf8_lossy(&answer.body).contains("max_request_header_bytes"),
+            "{answer:?}"
+        );
+        // HTTP/2, a 40 KiB header: h2 refuses it with 431 itself (the device's own
+        // connection's limit, the same budget).
+        let mut h2 = h2_device(port, h2_tls.clone()).await;
+        let request = hyper::Request::get(h2_uri(MPLIST))
+            .header("x-big", "b".repeat(40 * 1024))
+            .body(())
+            .unwrap();
+        let (response, _) = h2.send_request(request, true).unwrap();
+        match h2_answer(response).await {
+            Ok((status, _)) => assert_eq!(status, 431),
+            Err(e) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e}"),
+        }
+        // Within the budget, a large header still goes through.
+        raw.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                proxied(MPLIST),
+                "d".repeat(30 * 1024)
+            )
+            .as_bytes(),
+        )
+        .await;
+        let answer = raw.answer().await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        // The upload that was on the channel all along completes.
+        more.send(Bytes::from_static(b"second ")).await.unwrap();
+        more.send(Bytes::from_static(b"last")).await.unwrap();
+        drop(more);
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), upload)
+            .await
+            .expect("the upload answered")
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(&body.unwrap()[..], b"first second last");
+    });
+    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(channels_opened(&system), 1);
+    system.stop();
+}
+
+/// Item 1, the two ends agreeing: a connector that takes less than the gateway's budget says so
+/// in its hello, and the gateway holds its devices to the smaller limit (431 with its status
+/// text) instead of sending what the connector's h2 would refuse.
+#[test]
+fn a_connector_taking_less_than_the_gateway_is_sent_nothing_larger() {
+    let system = System::start_with(
+        "connector/store",
+        "Portcullis Connector Channel",
+        "\"ca/root.crt\"",
+        |lab| {
+            let file = lab.join("connector.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let text = text.replace(
+                "verbose = true\n",
+                "verbose = true\nchannels_per_gateway = 1\nmax_request_header_bytes = 8192\n",
+            );
+            std::fs::write(&file, text).unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(1));
+    let ids = channel_ids(&system);
+    assert_logged(
+        &system.gateway_log,
+        "takes request headers up to 8192 bytes, less than this gateway's max_request_header_bytes (32768)",
+    );
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut raw = Raw::connect(port, tls).await;
+        for (size, status) in [(10 * 1024, 431), (6 * 1024, 200)] {
+            raw.send(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                    proxied(MPLIST),
+                    "e".repeat(size)
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = raw.answer().await;
+            assert_eq!(answer.status, status, "{answer:?}");
+            if status == 431 {
+                assert_eq!(answer.reason, "CMGService_Requestheaderstoolarge");
+                assert!(String::from_utf8_lossy(&answer.body)
+                    .contains("over the gateway's limit of 8192"));
+            }
+        }
+    });
+    assert_eq!(channel_ids(&system), ids);
+    system.stop();
+}
+
+/// A device connection's body sent as the test says: `pieces` written one by one with
+/// `pause` between, over HTTP/2 (one DATA frame each), to the echo; its answer.
+async fn h2_trickle(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    pieces: usize,
+    piece: &'static [u8],
+    pause: Duration,
+) -> (u16, Vec<u8>) {
+    let request = hyper::Request::post(h2_uri("/portcullis/echo"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    for _ in 0..pieces {
+        // An early answer (a refusal) ends the stream: then the answer says why.
+        if body.send_data(Bytes::from_static(piece), false).is_err() {
+            break;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    let _ = body.send_data(Bytes::new(), true);
+    h2_answer(response)
+        .await
+        .unwrap_or_else(|e| panic!("the stream failed: {e}"))
+}
+
+/// Item 3: bodies in many small pieces (a byte per HTTP/2 DATA frame, a byte per HTTP/1.1
+/// chunk, many streams of a few bytes) reach the endpoint whole and the channel stays.
+#[test]
+fn bodies_in_many_small_pieces_never_close_the_channel() {
+    let system = one_channel();
+    let ids = channel_ids(&system);
+    let port = port(&system);
+    let tls = system.device_tls();
+    let h2_tls = h2_tls(&system);
+    let started = Instant::now();
+    system.runtime.block_on(async {
+        // Another device, busy meanwhile: every one of its requests answered.
+        let others_tls = tls.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let others_stop = stop.clone();
+        let others = tokio::spawn(async move {
+            let mut raw = Raw::connect(port, others_tls).await;
+            let mut answered = Vec::new();
+            while !others_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                raw.send(
+                    format!(
+                        "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                        proxied(MPLIST)
+                    )
+                    .as_bytes(),
+                )
+                .await;
+                answered.push(raw.answer().await.status);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered
+        });
+
+        // 300 one-byte DATA frames on one HTTP/2 stream, at once (before: the channel
+        // closed after ~200, 502 CMGService_Channelbroken), then paced (a piece every 2 ms:
+        // still answered whole, no piece held for good).
+        let mut h2 = h2_device(port, h2_tls.clone()).await;
+        for pause in [Duration::ZERO, Duration::from_millis(2)] {
+            let (status, echoed) = h2_trickle(&mut h2, 300, b"x", pause).await;
+            assert_eq!((status, &echoed[..]), (200, &[b'x'; 300][..]), "{pause:?}");
+        }
+
+        // 300 one-byte chunks over HTTP/1.1, in one write.
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        raw.send(
+            format!(
+                "POST {} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n",
+                proxied("/portcullis/echo")
+            )
+            .as_bytes(),
+        )
+        .await;
+        raw.send(&b"1\r\ny\r\n".repeat(300)).await;
+        raw.send(b"0\r\n\r\n").await;
+        let answer = raw.answer().await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, vec![b'y'; 300]);
+
+        // 150 streams at once with 5 bytes each (and their END_STREAM in a frame of its own).
+        let streams: Vec<_> = (0..150)
+            .map(|_| {
+                let mut h2 = h2.clone();
+                tokio::spawn(async move {
+                    h2 = h2.ready().await.unwrap();
+                    h2_trickle(&mut h2, 1, b"12345", Duration::ZERO).await
+                })
+            })
+            .collect();
+        for stream in streams {
+            let (status, echoed) = stream.await.unwrap();
+            assert_eq!((status, &echoed[..]), (200, &b"12345"[..]));
+        }
+
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answered = others.await.unwrap();
+        assert!(!answered.is_empty());
+        assert!(answered.iter().all(|s| *s == 200), "{answered:?}");
+    });
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(channels_opened(&system), 1);
+    system.stop();
+}
+
+/// Item 5: methods the gateway does not forward get 405 with `Allow`, 10,000 of them leave the
+/// channels as they were; devices cancelling requests by the hundred do not close them either.
+#[test]
+fn methods_not_forwarded_get_405_and_ten_thousand_leave_the_channels_alone() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let ids = channel_ids(&system);
+    let port = port(&system);
+    let tls = system.device_tls();
+    let h2_tls = h2_tls(&system);
+    system.runtime.block_on(async {
+        let devices: Vec<_> = (0..4)
+            .map(|_| {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let mut raw = Raw::connect(port, tls).await;
+                    for _ in 0..50 {
+                        let mut batch = String::new();
+                        for i in 0..50 {
+                            let method = ["CONNECT", "TRACE", "SEARCH"][i % 3];
+                            batch.push_str(&format!(
+                                "{method} {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                                proxied(MPLIST)
+                            ));
+                        }
+                        raw.send(batch.as_bytes()).await;
+                        for _ in 0..50 {
+                            let answer = raw.answer().await;
+                            assert_eq!(
+                                (answer.status, answer.reason.as_str()),
+                                (405, "CMGService_Methodnotallowed"),
+                                "{}",
+                                String::from_utf8_lossy(&answer.body)
+                            );
+                            let allow = answer.header("allow").unwrap_or_default();
+                            assert!(allow.contains("GET") && allow.contains("CCM_POST"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let all = async {
+            for device in devices {
+                device.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("10,000 answered within 120 s");
+
+        // A CONNECT in authority form, as a proxy client sends it, and one over HTTP/2.
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        raw.send(b"CONNECT internal-mp.contoso.com:443 HTTP/1.1\r\nHost: internal-mp.contoso.com:443\r\n\r\n")
+            .await;
+        assert_eq!(raw.answer().await.status, 405);
+        let mut h2 = h2_device(port, h2_tls.clone()).await;
+        let request = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri("localhost:443")
+            .body(())
+            .unwrap();
+        let (response, _) = h2.send_request(request, true).unwrap();
+        assert_eq!(h2_answer(response).await.unwrap().0, 405);
+
+        // Devices that give up on their requests at once: each cancel resets a stream on a
+        // channel.
+        for _ in 0..20 {
+            let h2 = h2_device(port, h2_tls.clone()).await;
+            let mut bodies = Vec::new();
+            for _ in 0..25 {
+                let mut h2 = h2.clone().ready().await.unwrap();
+                let request = hyper::Request::post(h2_uri("/portcullis/echo"))
+                    .body(())
+                    .unwrap();
+                let (_, mut body) = h2.send_request(request, false).unwrap();
+                body.send_data(Bytes::from_static(b"abandoned"), false)
+                    .unwrap();
+                bodies.push(body);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            for mut body in bodies {
+                body.send_reset(h2::Reason::CANCEL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A forwarded method still goes through.
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        raw.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                proxied(MPLIST)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(raw.answer().await.status, 200);
+    });
+    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(channels_opened(&system), 2);
+    system.stop();
+}
+
+/// A connector of the test's own, built from the `h2` crate: it dials the gateway with the
+/// lab's connector channel certificate, answers the hello for [`ENDPOINT`], and then answers
+/// `/huge` with a ~100 KiB header block, `/enormous` with a ~300 KiB one, `/push` after trying
+/// a PUSH_PROMISE, anything else with 200 "fine". What it saw goes to the returned receiver.
+async fn fake_connector(
+    system: &System,
+    port: u16,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let identity = pki::tls::Identity::load(
+        &system.path("connector/channel.crt"),
+        &system.path("connector/channel.key"),
+    )
+    .unwrap();
+    let roots = pki::RootSet::load(&[system.path("ca/root.crt")]).unwrap();
+    let mut tls = pki::tls::client_config(&roots)
+        .unwrap()
+        .with_client_auth_cert(identity.chain, identity.key)
+        .unwrap();
+    tls.alpn_protocols = vec![channel::tunnel::ALPN.to_vec()];
+    let stream = tls_to(port, Arc::new(tls)).await;
+    let (events, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut connection = h2::server::handshake(stream).await.unwrap();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let path = request.uri().path().to_string();
+            let fill = |response: &mut hyper::Response<()>, kib: usize| {
+                for i in 0..kib {
+                    response.headers_mut().insert(
+                        hyper::header::HeaderName::try_from(format!("x-huge-{i}")).unwrap(),
+                        hyper::header::HeaderValue::from_str(&"h".repeat(1000)).unwrap(),
+                    );
+                }
+            };
+            if path == channel::tunnel::HELLO_PATH {
+                let hello = channel::tunnel::Hello {
+                    connector_id: "fake-connector".into(),
+                    version: "0".into(),
+                    endpoints: vec![channel::tunnel::EndpointInfo {
+                        id: ENDPOINT,
+                        name: "SMS_MP".into(),
+                    }],
+                    has_client_certificate: true,
+                    max_request_header_bytes: None,
+                };
+                let body = Bytes::from(serde_json::to_vec(&hello).unwrap());
+                if let Ok(mut stream) = respond.send_response(hyper::Response::new(()), false) {
+                    let _ = stream.send_data(body, true);
+                }
+                continue;
+            }
+            let mut response = hyper::Response::new(());
+            if path.ends_with("/huge") {
+                fill(&mut response, 100);
+            } else if path.ends_with("/enormous") {
+                fill(&mut response, 300);
+            } else if path.ends_with("/push") {
+                let promise = hyper::Request::get("https://localhost/pushed")
+                    .body(())
+                    .unwrap();
+                let _ = events.send(match respond.push_request(promise) {
+                    Ok(_) => "push sent".to_string(),
+                    Err(e) => format!("push refused: {e}"),
+                });
+            }
+            let sent = respond
+                .send_response(response, false)
+                .and_then(|mut stream| stream.send_data(Bytes::from_static(b"fine"), true));
+            let _ = events.send(format!(
+                "{path}: {}",
+                if sent.is_ok() { "answered" } else { "not sent" }
+            ));
+        }
+        let _ = events.send("channel ended".to_string());
+    });
+    seen
+}
+
+/// Item 10: the gateway takes from a connector no header block over its budget and no pushed
+/// stream. A block over the budget gets the device 502 and leaves the channel; one over four
+/// times it makes h2 close the channel (GOAWAY), and the device still gets 502 with the text.
+#[test]
+fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
+    let mut system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    let connector = system.connector.take().unwrap();
+    system.runtime.block_on(connector.stop());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !channel_ids(&system).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(channel_ids(&system).is_empty());
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut seen = fake_connector(&system, port).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while channel_ids(&system).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ids = channel_ids(&system);
+        assert_eq!(ids.len(), 1);
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        let mut get = async |path: &str| {
+            raw.send(
+                format!("GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n", proxied(path)).as_bytes(),
+            )
+            .await;
+            raw.answer().await
+        };
+        let huge = get("/huge").await;
+        assert_eq!(
+            (huge.status, huge.reason.as_str(), huge.headers.len() < 20),
+            (502, "CMGService_Badconnectoranswer", true),
+            "{} headers: {}",
+            huge.headers.len(),
+            String::from_utf8_lossy(&huge.body)
+        );
+        assert!(
+            String::from_utf8_lossy(&huge.body).contains("max_response_header_bytes"),
+            "{}",
+            String::from_utf8_lossy(&huge.body)
+        );
+        // The channel took that in its stride.
+        let fine = get("/fine").await;
+        assert_eq!((fine.status, &fine.body[..]), (200, &b"fine"[..]));
+        let pushed = get("/push").await;
+        assert_eq!(pushed.status, 200);
+        assert_eq!(channel_ids(&system), ids);
+        let mut said = Vec::new();
+        while let Ok(line) = seen.try_recv() {
+            said.push(line);
+        }
+        assert!(
+            said.iter().any(|l| l.starts_with("push refused")),
+            "the gateway's SETTINGS disable push: {said:?}"
+        );
+        // Past four times the budget h2 closes the channel itself; the device is told why.
+        let enormous = get("/enormous").await;
+        assert_eq!(
+            (enormous.status, enormous.reason.as_str()),
+            (502, "CMGService_Badconnectoranswer"),
+            "{}",
+            String::from_utf8_lossy(&enormous.body)
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !channel_ids(&system).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(channel_ids(&system).is_empty(), "h2 closed that channel");
+    });
+    system.stop();
+}
+
+/// An endpoint of the test's own on the management point's certificate: it answers every
+/// request with 200 OK and headers claiming to be the channel's metadata, and
+/// `/_portcullis/v1/hello` with a page of its own. Serves on its own thread until the test ends.
+fn forging_endpoint(lab: &std::path::Path) -> u16 {
+    let identity =
+        pki::tls::Identity::load(&lab.join("mp/server.crt"), &lab.join("mp/server.key")).unwrap();
+    let roots = pki::RootSet::load(&[lab.join("ca/root.crt")]).unwrap();
+    let tls = Arc::new(pki::tls::server_config(identity, &roots, false, &[b"http/1.1"]).unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
+                        return;
+                    };
+                    let service =
+                        hyper::service::service_fn(|request: hyper::Request<_>| async move {
+                            let _: &hyper::body::Incoming = request.body();
+                            let response = if request.uri().path() == channel::tunnel::HELLO_PATH {
+                                hyper::Response::new(http_body_util::Full::new(Bytes::from_static(
+                                    b"the endpoint's own page",
+                                )))
+                            } else {
+                                hyper::Response::builder()
+                                    .header("x-portcullis-draining", "1")
+                                    .header("x-portcullis-status-text", "Forged")
+                                    .header("x-portcullis-message-id", "forged")
+                                    .body(http_body_util::Full::new(Bytes::from_static(
+                                        b"endpoint answer",
+                                    )))
+                                    .unwrap()
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    port
+}
+
+/// Item 11: an endpoint's `x-portcullis-*` answer headers steer nothing (the channel is not
+/// taken for draining, the reason phrase is the endpoint's), and a device's request to the
+/// hello path reaches the endpoint instead of being answered with the connector's hello.
+#[test]
+fn an_endpoints_answer_headers_steer_nothing_and_the_hello_path_is_the_endpoints() {
+    let system = System::start_with(
+        "connector/store",
+        "Portcullis Connector Channel",
+        "\"ca/root.crt\"",
+        |lab| {
+            let endpoint = forging_endpoint(lab);
+            let file = lab.join("connector.toml");
+            let text = std::fs::read_to_string(&file).unwrap();
+            let text: Vec<String> = text
+                .lines()
+                .map(|line| {
+                    if line.starts_with("url = ") {
+                        format!("url = \"https://localhost:{endpoint}\"")
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&file, text.join("\n") + "\n").unwrap();
+        },
+    );
+    assert!(system.wait_for_channels(2));
+    let ids = channel_ids(&system);
+    let port = port(&system);
+    let tls = system.device_tls();
+    system.runtime.block_on(async {
+        let mut raw = Raw::connect(port, tls.clone()).await;
+        // The hello path from a device goes to the endpoint, like any other path.
+        raw.send(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                proxied("/_portcullis/v1/hello")
+            )
+            .as_bytes(),
+        )
+        .await;
+        let hello = raw.answer().await;
+        assert_eq!(
+            (hello.status, String::from_utf8_lossy(&hello.body).as_ref()),
+            (200, "the endpoint's own page")
+        );
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            raw.send(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    proxied("/SMS_MP/anything")
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = raw.answer().await;
+            let forged = answer
+                .headers
+                .iter()
+                .filter(|(name, _)| name.to_ascii_lowercase().starts_with("x-portcullis-"))
+                .count();
+            answers.push((answer.status, answer.reason.clone(), forged));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(answers, vec![(200, "OK".to_string(), 0); 6]);
+    });
+    assert_eq!(channel_ids(&system), ids);
+    system.stop();
+}
