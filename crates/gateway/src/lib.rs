@@ -27,6 +27,7 @@ use tokio_rustls::server::StartHandshake;
 use tokio_rustls::LazyConfigAcceptor;
 
 pub mod device_auth;
+mod idle;
 pub mod token;
 
 use arc_swap::ArcSwap;
@@ -82,6 +83,38 @@ pub struct GatewayConfig {
     /// TLS versions and cipher suites offered to devices and connectors.
     #[serde(default)]
     pub tls: pki::tls::TlsPolicy,
+    /// Requests one device connection may have in flight through channels at once; more
+    /// are refused with 429 `CMGService_Toomanyrequests`. An HTTP/2 device is offered twice
+    /// as many streams (SETTINGS_MAX_CONCURRENT_STREAMS), so that it hears why.
+    #[serde(default = "default_max_streams_per_device")]
+    pub max_streams_per_device: usize,
+    /// Requests that may wait, across all channels, for a free stream slot (each channel
+    /// carries at most what its connector allows at once); more are refused with 503
+    /// `CMGService_Channelbusy`. 0: none waits.
+    #[serde(default = "default_max_queued_requests")]
+    pub max_queued_requests: usize,
+    /// Seconds a device may go without sending any of its request body, or without taking
+    /// any of what the gateway writes to it, before its stream is reset (or its connection
+    /// cut): 408 `CMGService_Devicestalled`.
+    #[serde(default = "default_idle_timeout")]
+    pub device_idle_timeout_secs: u64,
+    /// Seconds a connector may go without sending any of an answer's body once its head has
+    /// come: then the device's stream (HTTP/2) or connection (HTTP/1.1) is cut, and
+    /// `CMGService_Connectorstalled` (504) logged.
+    #[serde(default = "default_idle_timeout")]
+    pub connector_idle_timeout_secs: u64,
+}
+
+fn default_max_streams_per_device() -> usize {
+    64
+}
+
+fn default_max_queued_requests() -> usize {
+    tunnel::DEFAULT_MAX_QUEUED_REQUESTS
+}
+
+fn default_idle_timeout() -> u64 {
+    30
 }
 
 fn default_listen() -> SocketAddr {
@@ -169,6 +202,29 @@ impl GatewayConfig {
                 "request_timeout_secs",
                 "must be between 1 and 3600",
             ));
+        }
+        if cfg.max_streams_per_device == 0 || cfg.max_streams_per_device > 10_000 {
+            return Err(invalid(
+                "max_streams_per_device",
+                "must be between 1 and 10000",
+            ));
+        }
+        if cfg.max_queued_requests > 1_000_000 {
+            return Err(invalid(
+                "max_queued_requests",
+                "must be at most 1000000 (0: no request waits for a channel slot)",
+            ));
+        }
+        for (key, secs) in [
+            ("device_idle_timeout_secs", cfg.device_idle_timeout_secs),
+            (
+                "connector_idle_timeout_secs",
+                cfg.connector_idle_timeout_secs,
+            ),
+        ] {
+            if secs == 0 || secs > 3600 {
+                return Err(invalid(key, "must be between 1 and 3600"));
+            }
         }
         Ok(cfg)
     }
@@ -313,6 +369,10 @@ struct Shared {
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
     timeout: Duration,
+    /// `max_streams_per_device`, `device_idle_timeout_secs`, `connector_idle_timeout_secs`.
+    max_streams_per_device: usize,
+    device_idle: Duration,
+    connector_idle: Duration,
     log: Log,
     message_ids: MessageIds,
     shards: Shards,
@@ -362,12 +422,16 @@ pub async fn start_on(
     let connectors = Connectors::load(&config, &auth)?;
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
     let registry = Arc::new(Registry::default());
+    registry.set_max_queued(config.max_queued_requests);
     let shared = Arc::new(Shared {
         tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
+        max_streams_per_device: config.max_streams_per_device,
+        device_idle: Duration::from_secs(config.device_idle_timeout_secs),
+        connector_idle: Duration::from_secs(config.connector_idle_timeout_secs),
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
         placing: ShardCounts::new(shards.len()),
@@ -637,7 +701,10 @@ async fn handshake_and_serve(
         addr: peer,
         leaf,
         state: std::sync::Mutex::new(Arc::new(DeviceState::new(judgement, peer, &shared.log))),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        write_stalled: std::sync::atomic::AtomicBool::new(false),
     });
+    let watched = device.clone();
     let drain_shared = shared.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
@@ -669,11 +736,23 @@ async fn handshake_and_serve(
     // never spoken without it), else HTTP/1.1. Not hyper-util's auto server, which reads the
     // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
     // after which hyper doubled its read buffer to 16 KiB on every connection.
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    // A device that takes nothing of what is written to it is cut (and logged below).
+    let device_idle = drain_shared.device_idle;
+    let tls = idle::StallGuard::new(tls, device_idle, watched.clone());
+    if is_h2 {
+        // Twice the device's share of streams in flight: the streams over it are answered
+        // 429 with a status text, rather than refused by HTTP/2 without one.
+        let streams = u32::try_from(drain_shared.max_streams_per_device.saturating_mul(2))
+            .unwrap_or(u32::MAX);
         let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(streams)
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        let _ = Drainable::new(served, drain_shared.clone(), |served| {
+            served.graceful_shutdown()
+        })
+        .await;
     } else {
         // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
         // request headers (slow-loris).
@@ -681,7 +760,22 @@ async fn handshake_and_serve(
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
             .serve_connection(TokioIo::new(tls), service);
-        let _ = Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        let _ = Drainable::new(served, drain_shared.clone(), |served| {
+            served.graceful_shutdown()
+        })
+        .await;
+    }
+    if watched
+        .write_stalled
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let refusal = Refusal::new(Cause::DeviceStalled {
+            what: "stopped reading the answer".into(),
+            seconds: device_idle.as_secs(),
+        });
+        drain_shared.log.warn(&format!(
+            "Cut the connection of device {peer}: {refusal}; its requests' channel streams are reset"
+        ));
     }
 }
 
@@ -754,6 +848,10 @@ struct Device {
     /// The certificate it presented (DER), kept to judge it again after a reload.
     leaf: Option<Vec<u8>>,
     state: std::sync::Mutex<Arc<DeviceState>>,
+    /// Its requests in flight through channels now (`max_streams_per_device`).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Set when the connection was cut because the device took nothing written to it.
+    write_stalled: std::sync::atomic::AtomicBool,
 }
 
 /// A device connection's judged certificate, as of one [`DeviceAuth`] generation.
@@ -820,7 +918,11 @@ impl std::fmt::Display for Identity<'_> {
     }
 }
 
-async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) -> Response<Body> {
+async fn handle(
+    request: Request<Incoming>,
+    shared: &Shared,
+    device: &Arc<Device>,
+) -> Response<Body> {
     match route_request(request, shared, device).await {
         Ok(response) => response,
         Err(refusal) => {
@@ -840,7 +942,7 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
 async fn route_request(
     request: Request<Incoming>,
     shared: &Shared,
-    device: &Device,
+    device: &Arc<Device>,
 ) -> Result<Response<Body>, Refusal> {
     // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
     // shares its bytes, measured no better: callgrind 59.8k-60.9k against 58.6k-59.6k.)
@@ -898,6 +1000,9 @@ async fn route_request(
             }
         }
     };
+    // The device connection's share of channel streams; counted until the answer's body is
+    // dropped.
+    let in_flight = idle::InFlight::enter(device, shared.max_streams_per_device)?;
     let channel = shared.registry.pick(endpoint)?;
     let started = std::time::Instant::now();
 
@@ -939,7 +1044,19 @@ async fn route_request(
         }
     };
     map.insert(headers::DEVICE, device_header);
-    let forward = Request::from_parts(parts, tunnel::boxed(body));
+    // A body the device stops sending resets its stream after device_idle_timeout_secs. Only
+    // a request with a body pays for the flag.
+    let device_stalled = (!hyper::body::Body::is_end_stream(&body))
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let body = match &device_stalled {
+        Some(stalled) => tunnel::boxed(idle::DeviceBody::new(
+            body,
+            shared.device_idle,
+            stalled.clone(),
+        )),
+        None => tunnel::boxed(body),
+    };
+    let forward = Request::from_parts(parts, body);
 
     shared.log.verbose(|| {
         format!(
@@ -953,6 +1070,17 @@ async fn route_request(
         )
     });
     let sent = shared.registry.send(&channel, endpoint, forward);
+    let stalled_refusal = || {
+        Refusal::new(Cause::DeviceStalled {
+            what: "stopped sending its body".into(),
+            seconds: shared.device_idle.as_secs(),
+        })
+    };
+    let device_did_stall = || {
+        device_stalled
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     let response = tokio::time::timeout(shared.timeout, sent)
         .await
         .map_err(|_| {
@@ -960,7 +1088,16 @@ async fn route_request(
                 endpoint,
                 seconds: shared.timeout.as_secs(),
             })
-        })??;
+        })?
+        // The channel stream was reset because the device's body stalled: say that, not
+        // that the channel broke.
+        .map_err(|refusal| {
+            if device_did_stall() {
+                stalled_refusal()
+            } else {
+                refusal
+            }
+        })?;
     shared.log.verbose(|| {
         format!(
             "Message {message_id}: the connector answered {} after {} ms",
@@ -975,6 +1112,15 @@ async fn route_request(
             parts.extensions.insert(phrase);
         }
     }
+    let body = idle::AnswerBody::new(
+        body,
+        shared.connector_idle,
+        shared.log.clone(),
+        message_id,
+        in_flight,
+        device_stalled,
+        shared.device_idle,
+    );
     Ok(Response::from_parts(parts, tunnel::boxed(body)))
 }
 

@@ -79,12 +79,47 @@ impl System {
         )
     }
 
+    /// The usual system, with `gateway_extra` TOML after the gateway's usual keys from its
+    /// start (for settings a reload does not change), and `prepare` run on the lab directory
+    /// before the connector starts.
+    pub fn start_with_gateway(
+        gateway_extra: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> System {
+        System::launch_with(
+            "connector/store",
+            "Portcullis Connector Channel",
+            "\"ca/root.crt\"",
+            prepare,
+            None,
+            gateway_extra,
+        )
+    }
+
     fn launch(
         store: &str,
         allowed_connectors: &str,
         allowed_roots: &str,
         prepare: impl FnOnce(&std::path::Path),
         shard_count: Option<usize>,
+    ) -> System {
+        System::launch_with(
+            store,
+            allowed_connectors,
+            allowed_roots,
+            prepare,
+            shard_count,
+            "",
+        )
+    }
+
+    fn launch_with(
+        store: &str,
+        allowed_connectors: &str,
+        allowed_roots: &str,
+        prepare: impl FnOnce(&std::path::Path),
+        shard_count: Option<usize>,
+        gateway_extra: &str,
     ) -> System {
         let mut shard_threads = Vec::new();
         let mut shards = || match shard_count {
@@ -112,7 +147,7 @@ impl System {
         let mp = runtime
             .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
             .unwrap();
-        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n");
+        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n{gateway_extra}");
         std::fs::write(
             p("gateway.toml"),
             format!("listen = \"127.0.0.1:0\"\n{gateway_toml}"),
