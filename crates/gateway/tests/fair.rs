@@ -35,7 +35,7 @@ async fn device_connection(
     receive_buffer: Option<u32>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut tls = testkit::probe::device_tls(
-        &[system_paths.ca.clone()],
+        std::slice::from_ref(&system_paths.ca),
         Some(&system_paths.cert),
         Some(&system_paths.key),
         false,
@@ -220,7 +220,7 @@ fn hold_streams(
     heads: Arc<[AtomicUsize; 4]>,
     leave: Arc<tokio::sync::Notify>,
 ) {
-    let device = paths(&system, "device-001");
+    let device = paths(system, "device-001");
     system.runtime.spawn(async move {
         let tls = device_connection(&device, &[b"h2"], None).await;
         // Until the gateway's SETTINGS come, a few streams at a time: h2 would otherwise
@@ -569,4 +569,39 @@ fn stalled_bodies_end_after_their_idle_timeouts() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "read 10");
     assert_eq!(registry.channel_count(), 1);
     system.stop();
+}
+
+/// Each new limit has a default, and a value out of range is refused at load naming its key.
+#[test]
+fn the_limits_have_defaults_and_bad_values_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let usual = "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n";
+    std::fs::write(&file, usual).unwrap();
+    let config = gateway::GatewayConfig::load(&file).unwrap();
+    assert_eq!(config.max_streams_per_device, 64);
+    assert_eq!(config.max_queued_requests, 4096);
+    assert_eq!(config.device_idle_timeout_secs, 30);
+    assert_eq!(config.connector_idle_timeout_secs, 30);
+    for (bad, key) in [
+        ("max_streams_per_device = 0", "max_streams_per_device"),
+        ("max_streams_per_device = 10001", "max_streams_per_device"),
+        ("max_queued_requests = 1000001", "max_queued_requests"),
+        ("device_idle_timeout_secs = 0", "device_idle_timeout_secs"),
+        (
+            "connector_idle_timeout_secs = 3601",
+            "connector_idle_timeout_secs",
+        ),
+    ] {
+        std::fs::write(&file, format!("{usual}{bad}\n")).unwrap();
+        let error = gateway::GatewayConfig::load(&file).unwrap_err().to_string();
+        assert!(error.contains(key), "{bad}: {error}");
+    }
+    std::fs::write(&file, format!("{usual}max_queued_requests = 0\n")).unwrap();
+    assert_eq!(
+        gateway::GatewayConfig::load(&file)
+            .unwrap()
+            .max_queued_requests,
+        0
+    );
 }
