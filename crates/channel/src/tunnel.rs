@@ -776,6 +776,11 @@ where
         .initial_stream_window_size(CHANNEL_STREAM_WINDOW)
         .initial_connection_window_size(CHANNEL_CONNECTION_WINDOW)
         .max_concurrent_streams(CHANNEL_MAX_STREAMS)
+        // A stream the gateway opens and resets before it was taken up (its device left just
+        // as it got its slot) counts against hyper's rapid-reset guard (20 by default, then
+        // GOAWAY). The gateway never has more than CHANNEL_MAX_STREAMS streams open, so that
+        // many such resets at once is the most an honest gateway can send.
+        .max_pending_accept_reset_streams(CHANNEL_MAX_STREAMS as usize)
         .header_table_size(HPACK_TABLE_BYTES)
         .serve_connection(TokioIo::new(io), service);
     let mut connection = AfterOthers::new(connection);

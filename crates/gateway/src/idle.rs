@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -159,6 +159,8 @@ pin_project_lite::pin_project! {
         // Set when the device's request body stalled (the channel stream was reset for it).
         device_stalled: Option<Arc<AtomicBool>>,
         device_limit: Duration,
+        // The device's HTTP/2 stream, told when the device's turn begins and ends.
+        watch: Option<Arc<StreamWatch>>,
     }
 }
 
@@ -173,6 +175,11 @@ impl AnswerBody {
         device_stalled: Option<Arc<AtomicBool>>,
         device_limit: Duration,
     ) -> AnswerBody {
+        // The head is handed over now: the device's turn until hyper asks for the body.
+        let watch = stream_watch();
+        if let Some(watch) = &watch {
+            watch.delivered();
+        }
         AnswerBody {
             inner,
             idle: None,
@@ -183,6 +190,7 @@ impl AnswerBody {
             in_flight,
             device_stalled,
             device_limit,
+            watch,
         }
     }
 }
@@ -196,6 +204,9 @@ impl hyper::body::Body for AnswerBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some(watch) = this.watch {
+            watch.asked();
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
                 if this
@@ -216,6 +227,9 @@ impl hyper::body::Body for AnswerBody {
             }
             Poll::Ready(frame) => {
                 *this.waiting = false;
+                if let (Some(watch), Some(_)) = (this.watch, &frame) {
+                    watch.delivered();
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
             Poll::Pending => {
@@ -338,5 +352,120 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<IO>
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_shutdown(cx);
         self.watch(polled, cx)
+    }
+}
+
+/// Whether a device's HTTP/2 stream waits on the device: shared by the stream's task
+/// ([`DeviceStreams`]) and its answer's body ([`AnswerBody`]). One number: the answer's
+/// deliveries so far, doubled, plus 1 while the last one has not yet been taken (hyper waits
+/// for the device's flow-control window before it asks the body for more).
+#[derive(Default)]
+pub struct StreamWatch(AtomicU64);
+
+impl StreamWatch {
+    /// The answer's head or a piece of its body was handed to hyper: the device's turn.
+    fn delivered(&self) {
+        let deliveries = self.0.load(Ordering::Relaxed) >> 1;
+        self.0.store(((deliveries + 1) << 1) | 1, Ordering::Relaxed);
+    }
+
+    /// hyper asks the body for more: the device took what it had.
+    fn asked(&self) {
+        let now = self.0.load(Ordering::Relaxed);
+        self.0.store(now & !1, Ordering::Relaxed);
+    }
+}
+
+tokio::task_local! {
+    /// The stream a device's HTTP/2 request is served on, for its answer's body to report to.
+    static STREAM_WATCH: Arc<StreamWatch>;
+}
+
+/// The watch of the HTTP/2 stream being served, if any (none over HTTP/1.1, where
+/// [`StallGuard`] sees a device that stops reading).
+pub fn stream_watch() -> Option<Arc<StreamWatch>> {
+    STREAM_WATCH.try_with(Arc::clone).ok()
+}
+
+/// The executor of a device's HTTP/2 connection: hyper runs each stream as a task of its own,
+/// and each is watched here. A stream whose answer waits on the device's flow-control window
+/// for `limit` (the device reads its connection but not that stream) ends, which resets it
+/// towards the device and drops its answer's body, freeing the channel stream and its slot.
+/// A device that reads nothing at all is [`StallGuard`]'s.
+#[derive(Clone)]
+pub struct DeviceStreams {
+    pub limit: Duration,
+    pub log: Log,
+    pub peer: std::net::SocketAddr,
+}
+
+impl<F> hyper::rt::Executor<F> for DeviceStreams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let watch = Arc::new(StreamWatch::default());
+        tokio::spawn(Watched {
+            inner: STREAM_WATCH.scope(watch.clone(), fut),
+            watch,
+            seen: 0,
+            idle: None,
+            streams: self.clone(),
+        });
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Watched<F: Future> {
+        #[pin]
+        inner: tokio::task::futures::TaskLocalFuture<Arc<StreamWatch>, F>,
+        watch: Arc<StreamWatch>,
+        // The watch's value when the wait now timed began.
+        seen: u64,
+        idle: Option<Pin<Box<Sleep>>>,
+        streams: DeviceStreams,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.inner.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let now = this.watch.0.load(Ordering::Relaxed);
+        if now & 1 == 0 {
+            // Not the device's turn: nothing to time.
+            *this.seen = 0;
+            return Poll::Pending;
+        }
+        if now != *this.seen {
+            // A new wait on the device begins.
+            *this.seen = now;
+            let deadline = Instant::now() + this.streams.limit;
+            match this.idle {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => *this.idle = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let fired = this
+            .idle
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if fired {
+            let refusal = Refusal::new(Cause::DeviceStalled {
+                what: "stopped reading the answer".into(),
+                seconds: this.streams.limit.as_secs(),
+            });
+            this.streams.log.warn(&format!(
+                "Reset a stream of device {}: {refusal}; its channel stream is reset",
+                this.streams.peer
+            ));
+            // Dropping the stream's task resets it, and its answer's channel stream.
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }

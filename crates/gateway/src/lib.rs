@@ -15,7 +15,7 @@ use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use logs::cmtrace::Severity;
 use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
@@ -745,7 +745,13 @@ async fn handshake_and_serve(
         // 429 with a status text, rather than refused by HTTP/2 without one.
         let streams = u32::try_from(drain_shared.max_streams_per_device.saturating_mul(2))
             .unwrap_or(u32::MAX);
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        // Each stream's task is watched for a device that stops taking that stream's answer.
+        let executor = idle::DeviceStreams {
+            limit: device_idle,
+            log: drain_shared.log.clone(),
+            peer,
+        };
+        let served = hyper::server::conn::http2::Builder::new(executor)
             .timer(hyper_util::rt::TokioTimer::new())
             .max_concurrent_streams(streams)
             .serve_connection(TokioIo::new(tls), service);

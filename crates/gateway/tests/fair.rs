@@ -371,22 +371,23 @@ fn forwarded(system: &System) -> usize {
     count_logged(&system.connector_log, "Forwarding proxy message ")
 }
 
-/// Item 4: on one channel of 256 stream slots, two HTTP/2 devices open 150 streams each: 256
-/// are sent, 20 wait in the queue (`max_queued_requests = 20`), and the 24 beyond that are
-/// refused 503 `CMGService_Channelbusy`. When the devices leave, the requests that were
-/// waiting are never sent, and the channel lives on.
+/// Item 4: on one channel of 256 stream slots, an HTTP/2 device opens 300 streams: 256 are
+/// sent, 20 wait in the queue (`max_queued_requests = 20`), and the 24 beyond that are
+/// refused 503 `CMGService_Channelbusy`. When the device leaves, the requests that were
+/// waiting are never sent, though its leaving frees the slots they waited for, and the
+/// channel lives on.
 #[test]
 fn requests_abandoned_while_queued_are_never_sent() {
     let system = System::start_with_gateway(
-        "max_streams_per_device = 200\nmax_queued_requests = 20\n",
+        "max_streams_per_device = 300\nmax_queued_requests = 20\n",
         |dir| connector_keys(dir, "channels_per_gateway = 1\n"),
     );
     assert!(system.wait_for_channels(1));
     let before = channel_ids(&system);
     let leave = Arc::new(tokio::sync::Notify::new());
-    let holders: Vec<_> = (0..2).map(|_| heads()).collect();
+    let holders: Vec<_> = (0..1).map(|_| heads()).collect();
     for h in &holders {
-        hold_streams(&system, 150, h.clone(), leave.clone());
+        hold_streams(&system, 300, h.clone(), leave.clone());
     }
     let counts = || {
         let mut sum = [0usize; 4];
@@ -604,4 +605,57 @@ fn the_limits_have_defaults_and_bad_values_are_refused_by_key() {
             .max_queued_requests,
         0
     );
+}
+
+/// Item 2 over HTTP/2: a device that reads its connection but gives one stream no
+/// flow-control window (here: an initial window of 0, never raised) has that stream reset
+/// after `device_idle_timeout_secs`, which frees its channel stream; its other streams and
+/// other devices go on.
+#[test]
+fn an_http2_stream_the_device_does_not_read_is_reset() {
+    let system = System::start_with_gateway("device_idle_timeout_secs = 2\n", |_| {});
+    assert!(system.wait_for_channels(2));
+    let device = paths(&system, "device-001");
+    let (took, ended) = system.runtime.block_on(async {
+        let tls = device_connection(&device, &[b"h2"], None).await;
+        let (mut client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        client = client.ready().await.unwrap();
+        let request = hyper::Request::get(format!(
+            "https://localhost/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"
+        ))
+        .body(())
+        .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let started = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("the head comes")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        // Never released: the stream's window stays 0. Bounded.
+        let ended = tokio::time::timeout(Duration::from_secs(20), body.data()).await;
+        let took = started.elapsed();
+        drop(body);
+        drop(client);
+        driver.abort();
+        (took, format!("{ended:?}"))
+    });
+    assert!(
+        ended.contains("Reset") && ended.contains("CANCEL"),
+        "after {took:?}: {ended}"
+    );
+    assert!(took < PROMPTLY, "the stream was held {took:?}");
+    assert_logged(&system.gateway_log, "Reset a stream of device");
+    assert_logged(
+        &system.gateway_log,
+        "CMGService_Devicestalled (device -> gateway): the device stopped reading the answer for 2 s",
+    );
+    answered_promptly(&system, 1);
+    system.stop();
 }
