@@ -32,6 +32,24 @@ pub const ALPN: &[u8] = b"portcullis-tunnel/1";
 const HPACK_TABLE_BYTES: u32 = 64 * 1024;
 pub const HELLO_PATH: &str = "/_portcullis/v1/hello";
 
+/// Streams one channel carries at once: the connector's HTTP/2 server says so in
+/// SETTINGS_MAX_CONCURRENT_STREAMS, and the gateway never opens more (a slot is taken from
+/// [`Channel`]'s semaphore before a stream is opened), so h2's own unbounded queue of streams
+/// waiting to open stays empty.
+pub const CHANNEL_MAX_STREAMS: u32 = 256;
+
+/// Each stream's flow-control window on a channel, both ways (responses into the gateway,
+/// requests into the connector): what one stream whose reader stalled (a device that stopped
+/// reading its answer, an endpoint that stopped reading its body) can hold unread.
+pub const CHANNEL_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection's window: room for every stream's window at once, so that bytes a stalled
+/// reader has not taken never count against the other streams. A smaller connection window
+/// let four stalled devices (1 MiB each) freeze a 4 MiB channel for everyone. The memory this
+/// allows (64 MiB a channel, only with every stream stalled) is bounded by the stream slots
+/// and freed when the idle timeouts reset the stalled streams.
+pub const CHANNEL_CONNECTION_WINDOW: u32 = CHANNEL_MAX_STREAMS * CHANNEL_STREAM_WINDOW;
+
 /// Header names on the channel. Anything starting with [`headers::PREFIX`] that a device sends
 /// is dropped by the gateway.
 pub mod headers {
@@ -219,6 +237,10 @@ pub struct Channel {
     close: Arc<tokio::sync::Notify>,
     /// The small DATA frames sent on this channel that the connector's h2 still counts.
     frames: Arc<SmallFrames>,
+    /// The channel's stream slots: as many permits as the connector allows streams at once
+    /// (at most [`CHANNEL_MAX_STREAMS`]); a request takes one before its stream is opened and
+    /// holds it until its answer's body is dropped. Closed when the channel ends.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a channel gave no answer's head.
@@ -246,10 +268,48 @@ impl Channel {
     /// Counted down when the answer's head arrives, or when the caller stops waiting (its
     /// device went away, its timeout struck): else the count only grows, and `pick` avoids a
     /// channel for requests long gone.
-    async fn send(&self, request: Request<Body>) -> Result<Response<ChannelBody>, SendError> {
+    ///
+    /// A stream slot is taken first: at once if one is free, else the request waits for one
+    /// in the gateway's queue (bounded by `queue`; over it: [`Cause::ChannelsBusy`]). A
+    /// request whose device goes away while it waits is dropped with this future and sends
+    /// nothing on the channel.
+    async fn send(
+        &self,
+        request: Request<Body>,
+        endpoint: u64,
+        queue: &Queue,
+    ) -> Result<Response<ChannelBody>, SendError> {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.outstanding);
-        let mut answered = send_on(&self.sender, request, &self.frames).await;
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                self.closing.store(true, Ordering::Relaxed);
+                return Err(SendError::Closing(Box::new(request)));
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let Some(_queued) = queue.enter() else {
+                    return Err(SendError::Refused(Refusal::new(Cause::ChannelsBusy {
+                        endpoint,
+                    })));
+                };
+                let slot = match self.slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        self.closing.store(true, Ordering::Relaxed);
+                        return Err(SendError::Closing(Box::new(request)));
+                    }
+                };
+                // A slot is often freed because a device left, and the same departure
+                // abandons requests waiting here; the wake-ups that say so to their servers
+                // (hyper checks for a reset stream or a closed connection when this future is
+                // pending) come after this one. Yield once so that an abandoned request is
+                // dropped here, having sent nothing, rather than sent and reset at once.
+                tokio::task::yield_now().await;
+                slot
+            }
+        };
+        let mut answered = send_on(&self.sender, request, &self.frames, Some(slot)).await;
         if let Ok(response) = &mut answered {
             // For this gateway, not for the device.
             if response.headers_mut().remove(&headers::DRAINING).is_some() {
@@ -320,6 +380,48 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Requests waiting for a stream slot, across every channel of the gateway, and how many may.
+pub struct Queue {
+    waiting: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// `max_queued_requests` unless the gateway sets another.
+pub const DEFAULT_MAX_QUEUED_REQUESTS: usize = 4096;
+
+impl Default for Queue {
+    fn default() -> Queue {
+        Queue {
+            waiting: AtomicUsize::new(0),
+            limit: AtomicUsize::new(DEFAULT_MAX_QUEUED_REQUESTS),
+        }
+    }
+}
+
+impl Queue {
+    /// A place in the queue, held until dropped; none when it is full.
+    fn enter(&self) -> Option<Queued<'_>> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let before = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let place = Queued(&self.waiting);
+        (before < limit).then_some(place)
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// One request counted in [`Queue::waiting`] until dropped.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The channels that end at this gateway instance, by endpoint id.
 #[derive(Default)]
 pub struct Registry {
@@ -327,9 +429,16 @@ pub struct Registry {
     /// Endpoints some connector has announced since start, with their names.
     known: RwLock<HashMap<u64, String>>,
     next_id: AtomicU64,
+    /// Requests waiting for a stream slot on some channel.
+    pub queue: Queue,
 }
 
 impl Registry {
+    /// How many requests may wait for a stream slot at once (`max_queued_requests`).
+    pub fn set_max_queued(&self, limit: usize) {
+        self.queue.limit.store(limit, Ordering::Relaxed);
+    }
+
     fn add(&self, channel: Arc<Channel>) {
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
         for e in &channel.hello.endpoints {
@@ -382,10 +491,10 @@ impl Registry {
         endpoint: u64,
         request: Request<Body>,
     ) -> Result<Response<ChannelBody>, Refusal> {
-        match channel.send(request).await {
+        match channel.send(request, endpoint, &self.queue).await {
             Err(SendError::Closing(request)) => self
                 .pick(endpoint)?
-                .send(*request)
+                .send(*request, endpoint, &self.queue)
                 .await
                 .map_err(SendError::into_refusal),
             sent => sent.map_err(SendError::into_refusal),
@@ -511,11 +620,13 @@ impl std::fmt::Display for SendOnError {
 /// Sends `request` on a channel with h2 directly: hyper's HTTP/2 client hands every request to
 /// its connection task over a queue and spawns a task per request for the body, which cost the
 /// gateway a large share of its instructions per request. Here the device's own task sends
-/// and awaits; only a request with a body gets a task, to stream it.
+/// and awaits; only a request with a body gets a task, to stream it. `slot`, the stream's
+/// place on the channel, is held by the answer's body.
 async fn send_on(
     sender: &h2::client::SendRequest<Bytes>,
     request: Request<Body>,
     frames: &Arc<SmallFrames>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response<ChannelBody>, SendOnError> {
     use http_body::Body as _;
     let end = request.body().is_end_stream();
@@ -528,7 +639,7 @@ async fn send_on(
     if !end {
         tokio::spawn(stream_body(body, stream, frames.clone()));
     }
-    Ok(response.await?.map(ChannelBody::new))
+    Ok(response.await?.map(|recv| ChannelBody::new(recv, slot)))
 }
 
 /// Streams a request body into its HTTP/2 stream as the peer's flow control allows. The
@@ -779,16 +890,21 @@ where
 
 /// A response body arriving on a channel, as an `http_body::Body`; what it reads is released
 /// back to the connector's flow-control window at once.
+/// Dropping it before its end resets the stream (h2 sends RST_STREAM CANCEL once nothing
+/// refers to it), which gives back to the connection's window what it held unread.
 pub struct ChannelBody {
     recv: h2::RecvStream,
     data_done: bool,
+    /// The stream's slot on the channel ([`Channel::send`]), freed with the body.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ChannelBody {
-    fn new(recv: h2::RecvStream) -> ChannelBody {
+    fn new(recv: h2::RecvStream, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> ChannelBody {
         ChannelBody {
             recv,
             data_done: false,
+            _slot: slot,
         }
     }
 }
@@ -848,8 +964,8 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, mut connection) = h2::client::Builder::new()
-        .initial_window_size(1024 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
+        .initial_window_size(CHANNEL_STREAM_WINDOW)
+        .initial_connection_window_size(CHANNEL_CONNECTION_WINDOW)
         .header_table_size(HPACK_TABLE_BYTES)
         // A connector is outside input too: h2's defaults take header blocks up to 16 MiB
         // and keep every stream it pushes.
@@ -863,6 +979,9 @@ where
     let pings = connection.ping_pong();
     let close = Arc::new(tokio::sync::Notify::new());
     let closed = close.clone();
+    // No slot until the connector's SETTINGS are known (they come before the hello's answer).
+    let slots = Arc::new(tokio::sync::Semaphore::new(0));
+    let driver_slots = slots.clone();
     tokio::spawn(async move {
         // A PING every KEEPALIVE_INTERVAL, answered within KEEPALIVE_TIMEOUT, or the channel
         // is dropped: a connector that vanished without a FIN leaves within ~10 s. Dropping
@@ -885,6 +1004,8 @@ where
             _ = keepalive => {}
             _ = closed.notified() => {}
         }
+        // Requests waiting for a slot go to another channel.
+        driver_slots.close();
         driver_registry.remove(id);
     });
 
@@ -895,7 +1016,7 @@ where
             .header(headers::GATEWAY_THREADS, gateway_threads)
             .body(empty())
             .map_err(|e| e.to_string())?;
-        let response = send_on(&hello_sender, request, &frames)
+        let response = send_on(&hello_sender, request, &frames, None)
             .await
             .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
@@ -917,6 +1038,12 @@ where
         close.notify_one();
         return Err(AcceptError::Refused(why));
     }
+    // The connector's SETTINGS_MAX_CONCURRENT_STREAMS (none said: h2 reads it as unbounded),
+    // and never more than the windows above were sized for.
+    let max_streams = sender
+        .current_max_send_streams()
+        .min(CHANNEL_MAX_STREAMS as usize);
+    slots.add_permits(max_streams);
     let channel = Arc::new(Channel {
         id,
         hello,
@@ -928,6 +1055,7 @@ where
         peer_cert,
         close,
         frames,
+        slots,
     });
     registry.add(channel.clone());
     Ok(channel)
@@ -971,9 +1099,16 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(4 * 1024 * 1024)
-        .adaptive_window(true)
+        // Explicit windows and no adaptive_window: hyper's adaptive_window(true) sets both
+        // windows back to 65,535 (and lets BDP probing grow them without this bound).
+        .initial_stream_window_size(CHANNEL_STREAM_WINDOW)
+        .initial_connection_window_size(CHANNEL_CONNECTION_WINDOW)
+        .max_concurrent_streams(CHANNEL_MAX_STREAMS)
+        // A stream the gateway opens and resets before it was taken up (its device left just
+        // as it got its slot) counts against hyper's rapid-reset guard (20 by default, then
+        // GOAWAY). The gateway never has more than CHANNEL_MAX_STREAMS streams open, so that
+        // many such resets at once is the most an honest gateway can send.
+        .max_pending_accept_reset_streams(CHANNEL_MAX_STREAMS as usize)
         .header_table_size(HPACK_TABLE_BYTES)
         .max_header_list_size(max_request_header_bytes)
         // The peer is the connector's own authenticated gateway, which resets a stream for
@@ -1223,8 +1358,11 @@ mod tests {
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")
             .body(empty())
             .expect("request");
-        let given_up =
-            tokio::time::timeout(Duration::from_millis(100), channel.send(request)).await;
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(100),
+            channel.send(request, 7, &registry.queue),
+        )
+        .await;
         assert!(given_up.is_err(), "the connector never answers");
         assert_eq!(channel.outstanding(), 0);
     }

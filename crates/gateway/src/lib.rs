@@ -15,7 +15,7 @@ use channel::tunnel::{self, headers, refusal_response, Body, Registry};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use logs::cmtrace::Severity;
 use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
@@ -27,6 +27,7 @@ use tokio_rustls::server::StartHandshake;
 use tokio_rustls::LazyConfigAcceptor;
 
 pub mod device_auth;
+mod idle;
 mod limits;
 pub mod token;
 
@@ -141,6 +142,26 @@ pub struct GatewayConfig {
     /// device gets 502 CMGService_Badconnectoranswer.
     #[serde(default = "default_max_response_header_bytes")]
     pub max_response_header_bytes: u32,
+    /// Requests one device connection may have in flight through channels at once; more
+    /// are refused with 429 `CMGService_Toomanyrequests`. An HTTP/2 device is offered twice
+    /// as many streams (SETTINGS_MAX_CONCURRENT_STREAMS), so that it hears why.
+    #[serde(default = "default_max_streams_per_device")]
+    pub max_streams_per_device: usize,
+    /// Requests that may wait, across all channels, for a free stream slot (each channel
+    /// carries at most what its connector allows at once); more are refused with 503
+    /// `CMGService_Channelbusy`. 0: none waits.
+    #[serde(default = "default_max_queued_requests")]
+    pub max_queued_requests: usize,
+    /// Seconds a device may go without sending any of its request body, or without taking
+    /// any of what the gateway writes to it, before its stream is reset (or its connection
+    /// cut): 408 `CMGService_Devicestalled`.
+    #[serde(default = "default_stall_timeout")]
+    pub device_idle_timeout_secs: u64,
+    /// Seconds a connector may go without sending any of an answer's body once its head has
+    /// come: then the device's stream (HTTP/2) or connection (HTTP/1.1) is cut, and
+    /// `CMGService_Connectorstalled` (504) logged.
+    #[serde(default = "default_stall_timeout")]
+    pub connector_idle_timeout_secs: u64,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -176,6 +197,18 @@ impl AllowedConnector {
 /// A SHA-1 thumbprint as Windows shows it: 40 hex digits.
 fn is_thumbprint(name: &str) -> bool {
     name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn default_max_streams_per_device() -> usize {
+    64
+}
+
+fn default_max_queued_requests() -> usize {
+    tunnel::DEFAULT_MAX_QUEUED_REQUESTS
+}
+
+fn default_stall_timeout() -> u64 {
+    30
 }
 
 fn default_listen() -> SocketAddr {
@@ -384,6 +417,29 @@ impl GatewayConfig {
                 "reserved_for_channels",
                 "must be between 0 and 100000",
             ));
+        }
+        if cfg.max_streams_per_device == 0 || cfg.max_streams_per_device > 10_000 {
+            return Err(invalid(
+                "max_streams_per_device",
+                "must be between 1 and 10000",
+            ));
+        }
+        if cfg.max_queued_requests > 1_000_000 {
+            return Err(invalid(
+                "max_queued_requests",
+                "must be at most 1000000 (0: no request waits for a channel slot)",
+            ));
+        }
+        for (key, secs) in [
+            ("device_idle_timeout_secs", cfg.device_idle_timeout_secs),
+            (
+                "connector_idle_timeout_secs",
+                cfg.connector_idle_timeout_secs,
+            ),
+        ] {
+            if secs == 0 || secs > 3600 {
+                return Err(invalid(key, "must be between 1 and 3600"));
+            }
         }
         Ok(cfg)
     }
@@ -604,6 +660,10 @@ struct Shared {
     /// `max_request_header_bytes` and `max_response_header_bytes`.
     max_request_header_bytes: usize,
     max_response_header_bytes: u32,
+    /// `max_streams_per_device`, `device_idle_timeout_secs`, `connector_idle_timeout_secs`.
+    max_streams_per_device: usize,
+    device_idle: Duration,
+    connector_idle: Duration,
     log: Log,
     message_ids: MessageIds,
     shards: Shards,
@@ -710,6 +770,7 @@ pub async fn start_on(
     let connectors = Connectors::load(&config, connector_roots, &auth)?;
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
     let registry = Arc::new(Registry::default());
+    registry.set_max_queued(config.max_queued_requests);
     let shared = Arc::new(Shared {
         tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
@@ -719,6 +780,9 @@ pub async fn start_on(
         timeout: Duration::from_secs(config.request_timeout_secs),
         max_request_header_bytes: config.max_request_header_bytes as usize,
         max_response_header_bytes: config.max_response_header_bytes,
+        max_streams_per_device: config.max_streams_per_device,
+        device_idle: Duration::from_secs(config.device_idle_timeout_secs),
+        connector_idle: Duration::from_secs(config.connector_idle_timeout_secs),
         log,
         message_ids: MessageIds::new(&ring::rand::SystemRandom::new()),
         placing: ShardCounts::new(shards.len()),
@@ -1207,7 +1271,10 @@ async fn handshake_and_serve(
         forwarded: std::sync::OnceLock::new(),
         streams: std::sync::atomic::AtomicUsize::new(0),
         last_stream_end: std::sync::atomic::AtomicU64::new(0),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        write_stalled: std::sync::atomic::AtomicBool::new(false),
     });
+    let watched = device.clone();
     let first_deadline = tokio::time::Instant::now() + shared.first_request;
     let drain_shared = shared.clone();
     let idle_device = device.clone();
@@ -1251,7 +1318,11 @@ async fn handshake_and_serve(
     // never spoken without it), else HTTP/1.1. Not hyper-util's auto server, which reads the
     // first bytes itself to tell them apart and hands them on through a rewinding wrapper,
     // after which hyper doubled its read buffer to 16 KiB on every connection.
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    // A device that takes nothing of what is written to it is cut (and logged below).
+    let device_idle = drain_shared.device_idle;
+    let tls = idle::StallGuard::new(tls, device_idle, watched.clone());
+    if is_h2 {
         // Each stream is counted open until its answer's body is done with, so that the
         // connection is idle only with none open.
         let (epoch, counted_device) = (drain_shared.epoch, idle_device.clone());
@@ -1265,17 +1336,28 @@ async fn handshake_and_serve(
                 )
             }
         });
+        // Twice the device's share of streams in flight: the streams over it are answered
+        // 429 with a status text, rather than refused by HTTP/2 without one.
+        let streams = u32::try_from(drain_shared.max_streams_per_device.saturating_mul(2))
+            .unwrap_or(u32::MAX);
+        // Each stream's task is watched for a device that stops taking that stream's answer.
+        let executor = idle::DeviceStreams {
+            limit: device_idle,
+            log: drain_shared.log.clone(),
+            peer,
+        };
         // h2 answers a header block over the budget with 431 itself (one over four times it
         // closes that device's connection); one within it that the metadata pushes over is
         // refused by `route_request`, with the status text.
         let header_list = u32::try_from(drain_shared.max_request_header_bytes).unwrap_or(u32::MAX);
-        let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let served = hyper::server::conn::http2::Builder::new(executor)
             .timer(hyper_util::rt::TokioTimer::new())
             // PINGs find a device gone without a word; hyper sends one only after a quiet
             // interval.
             .keep_alive_interval(drain_shared.http2_keepalive)
             .keep_alive_timeout(H2_PING_TIMEOUT)
             .max_header_list_size(header_list)
+            .max_concurrent_streams(streams)
             .serve_connection(TokioIo::new(tls), service);
         let served = Idle {
             served,
@@ -1286,7 +1368,7 @@ async fn handshake_and_serve(
             closing: false,
             drain: |served| served.graceful_shutdown(),
         };
-        Drainable::new(served, drain_shared, |idle| idle.shut()).await;
+        Drainable::new(served, drain_shared.clone(), |idle| idle.shut()).await;
     } else {
         // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
         // request headers (slow-loris). Its timer starts when the connection turns idle, so
@@ -1302,14 +1384,28 @@ async fn handshake_and_serve(
             .max_buf_size(buffer)
             .serve_connection(TokioIo::new(tls), service);
         let counts = drain_shared.limits.clone();
-        let served =
-            Drainable::new(served, drain_shared, |served| served.graceful_shutdown()).await;
+        let served = Drainable::new(served, drain_shared.clone(), |served| {
+            served.graceful_shutdown()
+        })
+        .await;
         if served.is_err_and(|e| e.is_timeout()) {
             counts
                 .counts
                 .closed_idle
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+    if watched
+        .write_stalled
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let refusal = Refusal::new(Cause::DeviceStalled {
+            what: "stopped reading the answer".into(),
+            seconds: device_idle.as_secs(),
+        });
+        drain_shared.log.warn(&format!(
+            "Cut the connection of device {peer}: {refusal}; its requests' channel streams are reset"
+        ));
     }
 }
 
@@ -1531,6 +1627,10 @@ struct Device {
     /// HTTP/2 streams open now, and when the last one ended (see [`OpenStream`]).
     streams: std::sync::atomic::AtomicUsize,
     last_stream_end: std::sync::atomic::AtomicU64,
+    /// Its requests in flight through channels now (`max_streams_per_device`).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Set when the connection was cut because the device took nothing written to it.
+    write_stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Device {
@@ -1633,7 +1733,11 @@ impl std::fmt::Display for Identity<'_> {
     }
 }
 
-async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) -> Response<Body> {
+async fn handle(
+    request: Request<Incoming>,
+    shared: &Shared,
+    device: &Arc<Device>,
+) -> Response<Body> {
     match route_request(request, shared, device).await {
         Ok(response) => response,
         Err(refusal) => {
@@ -1661,7 +1765,7 @@ async fn handle(request: Request<Incoming>, shared: &Shared, device: &Device) ->
 async fn route_request(
     request: Request<Incoming>,
     shared: &Shared,
-    device: &Device,
+    device: &Arc<Device>,
 ) -> Result<Response<Body>, Refusal> {
     // First: a CONNECT in authority form has no path to route by, and is still a CONNECT.
     if !is_forwarded(request.method()) {
@@ -1730,6 +1834,9 @@ async fn route_request(
             }
         }
     };
+    // The device connection's share of channel streams; counted until the answer's body is
+    // dropped.
+    let in_flight = idle::InFlight::enter(device, shared.max_streams_per_device)?;
     let channel = shared.registry.pick(endpoint)?;
     let started = std::time::Instant::now();
 
@@ -1806,7 +1913,19 @@ async fn route_request(
     if size > limit {
         return Err(Refusal::new(Cause::HeadersTooLarge { size, limit }));
     }
-    let forward = Request::from_parts(parts, tunnel::boxed(body));
+    // A body the device stops sending resets its stream after device_idle_timeout_secs. Only
+    // a request with a body pays for the flag.
+    let device_stalled = (!hyper::body::Body::is_end_stream(&body))
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let body = match &device_stalled {
+        Some(stalled) => tunnel::boxed(idle::DeviceBody::new(
+            body,
+            shared.device_idle,
+            stalled.clone(),
+        )),
+        None => tunnel::boxed(body),
+    };
+    let forward = Request::from_parts(parts, body);
 
     shared.log.verbose(|| {
         format!(
@@ -1820,6 +1939,17 @@ async fn route_request(
         )
     });
     let sent = shared.registry.send(&channel, endpoint, forward);
+    let stalled_refusal = || {
+        Refusal::new(Cause::DeviceStalled {
+            what: "stopped sending its body".into(),
+            seconds: shared.device_idle.as_secs(),
+        })
+    };
+    let device_did_stall = || {
+        device_stalled
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
     let response = tokio::time::timeout(shared.timeout, sent)
         .await
         .map_err(|_| {
@@ -1827,7 +1957,16 @@ async fn route_request(
                 endpoint,
                 seconds: shared.timeout.as_secs(),
             })
-        })??;
+        })?
+        // The channel stream was reset because the device's body stalled: say that, not
+        // that the channel broke.
+        .map_err(|refusal| {
+            if device_did_stall() {
+                stalled_refusal()
+            } else {
+                refusal
+            }
+        })?;
     shared.log.verbose(|| {
         format!(
             "Message {message_id}: the connector answered {} after {} ms",
@@ -1842,6 +1981,15 @@ async fn route_request(
             parts.extensions.insert(phrase);
         }
     }
+    let body = idle::AnswerBody::new(
+        body,
+        shared.connector_idle,
+        shared.log.clone(),
+        message_id,
+        in_flight,
+        device_stalled,
+        shared.device_idle,
+    );
     Ok(Response::from_parts(parts, tunnel::boxed(body)))
 }
 

@@ -113,8 +113,10 @@ async fn http1_after_a_request(
 
 #[test]
 fn connections_that_never_speak_are_closed_at_the_deadlines() {
-    let system =
-        System::start_with_gateway("handshake_timeout_secs = 2\nfirst_request_timeout_secs = 2\n");
+    let system = System::start_with_gateway(
+        "handshake_timeout_secs = 2\nfirst_request_timeout_secs = 2\n",
+        |_| {},
+    );
     assert!(system.wait_for_channels(1));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let with_cert = lab_tls(&system, Some("device-001"), false);
@@ -172,7 +174,7 @@ fn connections_that_never_speak_are_closed_at_the_deadlines() {
 
 #[test]
 fn idle_device_connections_are_closed_after_the_idle_timeout() {
-    let system = System::start_with_gateway("idle_timeout_secs = 2\n");
+    let system = System::start_with_gateway("idle_timeout_secs = 2\n", |_| {});
     assert!(system.wait_for_channels(1));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let http1 = lab_tls(&system, Some("device-001"), false);
@@ -234,6 +236,7 @@ fn refusals_logged(system: &System) -> (usize, usize) {
 fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate() {
     let system = System::start_with_gateway(
         "max_connections_per_address = 5\nfirst_request_timeout_secs = 60\n",
+        |_| {},
     );
     assert!(system.wait_for_channels(1));
     let port = system.gateway.as_ref().unwrap().addr.port();
@@ -319,8 +322,10 @@ fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate
 
 #[test]
 fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
-    let mut system =
-        System::start_with_gateway("max_connections = 4\nfirst_request_timeout_secs = 60\n");
+    let mut system = System::start_with_gateway(
+        "max_connections = 4\nfirst_request_timeout_secs = 60\n",
+        |_| {},
+    );
     assert!(system.wait_for_channels(1));
     let port = system.gateway.as_ref().unwrap().addr.port();
     let tls = lab_tls(&system, Some("device-001"), false);
@@ -417,6 +422,7 @@ fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
 fn a_channel_listener_takes_connectors_only_whatever_devices_do() {
     let mut system = System::start_with_gateway(
         "max_connections = 2\nfirst_request_timeout_secs = 60\nchannel_listen = \"127.0.0.1:0\"\n",
+        |_| {},
     );
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();

@@ -422,3 +422,32 @@ mod never_panics {
         }
     }
 }
+
+/// The gateway's lines for a stall after an answer began (no "Refused a request" then: the
+/// head had gone) name the cause and the timeout.
+#[test]
+fn stalls_cut_after_the_answer_began() {
+    let gateway = cm(
+        "Cut the connection of device 203.0.113.7:50211: 408 CMGService_Devicestalled (device -> gateway): the device stopped reading the answer for 30 s; its requests' channel streams are reset",
+        "PORTCULLIS_GATEWAY",
+        2,
+    ) + &cm(
+        "Cut the answer to message 1f3c of device 203.0.113.8:40000: 504 CMGService_Connectorstalled (gateway -> connector): the connector started its answer and then sent nothing for 30 s; its head was already sent, so the device's stream (HTTP/2) or connection (HTTP/1.1) is cut and the channel stream reset",
+        "PORTCULLIS_GATEWAY",
+        3,
+    );
+    let report = diagnose(&[("gateway.log", gateway)]);
+    assert_eq!(ids(&report), ["device-stalled", "connector-stalled"]);
+    assert!(
+        report.findings[0]
+            .cause
+            .contains("the device stopped reading the answer for 30 s"),
+        "{}",
+        report.findings[0].cause
+    );
+    assert!(
+        report.findings[1].cause.contains("sent nothing for 30 s"),
+        "{}",
+        report.findings[1].cause
+    );
+}

@@ -60,18 +60,6 @@ impl System {
         System::launch(store, allowed_connectors, allowed_roots, prepare, None, "")
     }
 
-    /// The usual system, with `extra` TOML after the gateway's usual keys (limits, say).
-    pub fn start_with_gateway(extra: &str) -> System {
-        System::launch(
-            "connector/store",
-            "Portcullis Connector Channel",
-            "\"ca/root.crt\"",
-            |_| {},
-            None,
-            extra,
-        )
-    }
-
     /// The usual system, with the gateway and the connector each on `count` shards of their
     /// own (threads, as `portcullis gateway` and `portcullis connector` run) instead of the
     /// test's runtime.
@@ -89,6 +77,23 @@ impl System {
             prepare,
             Some(count),
             "",
+        )
+    }
+
+    /// The usual system, with `gateway_extra` TOML after the gateway's usual keys from its
+    /// start (for settings a reload does not change), and `prepare` run on the lab directory
+    /// before the connector starts.
+    pub fn start_with_gateway(
+        gateway_extra: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> System {
+        System::launch(
+            "connector/store",
+            "Portcullis Connector Channel",
+            "\"ca/root.crt\"",
+            prepare,
+            None,
+            gateway_extra,
         )
     }
 
