@@ -578,7 +578,7 @@ fn stalled_bodies_end_after_their_idle_timeouts() {
 fn the_limits_have_defaults_and_bad_values_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("gateway.toml");
-    let usual = "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n";
+    let usual = "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\nconnector_roots = [\"root.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n";
     std::fs::write(&file, usual).unwrap();
     let config = gateway::GatewayConfig::load(&file).unwrap();
     assert_eq!(config.max_streams_per_device, 64);
