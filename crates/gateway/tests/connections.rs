@@ -118,7 +118,7 @@ fn connections_that_never_speak_are_closed_at_the_deadlines() {
         |_| {},
     );
     assert!(system.wait_for_channels(1));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let with_cert = lab_tls(&system, Some("device-001"), false);
     let without_cert = lab_tls(&system, None, false);
     let h2 = lab_tls(&system, Some("device-001"), true);
@@ -176,7 +176,7 @@ fn connections_that_never_speak_are_closed_at_the_deadlines() {
 fn idle_device_connections_are_closed_after_the_idle_timeout() {
     let system = System::start_with_gateway("idle_timeout_secs = 2\n", |_| {});
     assert!(system.wait_for_channels(1));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let http1 = lab_tls(&system, Some("device-001"), false);
     let h2 = lab_tls(&system, Some("device-001"), true);
     let local = Ipv4Addr::LOCALHOST;
@@ -239,7 +239,7 @@ fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate
         |_| {},
     );
     assert!(system.wait_for_channels(1));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let tls = lab_tls(&system, Some("device-001"), false);
     let one = Ipv4Addr::new(127, 0, 0, 1);
     let other = Ipv4Addr::new(127, 0, 0, 2);
@@ -327,7 +327,7 @@ fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
         |_| {},
     );
     assert!(system.wait_for_channels(1));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let tls = lab_tls(&system, Some("device-001"), false);
     let channels = system.gateway.as_ref().unwrap().registry.channel_count();
     // The connector goes away; its channels close.
@@ -389,14 +389,7 @@ fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
     std::thread::sleep(Duration::from_millis(500));
     // The connector comes back during the flood and opens its channels through the room
     // kept for them.
-    let config = connector::run::ConnectorConfig::load(&system.path("connector.toml")).unwrap();
-    let log = recorder(&system.connector_log);
-    system.connector = Some(
-        system
-            .runtime
-            .block_on(connector::run::start(config, log))
-            .unwrap(),
-    );
+    system.start_connector();
     assert!(
         system.wait_for_channels_within(channels, Duration::from_secs(6)),
         "the connector could not open its channels while devices held every slot and more flooded"
@@ -474,14 +467,7 @@ fn a_channel_listener_takes_connectors_only_whatever_devices_do() {
         &format!("localhost:{channel_port}"),
     );
     std::fs::write(&file, toml).unwrap();
-    let config = connector::run::ConnectorConfig::load(&file).unwrap();
-    let log = recorder(&system.connector_log);
-    system.connector = Some(
-        system
-            .runtime
-            .block_on(connector::run::start(config, log))
-            .unwrap(),
-    );
+    system.start_connector();
     assert!(
         system.wait_for_channels_within(channels, Duration::from_secs(10)),
         "the connector could not open its channels on the channel listener"

@@ -21,36 +21,11 @@ fn one_channel() -> System {
 
 /// [`one_channel`], with `gateway_extra` TOML in the gateway's configuration.
 fn one_channel_with(gateway_extra: &str) -> System {
-    let system = System::start_with_gateway(gateway_extra, |lab: &std::path::Path| {
-        let file = lab.join("connector.toml");
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.replace(
-            "verbose = true\n",
-            "verbose = true\nchannels_per_gateway = 1\n",
-        );
-        std::fs::write(&file, text).unwrap();
+    let system = System::start_with_gateway(gateway_extra, |lab| {
+        connector_keys(lab, "channels_per_gateway = 1\n")
     });
     assert!(system.wait_for_channels(1));
     system
-}
-
-fn port(system: &System) -> u16 {
-    system.gateway.as_ref().unwrap().addr.port()
-}
-
-/// The ids of the gateway's channels now.
-fn channel_ids(system: &System) -> Vec<u64> {
-    let mut ids: Vec<u64> = system
-        .gateway
-        .as_ref()
-        .unwrap()
-        .registry
-        .all()
-        .iter()
-        .map(|c| c.id)
-        .collect();
-    ids.sort();
-    ids
 }
 
 /// How many channels the gateway's log says were opened.
@@ -301,8 +276,8 @@ async fn upload_under_way(
 #[test]
 fn an_oversized_request_gets_431_and_the_upload_beside_it_on_the_channel_completes() {
     let system = one_channel();
-    let ids = channel_ids(&system);
-    let port = port(&system);
+    let ids = system.channel_ids();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     let h2_tls = h2_tls(&system);
     system.runtime.block_on(async {
@@ -381,7 +356,7 @@ fn an_oversized_request_gets_431_and_the_upload_beside_it_on_the_channel_complet
         assert_eq!(status, 200);
         assert_eq!(&body.unwrap()[..], b"first second last");
     });
-    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(system.channel_ids(), ids);
     assert_eq!(channels_opened(&system), 1);
     system.stop();
 }
@@ -396,22 +371,19 @@ fn a_connector_taking_less_than_the_gateway_is_sent_nothing_larger() {
         "Portcullis Connector Channel",
         "\"ca/root.crt\"",
         |lab| {
-            let file = lab.join("connector.toml");
-            let text = std::fs::read_to_string(&file).unwrap();
-            let text = text.replace(
-                "verbose = true\n",
-                "verbose = true\nchannels_per_gateway = 1\nmax_request_header_bytes = 8192\n",
-            );
-            std::fs::write(&file, text).unwrap();
+            connector_keys(
+                lab,
+                "channels_per_gateway = 1\nmax_request_header_bytes = 8192\n",
+            )
         },
     );
     assert!(system.wait_for_channels(1));
-    let ids = channel_ids(&system);
+    let ids = system.channel_ids();
     assert_logged(
         &system.gateway_log,
         "takes request headers up to 8192 bytes, less than this gateway's max_request_header_bytes (32768)",
     );
-    let port = port(&system);
+    let port = system.gateway_port();
     let tls = system.device_tls();
     system.runtime.block_on(async {
         let mut raw = Raw::connect(port, tls).await;
@@ -434,7 +406,7 @@ fn a_connector_taking_less_than_the_gateway_is_sent_nothing_larger() {
             }
         }
     });
-    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(system.channel_ids(), ids);
     system.stop();
 }
 
@@ -472,8 +444,8 @@ fn bodies_in_many_small_pieces_never_close_the_channel() {
     // Every one of the 150 streams below goes on the channel: one device's share of streams
     // (64 by default, 429 beyond) would otherwise keep most of them off it.
     let system = one_channel_with("max_streams_per_device = 200\n");
-    let ids = channel_ids(&system);
-    let port = port(&system);
+    let ids = system.channel_ids();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     let h2_tls = h2_tls(&system);
     let started = Instant::now();
@@ -546,7 +518,7 @@ fn bodies_in_many_small_pieces_never_close_the_channel() {
         assert!(answered.iter().all(|s| *s == 200), "{answered:?}");
     });
     assert!(started.elapsed() < Duration::from_secs(60));
-    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(system.channel_ids(), ids);
     assert_eq!(channels_opened(&system), 1);
     system.stop();
 }
@@ -557,8 +529,8 @@ fn bodies_in_many_small_pieces_never_close_the_channel() {
 fn methods_not_forwarded_get_405_and_ten_thousand_leave_the_channels_alone() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
-    let ids = channel_ids(&system);
-    let port = port(&system);
+    let ids = system.channel_ids();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     let h2_tls = h2_tls(&system);
     system.runtime.block_on(async {
@@ -648,7 +620,7 @@ fn methods_not_forwarded_get_405_and_ten_thousand_leave_the_channels_alone() {
         .await;
         assert_eq!(raw.answer().await.status, 200);
     });
-    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(system.channel_ids(), ids);
     assert_eq!(channels_opened(&system), 2);
     system.stop();
 }
@@ -740,19 +712,19 @@ fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
     let connector = system.connector.take().unwrap();
     system.runtime.block_on(connector.stop());
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !channel_ids(&system).is_empty() && Instant::now() < deadline {
+    while !system.channel_ids().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(channel_ids(&system).is_empty());
-    let port = port(&system);
+    assert!(system.channel_ids().is_empty());
+    let port = system.gateway_port();
     let tls = system.device_tls();
     system.runtime.block_on(async {
         let mut seen = fake_connector(&system, port).await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while channel_ids(&system).is_empty() && Instant::now() < deadline {
+        while system.channel_ids().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let ids = channel_ids(&system);
+        let ids = system.channel_ids();
         assert_eq!(ids.len(), 1);
         let mut raw = Raw::connect(port, tls.clone()).await;
         let mut get = async |path: &str| {
@@ -780,7 +752,7 @@ fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
         assert_eq!((fine.status, &fine.body[..]), (200, &b"fine"[..]));
         let pushed = get("/push").await;
         assert_eq!(pushed.status, 200);
-        assert_eq!(channel_ids(&system), ids);
+        assert_eq!(system.channel_ids(), ids);
         let mut said = Vec::new();
         while let Ok(line) = seen.try_recv() {
             said.push(line);
@@ -798,10 +770,10 @@ fn a_connectors_oversized_answer_headers_and_pushes_are_refused() {
             String::from_utf8_lossy(&enormous.body)
         );
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !channel_ids(&system).is_empty() && Instant::now() < deadline {
+        while !system.channel_ids().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(channel_ids(&system).is_empty(), "h2 closed that channel");
+        assert!(system.channel_ids().is_empty(), "h2 closed that channel");
     });
     system.stop();
 }
@@ -889,8 +861,8 @@ fn an_endpoints_answer_headers_steer_nothing_and_the_hello_path_is_the_endpoints
         },
     );
     assert!(system.wait_for_channels(2));
-    let ids = channel_ids(&system);
-    let port = port(&system);
+    let ids = system.channel_ids();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     system.runtime.block_on(async {
         let mut raw = Raw::connect(port, tls.clone()).await;
@@ -929,6 +901,6 @@ fn an_endpoints_answer_headers_steer_nothing_and_the_hello_path_is_the_endpoints
         }
         assert_eq!(answers, vec![(200, "OK".to_string(), 0); 6]);
     });
-    assert_eq!(channel_ids(&system), ids);
+    assert_eq!(system.channel_ids(), ids);
     system.stop();
 }

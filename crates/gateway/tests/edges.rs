@@ -256,13 +256,7 @@ fn a_transfer_coding_other_than_chunked_is_refused() {
     let chunked = post("chunked");
     assert!(chunked.starts_with("HTTP/1.1 200"), "{chunked}");
     assert!(chunked.ends_with("compressed, say"), "{chunked}");
-    let forwarded = system
-        .connector_log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("Forwarding"))
-        .count();
+    let forwarded = system.connector_lines_starting("Forwarding");
     assert_eq!(
         forwarded, 1,
         "only the chunked request reaches the connector"
@@ -321,13 +315,7 @@ fn encoded_paths_are_refused_at_the_gateway() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("HTTP/1.1 404 Not Found"), "{text}");
     assert!(text.contains("x-iis-substatus"), "{text}");
-    let forwarded = system
-        .connector_log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("Forwarding"))
-        .count();
+    let forwarded = system.connector_lines_starting("Forwarding");
     assert_eq!(forwarded, 1, "only the last request reaches the connector");
     system.stop();
 }

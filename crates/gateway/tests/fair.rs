@@ -18,14 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// against took 20 s and more, or never ended).
 const PROMPTLY: Duration = Duration::from_secs(6);
 
-/// Puts `extra` into the connector's configuration (before its endpoint table).
-fn connector_keys(dir: &std::path::Path, extra: &str) {
-    let file = dir.join("connector.toml");
-    let toml = std::fs::read_to_string(&file).unwrap();
-    let toml = toml.replacen("verbose = true\n", &format!("verbose = true\n{extra}"), 1);
-    std::fs::write(&file, toml).unwrap();
-}
-
 /// A TLS connection to the gateway as device-001, offering `alpn`, its socket's receive buffer
 /// fixed at `receive_buffer` bytes if given (no autotuning: a device that does not read stops
 /// the gateway's writes soon).
@@ -296,20 +288,6 @@ fn total(heads: &[AtomicUsize; 4]) -> usize {
     heads.iter().map(|h| h.load(Ordering::Relaxed)).sum()
 }
 
-fn channel_ids(system: &System) -> Vec<u64> {
-    let mut ids: Vec<u64> = system
-        .gateway
-        .as_ref()
-        .unwrap()
-        .registry
-        .all()
-        .iter()
-        .map(|c| c.id)
-        .collect();
-    ids.sort();
-    ids
-}
-
 fn answered_promptly(system: &System, count: usize) {
     let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
     for _ in 0..count {
@@ -333,7 +311,7 @@ fn answered_promptly(system: &System, count: usize) {
 fn devices_holding_many_streams_get_their_share_and_no_more() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
-    let before = channel_ids(&system);
+    let before = system.channel_ids();
     let leave = Arc::new(tokio::sync::Notify::new());
     let holders: Vec<_> = (0..4).map(|_| heads()).collect();
     for h in &holders {
@@ -361,9 +339,9 @@ fn devices_holding_many_streams_get_their_share_and_no_more() {
 
     leave.notify_waiters();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(channel_ids(&system), before, "the channels survive");
+    assert_eq!(system.channel_ids(), before, "the channels survive");
     answered_promptly(&system, 4);
-    assert_eq!(channel_ids(&system), before);
+    assert_eq!(system.channel_ids(), before);
     system.stop();
 }
 
@@ -383,7 +361,7 @@ fn requests_abandoned_while_queued_are_never_sent() {
         |dir| connector_keys(dir, "channels_per_gateway = 1\n"),
     );
     assert!(system.wait_for_channels(1));
-    let before = channel_ids(&system);
+    let before = system.channel_ids();
     let leave = Arc::new(tokio::sync::Notify::new());
     let holders: Vec<_> = (0..1).map(|_| heads()).collect();
     for h in &holders {
@@ -423,10 +401,10 @@ fn requests_abandoned_while_queued_are_never_sent() {
         == 0));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(forwarded(&system), 256, "an abandoned request was sent");
-    assert_eq!(channel_ids(&system), before, "the channel survives");
+    assert_eq!(system.channel_ids(), before, "the channel survives");
     answered_promptly(&system, 2);
     assert_eq!(forwarded(&system), 258);
-    assert_eq!(channel_ids(&system), before);
+    assert_eq!(system.channel_ids(), before);
     system.stop();
 }
 

@@ -398,7 +398,7 @@ fn a_gateway_stopping_gracefully_answers_the_request_under_way() {
 fn two_shards_with_channels() -> (System, u16, Arc<rustls::ClientConfig>) {
     let system = System::start_on_shards(2);
     assert!(system.wait_for_channels(2));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     (system, port, tls)
 }

@@ -206,13 +206,7 @@ fn devices_are_refused_at_the_gateway_with_a_named_status() {
             report.lines
         );
     }
-    let forwarded = system
-        .connector_log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("Forwarding"))
-        .count();
+    let forwarded = system.connector_lines_starting("Forwarding");
     assert_eq!(forwarded, 0, "refused requests never reach the connector");
     system.stop();
 }
@@ -351,7 +345,7 @@ fn a_connector_reload_adds_an_endpoint_and_names_what_waits_for_a_restart() {
 fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
-    let port = system.gateway.as_ref().unwrap().addr.port();
+    let port = system.gateway_port();
     let tls = system.device_tls();
     let served_certificate = || {
         system.runtime.block_on(async {

@@ -43,6 +43,14 @@ pub fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
         .into_log()
 }
 
+/// Puts `extra` into the connector's configuration (before its endpoint table).
+pub fn connector_keys(dir: &std::path::Path, extra: &str) {
+    let file = dir.join("connector.toml");
+    let toml = std::fs::read_to_string(&file).unwrap();
+    let toml = toml.replacen("verbose = true\n", &format!("verbose = true\n{extra}"), 1);
+    std::fs::write(&file, toml).unwrap();
+}
+
 impl System {
     /// Starts all three; `store` is the connector's client-cert store relative to the lab.
     pub fn start(store: &str, allowed_connectors: &str) -> System {
@@ -217,6 +225,50 @@ impl System {
     }
 
     /// device-001's TLS client configuration (HTTP/1.1), trusting the lab root.
+    /// Starts the connector again from its configuration file (after a test stopped it or
+    /// edited the file).
+    pub fn start_connector(&mut self) {
+        let config = ConnectorConfig::load(&self.path("connector.toml")).unwrap();
+        let log = recorder(&self.connector_log);
+        self.connector = Some(
+            self.runtime
+                .block_on(connector::run::start(config, log))
+                .unwrap(),
+        );
+    }
+
+    /// How many of the connector's log lines start with `prefix` (`"Forwarding"`: requests
+    /// that reached it).
+    pub fn connector_lines_starting(&self, prefix: &str) -> usize {
+        self.connector_log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// The gateway's device port.
+    pub fn gateway_port(&self) -> u16 {
+        self.gateway.as_ref().expect("the gateway runs").addr.port()
+    }
+
+    /// The ids of the gateway's channels now, in order: a channel that closed and came back
+    /// has a new id.
+    pub fn channel_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .gateway
+            .as_ref()
+            .expect("the gateway runs")
+            .registry
+            .all()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn device_tls(&self) -> Arc<rustls::ClientConfig> {
         Arc::new(
             probe::device_tls(
