@@ -12,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-500}; N2=${2:-2500}
-P=$PWD/target/release/portcullis
+# PORTCULLIS=/path/to/another/build measures that binary instead (an earlier commit, say).
+P=${PORTCULLIS:-$PWD/target/release/portcullis}
 [ -x "$P" ] || { echo "build first: cargo build --release -p portcullis" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "install valgrind (apt-get install valgrind)" >&2; exit 2; }
 work=$(mktemp -d)
@@ -21,7 +22,7 @@ trap 'pkill -f "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 cd "$work/lab"
 MP_PORT=${MP_PORT:-19001}; GW_PORT=${GW_PORT:-19443}
 printf 'listen = "127.0.0.1:%s"\ncert = "mp/server.crt"\nkey = "mp/server.key"\ntrusted_roots = ["ca/root.crt"]\n' "$MP_PORT" > mp.toml
-printf 'listen = "127.0.0.1:%s"\ncert = "gateway/server.crt"\nkey = "gateway/server.key"\ntrusted_roots = ["ca/root.crt"]\nconnector_roots = ["ca/connector-roots.crt"]\nallowed_connectors = ["Portcullis Connector Channel"]\n[log]\nconsole = "off"\n' "$GW_PORT" > gateway.toml
+printf 'listen = "127.0.0.1:%s"\ncert = "gateway/server.crt"\nkey = "gateway/server.key"\ntrusted_roots = ["ca/root.crt"]\nconnector_roots = ["ca/root.crt"]\nallowed_connectors = ["Portcullis Connector Channel"]\n[log]\nconsole = "off"\n' "$GW_PORT" > gateway.toml
 printf 'connector_id = "c1"\ngateways = ["localhost:%s"]\ngateway_roots = ["ca/root.crt"]\nchannel_cert = "connector/channel.crt"\nchannel_key = "connector/channel.key"\nclient_cert_store = "connector/store"\nallowed_roots = ["ca/root.crt"]\nendpoint_roots = ["ca/root.crt"]\n[log]\nconsole = "off"\nfile = "logs/SMS_Cloud_ProxyConnector.log"\n[[endpoints]]\nid = 7\nname = "SMS_MP"\nurl = "https://localhost:%s"\n' "$GW_PORT" "$MP_PORT" > connector.toml
 
 run() {
@@ -34,7 +35,9 @@ run() {
   local cn=$!
   for _ in $(seq 1 100); do
     sleep 0.3
-    curl -s --cacert ca/root.crt "https://localhost:$GW_PORT/CCM_PROXY_MUTUALAUTH/ServiceMetadata" | grep -q '"channels":2' && break
+    # ServiceMetadata names channels to an authenticated device only.
+    curl -s --cacert ca/root.crt --cert devices/device-001.crt --key devices/device-001.key \
+      "https://localhost:$GW_PORT/CCM_PROXY_MUTUALAUTH/ServiceMetadata" | grep -q '"channels":2' && break
   done
   "$P" bench load "https://localhost:$GW_PORT/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST" --ca ca/root.crt \
     --cert devices/device-001.crt --key devices/device-001.key -c 4 -n "$1" --timeout 60 \
