@@ -15,9 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 
 use crate::refusal::{Cause, Refusal};
@@ -29,7 +27,7 @@ pub const ALPN: &[u8] = b"portcullis-tunnel/1";
 /// for the per-connection metadata of a few hundred devices, so a kept device's
 /// `x-portcullis-device` line goes as a table index instead of a literal the other end must
 /// decode.
-const HPACK_TABLE_BYTES: u32 = 64 * 1024;
+pub const HPACK_TABLE_BYTES: u32 = 64 * 1024;
 pub const HELLO_PATH: &str = "/_portcullis/v1/hello";
 
 /// Streams one channel carries at once: the connector's HTTP/2 server says so in
@@ -1061,75 +1059,6 @@ where
     Ok(channel)
 }
 
-/// Streams the gateway has reset before the connector took them, at once, that a channel
-/// tolerates (h2's default is 20).
-const MAX_PENDING_ACCEPT_RESETS: usize = 4096;
-
-/// How a channel served by [`serve`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Served {
-    /// The gateway closed it, or it broke.
-    Closed,
-    /// Drained on request: the requests under way were answered, no new one was taken.
-    Drained,
-}
-
-/// Connector side: serves the gateway's requests on a dialled channel until it ends, or until
-/// `drain` completes: the channel then says GOAWAY, answers what it has taken, and ends. (The
-/// service should say [`headers::DRAINING`] on its answers for a while before, so that the
-/// gateway has stopped sending when the GOAWAY comes: a request it sent just as the GOAWAY
-/// arrived could be refused, unprocessed, with nothing to send it again from.)
-///
-/// `max_request_header_bytes` is the largest request header block (counted as HPACK does) it
-/// takes: at least what its gateways send (their own `max_request_header_bytes`, which counts
-/// their metadata headers too), so that h2 never refuses a request a gateway passed.
-pub async fn serve<IO, S>(
-    io: IO,
-    service: S,
-    drain: impl Future<Output = ()>,
-    max_request_header_bytes: u32,
-) -> Result<Served, hyper::Error>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        // Explicit windows and no adaptive_window: hyper's adaptive_window(true) sets both
-        // windows back to 65,535 (and lets BDP probing grow them without this bound).
-        .initial_stream_window_size(CHANNEL_STREAM_WINDOW)
-        .initial_connection_window_size(CHANNEL_CONNECTION_WINDOW)
-        .max_concurrent_streams(CHANNEL_MAX_STREAMS)
-        // A stream the gateway opens and resets before it was taken up (its device left just
-        // as it got its slot) counts against hyper's rapid-reset guard (20 by default, then
-        // GOAWAY). The gateway never has more than CHANNEL_MAX_STREAMS streams open, so that
-        // many such resets at once is the most an honest gateway can send.
-        .max_pending_accept_reset_streams(CHANNEL_MAX_STREAMS as usize)
-        .header_table_size(HPACK_TABLE_BYTES)
-        .max_header_list_size(max_request_header_bytes)
-        // The peer is the connector's own authenticated gateway, which resets a stream for
-        // every device that gives up on a request: h2's rapid-reset limits (20 reset streams
-        // awaiting accept; 1,024 refused in a channel's life) would close a channel that
-        // every device shares because of a few devices' cancellations.
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(None)
-        .serve_connection(TokioIo::new(io), service);
-    let mut connection = AfterOthers::new(connection);
-    tokio::select! {
-        ended = &mut connection => return ended.map(|()| Served::Closed),
-        () = drain => {}
-    }
-    std::pin::Pin::new(&mut connection.inner).graceful_shutdown();
-    // The gateway closes its end once it has its answers, often before hyper has said its
-    // last GOAWAY: an error here ends a drained channel too.
-    let _ = connection.await;
-    Ok(Served::Drained)
-}
-
 /// Polls a channel's connection only after the tasks that were ready when it was woken have
 /// run. A device's task that sends a request (or an endpoint call that answers) wakes the
 /// connection at once, and tokio runs a task so woken next: the connection then wrote each
@@ -1148,6 +1077,11 @@ impl<F> AfterOthers<F> {
             inner,
             yielded: false,
         }
+    }
+
+    /// The future it polls, e.g. to shut a connection down gracefully.
+    pub fn get_mut(&mut self) -> &mut F {
+        &mut self.inner
     }
 }
 

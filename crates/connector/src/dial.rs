@@ -1,0 +1,237 @@
+//! The dialler: N channels to each gateway, each in a loop that dials, serves the channel until
+//! it ends or is drained, and dials again with backoff and jitter; more channels when a
+//! gateway's hello says it runs more worker threads.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use channel::shards::Shards;
+use channel::tunnel;
+use ring::rand::SecureRandom;
+use rustls_pki_types::ServerName;
+use tokio::sync::watch;
+
+use crate::channel_server::{self, Served};
+use crate::lock;
+use crate::run::Log;
+use crate::service::{PerChannel, Service};
+
+/// The most channels a connector holds to one gateway, however many threads it announces.
+const MAX_CHANNELS_PER_GATEWAY: usize = 64;
+
+/// Starts dial loops round the shards and keeps their tasks, for `stop`.
+#[derive(Clone)]
+pub(crate) struct Dialer {
+    pub(crate) shards: Shards,
+    pub(crate) tasks: Arc<Mutex<Tasks>>,
+    pub(crate) stopped: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+pub(crate) struct Tasks {
+    /// Dial loops started so far: the next goes to the shard after the last one's.
+    pub(crate) dials: usize,
+    pub(crate) handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Dialer {
+    pub(crate) fn start(&self, dial: Dial) {
+        let mut tasks = lock(&self.tasks);
+        let shard = tasks.dials;
+        tasks.dials += 1;
+        let handle = self.shards.spawn_on(shard, dial.run(self.stopped.clone()));
+        tasks.handles.push(handle);
+    }
+}
+
+/// Opens more channels to a gateway when its hello says it runs more worker threads than
+/// there are channels to it, so that every gateway thread drives a channel of its own (a device
+/// on a thread without one is served through another thread's, at the cost of a cross-thread
+/// wake per message). Channels are never closed for a gateway announcing fewer.
+pub(crate) async fn widen(
+    dialer: Dialer,
+    first: Dial,
+    mut open: usize,
+    mut announced: watch::Receiver<usize>,
+) {
+    let mut stopped = dialer.stopped.clone();
+    loop {
+        tokio::select! {
+            changed = announced.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = stopped.changed() => return,
+        }
+        let threads = *announced.borrow_and_update();
+        let wanted = threads.min(MAX_CHANNELS_PER_GATEWAY);
+        if wanted <= open {
+            continue;
+        }
+        first.log.info(&format!(
+            "Gateway {}:{} runs {threads} worker threads: opening {} more channel(s) to it, {wanted} in all",
+            first.host,
+            first.port,
+            wanted - open
+        ));
+        while open < wanted {
+            open += 1;
+            dialer.start(first.numbered(open));
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Dial {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) server_name: String,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) service: Arc<Service>,
+    /// The most worker threads this gateway has said it runs (at first the configured channel
+    /// count): the hello sets it, [`widen`] reads it.
+    pub(crate) announced: Arc<watch::Sender<usize>>,
+    pub(crate) log: Log,
+    pub(crate) number: usize,
+    pub(crate) max_request_header_bytes: u32,
+}
+
+/// How far apart a connector's channels to one gateway are drained and dialled again after its
+/// hello changed, so that the gateway always holds the others meanwhile.
+pub(crate) const REOPEN_STAGGER: Duration = Duration::from_secs(1);
+
+/// Resolves once the connector is stopping (or gone).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// How long a channel's answers say it is draining before its GOAWAY.
+pub(crate) const DRAIN_NOTICE: Duration = Duration::from_millis(300);
+
+/// Backoff bounds for redialling a gateway.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A channel that lived this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+impl Dial {
+    pub(crate) fn numbered(&self, number: usize) -> Dial {
+        Dial {
+            number,
+            ..self.clone()
+        }
+    }
+
+    async fn run(self, mut stopped: watch::Receiver<bool>) {
+        let random = ring::rand::SystemRandom::new();
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            let started = Instant::now();
+            // A stop drains the channel (see `once`), and the loop ends.
+            let outcome = self.once(stopped.clone()).await;
+            if *stopped.borrow() {
+                return;
+            }
+            let gateway = format!("{}:{}", self.host, self.port);
+            match outcome {
+                Ok(Served::Drained) => {
+                    // Drained to say a new hello: dialled again at once.
+                    self.log.info(&format!(
+                        "Channel {} to gateway {gateway} drained to give it the new hello; dialling again",
+                        self.number
+                    ));
+                    backoff = BACKOFF_FIRST;
+                    continue;
+                }
+                Ok(Served::Closed) => self.log.warn(&format!(
+                    "Channel {} to gateway {gateway} closed; reconnecting",
+                    self.number
+                )),
+                Err(why) => self.log.error(&format!(
+                    "Channel {} to gateway {gateway}: {why}; retrying",
+                    self.number
+                )),
+            }
+            if started.elapsed() >= HEALTHY_AFTER {
+                backoff = BACKOFF_FIRST;
+            }
+            // Full jitter in [backoff/2, backoff], so many connectors do not redial in step.
+            let mut byte = [0u8; 1];
+            let _ = random.fill(&mut byte);
+            let wait = backoff / 2 + backoff.mul_f64(f64::from(byte[0]) / 510.0);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                () = stop_requested(&mut stopped) => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Dials the gateway and serves the channel until it ends, or until it has been drained:
+    /// when the hello changed (its turn come) or when the connector stops.
+    async fn once(&self, mut stopped: watch::Receiver<bool>) -> Result<Served, String> {
+        // Changes of the hello from now on: made before dialling, so none is missed.
+        let mut hello_changes = self.service.hello_changes.subscribe();
+        let tls = tokio::select! {
+            tls = self.connect() => tls?,
+            () = stop_requested(&mut stopped) => return Ok(Served::Drained),
+        };
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frames = Arc::new(tunnel::SmallFrames::default());
+        let channel = Arc::new(PerChannel {
+            service: self.service.clone(),
+            announced: self.announced.clone(),
+            draining: draining.clone(),
+            frames,
+        });
+        let hyper_service = hyper::service::service_fn(move |req| {
+            let channel = channel.clone();
+            let fut = async move { Ok::<_, std::convert::Infallible>(channel.answer(req).await) };
+            // Boxed: hyper spawns each request's future as a task and it is moved whole
+            // several times on the way; boxed, only a pointer moves.
+            Box::pin(fut)
+        });
+        let turn = REOPEN_STAGGER * u32::try_from(self.number.saturating_sub(1)).unwrap_or(0);
+        let drain = async move {
+            let hello_changed = async {
+                if hello_changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(turn).await;
+            };
+            tokio::select! {
+                () = hello_changed => {}
+                () = stop_requested(&mut stopped) => {}
+            }
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(DRAIN_NOTICE).await;
+        };
+        channel_server::serve(tls, hyper_service, drain, self.max_request_header_bytes)
+            .await
+            .map_err(|e| format!("channel ended: {e}"))
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "TCP connect timed out".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| format!("bad server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS failed: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
+            return Err("the gateway does not speak the channel protocol (ALPN)".into());
+        }
+        Ok(tls)
+    }
+}
