@@ -2,11 +2,11 @@
 //! and connector channels (ALPN `portcullis-tunnel/1`). Devices are authenticated per route;
 //! their requests go to a connector over a held channel; every refusal names its hop.
 //!
-//! This file starts, stops and reloads a gateway. A connection is taken in by [`accept`]
-//! (caps, placement, handshake, then a channel or a device); a device's request goes through
-//! [`forward`] (authenticate, rewrite for the channel, send). Configuration is [`config`],
-//! connector policy [`connectors`], the server certificate [`tls`], a device's state
-//! [`device`], ServiceMetadata [`metadata`].
+//! This file starts, stops and reloads a gateway. A connection is taken in by `accept`
+//! (caps, placement, handshake, then a channel, kept in [`channels`], or a device); a device's
+//! request goes through `forward` (authenticate, rewrite for the channel, send on one of
+//! [`channels`]). Configuration is `config`, connector policy `connectors`, the server
+//! certificate `tls`, a device's state `device`, ServiceMetadata `metadata`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

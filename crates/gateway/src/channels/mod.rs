@@ -1,7 +1,7 @@
 //! The gateway's end of the channels: a connector's connection taken in as a channel
-//! ([`accept`]: HTTP/2 client handshake, the hello, registration), the channels by endpoint
+//! ([`accept()`]: HTTP/2 client handshake, the hello, registration), the channels by endpoint
 //! ([`Registry`]: pick, the queue for stream slots, what status shows), and a device's request
-//! sent on one ([`send`]: stream slots, h2 directly, the request body streamed, the answer's
+//! sent on one (`send`: stream slots, h2 directly, the request body streamed, the answer's
 //! body as [`ChannelBody`]). What both ends share (ALPN, the hello, header names, windows,
 //! bodies) is `channel::tunnel`.
 
