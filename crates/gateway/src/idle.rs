@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use channel::refusal::{Cause, Refusal};
-use channel::tunnel::{BoxError, ChannelBody};
+use channel::tunnel::BoxError;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::{Device, Log};
+use crate::channels::ChannelBody;
+use crate::device::Device;
+use crate::Log;
 
 /// Arms `idle` for `limit` from now if this is the first wait since progress, and polls it:
 /// true once the wait has lasted `limit`.

@@ -1,0 +1,206 @@
+//! A device connection's state: its address and certificate, its judgement under the current
+//! settings (judged again after a reload), the headers that say who it is, and the identity a
+//! request carries to the connector.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::header::HeaderValue;
+use time::OffsetDateTime;
+
+use crate::device_auth::Judgement;
+use crate::Shared;
+
+pub(crate) struct Device {
+    pub(crate) addr: SocketAddr,
+    /// The certificate it presented (DER), kept to judge it again after a reload.
+    pub(crate) leaf: Option<Vec<u8>>,
+    pub(crate) state: std::sync::Mutex<Arc<DeviceState>>,
+    /// `X-Forwarded-For` and `Forwarded` with the device's address, made at its first
+    /// forwarded request (an idle connection holds one pointer for them, not the two values).
+    pub(crate) forwarded: std::sync::OnceLock<Box<[HeaderValue; 2]>>,
+    /// HTTP/2 streams open now, and when the last one ended (see `accept::OpenStream`).
+    pub(crate) streams: std::sync::atomic::AtomicUsize,
+    pub(crate) last_stream_end: std::sync::atomic::AtomicU64,
+    /// Its requests in flight through channels now (`max_streams_per_device`).
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
+    /// Set when the connection was cut because the device took nothing written to it.
+    pub(crate) write_stalled: std::sync::atomic::AtomicBool,
+}
+
+impl Device {
+    /// The values endpoints get in `X-Forwarded-For` and `Forwarded` (RFC 7239: an IPv6
+    /// address in brackets and quotes), made once per connection.
+    pub(crate) fn forwarded(&self) -> &[HeaderValue; 2] {
+        self.forwarded.get_or_init(|| {
+            let [forwarded_for, forwarded] = forwarded_texts(self.addr.ip());
+            Box::new([header_value(&forwarded_for), header_value(&forwarded)])
+        })
+    }
+}
+
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239 4: an IPv6 address in brackets and quotes)
+/// for a device at `ip`.
+fn forwarded_texts(ip: std::net::IpAddr) -> [String; 2] {
+    let forwarded = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    };
+    [ip.to_string(), forwarded]
+}
+
+/// A device connection's judged certificate, as of one
+/// [`DeviceAuth`](crate::device_auth::DeviceAuth) generation.
+pub(crate) struct DeviceState {
+    pub(crate) judgement: Judgement,
+    /// Who the device is, for the connector: the trusted certificate's subject and thumbprint
+    /// and the device's address, as one header value made once per judgement (one HPACK
+    /// table entry per connection rather than three lookups per request).
+    pub(crate) device_header: HeaderValue,
+    /// `client_cert_header` and the trusted certificate's DER in base64, when configured (and
+    /// the certificate trusted).
+    pub(crate) cert_header: Option<Box<(hyper::header::HeaderName, HeaderValue)>>,
+}
+
+impl DeviceState {
+    pub(crate) fn new(judgement: Judgement, addr: SocketAddr, shared: &Shared) -> DeviceState {
+        if let Some(warning) = &judgement.warning {
+            shared.log.warn(&format!("Device {addr}: {warning}"));
+        }
+        let cert_header = match (&judgement.cert, shared.cert_header.load_full()) {
+            // Base64 is always a valid value; were it not, the device's copy is still replaced.
+            (Ok(cert), Some(name)) => Some(Box::new((
+                (*name).clone(),
+                HeaderValue::try_from(base64(cert.der()))
+                    .unwrap_or_else(|_| HeaderValue::from_static("")),
+            ))),
+            _ => None,
+        };
+        let device_header = match &judgement.cert {
+            Ok(cert) => header_value(&format!(
+                "{} ({}) from {addr}",
+                cert.subject, cert.thumbprint
+            )),
+            Err(_) => HeaderValue::from_static(""),
+        };
+        DeviceState {
+            judgement,
+            device_header,
+            cert_header,
+        }
+    }
+}
+
+impl Device {
+    /// The judgement under the gateway's current settings: judged again when a reload has
+    /// changed them since.
+    pub(crate) fn state(&self, shared: &Shared) -> Arc<DeviceState> {
+        let auth = shared.auth.load();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.judgement.generation != auth.generation {
+            let judgement = auth.judge(self.leaf.as_deref(), OffsetDateTime::now_utc());
+            *state = Arc::new(DeviceState::new(judgement, self.addr, shared));
+        }
+        state.clone()
+    }
+}
+
+/// The device identity a request carries to the connector.
+pub(crate) enum Identity<'a> {
+    Certificate {
+        thumbprint: &'a str,
+        /// What the connector is told: [`DeviceState::device_header`].
+        header: &'a HeaderValue,
+        /// [`DeviceState::cert_header`].
+        cert_header: Option<&'a (hyper::header::HeaderName, HeaderValue)>,
+    },
+    Token {
+        subject: String,
+        id: String,
+    },
+}
+
+impl std::fmt::Display for Identity<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Certificate { thumbprint, .. } => write!(f, "certificate {thumbprint}"),
+            Identity::Token { subject, id } => write!(f, "token {id} for {subject}"),
+        }
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), as IIS ARR sends a client certificate.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
+}
+
+/// A header value for text that may hold anything (subjects): made visible ASCII.
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::try_from(header_safe(text)).unwrap_or_else(|_| HeaderValue::from_static("?"))
+}
+
+/// A header value HPACK must never add to its table.
+pub(crate) fn never_indexed(text: &str) -> HeaderValue {
+    let mut value = header_value(text);
+    value.set_sensitive(true);
+    value
+}
+
+/// Header values must be visible ASCII; subjects may hold anything.
+pub(crate) fn header_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn forwarded_quotes_an_ipv6_address() {
+        assert_eq!(
+            super::forwarded_texts("127.0.0.1".parse().unwrap()),
+            ["127.0.0.1", "for=127.0.0.1;proto=https"]
+        );
+        assert_eq!(
+            super::forwarded_texts("2001:db8::1".parse().unwrap()),
+            ["2001:db8::1", "for=\"[2001:db8::1]\";proto=https"]
+        );
+    }
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (bytes, text) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xff, 0xfe, 0x00], "//4A"),
+        ] {
+            assert_eq!(super::base64(bytes), text);
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! The request path: a device's request checked, authenticated, rewritten for the channel and
+//! sent; the connector's answer (or the refusal) back to the device.
+
+use std::sync::Arc;
+
+use channel::refusal::{Cause, Refusal};
+use channel::route::{self, Auth, Route};
+use channel::tunnel::{self, headers, refusal_response, Body};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response};
+use logs::cmtrace::Severity;
+use time::OffsetDateTime;
+
+use crate::channels::Channel;
+use crate::device::{header_safe, never_indexed, Device, DeviceState, Identity};
+use crate::metadata::{metadata_view, service_metadata};
+use crate::{idle, Shared};
+
+/// The methods the gateway forwards: HTTP's own but CONNECT (a tunnel, which HTTP/2 carries
+/// without a path: the connector refused each such stream, and h2 closes a channel after
+/// 1,024 refusals) and TRACE (it echoes headers back); and Configuration Manager's extension
+/// methods: `CCM_POST` (its clients' requests to a management point) and `BITS_POST` (BITS
+/// uploads), and WebDAV's `PROPFIND` (BITS and distribution points list content with it).
+/// Anything else gets 405 with `Allow`.
+const FORWARDED_METHODS: &str =
+    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
+
+fn is_forwarded(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    ) || matches!(method.as_str(), "CCM_POST" | "BITS_POST" | "PROPFIND")
+}
+
+/// A header block's size as HPACK counts it (RFC 7541 4.1: name, value and 32 a field), with
+/// the pseudo-header fields the request goes on the channel with (`:method`, `:scheme`,
+/// `:path`; h2 sends no `:authority` for a path-only URI).
+fn header_block_size(parts: &hyper::http::request::Parts) -> usize {
+    let pseudo = (7 + parts.method.as_str().len() + 32)
+        + (7 + 5 + 32)
+        + (5 + parts.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 32);
+    parts.headers.iter().fold(pseudo, |size, (name, value)| {
+        size + name.as_str().len() + value.len() + 32
+    })
+}
+
+pub(crate) async fn handle(
+    request: Request<Incoming>,
+    shared: &Shared,
+    device: &Arc<Device>,
+) -> Response<Body> {
+    match route_request(request, shared, device).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            shared.log.write(
+                if refusal.status >= 500 {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
+                &format!("Refused a request from device {}: {refusal}", device.addr),
+            );
+            let mut response = refusal_response(&refusal);
+            if matches!(refusal.cause, Cause::MethodNotAllowed { .. }) {
+                // RFC 9110 15.5.6: a 405 says what the resource does take.
+                response.headers_mut().insert(
+                    hyper::header::ALLOW,
+                    HeaderValue::from_static(FORWARDED_METHODS),
+                );
+            }
+            response
+        }
+    }
+}
+
+/// A device's request, checked and parsed, in three steps: [`authenticate`] (who the device
+/// is), [`rewrite_for_channel`] (the request as it goes on the channel) and [`send`] (on the
+/// channel, within the timeout, and the answer fixed up for the device).
+async fn route_request(
+    request: Request<Incoming>,
+    shared: &Shared,
+    device: &Arc<Device>,
+) -> Result<Response<Body>, Refusal> {
+    // First: a CONNECT in authority form has no path to route by, and is still a CONNECT.
+    if !is_forwarded(request.method()) {
+        return Err(Refusal::new(Cause::MethodNotAllowed {
+            method: header_safe(request.method().as_str()),
+        }));
+    }
+    refuse_transfer_codings(request.headers())?;
+    // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
+    // shares its bytes, measured no better.)
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let route = route::parse(&target).map_err(|e| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })?;
+    let (auth, endpoint, path, forward_target) = match route {
+        Route::ServiceMetadata { auth } => {
+            let view = metadata_view(&request, auth, shared, device);
+            return Ok(service_metadata(shared, view));
+        }
+        Route::Proxy {
+            auth,
+            endpoint,
+            path,
+            target,
+            ..
+        } => (auth, endpoint, path, target),
+    };
+    let mut state = None;
+    let identity = authenticate(&request, auth, endpoint, path, shared, device, &mut state)?;
+    // The device connection's share of channel streams; counted until the answer's body is
+    // dropped.
+    let in_flight = idle::InFlight::enter(device, shared.max_streams_per_device)?;
+    // Picked before the rewrite: the header budget is the channel's connector's too.
+    let channel = shared.registry.pick(endpoint)?;
+    let started = std::time::Instant::now();
+
+    let forward = rewrite_for_channel(
+        request,
+        forward_target,
+        endpoint,
+        &identity,
+        &channel,
+        shared,
+        device,
+    )?;
+    shared.log.verbose(|| {
+        format!(
+            "Message {}: {} {} from device {} ({}) to endpoint {endpoint} over channel {} of connector {}",
+            forward.message_id,
+            forward.request.method(),
+            forward.request.uri(),
+            device.addr,
+            identity,
+            channel.id,
+            channel.hello.connector_id,
+        )
+    });
+    send(forward, &channel, endpoint, started, in_flight, shared).await
+}
+
+/// Who the device is, as the connector will be told: a certificate (its judgement under the
+/// current settings, kept in `state`), or a token's subject.
+fn authenticate<'s>(
+    request: &Request<Incoming>,
+    auth: Auth,
+    endpoint: u64,
+    path: &str,
+    shared: &Shared,
+    device: &Device,
+    state: &'s mut Option<Arc<DeviceState>>,
+) -> Result<Identity<'s>, Refusal> {
+    Ok(match auth {
+        Auth::MutualTls => {
+            let state: &'s Arc<DeviceState> = state.insert(device.state(shared));
+            match &state.judgement.cert {
+                Ok(cert) => Identity::Certificate {
+                    thumbprint: &cert.thumbprint,
+                    header: &state.device_header,
+                    cert_header: state.cert_header.as_deref(),
+                },
+                Err(cause) => return Err(Refusal::new(cause.clone())),
+            }
+        }
+        Auth::Token => {
+            let auth = shared.auth.load();
+            let Some(tokens) = &auth.tokens else {
+                return Err(Refusal::new(Cause::InvalidToken {
+                    check: "token authentication is not configured on this gateway ([tokens] keys)"
+                        .into(),
+                }));
+            };
+            let authorization = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.to_str().unwrap_or("(not text)"));
+            let claims = tokens
+                .check(authorization, endpoint, path, OffsetDateTime::now_utc())
+                .map_err(|check| Refusal::new(Cause::InvalidToken { check }))?;
+            Identity::Token {
+                subject: claims.sub.unwrap_or_default(),
+                id: claims.jti.unwrap_or_default(),
+            }
+        }
+    })
+}
+
+/// A device's request as it goes on a channel, with what its answer needs.
+struct OnChannel {
+    request: Request<Body>,
+    message_id: String,
+    /// Set when the device stops sending the request's body (only a request with one).
+    device_stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// The request as it goes on `channel`: the path after the endpoint id, the device's headers
+/// less what it may not send, the metadata (message id, endpoint, device) and forwarded
+/// headers, within the header budget, and a body watched for stalls.
+fn rewrite_for_channel(
+    request: Request<Incoming>,
+    forward_target: &str,
+    endpoint: u64,
+    identity: &Identity<'_>,
+    channel: &Channel,
+    shared: &Shared,
+    device: &Device,
+) -> Result<OnChannel, Refusal> {
+    let message_id = shared.message_ids.next();
+    // The path and query as the device sent them after the endpoint id, as they are: no
+    // formatting (a cost on every request), only for a bare `?query` or nothing.
+    let uri = if forward_target.starts_with('/') {
+        hyper::Uri::try_from(forward_target)
+    } else {
+        hyper::Uri::try_from(format!("/{forward_target}"))
+    };
+    let (mut parts, body) = request.into_parts();
+    parts.uri = uri.map_err(|e: hyper::http::uri::InvalidUri| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })?;
+    // The device's own headers go on as they are, minus hop-by-hop ones, any claim to be
+    // Portcullis metadata and any header an endpoint may trust to say who called (set below);
+    // the map is edited in place rather than rebuilt.
+    headers::strip_device(&mut parts.headers);
+    // What the device's own connection carried (HTTP/2 stream state, upgrades) stays here.
+    parts.version = hyper::Version::HTTP_11;
+    parts.extensions = hyper::http::Extensions::new();
+    let map = &mut parts.headers;
+    // The message id, unique to the request, is sent never-indexed so it does not churn the
+    // channel's HPACK table; the device line, the same for a connection's every request, is
+    // indexed and goes as a table index (the connector decodes every header of every
+    // request). Hex digits only: a valid header value as it is, with no sanitising copy.
+    let mut id_header =
+        HeaderValue::from_str(&message_id).unwrap_or_else(|_| never_indexed(&message_id));
+    id_header.set_sensitive(true);
+    map.insert(headers::MESSAGE_ID, id_header);
+    map.insert(headers::ENDPOINT, HeaderValue::from(endpoint));
+    let device_header = match identity {
+        Identity::Certificate { header, .. } => (*header).clone(),
+        // A token's id differs from token to token: not worth a table entry.
+        Identity::Token { subject, id } => {
+            never_indexed(&format!("{subject} (token {id}) from {}", device.addr))
+        }
+    };
+    map.insert(headers::DEVICE, device_header);
+    // Who called, for the endpoint: the gateway's word, made once per connection.
+    let [forwarded_for, forwarded] = device.forwarded();
+    map.insert(headers::X_FORWARDED_FOR, forwarded_for.clone());
+    map.insert(hyper::header::FORWARDED, forwarded.clone());
+    match identity {
+        Identity::Certificate {
+            cert_header: Some(cert_header),
+            ..
+        } => {
+            map.insert(cert_header.0.clone(), cert_header.1.clone());
+        }
+        // Not configured when the judgement was made.
+        Identity::Certificate { .. } => {}
+        // A name of the operator's choosing may be outside what strip_device drops.
+        Identity::Token { .. } => {
+            if let Some(name) = &*shared.cert_header.load() {
+                map.remove(&**name);
+            }
+        }
+    }
+    // One budget along the path: what goes on the channel, metadata included, fits what the
+    // connector's h2 takes, which would otherwise refuse it (and past four times its limit
+    // close the channel, cutting every other device's request on it). The connector's own
+    // limit, announced in its hello, is the budget when it is the smaller.
+    let limit = channel
+        .hello
+        .max_request_header_bytes
+        .map_or(shared.max_request_header_bytes, |theirs| {
+            shared.max_request_header_bytes.min(theirs as usize)
+        });
+    let size = header_block_size(&parts);
+    if size > limit {
+        return Err(Refusal::new(Cause::HeadersTooLarge { size, limit }));
+    }
+    // A body the device stops sending resets its stream after device_idle_timeout_secs. Only
+    // a request with a body pays for the flag.
+    let device_stalled = (!hyper::body::Body::is_end_stream(&body))
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let body = match &device_stalled {
+        Some(stalled) => tunnel::boxed(idle::DeviceBody::new(
+            body,
+            shared.device_idle,
+            stalled.clone(),
+        )),
+        None => tunnel::boxed(body),
+    };
+    Ok(OnChannel {
+        request: Request::from_parts(parts, body),
+        message_id,
+        device_stalled,
+    })
+}
+
+/// Sends the request on `channel` (or, should it have stopped taking requests, the one picked
+/// now), waits `request_timeout_secs` for the answer's head, and makes the answer the
+/// device's: the status text as reason phrase, a body watched for stalls that holds the
+/// device's stream share.
+async fn send(
+    forward: OnChannel,
+    channel: &Channel,
+    endpoint: u64,
+    started: std::time::Instant,
+    in_flight: idle::InFlight,
+    shared: &Shared,
+) -> Result<Response<Body>, Refusal> {
+    let OnChannel {
+        request: forward,
+        message_id,
+        device_stalled,
+    } = forward;
+    let sent = shared.registry.send(channel, endpoint, forward);
+    let stalled_refusal = || {
+        Refusal::new(Cause::DeviceStalled {
+            what: "stopped sending its body".into(),
+            seconds: shared.device_idle.as_secs(),
+        })
+    };
+    let device_did_stall = || {
+        device_stalled
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let response = tokio::time::timeout(shared.timeout, sent)
+        .await
+        .map_err(|_| {
+            Refusal::new(Cause::ConnectorTimeout {
+                endpoint,
+                seconds: shared.timeout.as_secs(),
+            })
+        })?
+        // The channel stream was reset because the device's body stalled: say that, not
+        // that the channel broke.
+        .map_err(|refusal| {
+            if device_did_stall() {
+                stalled_refusal()
+            } else {
+                refusal
+            }
+        })?;
+    shared.log.verbose(|| {
+        format!(
+            "Message {message_id}: the connector answered {} after {} ms",
+            response.status().as_u16(),
+            started.elapsed().as_millis()
+        )
+    });
+    let (mut parts, body) = response.into_parts();
+    // The connector's status text becomes the reason phrase devices read over HTTP/1.1.
+    if let Some(text) = parts.headers.get(headers::STATUS_TEXT).cloned() {
+        if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(text.as_bytes().to_vec()) {
+            parts.extensions.insert(phrase);
+        }
+    }
+    let body = idle::AnswerBody::new(
+        body,
+        shared.connector_idle,
+        shared.log.clone(),
+        message_id,
+        in_flight,
+        device_stalled,
+        shared.device_idle,
+    );
+    Ok(Response::from_parts(parts, tunnel::boxed(body)))
+}
+
+/// RFC 9112 6.1: a transfer coding the gateway cannot pass on as it came is refused (501).
+/// HTTP/1.1 takes `chunked` off a body, and the channel and the endpoint's hop carry their
+/// own framing, so any other coding (`gzip, chunked`) would reach the endpoint lost.
+fn refuse_transfer_codings(headers: &hyper::HeaderMap) -> Result<(), Refusal> {
+    for value in headers.get_all(hyper::header::TRANSFER_ENCODING) {
+        let text = value.to_str().unwrap_or("(not text)");
+        for coding in text.split(',').map(str::trim) {
+            if !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked") {
+                return Err(Refusal::new(Cause::TransferCodingUnsupported {
+                    coding: coding.chars().take(40).collect(),
+                }));
+            }
+        }
+    }
+    Ok(())
+}
