@@ -35,8 +35,8 @@
 //! certificate's subject or token's header in a refusal's reason, a device's path in the
 //! connector's `Forwarding proxy message`/`Received response` lines and in the per-request
 //! `Message` lines. A status text quoted so is not the line's own, so a rule is chosen on the
-//! line with those parts masked ([`own_text`](matching::own_text)); its captures still come
-//! from the whole line.
+//! line with those parts masked (`own_text`, in `matching`); its captures still come from the
+//! whole line.
 //!
 //! The table and its validation are in `rules`, records matched to rules (evidence, supporting
 //! lines, absorption) in `matching`, and the report, as text and as JSON, in `render`.
