@@ -27,12 +27,24 @@ use logs::Log;
 use crate::listener::{self, Listening};
 use crate::tunnel::{full, Body};
 
+/// Why a reload was refused; the running settings stay. It reads as the error inside it: the
+/// admin sees that text in the log and in the answer to `POST /reload`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The configuration file cannot be read or is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The component cannot run with the new settings (a certificate that does not load, say).
+    #[error(transparent)]
+    Refused(Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// What a component lets an admin do while it runs.
 pub trait Control: Send + Sync + 'static {
     fn log(&self) -> &Log;
 
     /// Re-reads the configuration and applies what can change while running; says what changed.
-    fn reload(&self) -> Result<String, String>;
+    fn reload(&self) -> Result<String, ReloadError>;
 
     /// Turns verbose logging on or off.
     fn set_verbose(&self, on: bool, by: &str) {

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use channel::admin::{self, Control};
+use channel::admin::{self, Control, ReloadError};
 
 struct Counting {
     log: logs::Log,
@@ -18,7 +18,7 @@ impl Control for Counting {
         &self.log
     }
 
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, ReloadError> {
         self.reloads.fetch_add(1, Ordering::SeqCst);
         Ok("reloaded".into())
     }
@@ -169,5 +169,46 @@ fn the_admin_surface_refuses_what_a_web_page_could_send() {
     let (code, body) = call(port, "POST", "/reload", &[]);
     assert_eq!((code.as_str(), body.as_str()), ("200", "reloaded\n"));
     assert_eq!(control.reloads.load(Ordering::SeqCst), 1);
+    runtime.block_on(listening.stop());
+}
+
+/// A component whose configuration file is never valid, for what `POST /reload` answers then.
+struct Refusing {
+    log: logs::Log,
+}
+
+fn invalid() -> channel::config::ConfigError {
+    channel::config::ConfigError::Invalid {
+        path: "gateway.toml".into(),
+        key: "verbose",
+        reason: "is not true or false".into(),
+    }
+}
+
+impl Control for Refusing {
+    fn log(&self) -> &logs::Log {
+        &self.log
+    }
+
+    fn reload(&self) -> Result<String, ReloadError> {
+        Err(invalid().into())
+    }
+}
+
+/// A refused reload is answered 422 with the reason as its error reads, nothing added; so is
+/// one the component refused.
+#[test]
+fn a_refused_reload_answers_with_its_reason() {
+    let refused = ReloadError::Refused(Box::new(std::io::Error::other("no key in the store")));
+    assert_eq!(refused.to_string(), "no key in the store");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let control = Arc::new(Refusing {
+        log: logs::Logger::new("TEST").into_log(),
+    });
+    let listening = runtime
+        .block_on(admin::serve("127.0.0.1:0".parse().unwrap(), control))
+        .unwrap();
+    let (code, body) = call(listening.addr.port(), "POST", "/reload", &[]);
+    assert_eq!((code.as_str(), body), ("422", format!("{}\n", invalid())));
     runtime.block_on(listening.stop());
 }

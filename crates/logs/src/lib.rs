@@ -1,6 +1,8 @@
 //! Log formats admins already read, and reading them back:
 //!
-//! - [`cmtrace`]: the CMTrace line and a file writer with rollover to `.lo_`;
+//! - [`cmtrace`]: the CMTrace line, and stamping one for now;
+//! - [`rolling`]: the file every writer appends to, with rollover to `.lo_` and a full disk
+//!   survived;
 //! - [`w3c`]: IIS W3C extended lines, as the reference management point writes them;
 //! - [`console`]: plain or JSON lines on standard output, for containers;
 //! - [`escape`]: what every writer does to a message so that outside text in it cannot
@@ -15,6 +17,7 @@ pub mod diagnose;
 pub mod escape;
 pub mod logger;
 pub mod parse;
+pub mod rolling;
 pub mod w3c;
 
 pub use logger::{Log, Logger};

@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use crate::cmtrace::{self, RollingFile, Severity};
+use crate::cmtrace::{self, Severity};
 use crate::console::{self, ConsoleFormat};
+use crate::rolling::{self, RollingFile};
 
 /// A logger shared by every task of a component.
 pub type Log = Arc<Logger>;
@@ -220,7 +221,7 @@ impl std::str::FromStr for ConsoleSetting {
 }
 
 fn default_max_size_kib() -> u64 {
-    cmtrace::DEFAULT_MAX_BYTES / 1024
+    rolling::DEFAULT_MAX_BYTES / 1024
 }
 
 impl Default for LogSettings {

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::cmtrace::{RollingFile, DEFAULT_MAX_BYTES};
+use crate::rolling::{RollingFile, DEFAULT_MAX_BYTES};
 
 use time::OffsetDateTime;
 

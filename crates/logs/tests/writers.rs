@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use logs::cmtrace::{Line, RollingFile, Severity};
+use logs::cmtrace::{Line, Severity};
+use logs::rolling::RollingFile;
 use logs::w3c::{W3cEntry, W3cLog, FIELDS};
 use logs::Logger;
 
@@ -312,7 +313,7 @@ fn a_loggers_lines_wait_out_a_full_disk() {
     for n in 1..=300 {
         logger.info(&format!("Forwarding proxy message {n:04}"));
     }
-    std::thread::sleep(logs::cmtrace::LINGER * 10);
+    std::thread::sleep(logs::rolling::LINGER * 10);
     std::fs::remove_file(disk.path().join("filler")).unwrap();
     logger.info("Forwarding proxy message 0301");
     drop(logger);

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use channel::admin::Control;
+use channel::admin::{Control, ReloadError};
 use channel::shards::{ShardThreads, Shards};
 use clap::Args;
 use logs::logger::{ConsoleSetting, LogSettings};
@@ -184,10 +184,14 @@ impl Control for GatewayControl {
         self.running.log()
     }
 
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, ReloadError> {
         let loaded = gateway::GatewayConfig::load(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| self.running.reload(&c).map_err(|e| e.to_string()));
+            .map_err(ReloadError::from)
+            .and_then(|c| {
+                self.running
+                    .reload(&c)
+                    .map_err(|e| ReloadError::Refused(Box::new(e)))
+            });
         reloaded(self.log(), &self.path, loaded)
     }
 
@@ -211,10 +215,14 @@ impl Control for ConnectorControl {
         self.running.log()
     }
 
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, ReloadError> {
         let loaded = connector::run::ConnectorConfig::load(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| self.running.reload(&c).map_err(|e| e.to_string()));
+            .map_err(ReloadError::from)
+            .and_then(|c| {
+                self.running
+                    .reload(&c)
+                    .map_err(|e| ReloadError::Refused(Box::new(e)))
+            });
         reloaded(self.log(), &self.path, loaded)
     }
 
@@ -231,7 +239,11 @@ impl Control for ConnectorControl {
 }
 
 /// Logs a reload's outcome; a refused reload keeps the running settings.
-fn reloaded(log: &Log, path: &Path, outcome: Result<String, String>) -> Result<String, String> {
+fn reloaded(
+    log: &Log,
+    path: &Path,
+    outcome: Result<String, ReloadError>,
+) -> Result<String, ReloadError> {
     match outcome {
         Ok(summary) => {
             log.info(&format!(
