@@ -159,7 +159,18 @@ impl Service {
         parts.uri = url.uri;
         // It came over the channel as HTTP/2; to the endpoint it goes as HTTP/1.1.
         parts.version = hyper::Version::HTTP_11;
+        // Who called, for the endpoint, from the gateway's word (read before `strip` drops it).
+        let forwarded = parts
+            .headers
+            .get(&headers::DEVICE)
+            .and_then(|line| forwarded_headers(line.as_bytes()));
         headers::strip(&mut parts.headers);
+        if let Some([forwarded_for, forwarded]) = forwarded {
+            parts
+                .headers
+                .insert(headers::X_FORWARDED_FOR, forwarded_for);
+            parts.headers.insert(hyper::header::FORWARDED, forwarded);
+        }
         let forward = Request::from_parts(parts, tunnel::boxed(body));
         let started = Instant::now();
         let outcome = client.forward(forward, &url_text).await;
@@ -227,9 +238,49 @@ fn strip_metadata(map: &mut hyper::HeaderMap) {
     }
 }
 
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239 4: an IPv6 address in brackets and quotes)
+/// for the device a gateway's `x-portcullis-device` line names: the address after its last
+/// " from ", which the gateway always writes last (a subject that spells " from " comes
+/// before it). None when the line ends in no address.
+fn forwarded_headers(device_line: &[u8]) -> Option<[hyper::header::HeaderValue; 2]> {
+    let line = std::str::from_utf8(device_line).ok()?;
+    let (_, address) = line.rsplit_once(" from ")?;
+    let ip = address.parse::<std::net::SocketAddr>().ok()?.ip();
+    let forwarded = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    };
+    Some([
+        hyper::header::HeaderValue::try_from(ip.to_string()).ok()?,
+        hyper::header::HeaderValue::try_from(forwarded).ok()?,
+    ])
+}
+
 fn header_text_of<'a>(
     headers: &'a hyper::HeaderMap,
     name: &hyper::header::HeaderName,
 ) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_headers;
+
+    /// The device's address is the line's last " from ": a subject spelling another one comes
+    /// before it and is not taken.
+    #[test]
+    fn forwarded_headers_come_from_the_address_the_gateway_wrote_last() {
+        let [xff, forwarded] =
+            forwarded_headers(b"CN=x from 6.6.6.6:1 (0123ABCD) from 127.0.0.1:50123")
+                .expect("an address");
+        assert_eq!(xff, "127.0.0.1");
+        assert_eq!(forwarded, "for=127.0.0.1;proto=https");
+        let [xff, forwarded] =
+            forwarded_headers(b"CN=d (token 7) from [2001:db8::1]:443").expect("an address");
+        assert_eq!(xff, "2001:db8::1");
+        assert_eq!(forwarded, "for=\"[2001:db8::1]\";proto=https");
+        assert!(forwarded_headers(b"CN=x from nowhere").is_none());
+        assert!(forwarded_headers(b"").is_none());
+    }
 }

@@ -16,9 +16,6 @@ pub(crate) struct Device {
     /// The certificate it presented (DER), kept to judge it again after a reload.
     pub(crate) leaf: Option<Vec<u8>>,
     pub(crate) state: std::sync::Mutex<Arc<DeviceState>>,
-    /// `X-Forwarded-For` and `Forwarded` with the device's address, made at its first
-    /// forwarded request (an idle connection holds one pointer for them, not the two values).
-    pub(crate) forwarded: std::sync::OnceLock<Box<[HeaderValue; 2]>>,
     /// HTTP/2 streams open now, and when the last one ended (see `accept::OpenStream`).
     pub(crate) streams: std::sync::atomic::AtomicUsize,
     pub(crate) last_stream_end: std::sync::atomic::AtomicU64,
@@ -26,27 +23,6 @@ pub(crate) struct Device {
     pub(crate) in_flight: std::sync::atomic::AtomicUsize,
     /// Set when the connection was cut because the device took nothing written to it.
     pub(crate) write_stalled: std::sync::atomic::AtomicBool,
-}
-
-impl Device {
-    /// The values endpoints get in `X-Forwarded-For` and `Forwarded` (RFC 7239: an IPv6
-    /// address in brackets and quotes), made once per connection.
-    pub(crate) fn forwarded(&self) -> &[HeaderValue; 2] {
-        self.forwarded.get_or_init(|| {
-            let [forwarded_for, forwarded] = forwarded_texts(self.addr.ip());
-            Box::new([header_value(&forwarded_for), header_value(&forwarded)])
-        })
-    }
-}
-
-/// `X-Forwarded-For` and `Forwarded` (RFC 7239 4: an IPv6 address in brackets and quotes)
-/// for a device at `ip`.
-fn forwarded_texts(ip: std::net::IpAddr) -> [String; 2] {
-    let forwarded = match ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
-    };
-    [ip.to_string(), forwarded]
 }
 
 /// A device connection's judged certificate, as of one
@@ -176,18 +152,6 @@ pub(crate) fn header_safe(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn forwarded_quotes_an_ipv6_address() {
-        assert_eq!(
-            super::forwarded_texts("127.0.0.1".parse().unwrap()),
-            ["127.0.0.1", "for=127.0.0.1;proto=https"]
-        );
-        assert_eq!(
-            super::forwarded_texts("2001:db8::1".parse().unwrap()),
-            ["2001:db8::1", "for=\"[2001:db8::1]\";proto=https"]
-        );
-    }
-
     #[test]
     fn base64_is_rfc_4648() {
         for (bytes, text) in [

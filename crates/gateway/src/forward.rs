@@ -258,11 +258,10 @@ fn rewrite_for_channel(
             never_indexed(&format!("{subject} (token {id}) from {}", device.addr))
         }
     };
+    // Who called, and from where: the connector gives the endpoint `X-Forwarded-For` and
+    // `Forwarded` from this line's address (two more headers on the channel cost both ends'
+    // HPACK more than the connector's making them).
     map.insert(headers::DEVICE, device_header);
-    // Who called, for the endpoint: the gateway's word, made once per connection.
-    let [forwarded_for, forwarded] = device.forwarded();
-    map.insert(headers::X_FORWARDED_FOR, forwarded_for.clone());
-    map.insert(hyper::header::FORWARDED, forwarded.clone());
     match identity {
         Identity::Certificate {
             cert_header: Some(cert_header),

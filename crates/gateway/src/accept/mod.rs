@@ -250,7 +250,6 @@ async fn handshake_and_serve(
         addr: peer,
         leaf,
         state: std::sync::Mutex::new(Arc::new(state)),
-        forwarded: std::sync::OnceLock::new(),
         streams: std::sync::atomic::AtomicUsize::new(0),
         last_stream_end: std::sync::atomic::AtomicU64::new(0),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
