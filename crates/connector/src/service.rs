@@ -163,7 +163,7 @@ impl Service {
         let forwarded = parts
             .headers
             .get(&headers::DEVICE)
-            .and_then(|line| forwarded_headers(line.as_bytes()));
+            .and_then(forwarded_for_device);
         headers::strip(&mut parts.headers);
         if let Some([forwarded_for, forwarded]) = forwarded {
             parts
@@ -238,6 +238,34 @@ fn strip_metadata(map: &mut hyper::HeaderMap) {
     }
 }
 
+/// [`forwarded_headers`] for a device line, remembered per thread: a kept-alive device sends
+/// the same line with every request, and parsing and formatting it each time cost more than
+/// looking it up. At most `FORWARDED_KEPT` lines are kept; past that the memory starts anew.
+fn forwarded_for_device(
+    device_line: &hyper::header::HeaderValue,
+) -> Option<[hyper::header::HeaderValue; 2]> {
+    const FORWARDED_KEPT: usize = 4096;
+    type Kept = std::collections::HashMap<
+        hyper::header::HeaderValue,
+        Option<[hyper::header::HeaderValue; 2]>,
+    >;
+    thread_local! {
+        static KEPT: std::cell::RefCell<Kept> = std::cell::RefCell::new(Kept::new());
+    }
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if let Some(values) = kept.get(device_line) {
+            return values.clone();
+        }
+        if kept.len() >= FORWARDED_KEPT {
+            kept.clear();
+        }
+        let values = forwarded_headers(device_line.as_bytes());
+        kept.insert(device_line.clone(), values.clone());
+        values
+    })
+}
+
 /// `X-Forwarded-For` and `Forwarded` (RFC 7239 4: an IPv6 address in brackets and quotes)
 /// for the device a gateway's `x-portcullis-device` line names: the address after its last
 /// " from ", which the gateway always writes last (a subject that spells " from " comes
@@ -281,6 +309,11 @@ mod tests {
         assert_eq!(xff, "2001:db8::1");
         assert_eq!(forwarded, "for=\"[2001:db8::1]\";proto=https");
         assert!(forwarded_headers(b"CN=x from nowhere").is_none());
+        // Remembered per thread: the second lookup gives what the first made.
+        let line = hyper::header::HeaderValue::from_static("CN=d (AB) from 10.0.0.7:4431");
+        let first = super::forwarded_for_device(&line).expect("an address");
+        assert_eq!(super::forwarded_for_device(&line), Some(first.clone()));
+        assert_eq!(first[0], "10.0.0.7");
         assert!(forwarded_headers(b"").is_none());
     }
 }
