@@ -224,3 +224,61 @@ fn unreadable_crls(unreadable: &[String]) -> String {
         format!("; unreadable CRL: {}", unreadable.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectorRefused;
+
+    /// The log says these texts after "Refused a connector channel from {peer}: ", and the
+    /// doctor's rules read them: each variant's text is the one the refusal had as a String.
+    #[test]
+    fn a_refusal_reads_as_the_log_line_said_it() {
+        let label = "CN=c (thumbprint 0A1B)".to_string();
+        let cases = [
+            (
+                ConnectorRefused::NoCertificate,
+                "it presented no certificate".to_string(),
+            ),
+            (
+                ConnectorRefused::NotAllowed {
+                    label: label.clone(),
+                },
+                format!("{label} is not in allowed_connectors"),
+            ),
+            (
+                ConnectorRefused::NoClientAuth {
+                    why: "no Client Authentication".into(),
+                },
+                "no Client Authentication; issue the connector's channel certificate with Client Authentication in its enhanced key usage".into(),
+            ),
+            (
+                ConnectorRefused::RevocationUnknown {
+                    label: label.clone(),
+                    why: "no CRL".into(),
+                    unreadable: Vec::new(),
+                },
+                format!("the revocation status of {label} is unknown (no CRL); connectors are refused when it is: add the CRL of its issuer to crls"),
+            ),
+            (
+                ConnectorRefused::RevocationUnknown {
+                    label: label.clone(),
+                    why: "no CRL".into(),
+                    unreadable: vec!["a.crl: gone".into(), "b.crl: bad".into()],
+                },
+                format!("the revocation status of {label} is unknown (no CRL; unreadable CRL: a.crl: gone; b.crl: bad); connectors are refused when it is: add the CRL of its issuer to crls"),
+            ),
+            (
+                ConnectorRefused::Unbound {
+                    connector_id: "branch".into(),
+                    label: label.clone(),
+                    endpoints: vec!["3456 (SMS_MP)".into(), "7 (X)".into()],
+                    name: "c".into(),
+                },
+                format!("connector branch ({label}) announced endpoint(s) 3456 (SMS_MP), 7 (X) that allowed_connectors does not bind to it; bind them to it ({{ name = \"c\", endpoints = [...] }}) or take them out of the connector's [[endpoints]]"),
+            ),
+        ];
+        for (refused, said) in cases {
+            assert_eq!(refused.to_string(), said);
+        }
+    }
+}
