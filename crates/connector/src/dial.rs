@@ -170,7 +170,7 @@ impl Dial {
 
     /// Dials the gateway and serves the channel until it ends, or until it has been drained:
     /// when the hello changed (its turn come) or when the connector stops.
-    async fn once(&self, mut stopped: watch::Receiver<bool>) -> Result<Served, String> {
+    async fn once(&self, mut stopped: watch::Receiver<bool>) -> Result<Served, ChannelError> {
         // Changes of the hello from now on: made before dialling, so none is missed.
         let mut hello_changes = self.service.hello_changes.subscribe();
         let tls = tokio::select! {
@@ -209,29 +209,54 @@ impl Dial {
         };
         channel_server::serve(tls, hyper_service, drain, self.max_request_header_bytes)
             .await
-            .map_err(|e| format!("channel ended: {e}"))
+            .map_err(ChannelError::Ended)
     }
 
     async fn connect(
         &self,
-    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, DialError> {
         let tcp = tokio::time::timeout(
             Duration::from_secs(10),
             tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
         )
         .await
-        .map_err(|_| "TCP connect timed out".to_string())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|_| DialError::TcpTimeout)?
+        .map_err(DialError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.server_name.clone())
-            .map_err(|e| format!("bad server name: {e}"))?;
+        let name = ServerName::try_from(self.server_name.clone()).map_err(DialError::ServerName)?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS failed: {e}"))?;
+            .map_err(DialError::Tls)?;
         if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
-            return Err("the gateway does not speak the channel protocol (ALPN)".into());
+            return Err(DialError::NotChannelProtocol);
         }
         Ok(tls)
     }
+}
+
+/// Why a channel to a gateway could not be opened: the text after "Channel {n} to gateway
+/// {host}:{port}: " in the log.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("TCP connect timed out")]
+    TcpTimeout,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("bad server name: {0}")]
+    ServerName(rustls_pki_types::InvalidDnsNameError),
+    #[error("TLS failed: {0}")]
+    Tls(std::io::Error),
+    /// The gateway chose no ALPN, or another one than [`tunnel::ALPN`].
+    #[error("the gateway does not speak the channel protocol (ALPN)")]
+    NotChannelProtocol,
+}
+
+/// Why a channel to a gateway ended other than by a close or a drain.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChannelError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("channel ended: {0}")]
+    Ended(hyper::Error),
 }

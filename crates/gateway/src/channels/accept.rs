@@ -15,28 +15,42 @@ use channel::tunnel::{
 use http_body_util::BodyExt;
 use hyper::Request;
 
-use super::send::send_on;
+use super::send::{send_on, SendOnError};
 use super::{Channel, Registry};
 
 /// The largest hello the gateway reads.
 const MAX_HELLO_BYTES: usize = 1024 * 1024;
 
-#[derive(Debug)]
-pub enum AcceptError {
+/// Why a connector's connection did not become a channel. `R` is why `admit` refused its hello.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError<R> {
+    #[error("HTTP/2 handshake on the channel failed: {0}")]
     Handshake(h2::Error),
-    Hello(String),
+    #[error("the connector's hello failed: {0}")]
+    Hello(HelloError),
     /// The hello announced what this connector may not serve.
-    Refused(String),
+    #[error("refused: {0}")]
+    Refused(R),
 }
 
-impl std::fmt::Display for AcceptError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AcceptError::Handshake(e) => write!(f, "HTTP/2 handshake on the channel failed: {e}"),
-            AcceptError::Hello(why) => write!(f, "the connector's hello failed: {why}"),
-            AcceptError::Refused(why) => write!(f, "refused: {why}"),
-        }
-    }
+/// Why the gateway did not get the connector's hello.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    /// The hello request could not be made.
+    #[error("{0}")]
+    Request(hyper::http::Error),
+    /// h2 failed the hello request (the channel takes no stream, or the stream failed).
+    #[error("{0}")]
+    Send(h2::Error),
+    #[error("answered {0}")]
+    Status(hyper::StatusCode),
+    /// The answer's body failed, or was over `MAX_HELLO_BYTES`.
+    #[error("reading it: {0}")]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+    #[error("it is not a hello: {0}")]
+    NotAHello(serde_json::Error),
+    #[error("no answer within 10 s")]
+    Timeout,
 }
 
 /// Gateway side: drives a freshly accepted channel connection. Returns once the channel is
@@ -46,15 +60,15 @@ impl std::fmt::Display for AcceptError {
 /// (the endpoints it may announce): refused, the channel closes without ever taking a request.
 /// An answer whose header block is over `max_response_header_bytes`
 /// (counted as HPACK does) is refused, and so is every pushed stream.
-pub async fn accept<IO>(
+pub async fn accept<IO, R>(
     io: IO,
     peer: String,
     peer_cert: Vec<u8>,
     registry: Arc<Registry>,
     gateway_threads: usize,
     max_response_header_bytes: u32,
-    admit: impl FnOnce(&Hello) -> Result<(), String>,
-) -> Result<Arc<Channel>, AcceptError>
+    admit: impl FnOnce(&Hello) -> Result<(), R>,
+) -> Result<Arc<Channel>, AcceptError<R>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -110,23 +124,25 @@ where
         let request = Request::get(HELLO_PATH)
             .header(headers::GATEWAY_THREADS, gateway_threads)
             .body(empty())
-            .map_err(|e| e.to_string())?;
+            .map_err(HelloError::Request)?;
         let response = send_on(&hello_sender, request, &frames, None)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                SendOnError::NotReady(_, e) | SendOnError::Failed(e) => HelloError::Send(e),
+            })?;
         if !response.status().is_success() {
-            return Err(format!("answered {}", response.status()));
+            return Err(HelloError::Status(response.status()));
         }
         let body = http_body_util::Limited::new(response.into_body(), MAX_HELLO_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("reading it: {e}"))?
+            .map_err(HelloError::Read)?
             .to_bytes();
-        serde_json::from_slice::<Hello>(&body).map_err(|e| format!("it is not a hello: {e}"))
+        serde_json::from_slice::<Hello>(&body).map_err(HelloError::NotAHello)
     };
     let hello = tokio::time::timeout(Duration::from_secs(10), hello)
         .await
-        .map_err(|_| AcceptError::Hello("no answer within 10 s".into()))?
+        .map_err(|_| AcceptError::Hello(HelloError::Timeout))?
         .map_err(AcceptError::Hello)?;
     if let Err(why) = admit(&hello) {
         // The driver drops the connection; the channel was never registered.

@@ -337,7 +337,7 @@ mod tests {
             registry.clone(),
             1,
             64 * 1024,
-            |_| Ok(()),
+            |_| Ok::<(), std::convert::Infallible>(()),
         )
         .await
         .expect("channel");
