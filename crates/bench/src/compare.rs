@@ -235,7 +235,7 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
             "--rounds must be between 1 and 100".into(),
         ));
     }
-    if let Some(reason) = channel::config::worker_threads_problem(options.threads) {
+    if let Some(reason) = runtime::config::worker_threads_problem(options.threads) {
         return Err(CompareError::Options(format!("--threads: {reason}")));
     }
     let mut systems: Vec<System> = Vec::new();

@@ -187,7 +187,7 @@ fn held_open(count: usize) -> String {
 }
 
 pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, ConnectionsError> {
-    let fd_limit = channel::listener::raise_fd_limit();
+    let fd_limit = runtime::listener::raise_fd_limit();
     if options.count == 0 {
         return Err(ConnectionsError::Setup("--count must be at least 1".into()));
     }

@@ -2,10 +2,6 @@
 //! ([`route`]), every refusal with its hop, status text and remedy ([`refusal`]), and the
 //! reverse-HTTP/2 channel the connector dials and the gateway drives ([`tunnel`]).
 
-pub mod admin;
-pub mod config;
-pub mod listener;
 pub mod refusal;
 pub mod route;
-pub mod shards;
 pub mod tunnel;

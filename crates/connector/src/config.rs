@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use channel::config::{self, ConfigError};
 use hyper::Uri;
 use pki::crl::CrlPolicy;
+use runtime::config::{self, ConfigError};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,7 +80,7 @@ pub struct ConnectorConfig {
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
-    /// shard) and keeps the connections it was given; see `channel::shards`. On a host shared
+    /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared
     /// with other busy processes fewer are cheaper per request.
     #[serde(default)]
     pub worker_threads: Option<usize>,
@@ -130,14 +130,14 @@ impl ConnectorConfig {
         }
         if let Some(addr) = cfg
             .admin_listen
-            .filter(|a| !channel::admin::is_allowed_address(a))
+            .filter(|a| !runtime::admin::is_allowed_address(a))
         {
             return Err(invalid(
                 "admin_listen",
                 format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
             ));
         }
-        if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
+        if let Some(reason) = runtime::config::worker_threads_problem(cfg.worker_threads) {
             return Err(invalid("worker_threads", reason));
         }
         if cfg.gateways.is_empty() {

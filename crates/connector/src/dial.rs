@@ -5,9 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channel::shards::Shards;
 use channel::tunnel;
 use ring::rand::SecureRandom;
+use runtime::shards::Shards;
 use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use channel::shards::Shards;
 use channel::tunnel::{self, EndpointInfo, Hello};
 use hyper::Uri;
 use pki::RootSet;
+use runtime::shards::Shards;
 use tokio::sync::watch;
 
 use crate::client_cert::choose_client_certificate;

@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use channel::config::{self, ConfigError};
 use channel::tunnel::headers;
 use pki::crl::CrlPolicy;
+use runtime::config::{self, ConfigError};
 use serde::Deserialize;
 
 use crate::token;
@@ -60,7 +60,7 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
-    /// shard) and keeps the connections it was given; see `channel::shards`. On a host shared
+    /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared
     /// with other busy processes fewer are cheaper per request.
     #[serde(default)]
     pub worker_threads: Option<usize>,
@@ -269,7 +269,7 @@ impl GatewayConfig {
         }
         if let Some(addr) = cfg
             .admin_listen
-            .filter(|a| !channel::admin::is_allowed_address(a))
+            .filter(|a| !runtime::admin::is_allowed_address(a))
         {
             return Err(invalid(
                 "admin_listen",
@@ -329,7 +329,7 @@ impl GatewayConfig {
                 "list the root CA file(s) connector channel certificates must chain to (the device roots in trusted_roots are not used for connectors), or pin every connector in allowed_connectors by its certificate's SHA-1 thumbprint",
             ));
         }
-        if let Some(reason) = channel::config::worker_threads_problem(cfg.worker_threads) {
+        if let Some(reason) = runtime::config::worker_threads_problem(cfg.worker_threads) {
             return Err(invalid("worker_threads", &reason));
         }
         for (key, value) in [

@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use channel::shards::{ShardCounts, Shards};
 use pki::RootSet;
+use runtime::shards::{ShardCounts, Shards};
 use time::OffsetDateTime;
 
 mod accept;
@@ -60,10 +60,10 @@ pub use logs::Log;
 pub struct RunningGateway {
     pub addr: SocketAddr,
     pub registry: Arc<Registry>,
-    listening: channel::listener::Listening,
+    listening: runtime::listener::Listening,
     shared: Arc<Shared>,
     /// `channel_listen`'s listener, and its own room for channels' handshakes.
-    channel_listening: Option<(channel::listener::Listening, Arc<limits::Limits>)>,
+    channel_listening: Option<(runtime::listener::Listening, Arc<limits::Limits>)>,
 }
 
 impl RunningGateway {
@@ -297,7 +297,7 @@ pub async fn start_on(
         epoch: tokio::time::Instant::now(),
     });
     let handler_shared = shared.clone();
-    let listening = channel::listener::listen_on(config.listen, &shards, move |tcp, peer| {
+    let listening = runtime::listener::listen_on(config.listen, &shards, move |tcp, peer| {
         // Counted before any TLS: over the caps, closed at once (see `limits`).
         let slot = handler_shared.limits.admit(peer, &handler_shared.log);
         // The configuration of this moment: a reload swaps in a new server certificate.
@@ -326,7 +326,7 @@ pub async fn start_on(
             // room is this listener's own, out of reach of the devices on `listen`.
             let limits = Arc::new(limits::Limits::channels_only(config.reserved_for_channels));
             let (handler_shared, handler_limits) = (shared.clone(), limits.clone());
-            let listening = channel::listener::listen_on(addr, &shards, move |tcp, peer| {
+            let listening = runtime::listener::listen_on(addr, &shards, move |tcp, peer| {
                 let slot = handler_limits.admit(peer, &handler_shared.log);
                 accept::connection(
                     handler_shared.tls.load_full(),

@@ -94,7 +94,7 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (shards, threads) = channel::shards::Shards::spawn(2).unwrap();
+    let (shards, threads) = runtime::shards::Shards::spawn(2).unwrap();
     let config = connector::run::ConnectorConfig::load(&system.path("connector.toml")).unwrap();
     let log = recorder(&system.connector_log);
     system.connector = Some(

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use channel::config::{self, ConfigError};
 use clap::Args;
+use runtime::config::{self, ConfigError};
 use serde::Deserialize;
 use testkit::analyze::{AnalyzeOptions, LocalStore};
 

@@ -113,7 +113,7 @@ async fn serve(
     dir: &Path,
     port: u16,
     store: &str,
-    [gateway_shards, connector_shards]: [channel::shards::Shards; 2],
+    [gateway_shards, connector_shards]: [runtime::shards::Shards; 2],
 ) -> anyhow::Result<ExitCode> {
     let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
         let path = dir.join(name);

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use channel::admin::{Control, ReloadError};
-use channel::shards::{ShardThreads, Shards};
 use clap::Args;
 use logs::logger::{ConsoleSetting, LogSettings};
 use logs::{Log, Logger};
+use runtime::admin::{Control, ReloadError};
+use runtime::shards::{ShardThreads, Shards};
 
 /// Run a gateway instance.
 ///
@@ -265,11 +265,11 @@ fn reloaded(
 pub async fn admin(
     addr: Option<SocketAddr>,
     control: Arc<dyn Control>,
-) -> anyhow::Result<Option<channel::listener::Listening>> {
+) -> anyhow::Result<Option<runtime::listener::Listening>> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let listening = channel::admin::serve(addr, control.clone())
+    let listening = runtime::admin::serve(addr, control.clone())
         .await
         .with_context(|| format!("admin_listen {addr}: cannot listen"))?;
     control.log().info(&format!(
@@ -373,7 +373,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
-        let files = channel::listener::raise_fd_limit();
+        let files = runtime::listener::raise_fd_limit();
         log.info(&format!(
             "Open-file limit: {files} (each device or channel connection takes one)"
         ));

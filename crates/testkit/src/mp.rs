@@ -22,8 +22,8 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio_rustls::TlsAcceptor;
 
-use channel::config::{self, ConfigError};
 use logs::w3c::{W3cEntry, W3cLog};
+use runtime::config::{self, ConfigError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -128,7 +128,7 @@ pub enum MpError {
 /// A management point that is serving. Dropping it does not stop it; call [`RunningMp::stop`].
 pub struct RunningMp {
     pub addr: SocketAddr,
-    listening: channel::listener::Listening,
+    listening: runtime::listener::Listening,
 }
 
 impl RunningMp {
@@ -178,7 +178,7 @@ pub async fn start(config: MpConfig) -> Result<RunningMp, MpError> {
         log,
         site_sign_cert_hex,
     });
-    let listening = channel::listener::listen(config_listen, move |tcp, peer| {
+    let listening = runtime::listener::listen(config_listen, move |tcp, peer| {
         connection(acceptor.clone(), tcp, peer, shared.clone())
     })
     .await

@@ -4,10 +4,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channel::shards::Shards;
 use hyper::client::conn::http1;
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
+use runtime::shards::Shards;
 
 use super::{Answer, Body};
 use crate::lock;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use channel::refusal::{Cause, Refusal};
-use channel::shards::{Held, Shards};
 use channel::tunnel;
 use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use runtime::shards::{Held, Shards};
 use time::OffsetDateTime;
 use tokio::io::AsyncBufReadExt;
 use tokio_rustls::server::StartHandshake;

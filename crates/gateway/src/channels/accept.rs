@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use channel::shards::Shards;
 use channel::tunnel::{
     empty, headers, AfterOthers, Hello, SmallFrames, CHANNEL_CONNECTION_WINDOW,
     CHANNEL_MAX_STREAMS, CHANNEL_STREAM_WINDOW, HELLO_PATH, HPACK_TABLE_BYTES, KEEPALIVE_INTERVAL,
@@ -14,6 +13,7 @@ use channel::tunnel::{
 };
 use http_body_util::BodyExt;
 use hyper::Request;
+use runtime::shards::Shards;
 
 use super::send::{send_on, SendOnError};
 use super::{Channel, Registry};

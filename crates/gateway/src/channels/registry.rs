@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use channel::refusal::{Cause, Refusal};
-use channel::shards::Shards;
 use channel::tunnel::Body;
 use hyper::{Request, Response};
+use runtime::shards::Shards;
 
 use super::send::SendError;
 use super::{Channel, ChannelBody};

@@ -7,10 +7,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channel::shards::{ShardThreads, Shards};
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
 use pki::lab::{LabOptions, LabPki};
+use runtime::shards::{ShardThreads, Shards};
 use testkit::mp::{self, MpConfig};
 use testkit::probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
 

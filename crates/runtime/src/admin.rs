@@ -18,6 +18,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use channel::tunnel::{full, Body};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -25,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use logs::Log;
 
 use crate::listener::{self, Listening};
-use crate::tunnel::{full, Body};
 
 /// Why a reload was refused; the running settings stay. It reads as the error inside it: the
 /// admin sees that text in the log and in the answer to `POST /reload`.

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use channel::admin::{self, Control, ReloadError};
+use runtime::admin::{self, Control, ReloadError};
 
 struct Counting {
     log: logs::Log,
@@ -177,8 +177,8 @@ struct Refusing {
     log: logs::Log,
 }
 
-fn invalid() -> channel::config::ConfigError {
-    channel::config::ConfigError::Invalid {
+fn invalid() -> runtime::config::ConfigError {
+    runtime::config::ConfigError::Invalid {
         path: "gateway.toml".into(),
         key: "verbose",
         reason: "is not true or false".into(),

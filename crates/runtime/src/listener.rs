@@ -106,7 +106,7 @@ struct Spread<F> {
 pin_project_lite::pin_project! {
     /// A connection's future with its count. Not `async move { served.await; drop(open) }`:
     /// such a block keeps room for the future it captured beside the one it awaits, and a
-    /// connection's future is large; an idle device connection cost 14 KiB more.
+    /// connection's future is large, and every idle connection would pay for it twice.
     struct Counted<F> {
         #[pin]
         served: F,
