@@ -296,24 +296,7 @@ pub async fn start_on(
             .then(|| Duration::from_secs(config.http2_keepalive_secs)),
         epoch: tokio::time::Instant::now(),
     });
-    let handler_shared = shared.clone();
-    let listening = runtime::listener::listen_on(config.listen, &shards, move |tcp, peer| {
-        // Counted before any TLS: over the caps, closed at once (see `limits`).
-        let slot = handler_shared.limits.admit(peer, &handler_shared.log);
-        // The configuration of this moment: a reload swaps in a new server certificate.
-        accept::connection(
-            handler_shared.tls.load_full(),
-            tcp,
-            peer,
-            handler_shared.clone(),
-            slot,
-        )
-    })
-    .await
-    .map_err(|source| GatewayError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;
     shared.log.info(&format!(
         "Gateway listening on {} for devices and connector channels ({} worker thread{})",
         listening.addr,
@@ -325,19 +308,7 @@ pub async fn start_on(
             // Every connection here is let in only to show a channel's ClientHello: its
             // room is this listener's own, out of reach of the devices on `listen`.
             let limits = Arc::new(limits::Limits::channels_only(config.reserved_for_channels));
-            let (handler_shared, handler_limits) = (shared.clone(), limits.clone());
-            let listening = runtime::listener::listen_on(addr, &shards, move |tcp, peer| {
-                let slot = handler_limits.admit(peer, &handler_shared.log);
-                accept::connection(
-                    handler_shared.tls.load_full(),
-                    tcp,
-                    peer,
-                    handler_shared.clone(),
-                    slot,
-                )
-            })
-            .await
-            .map_err(|source| GatewayError::Listen { addr, source })?;
+            let listening = listen(addr, &shards, &shared, limits.clone()).await?;
             shared.log.info(&format!(
                 "Gateway listening on {} for connector channels only",
                 listening.addr
@@ -353,6 +324,24 @@ pub async fn start_on(
         shared,
         channel_listening,
     })
+}
+
+/// Accepts on `addr` on every shard: each connection takes a slot of `limits` before any TLS
+/// (over the caps it is closed at once, see `limits`), then is served with the TLS
+/// configuration of that moment (a reload swaps in a new server certificate).
+async fn listen(
+    addr: SocketAddr,
+    shards: &Shards,
+    shared: &Arc<Shared>,
+    limits: Arc<limits::Limits>,
+) -> Result<runtime::listener::Listening, GatewayError> {
+    let shared = shared.clone();
+    runtime::listener::listen_on(addr, shards, move |tcp, peer| {
+        let slot = limits.admit(peer, &shared.log);
+        accept::connection(shared.tls.load_full(), tcp, peer, shared.clone(), slot)
+    })
+    .await
+    .map_err(|source| GatewayError::Listen { addr, source })
 }
 
 /// Loads how devices are judged, logging every CRL that cannot be used (the CRL policy then
