@@ -1,0 +1,315 @@
+//! Bringing each system up behind the reference management point: its configuration files,
+//! its processes, the URL devices use.
+
+use super::*;
+
+pub(super) struct Mp {
+    pub(super) proc: Proc,
+    pub(super) port: u16,
+}
+
+pub(super) fn start_mp(
+    dir: &Path,
+    lab: &Lab,
+    options: &CompareOptions,
+) -> Result<Mp, CompareError> {
+    let config = dir.join("mp.toml");
+    write(
+        &config,
+        &format!(
+            "listen = \"127.0.0.1:0\"\ncert = {}\nkey = {}\nclient_certificates = \"require\"\ntrusted_roots = [{}]\n",
+            q(&lab.file(pki::lab::layout::MP_CERT)),
+            q(&lab.file(pki::lab::layout::MP_KEY)),
+            q(&lab.root()),
+        ),
+    )?;
+    let mut command = Command::new(&options.program);
+    command.arg("mp").arg("--config").arg(&config);
+    let mut proc =
+        Proc::spawn("management point", command, dir, vec![]).map_err(CompareError::Start)?;
+    let deadline = Instant::now() + options.ready_timeout;
+    loop {
+        let said = std::fs::read_to_string(&proc.output).unwrap_or_default();
+        if let Some(port) = said
+            .lines()
+            .find_map(|l| l.split("listening on https://").nth(1))
+            .and_then(|addr| addr.trim().rsplit(':').next()?.parse::<u16>().ok())
+        {
+            return Ok(Mp { proc, port });
+        }
+        if let Some(why) = proc.exited() {
+            return Err(CompareError::Start(format!(
+                "the reference management point did not start: {why}{}",
+                proc.tail()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(CompareError::Start(format!(
+                "the reference management point did not say where it listens within {:.0} s{}",
+                options.ready_timeout.as_secs_f64(),
+                proc.tail()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Systems
+
+/// A system brought up: its processes (stopped when dropped) and where devices call.
+pub(super) struct Up {
+    pub(super) procs: Vec<Proc>,
+    pub(super) url: String,
+}
+
+impl Up {
+    pub(super) fn tails(&self) -> String {
+        self.procs.iter().map(Proc::tail).collect()
+    }
+}
+
+pub(super) fn bring_up(
+    system: System,
+    dir: &Path,
+    lab: &Lab,
+    mp: &Mp,
+    tools: &Tools,
+    options: &CompareOptions,
+) -> Result<Up, String> {
+    let direct = format!("https://localhost:{}{MP_PATH}", mp.port);
+    let err = |e: CompareError| e.to_string();
+    match system {
+        System::Direct => Ok(Up {
+            procs: vec![],
+            url: direct,
+        }),
+        System::Portcullis | System::PortcullisBaseline => {
+            let program = match system {
+                System::PortcullisBaseline => tools.baseline()?,
+                _ => options.program.as_path(),
+            };
+            let [gw] = free_ports(1).map_err(err)?[..] else {
+                return Err("no free port".into());
+            };
+            let threads_setting = options
+                .threads
+                .map(|n| format!("worker_threads = {n}\n"))
+                .unwrap_or_default();
+            let gateway = dir.join("gateway.toml");
+            write(
+                &gateway,
+                &format!(
+                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nconnector_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n",
+                    q(&lab.file(pki::lab::layout::GATEWAY_CERT)),
+                    q(&lab.file(pki::lab::layout::GATEWAY_KEY)),
+                    q(&lab.root()),
+                    q(&lab.file(pki::lab::layout::CONNECTOR_ROOTS)),
+                    q(&dir.join("SMS_Cloud_ProxyGateway.log")),
+                    threads = threads_setting,
+                ),
+            )
+            .map_err(err)?;
+            let connector = dir.join("connector.toml");
+            write(
+                &connector,
+                &format!(
+                    "connector_id = \"bench\"\ngateways = [\"localhost:{gw}\"]\ngateway_roots = [{root}]\nchannel_cert = {}\nchannel_key = {}\nclient_cert_store = {}\nallowed_roots = [{root}]\nendpoint_roots = [{root}]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n\n[[endpoints]]\nid = {ENDPOINT_ID}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
+                    q(&lab.file(pki::lab::layout::CHANNEL_CERT)),
+                    q(&lab.file(pki::lab::layout::CHANNEL_KEY)),
+                    q(&lab.file(pki::lab::layout::CONNECTOR_STORE)),
+                    q(&dir.join("SMS_Cloud_ProxyConnector.log")),
+                    mp.port,
+                    root = q(&lab.root()),
+                    threads = threads_setting,
+                ),
+            )
+            .map_err(err)?;
+            let mut procs = Vec::new();
+            let mut command = Command::new(program);
+            command.arg("gateway").arg("--config").arg(&gateway);
+            procs.push(Proc::spawn(
+                "gateway",
+                command,
+                dir,
+                vec![dir.join("SMS_Cloud_ProxyGateway.log")],
+            )?);
+            let mut command = Command::new(program);
+            command.arg("connector").arg("--config").arg(&connector);
+            procs.push(Proc::spawn(
+                "connector",
+                command,
+                dir,
+                vec![dir.join("SMS_Cloud_ProxyConnector.log")],
+            )?);
+            Ok(Up {
+                procs,
+                url: format!("https://localhost:{gw}/CCM_PROXY_MUTUALAUTH/{ENDPOINT_ID}{MP_PATH}"),
+            })
+        }
+        System::Nginx => {
+            let [port] = free_ports(1).map_err(err)?[..] else {
+                return Err("no free port".into());
+            };
+            let nginx = start_nginx(tools.nginx()?, dir, lab, port, mp.port, options.threads)?;
+            Ok(Up {
+                procs: vec![nginx],
+                url: format!("https://localhost:{port}{MP_PATH}"),
+            })
+        }
+        System::NginxRathole => {
+            let [port, control, service] = free_ports(3).map_err(err)?[..] else {
+                return Err("no free port".into());
+            };
+            let rathole = tools.rathole()?;
+            let token = format!(
+                "bench-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            );
+            let server = dir.join("rathole-server.toml");
+            write(
+                &server,
+                &format!(
+                    "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\n[server.transport]\ntype = \"tcp\"\n\n[server.services.mp]\ntoken = \"{token}\"\nbind_addr = \"127.0.0.1:{service}\"\n"
+                ),
+            )
+            .map_err(err)?;
+            let client = dir.join("rathole-client.toml");
+            write(
+                &client,
+                &format!(
+                    "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\n[client.transport]\ntype = \"tcp\"\n\n[client.services.mp]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{}\"\n",
+                    mp.port
+                ),
+            )
+            .map_err(err)?;
+            let mut procs = Vec::new();
+            for (name, role, config) in [
+                ("rathole server", "--server", &server),
+                ("rathole client", "--client", &client),
+            ] {
+                let mut command = Command::new(rathole);
+                // Warnings only: no line per connection.
+                command.env("RUST_LOG", "warn").arg(role).arg(config);
+                if let Some(threads) = options.threads {
+                    // rathole's runtime is tokio's default one, which reads this.
+                    command.env("TOKIO_WORKER_THREADS", threads.to_string());
+                }
+                procs.push(Proc::spawn(name, command, dir, vec![])?);
+            }
+            procs.insert(
+                0,
+                start_nginx(tools.nginx()?, dir, lab, port, service, options.threads)?,
+            );
+            Ok(Up {
+                procs,
+                url: format!("https://localhost:{port}{MP_PATH}"),
+            })
+        }
+    }
+}
+
+/// nginx on 127.0.0.1:`port` terminating device mutual TLS, proxying over TLS (presenting
+/// the connector's client-authentication certificate, checking the management point's) to
+/// 127.0.0.1:`upstream` with a pool of kept-alive connections.
+pub(super) fn start_nginx(
+    nginx: &Path,
+    dir: &Path,
+    lab: &Lab,
+    port: u16,
+    upstream: u16,
+    threads: Option<usize>,
+) -> Result<Proc, String> {
+    let workers = threads.map_or_else(|| "auto".to_string(), |n| n.to_string());
+    let temp = dir.join("nginx-temp");
+    std::fs::create_dir_all(&temp).map_err(|e| format!("creating {}: {e}", temp.display()))?;
+    let error_log = dir.join("nginx-error.log");
+    // As root, nginx would run its workers as `nobody`, which cannot enter the private
+    // temporary directory.
+    let user = if rustix::process::geteuid().is_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let conf = dir.join("nginx.conf");
+    let root = q(&lab.root());
+    write(
+        &conf,
+        &format!(
+            r#"# Generated by portcullis bench compare.
+{user}worker_processes {workers};
+daemon off;
+master_process on;
+pid {pid};
+error_log {error_log} warn;
+worker_rlimit_nofile 65536;
+
+events {{
+    worker_connections 16384;
+}}
+
+http {{
+    access_log off;
+    # Devices keep their connection; nginx's default closes it after 1000 requests, which
+    # at these rates is every few seconds per connection.
+    keepalive_requests 1000000;
+    client_body_temp_path {t}/client;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+
+    upstream management_point {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {root};
+        ssl_verify_client on;
+        ssl_session_cache shared:SSL:10m;
+
+        location / {{
+            proxy_pass https://management_point;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_ssl_certificate {client_cert};
+            proxy_ssl_certificate_key {client_key};
+            proxy_ssl_trusted_certificate {root};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"#,
+            pid = q(&dir.join("nginx.pid")),
+            error_log = q(&error_log),
+            t = temp.display(),
+            cert = q(&lab.file(pki::lab::layout::GATEWAY_CERT)),
+            key = q(&lab.file(pki::lab::layout::GATEWAY_KEY)),
+            client_cert = q(&lab.file(pki::lab::layout::CLIENT_AUTH_CERT)),
+            client_key = q(&lab.file(pki::lab::layout::CLIENT_AUTH_KEY)),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut command = Command::new(nginx);
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(&error_log)
+        .arg("-c")
+        .arg(&conf);
+    Proc::spawn("nginx", command, dir, vec![error_log])
+}
