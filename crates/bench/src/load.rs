@@ -66,7 +66,7 @@ pub struct LoadOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
-    Setup(#[from] testkit::probe::ProbeError),
+    Setup(#[from] probe::ProbeError),
     #[error("{0}")]
     Options(String),
 }
@@ -206,7 +206,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         (None, None) => Some(Duration::from_secs(10)),
         (d, _) => d,
     };
-    let mut tls = testkit::probe::device_tls(
+    let mut tls = probe::device_tls(
         &options.ca,
         options.cert.as_deref(),
         options.key.as_deref(),
@@ -215,7 +215,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     if options.mode == Mode::Handshake && !options.tls_resumption {
         tls.resumption = rustls::client::Resumption::disabled();
     }
-    let (name, host, port) = testkit::probe::server_name_of(&options.url)?;
+    let (name, host, port) = probe::server_name_of(&options.url)?;
     let uri: hyper::Uri = options
         .url
         .parse()

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use channel::refusal::{Cause, Hop};
 use connector::endpoint::{endpoint_url, EndpointClient};
 use http_body_util::{BodyExt, Full};
+use mp::{self, MpConfig};
 use pki::lab::{LabCa, LabOptions, LabPki, LeafSpec};
 use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
-use testkit::mp::{self, MpConfig};
 
 struct Lab {
     dir: tempfile::TempDir,

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use analyzer::{AnalyzeOptions, LocalStore};
 use anyhow::Context;
 use clap::Args;
 use runtime::config::{self, ConfigError};
 use serde::Deserialize;
-use testkit::analyze::{AnalyzeOptions, LocalStore};
 
 /// Check every hop a device's request takes, in order, and stop at the first that fails.
 ///
@@ -122,7 +122,7 @@ fn load(path: &Path) -> Result<AnalyzeOptions, ConfigError> {
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
     let options = load(&args.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let analysis = runtime.block_on(testkit::analyze::analyze(&options))?;
+    let analysis = runtime.block_on(analyzer::analyze(&options))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&analysis)?);
     } else {

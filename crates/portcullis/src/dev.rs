@@ -129,7 +129,7 @@ async fn serve(
             layout::ROOT_CERT
         ),
     )?;
-    let mp = testkit::mp::start(testkit::mp::MpConfig::load(&mp_config)?).await?;
+    let mp = mp::start(mp::MpConfig::load(&mp_config)?).await?;
 
     let gateway_config = write(
         "gateway.toml",

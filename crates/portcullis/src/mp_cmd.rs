@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use testkit::mp::{self, MpConfig};
+use mp::{self, MpConfig};
 
 /// Run the reference management point (labs and tests).
 ///

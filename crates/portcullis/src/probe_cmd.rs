@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use logs::cmtrace;
-use testkit::probe::{self, ProbeOptions};
+use probe::{self, ProbeOptions};
 
 /// Make one request as a managed device does, and report it as the client's
 /// LocationServices.log does.

@@ -1,6 +1,10 @@
-//! What labs and tests run beside the gateway and connector: the reference management point
-//! (`portcullis mp`), its IIS-style W3C log, and the device-side probe.
+//! Test helpers only: what the whole-system tests (the `integration` crate) start and drive.
+//! Nothing here ships in `portcullis`.
+//!
+//! - [`system`]: a lab PKI in a temporary directory, the reference management point, a gateway
+//!   and a connector wired up on loopback in one process, their log lines recorded, and the
+//!   calls a test makes on them (probe, curl, reload, channel ids).
 
-pub mod analyze;
-pub mod mp;
-pub mod probe;
+pub mod system;
+
+pub use system::*;

@@ -1,15 +1,13 @@
-//! Connections that never speak, idle connections, and caps on device connections (issue 14,
-//! item 6): real sockets on loopback, real TLS, every attack bounded in count and time.
-
-mod common;
+//! Connections that never speak, idle connections, and caps on device connections: real
+//! sockets on loopback, real TLS, every attack bounded in count and time.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use testkit::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 type DeviceTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -59,7 +57,7 @@ fn lab_tls(system: &System, device: Option<&str>, http2: bool) -> Arc<rustls::Cl
     let cert = device.map(|d| system.path(&format!("devices/{d}.crt")));
     let key = device.map(|d| system.path(&format!("devices/{d}.key")));
     Arc::new(
-        testkit::probe::device_tls(
+        probe::device_tls(
             &[system.path("ca/root.crt")],
             cert.as_deref(),
             key.as_deref(),

@@ -1,9 +1,6 @@
-//! Devices share channels fairly (issue 14, items 2, 4 and part of 10): a device that stops
-//! reading, holds many streams, or stops sending its body, and a connector that stops sending
-//! an answer, hurt nobody else. Real TLS and sockets on loopback; every attack is bounded in
-//! count and time, and "promptly" means within generous bounds.
-
-mod common;
+//! Devices share channels fairly: a device that stops reading, holds many streams, or stops
+//! sending its body, and a connector that stops sending an answer, hurt nobody else. Every
+//! attack is bounded in count and time, and "promptly" means within generous bounds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use channel::tunnel::{EndpointInfo, Hello, ALPN, HELLO_PATH};
-use common::*;
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long an answer may take and still count as prompt here (the failures this guards
@@ -26,7 +23,7 @@ async fn device_connection(
     alpn: &[&[u8]],
     receive_buffer: Option<u32>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut tls = testkit::probe::device_tls(
+    let mut tls = probe::device_tls(
         std::slice::from_ref(&system_paths.ca),
         Some(&system_paths.cert),
         Some(&system_paths.key),
@@ -413,7 +410,7 @@ fn requests_abandoned_while_queued_are_never_sent() {
 /// a few bytes and then nothing; `/whole-body` reads the whole request body, then answers.
 /// It runs until the test's runtime ends.
 fn fake_connector(system: &System) {
-    let mut tls = testkit::probe::device_tls(
+    let mut tls = probe::device_tls(
         &[system.path("ca/root.crt")],
         Some(&system.path("connector/channel.crt")),
         Some(&system.path("connector/channel.key")),

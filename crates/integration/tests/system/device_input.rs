@@ -1,16 +1,14 @@
-//! What reaches an endpoint, and what the gateway tells strangers, through the whole path on
-//! loopback (real TLS, real sockets): device headers an endpoint may trust are the gateway's,
-//! transfer codings it cannot forward are refused, encoded paths never leave the gateway, and
-//! ServiceMetadata names connectors and endpoints to authenticated devices only.
-
-mod common;
+//! What reaches an endpoint, and what the gateway tells strangers: device headers an endpoint
+//! may trust are the gateway's, transfer codings it cannot forward are refused, encoded paths
+//! never leave the gateway, and ServiceMetadata names connectors and endpoints to authenticated
+//! devices only.
 
 use std::net::TcpListener;
 use std::path::Path;
 
-use common::*;
 use gateway::token::{self, IssueRequest, TokenKind};
-use testkit::probe::Outcome;
+use probe::Outcome;
+use testkit::*;
 use time::OffsetDateTime;
 
 /// The endpoint id of the header echo endpoint.

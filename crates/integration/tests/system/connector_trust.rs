@@ -1,38 +1,37 @@
-//! Only the right connector gets a device's traffic, and only client certificates identify
-//! devices (issue 14, items 7-9): names read from parsed attributes, connector roots of their
-//! own, connector certificates checked for Client Authentication and revocation, endpoints
-//! bound to connectors, device certificates checked for Client Authentication. Real TLS on
-//! loopback, the lab PKI, a real connector and management point.
-
-mod common;
+//! Only the right connector gets a device's traffic: the allowed list, names read from
+//! parsed attributes, connector roots of their own, connector certificates checked for Client
+//! Authentication and revocation, endpoints bound to connectors. Real TLS on loopback, the lab
+//! PKI, a real connector and management point.
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
 use pki::lab::{DnType, LeafSpec};
-use testkit::probe::Outcome;
+use probe::Outcome;
+use testkit::*;
 
-fn mp_path() -> String {
-    format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST")
-}
-
-/// Waits (at most 10 s) for a gateway log line containing every one of `words`.
-fn wait_logged(system: &System, words: &[&str]) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = system
-            .gateway_log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| words.iter().all(|w| l.contains(w)));
-        if found || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+#[test]
+fn a_connector_the_gateway_does_not_allow_cannot_open_a_channel() {
+    let system = System::start("connector/store", "someone-else");
+    assert!(!system.wait_for_channels_within(1, Duration::from_secs(2)));
+    let log = system.gateway_log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l.contains("Refused a connector channel")
+            && l.contains("not in allowed_connectors")),
+        "{log:#?}"
+    );
+    let report = system.probe(
+        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
+        Some("device-001"),
+    );
+    assert!(
+        matches!(report.outcome, Outcome::HttpError { status: 404, .. }),
+        "{:?}",
+        report.lines
+    );
+    system.stop();
 }
 
 /// Waits (at most 10 s) until the gateway holds no channel.
@@ -401,51 +400,5 @@ fn a_connector_announcing_an_endpoint_bound_to_another_gets_no_traffic_for_it() 
         .unwrap();
     assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
     assert!(system.probe(&mp_path(), Some("device-001")).succeeded());
-    system.stop();
-}
-
-/// Item 9: the gateway's own server certificate (Server Authentication only) chains to the
-/// trusted root but is no device: 403 CMGService_Clientcertificatewrongusage. A device
-/// certificate with no extended key usage at all (any purpose, RFC 5280) is accepted.
-#[test]
-fn a_device_presenting_a_server_certificate_is_refused_for_its_usage() {
-    let system = System::start("connector/store", "Portcullis Connector Channel");
-    assert!(system.wait_for_channels(2));
-    std::fs::copy(
-        system.path("gateway/server.crt"),
-        system.path("devices/gateway-as-device.crt"),
-    )
-    .unwrap();
-    std::fs::copy(
-        system.path("gateway/server.key"),
-        system.path("devices/gateway-as-device.key"),
-    )
-    .unwrap();
-    let report = system.probe(&mp_path(), Some("gateway-as-device"));
-    assert_eq!(
-        report.outcome,
-        Outcome::HttpError {
-            status: 403,
-            text: "CMGService_Clientcertificatewrongusage".into()
-        },
-        "{:?}",
-        report.lines
-    );
-    assert!(wait_logged(
-        &system,
-        &[
-            "Refused a request from device ",
-            "403 CMGService_Clientcertificatewrongusage",
-            "1.3.6.1.5.5.7.3.1 (Server Authentication) without Client Authentication",
-        ]
-    ));
-
-    let mut any_purpose = LeafSpec::client_auth("DEVICE-NO-EKU", 30);
-    any_purpose.extended_key_usages.clear();
-    let issued = system.lab_root().issue(&any_purpose).unwrap();
-    std::fs::write(system.path("devices/no-eku.crt"), &issued.cert_pem).unwrap();
-    std::fs::write(system.path("devices/no-eku.key"), &issued.key_pem).unwrap();
-    let report = system.probe(&mp_path(), Some("no-eku"));
-    assert!(report.succeeded(), "{:?}", report.lines);
     system.stop();
 }

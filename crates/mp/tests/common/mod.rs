@@ -1,11 +1,11 @@
-//! Shared by the testkit tests: a lab PKI in a temporary directory and a management point
+//! Shared by these tests: a lab PKI in a temporary directory and a management point
 //! serving from it in-process.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
+use mp::{self, MpConfig};
 use pki::lab::{LabOptions, LabPki};
-use testkit::mp::{self, MpConfig};
 
 pub struct Lab {
     pub dir: tempfile::TempDir,

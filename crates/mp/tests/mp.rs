@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{with_mp, Lab};
+use mp::{self, MpConfig};
 use pki::lab::{LabCa, LeafSpec};
-use testkit::mp::{self, MpConfig};
 
 fn curl(lab: &Lab, url: &str, cert: Option<(&Path, &Path)>, extra: &[&str]) -> Output {
     let mut cmd = Command::new("curl");

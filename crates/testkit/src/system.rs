@@ -1,6 +1,5 @@
-//! A whole system on loopback for the gateway's tests: a lab PKI, the reference management
-//! point, a gateway and a connector, in one runtime, with their log lines recorded.
-#![allow(dead_code)]
+//! A whole system on loopback: a lab PKI, the reference management point, a gateway and a
+//! connector, in one runtime, with their log lines recorded.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
+use mp::{self, MpConfig};
 use pki::lab::{LabOptions, LabPki};
+use probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
 use runtime::shards::{ShardThreads, Shards};
-use testkit::mp::{self, MpConfig};
-use testkit::probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
 
 pub const ENDPOINT: u64 = 72057594037927939;
 

@@ -1,16 +1,16 @@
-//! Device authentication beyond the certificate chain, through a running gateway: site tokens
-//! on CCM_PROXY_SERVERAUTH routes with every refusal reason and a key rotation, and device
-//! certificates revoked by a CRL made with the `openssl ca` command line. Settings change by
-//! reloading the running gateway, as SIGHUP does: nothing restarts.
-
-mod common;
+//! Device authentication through a running gateway: certificates checked for Client
+//! Authentication, site tokens on CCM_PROXY_SERVERAUTH routes with every refusal reason and a
+//! key rotation, and device certificates revoked by a CRL made with the `openssl ca` command
+//! line. Settings change by reloading the running gateway, as SIGHUP does: nothing restarts.
 
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::support::*;
 use gateway::token::{self, IssueRequest, TokenKind};
-use testkit::probe::Outcome;
+use pki::lab::LeafSpec;
+use probe::Outcome;
+use testkit::*;
 use time::OffsetDateTime;
 
 const MPLIST: &str = "SMS_MP/.sms_aut?MPLIST";
@@ -437,4 +437,50 @@ fn a_bad_tls_or_token_setting_is_refused_at_load_naming_the_key() {
     )
     .unwrap();
     gateway::GatewayConfig::load(&dir.path().join("gateway.toml")).unwrap();
+}
+
+/// Item 9: the gateway's own server certificate (Server Authentication only) chains to the
+/// trusted root but is no device: 403 CMGService_Clientcertificatewrongusage. A device
+/// certificate with no extended key usage at all (any purpose, RFC 5280) is accepted.
+#[test]
+fn a_device_presenting_a_server_certificate_is_refused_for_its_usage() {
+    let system = System::start("connector/store", "Portcullis Connector Channel");
+    assert!(system.wait_for_channels(2));
+    std::fs::copy(
+        system.path("gateway/server.crt"),
+        system.path("devices/gateway-as-device.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        system.path("gateway/server.key"),
+        system.path("devices/gateway-as-device.key"),
+    )
+    .unwrap();
+    let report = system.probe(&mp_path(), Some("gateway-as-device"));
+    assert_eq!(
+        report.outcome,
+        Outcome::HttpError {
+            status: 403,
+            text: "CMGService_Clientcertificatewrongusage".into()
+        },
+        "{:?}",
+        report.lines
+    );
+    assert!(wait_logged(
+        &system,
+        &[
+            "Refused a request from device ",
+            "403 CMGService_Clientcertificatewrongusage",
+            "1.3.6.1.5.5.7.3.1 (Server Authentication) without Client Authentication",
+        ]
+    ));
+
+    let mut any_purpose = LeafSpec::client_auth("DEVICE-NO-EKU", 30);
+    any_purpose.extended_key_usages.clear();
+    let issued = system.lab_root().issue(&any_purpose).unwrap();
+    std::fs::write(system.path("devices/no-eku.crt"), &issued.cert_pem).unwrap();
+    std::fs::write(system.path("devices/no-eku.key"), &issued.key_pem).unwrap();
+    let report = system.probe(&mp_path(), Some("no-eku"));
+    assert!(report.succeeded(), "{:?}", report.lines);
+    system.stop();
 }

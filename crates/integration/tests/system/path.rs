@@ -1,13 +1,10 @@
 //! The whole path on loopback with real TLS everywhere: device (curl, probe) -> gateway ->
-//! reverse-HTTP/2 channel -> connector -> reference management point.
+//! reverse-HTTP/2 channel -> connector -> reference management point, and the status a device
+//! gets when a hop refuses it.
 
-mod common;
-
-use std::time::Duration;
-
-use common::*;
 use pki::lab::{LabCa, LeafSpec};
-use testkit::probe::Outcome;
+use probe::Outcome;
+use testkit::*;
 
 #[test]
 fn a_device_gets_the_management_points_exact_bytes() {
@@ -212,28 +209,6 @@ fn devices_are_refused_at_the_gateway_with_a_named_status() {
 }
 
 #[test]
-fn a_connector_the_gateway_does_not_allow_cannot_open_a_channel() {
-    let system = System::start("connector/store", "someone-else");
-    assert!(!system.wait_for_channels_within(1, Duration::from_secs(2)));
-    let log = system.gateway_log.lock().unwrap().clone();
-    assert!(
-        log.iter().any(|l| l.contains("Refused a connector channel")
-            && l.contains("not in allowed_connectors")),
-        "{log:#?}"
-    );
-    let report = system.probe(
-        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
-        Some("device-001"),
-    );
-    assert!(
-        matches!(report.outcome, Outcome::HttpError { status: 404, .. }),
-        "{:?}",
-        report.lines
-    );
-    system.stop();
-}
-
-#[test]
 fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
     // The connector allows (and so selects) a certificate from a root the management point
     // does not trust: IIS answers 403.16 and the device sees CMGConnector_Forbidden.
@@ -273,173 +248,5 @@ fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
     );
     let w3c = std::fs::read_to_string(system.path("logs/u_ex.log")).unwrap();
     assert!(w3c.contains(" 403 16 0 "), "{w3c}");
-    system.stop();
-}
-
-/// A connector reloaded with a new endpoint serves it once its channels have reopened, and
-/// says which of the changed settings wait for a restart.
-#[test]
-fn a_connector_reload_adds_an_endpoint_and_names_what_waits_for_a_restart() {
-    let system = System::start("connector/store", "Portcullis Connector Channel");
-    assert!(system.wait_for_channels(2));
-    let path = |endpoint: u64| format!("/CCM_PROXY_MUTUALAUTH/{endpoint}/SMS_MP/.sms_aut?MPLIST");
-    let before = system.probe(&path(8), Some("device-001"));
-    assert_eq!(
-        before.outcome,
-        Outcome::HttpError {
-            status: 404,
-            text: "CMGService_Unknownendpoint".into()
-        },
-        "{:?}",
-        before.lines
-    );
-
-    let file = system.path("connector.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    let url = text
-        .lines()
-        .find_map(|l| l.strip_prefix("url = "))
-        .unwrap()
-        .to_string();
-    let text = text.replace("verbose = true\n", "verbose = true\nworker_threads = 1\n")
-        + &format!("\n[[endpoints]]\nid = 8\nname = \"SMS_MP_2\"\nurl = {url}\n");
-    std::fs::write(&file, text).unwrap();
-    let config = connector::run::ConnectorConfig::load(&file).unwrap();
-    let summary = system.connector.as_ref().unwrap().reload(&config).unwrap();
-    for part in [
-        "endpoints now 72057594037927939 (SMS_MP) https://localhost:",
-        "8 (SMS_MP_2) https://localhost:",
-        "channels reopen one at a time",
-        "not applied until the connector restarts: worker_threads",
-    ] {
-        assert!(summary.contains(part), "{part}: {summary}");
-    }
-    // Both channels have reopened when the gateway routes endpoint 8 on two.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let gateway = system.gateway.as_ref().unwrap();
-    while !gateway
-        .registry
-        .endpoints()
-        .contains(&(8, "SMS_MP_2".into(), 2))
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        gateway
-            .registry
-            .endpoints()
-            .contains(&(8, "SMS_MP_2".into(), 2)),
-        "{:?}",
-        gateway.registry.endpoints()
-    );
-    let after = system.probe(&path(8), Some("device-001"));
-    assert!(after.succeeded(), "{:?}", after.lines);
-    system.stop();
-}
-
-/// The gateway's own certificate renewed in place and reloaded, as SIGHUP does: new
-/// connections get the new one (devices are answered through it), and a reload whose key does
-/// not match its certificate is refused, the running one kept.
-#[test]
-fn a_reload_gives_new_connections_the_renewed_server_certificate() {
-    let system = System::start("connector/store", "Portcullis Connector Channel");
-    assert!(system.wait_for_channels(2));
-    let port = system.gateway_port();
-    let tls = system.device_tls();
-    let served_certificate = || {
-        system.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .unwrap();
-            let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
-            pki::cert::Certificate::from_der(leaf.as_ref())
-                .unwrap()
-                .label()
-        })
-    };
-    assert!(served_certificate().starts_with("CN=Portcullis Gateway,"));
-
-    let root = system.lab_root();
-    let server_certificate = |name: &str| {
-        root.issue(&LeafSpec::server_auth(name, &["localhost".to_string()], 30))
-            .unwrap()
-    };
-    let renewed = server_certificate("Portcullis Gateway Renewed");
-    std::fs::write(system.path("gateway/server.crt"), &renewed.cert_pem).unwrap();
-    std::fs::write(system.path("gateway/server.key"), &renewed.key_pem).unwrap();
-    let summary = system.reload_gateway("").unwrap();
-    assert!(
-        summary.contains("server certificate for new connections: CN=Portcullis Gateway Renewed"),
-        "{summary}"
-    );
-    assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
-    let report = system.probe(
-        &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),
-        Some("device-001"),
-    );
-    assert!(report.succeeded(), "{:?}", report.lines);
-
-    // A key that is not the certificate's: refused, and the renewed one still served.
-    let other = server_certificate("Other");
-    std::fs::write(system.path("gateway/server.key"), &other.key_pem).unwrap();
-    assert!(system.reload_gateway("").is_err());
-    assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
-    system.stop();
-}
-
-/// A connector taken out of allowed_connectors by a reload loses its channels at once (its
-/// redials are refused, devices get 503), and gets them back when it is allowed again.
-#[test]
-fn a_reload_that_disallows_a_connector_closes_its_channels() {
-    let system = System::start("connector/store", "Portcullis Connector Channel");
-    assert!(system.wait_for_channels(2));
-    let allowed = "allowed_connectors = [\"Portcullis Connector Channel\"]";
-    let summary = system
-        .reload_gateway_replacing((allowed, "allowed_connectors = [\"Someone Else\"]"), "")
-        .unwrap();
-    assert!(
-        summary.contains("connectors: 2 channel(s) closed, no longer allowed"),
-        "{summary}"
-    );
-    let registry = &system.gateway.as_ref().unwrap().registry;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while registry.channel_count() > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(registry.channel_count(), 0);
-    let path = format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST");
-    let report = system.probe(&path, Some("device-001"));
-    assert!(
-        matches!(report.outcome, Outcome::HttpError { status: 503, .. }),
-        "{:?}",
-        report.lines
-    );
-    // Its redials are refused, and say why.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let refused = || {
-        system.gateway_log.lock().unwrap().iter().any(|l| {
-            l.starts_with("Refused a connector channel from ")
-                && l.ends_with("is not in allowed_connectors")
-        })
-    };
-    while !refused() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(refused(), "{:?}", system.gateway_log.lock().unwrap());
-    assert_eq!(registry.channel_count(), 0);
-
-    let summary = system.reload_gateway("").unwrap();
-    assert!(
-        summary.contains("connectors: every open channel still allowed"),
-        "{summary}"
-    );
-    assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
-    assert!(system.probe(&path, Some("device-001")).succeeded());
     system.stop();
 }

@@ -24,7 +24,7 @@ use rustls_pki_types::ServerName;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::probe::{self, Outcome, ProbeOptions};
+use probe::{Outcome, ProbeOptions};
 
 /// What to analyze (`analyze.toml`).
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{with_mp, Lab};
-use testkit::probe::{self, Outcome, ProbeOptions, DEFAULT_KEPT_BODY};
+use probe::{self, Outcome, ProbeOptions, DEFAULT_KEPT_BODY};
 
 fn options(lab: &Lab, url: String, with_device_cert: bool) -> ProbeOptions {
     ProbeOptions {

@@ -1,0 +1,16 @@
+//! Whole-system tests: a real gateway, connector and reference management point on loopback,
+//! with real TLS and real certificates (`testkit::System`). One module per feature; one test
+//! binary, so the whole system is linked once.
+
+mod auth;
+mod connection_limits;
+mod connector_trust;
+mod device_input;
+mod drain;
+mod fair_shares;
+mod header_limits;
+mod path;
+mod reload;
+mod shards;
+mod small_pieces_and_methods;
+mod support;
