@@ -1,0 +1,12 @@
+//! The `portcullis` binary driven as SPEC.md's interface table says, as a real process. One
+//! module per group of commands; one test binary.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod commands;
+mod dev;
+mod diagnosis;
+mod pki_and_certs;
+mod processes;
+mod support;
