@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use connector::run::{self as conn, ConnectorConfig};
 use gateway::GatewayConfig;
 use mp::{self, MpConfig};
-use pki::lab::{LabOptions, LabPki};
 use probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
 use runtime::shards::{ShardThreads, Shards};
 
@@ -123,11 +122,7 @@ impl System {
         };
         let gateway_shards = shards();
         let connector_shards = shards();
-        let dir = tempfile::tempdir().unwrap();
-        LabPki::issue(&LabOptions::default())
-            .unwrap()
-            .write(dir.path(), false)
-            .unwrap();
+        let dir = crate::lab::Lab::new().dir;
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let p = |rel: &str| dir.path().join(rel);
         std::fs::write(

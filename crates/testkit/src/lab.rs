@@ -1,6 +1,5 @@
-//! Shared by these tests: a lab PKI in a temporary directory and a management point
-//! serving from it in-process.
-#![allow(dead_code)]
+//! A lab PKI in a temporary directory, and the reference management point serving from it
+//! in-process, for tests of the management point and the probe.
 
 use std::path::PathBuf;
 
@@ -11,7 +10,14 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
 }
 
+impl Default for Lab {
+    fn default() -> Lab {
+        Lab::new()
+    }
+}
+
 impl Lab {
+    /// The lab `portcullis pki init` makes, with its defaults.
     pub fn new() -> Lab {
         let dir = tempfile::tempdir().unwrap();
         LabPki::issue(&LabOptions::default())

@@ -1,14 +1,12 @@
 //! The reference management point over real TLS on loopback, driven by curl (installed by
 //! `.ci/run`), with lab certificates made by our lab PKI and by hand.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{with_mp, Lab};
 use mp::{self, MpConfig};
 use pki::lab::{LabCa, LeafSpec};
+use testkit::lab::{with_mp, Lab};
 
 fn curl(lab: &Lab, url: &str, cert: Option<(&Path, &Path)>, extra: &[&str]) -> Output {
     let mut cmd = Command::new("curl");

@@ -1,12 +1,10 @@
 //! The device-side probe against a real management point on loopback, and against sockets
 //! that refuse, stall, or present an untrusted certificate.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{with_mp, Lab};
 use probe::{self, Outcome, ProbeOptions, DEFAULT_KEPT_BODY};
+use testkit::lab::{with_mp, Lab};
 
 fn options(lab: &Lab, url: String, with_device_cert: bool) -> ProbeOptions {
     ProbeOptions {
