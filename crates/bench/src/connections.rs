@@ -147,12 +147,16 @@ fn start_gateway(
         .and_then(|lab| lab.write(dir, false))
         .map_err(|e| setup("lab PKI", &e))?;
     let port = free_port()?;
+    // Written where the lab is, so the lab's relative paths hold.
+    let mut gateway = gateway::GatewayConfig::lab();
+    gateway.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    gateway.log.file = Some("gateway.log".into());
+    gateway.log.console = logs::logger::ConsoleSetting::Off;
+    held_open(&mut gateway, count);
     let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{}\n[log]\nfile = \"gateway.log\"\nconsole = \"off\"\n", held_open(count)),
-    )
-    .map_err(|e| setup("writing gateway.toml", &e))?;
+    gateway
+        .write(&config)
+        .map_err(|e| setup("writing gateway.toml", &e))?;
     let child = Command::new(program)
         .args(["gateway", "--config"])
         .arg(&config)
@@ -178,12 +182,12 @@ fn start_gateway(
 /// request (or idle after one) for as long as it likes: caps above the count, from any one
 /// source address too, and the first-request and idle deadlines at their longest. A gateway
 /// facing devices keeps its defaults (see `GatewayConfig`).
-fn held_open(count: usize) -> String {
-    format!(
-        "max_connections = {}\nmax_connections_per_address = {}\nhandshake_timeout_secs = 60\nfirst_request_timeout_secs = 86400\nidle_timeout_secs = 86400\n",
-        count + 64,
-        count + 64
-    )
+fn held_open(config: &mut gateway::GatewayConfig, count: usize) {
+    config.max_connections = count + 64;
+    config.max_connections_per_address = count + 64;
+    config.handshake_timeout_secs = 60;
+    config.first_request_timeout_secs = 86_400;
+    config.idle_timeout_secs = 86_400;
 }
 
 pub async fn run(options: &ConnectionsOptions) -> Result<ConnectionsReport, ConnectionsError> {

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use hyper::Uri;
 use pki::crl::CrlPolicy;
 use runtime::config::{self, ConfigError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// The endpoint id devices use in their URLs.
@@ -19,8 +19,10 @@ pub struct EndpointConfig {
     pub url: String,
 }
 
-/// `portcullis connector --config FILE`.
-#[derive(Debug, Clone, Deserialize)]
+/// `portcullis connector --config FILE`. Built in code with [`ConnectorConfig::new`] or
+/// [`ConnectorConfig::lab`] and written with [`ConnectorConfig::write`]: what is written is
+/// what `load` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
     /// Names this connector in the gateway's logs and ServiceMetadata.
@@ -104,22 +106,90 @@ fn default_max_request_header_bytes() -> u32 {
 }
 
 impl ConnectorConfig {
+    /// The required keys; every other at the default a file without it gets (the same
+    /// functions serde uses, so the two cannot differ).
+    // One argument per required key, so that none can be left out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        connector_id: String,
+        gateways: Vec<String>,
+        gateway_roots: Vec<PathBuf>,
+        channel_cert: PathBuf,
+        channel_key: PathBuf,
+        client_cert_store: PathBuf,
+        allowed_roots: Vec<PathBuf>,
+        endpoint_roots: Vec<PathBuf>,
+        endpoints: Vec<EndpointConfig>,
+    ) -> ConnectorConfig {
+        ConnectorConfig {
+            connector_id,
+            gateways,
+            gateway_server_name: None,
+            gateway_roots,
+            channels_per_gateway: default_channels(),
+            channels_follow_gateway_threads: default_true(),
+            channel_cert,
+            channel_key,
+            client_cert_store,
+            allowed_roots,
+            pfx_password_env: default_pfx_env(),
+            endpoint_roots,
+            endpoint_crls: Vec::new(),
+            endpoint_crl_policy: CrlPolicy::default(),
+            endpoints,
+            endpoint_timeout_secs: default_endpoint_timeout(),
+            max_request_header_bytes: default_max_request_header_bytes(),
+            verbose: false,
+            log: logs::logger::LogSettings::default(),
+            admin_listen: None,
+            worker_threads: None,
+        }
+    }
+
+    /// The connector of a lab PKI as `portcullis pki init` lays it out, its paths relative to
+    /// the lab's directory (write the file there, or [`ConnectorConfig::resolve_paths`]
+    /// first): the lab root trusted for gateways, client certificates and endpoints alike.
+    pub fn lab(
+        connector_id: impl Into<String>,
+        gateways: Vec<String>,
+        endpoints: Vec<EndpointConfig>,
+    ) -> ConnectorConfig {
+        use pki::lab::layout;
+        ConnectorConfig::new(
+            connector_id.into(),
+            gateways,
+            vec![layout::ROOT_CERT.into()],
+            layout::CHANNEL_CERT.into(),
+            layout::CHANNEL_KEY.into(),
+            layout::CONNECTOR_STORE.into(),
+            vec![layout::ROOT_CERT.into()],
+            vec![layout::ROOT_CERT.into()],
+            endpoints,
+        )
+    }
+
+    /// Writes the configuration file `load` reads.
+    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        config::write_toml(path, self)
+    }
+
+    /// Reads every relative path from `dir`, as `load` does from the file's directory.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &PathBuf| config::resolve_in(dir, p);
+        let resolve_all = |paths: &[PathBuf]| paths.iter().map(resolve).collect::<Vec<_>>();
+        self.gateway_roots = resolve_all(&self.gateway_roots);
+        self.allowed_roots = resolve_all(&self.allowed_roots);
+        self.endpoint_roots = resolve_all(&self.endpoint_roots);
+        self.endpoint_crls = resolve_all(&self.endpoint_crls);
+        self.channel_cert = resolve(&self.channel_cert);
+        self.channel_key = resolve(&self.channel_key);
+        self.client_cert_store = resolve(&self.client_cert_store);
+        self.log.file = self.log.file.as_ref().map(resolve);
+    }
+
     pub fn load(path: &Path) -> Result<ConnectorConfig, ConfigError> {
         let mut cfg: ConnectorConfig = config::load_toml(path)?;
-        let resolve_all = |paths: &[PathBuf]| {
-            paths
-                .iter()
-                .map(|p| config::resolve(path, p))
-                .collect::<Vec<_>>()
-        };
-        cfg.gateway_roots = resolve_all(&cfg.gateway_roots);
-        cfg.allowed_roots = resolve_all(&cfg.allowed_roots);
-        cfg.endpoint_roots = resolve_all(&cfg.endpoint_roots);
-        cfg.endpoint_crls = resolve_all(&cfg.endpoint_crls);
-        cfg.channel_cert = config::resolve(path, &cfg.channel_cert);
-        cfg.channel_key = config::resolve(path, &cfg.channel_key);
-        cfg.client_cert_store = config::resolve(path, &cfg.client_cert_store);
-        cfg.log.file = cfg.log.file.as_deref().map(|p| config::resolve(path, p));
+        cfg.resolve_paths(config::dir_of(path));
         let invalid = |key, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -213,4 +283,125 @@ pub(crate) fn split_host_port(text: &str) -> Option<(String, u16)> {
         return None;
     }
     Some((host.to_string(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logs::logger::ConsoleSetting;
+
+    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
+    /// alone would not notice the writer dropping or misspelling it.
+    fn unchanged_keys(config: &ConnectorConfig, base: &ConnectorConfig) -> Vec<String> {
+        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
+        let (config, base) = (json(config), json(base));
+        let base = base.as_object().expect("a table");
+        let config = config.as_object().expect("a table");
+        config
+            .iter()
+            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    fn mp_endpoint() -> EndpointConfig {
+        EndpointConfig {
+            id: 72057594037927939,
+            name: "SMS_MP".into(),
+            url: "https://localhost:8443".into(),
+        }
+    }
+
+    #[test]
+    fn a_written_configuration_loads_as_it_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = ConnectorConfig::lab("lab", vec!["localhost:443".into()], vec![mp_endpoint()]);
+        let mut config = lab.clone();
+        config.connector_id = "branch-connector".into();
+        config.gateways.push("[::1]:8443".into());
+        config.gateway_server_name = Some("cmg.contoso.com".into());
+        config.gateway_roots = vec!["/etc/portcullis/gateway-root.crt".into()];
+        config.channels_per_gateway = 4;
+        config.channels_follow_gateway_threads = false;
+        config.channel_cert = "other/channel.crt".into();
+        config.channel_key = "other/channel.key".into();
+        config.client_cert_store = "other/store".into();
+        config.allowed_roots.push("ca/second-root.crt".into());
+        config.pfx_password_env = "BRANCH_PFX_PASSWORD".into();
+        config.endpoint_roots = vec!["ca/endpoint-root.crt".into()];
+        config.endpoint_crls = vec!["ca/endpoint-root.crl".into()];
+        config.endpoint_crl_policy = CrlPolicy::AllowAndWarn;
+        config.endpoints.push(EndpointConfig {
+            id: 72057594037927940,
+            name: "SMS_DP_SMSPKG$".into(),
+            url: "https://dp.contoso.com:443/".into(),
+        });
+        config.endpoint_timeout_secs = 5;
+        config.max_request_header_bytes = 16 * 1024;
+        config.verbose = true;
+        config.log.file = Some("logs/SMS_Cloud_ProxyConnector.log".into());
+        config.log.max_size_kib = 2048;
+        config.log.console = ConsoleSetting::Json;
+        config.admin_listen = Some("[::1]:0".parse().unwrap());
+        config.worker_threads = Some(2);
+        let unchanged = unchanged_keys(&config, &lab);
+        assert!(
+            unchanged.is_empty(),
+            "set these keys too, so that the round trip covers them: {unchanged:?}"
+        );
+
+        let path = dir.path().join("connector.toml");
+        config.write(&path).unwrap();
+        let loaded = ConnectorConfig::load(&path).unwrap();
+        config.resolve_paths(dir.path());
+        assert_eq!(loaded, config);
+        assert_eq!(
+            loaded.gateway_roots,
+            vec![PathBuf::from("/etc/portcullis/gateway-root.crt")]
+        );
+    }
+
+    #[test]
+    fn the_lab_connector_loads_from_the_lab_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("connector.toml");
+        let config = ConnectorConfig::lab("lab", vec!["localhost:443".into()], vec![mp_endpoint()]);
+        config.write(&path).unwrap();
+        let loaded = ConnectorConfig::load(&path).unwrap();
+        assert_eq!(
+            loaded.channel_cert,
+            dir.path().join(pki::lab::layout::CHANNEL_CERT)
+        );
+        let mut expected = config;
+        expected.resolve_paths(dir.path());
+        assert_eq!(loaded, expected);
+    }
+
+    #[test]
+    fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("connector.toml");
+        std::fs::write(
+            &path,
+            "connector_id = \"c\"\ngateways = [\"localhost:443\"]\ngateway_roots = [\"g.crt\"]\n\
+             channel_cert = \"channel.crt\"\nchannel_key = \"channel.key\"\n\
+             client_cert_store = \"store\"\nallowed_roots = [\"a.crt\"]\n\
+             endpoint_roots = [\"e.crt\"]\n\n[[endpoints]]\nid = 72057594037927939\n\
+             name = \"SMS_MP\"\nurl = \"https://localhost:8443\"\n",
+        )
+        .unwrap();
+        let mut built = ConnectorConfig::new(
+            "c".into(),
+            vec!["localhost:443".into()],
+            vec!["g.crt".into()],
+            "channel.crt".into(),
+            "channel.key".into(),
+            "store".into(),
+            vec!["a.crt".into()],
+            vec!["e.crt".into()],
+            vec![mp_endpoint()],
+        );
+        built.resolve_paths(dir.path());
+        assert_eq!(ConnectorConfig::load(&path).unwrap(), built);
+    }
 }

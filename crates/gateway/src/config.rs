@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use channel::tunnel::headers;
 use pki::crl::CrlPolicy;
 use runtime::config::{self, ConfigError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::token;
 
-/// `portcullis gateway --config FILE`.
-#[derive(Debug, Clone, Deserialize)]
+/// `portcullis gateway --config FILE`. Built in code with [`GatewayConfig::new`] or
+/// [`GatewayConfig::lab`] and written with [`GatewayConfig::write`]: what is written is what
+/// `load` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Address for devices and connector channels (default "0.0.0.0:443").
@@ -141,7 +143,7 @@ pub struct GatewayConfig {
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(
     untagged,
     expecting = "a connector's certificate CN or SHA-1 thumbprint, or a table { name = \"...\", endpoints = [id, ...] }"
@@ -152,7 +154,7 @@ pub enum AllowedConnector {
     Bound(BoundConnector),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BoundConnector {
     /// The certificate's subject CN or SHA-1 thumbprint.
@@ -235,30 +237,87 @@ fn default_max_response_header_bytes() -> u32 {
 }
 
 impl GatewayConfig {
+    /// The required keys; every other at the default a file without it gets (the same
+    /// functions serde uses, so the two cannot differ).
+    pub fn new(
+        cert: PathBuf,
+        key: PathBuf,
+        trusted_roots: Vec<PathBuf>,
+        connector_roots: Vec<PathBuf>,
+        allowed_connectors: Vec<AllowedConnector>,
+    ) -> GatewayConfig {
+        GatewayConfig {
+            listen: default_listen(),
+            channel_listen: None,
+            cert,
+            key,
+            trusted_roots,
+            connector_roots,
+            allowed_connectors,
+            request_timeout_secs: default_timeout(),
+            verbose: false,
+            log: logs::logger::LogSettings::default(),
+            admin_listen: None,
+            worker_threads: None,
+            verify_client_revocation: false,
+            crls: Vec::new(),
+            crl_policy: CrlPolicy::default(),
+            tokens: None,
+            tls: pki::tls::TlsPolicy::default(),
+            client_cert_header: None,
+            handshake_timeout_secs: default_handshake_timeout(),
+            first_request_timeout_secs: default_first_request_timeout(),
+            idle_timeout_secs: default_idle_timeout(),
+            http2_keepalive_secs: default_http2_keepalive(),
+            max_connections: default_max_connections(),
+            max_connections_per_address: default_max_connections_per_address(),
+            reserved_for_channels: default_reserved_for_channels(),
+            max_request_header_bytes: default_max_request_header_bytes(),
+            max_response_header_bytes: default_max_response_header_bytes(),
+            max_streams_per_device: default_max_streams_per_device(),
+            max_queued_requests: default_max_queued_requests(),
+            device_idle_timeout_secs: default_stall_timeout(),
+            connector_idle_timeout_secs: default_stall_timeout(),
+        }
+    }
+
+    /// A gateway of a lab PKI as `portcullis pki init` lays it out, its paths relative to the
+    /// lab's directory (write the file there, or [`GatewayConfig::resolve_paths`] first),
+    /// letting in the lab's connector.
+    pub fn lab() -> GatewayConfig {
+        use pki::lab::layout;
+        GatewayConfig::new(
+            layout::GATEWAY_CERT.into(),
+            layout::GATEWAY_KEY.into(),
+            vec![layout::ROOT_CERT.into()],
+            vec![layout::CONNECTOR_ROOTS.into()],
+            vec![AllowedConnector::Name(pki::lab::CHANNEL_CN.into())],
+        )
+    }
+
+    /// Writes the configuration file `load` reads.
+    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        config::write_toml(path, self)
+    }
+
+    /// Reads every relative path from `dir`, as `load` does from the file's directory.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &PathBuf| config::resolve_in(dir, p);
+        self.cert = resolve(&self.cert);
+        self.key = resolve(&self.key);
+        self.trusted_roots = self.trusted_roots.iter().map(resolve).collect();
+        self.connector_roots = self.connector_roots.iter().map(resolve).collect();
+        self.log.file = self.log.file.as_ref().map(resolve);
+        self.crls = self.crls.iter().map(resolve).collect();
+        if let Some(tokens) = &mut self.tokens {
+            tokens.keys = tokens.keys.iter().map(resolve).collect();
+            tokens.revoked = tokens.revoked.as_ref().map(resolve);
+        }
+    }
+
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
         let mut cfg: GatewayConfig = config::load_toml(path)?;
-        cfg.cert = config::resolve(path, &cfg.cert);
-        cfg.key = config::resolve(path, &cfg.key);
-        cfg.trusted_roots = cfg
-            .trusted_roots
-            .iter()
-            .map(|p| config::resolve(path, p))
-            .collect();
-        cfg.connector_roots = cfg
-            .connector_roots
-            .iter()
-            .map(|p| config::resolve(path, p))
-            .collect();
-        cfg.log.file = cfg.log.file.as_deref().map(|p| config::resolve(path, p));
-        cfg.crls = cfg.crls.iter().map(|p| config::resolve(path, p)).collect();
-        if let Some(tokens) = &mut cfg.tokens {
-            tokens.keys = tokens
-                .keys
-                .iter()
-                .map(|p| config::resolve(path, p))
-                .collect();
-            tokens.revoked = tokens.revoked.as_deref().map(|p| config::resolve(path, p));
-        }
+        cfg.resolve_paths(config::dir_of(path));
         let invalid = |key, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,
@@ -452,4 +511,133 @@ pub(crate) fn client_cert_header(config: &GatewayConfig) -> Option<hyper::header
         .client_cert_header
         .as_deref()
         .and_then(|name| client_cert_header_problem(name).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logs::logger::ConsoleSetting;
+    use pki::tls::TlsVersion;
+
+    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
+    /// alone would not notice the writer dropping or misspelling it.
+    fn unchanged_keys(config: &GatewayConfig, base: &GatewayConfig) -> Vec<String> {
+        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
+        let (config, base) = (json(config), json(base));
+        let base = base.as_object().expect("a table");
+        let config = config.as_object().expect("a table");
+        config
+            .iter()
+            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_written_configuration_loads_as_it_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = GatewayConfig::lab();
+        config.listen = "127.0.0.1:8443".parse().unwrap();
+        config.channel_listen = Some("127.0.0.1:8444".parse().unwrap());
+        config.cert = "other/server.crt".into();
+        config.key = "/etc/portcullis/server.key".into();
+        config.trusted_roots.push("ca/second-root.crt".into());
+        config
+            .connector_roots
+            .push("/etc/portcullis/connectors.crt".into());
+        config
+            .allowed_connectors
+            .push(AllowedConnector::Bound(BoundConnector {
+                name: "Branch Connector".into(),
+                endpoints: vec![3456, 72057594037927939],
+            }));
+        config.request_timeout_secs = 30;
+        config.verbose = true;
+        config.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+        config.log.max_size_kib = 2048;
+        config.log.console = ConsoleSetting::Off;
+        config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.worker_threads = Some(3);
+        config.verify_client_revocation = true;
+        config.crls = vec!["ca/root.crl".into()];
+        config.crl_policy = CrlPolicy::AllowAndWarn;
+        let mut tokens = token::TokenSettings::new(vec!["site/token.pub".into()]);
+        tokens.revoked = Some("site/revoked.txt".into());
+        tokens.leeway_secs = 5;
+        config.tokens = Some(tokens);
+        config.tls.min_version = TlsVersion::Tls13;
+        config.tls.cipher_suites = vec!["TLS13_AES_256_GCM_SHA384".into()];
+        config.client_cert_header = Some("X-ARR-ClientCert".into());
+        config.handshake_timeout_secs = 5;
+        config.first_request_timeout_secs = 86_400;
+        config.idle_timeout_secs = 600;
+        config.http2_keepalive_secs = 0;
+        config.max_connections = 100;
+        config.max_connections_per_address = 10;
+        config.reserved_for_channels = 8;
+        config.max_request_header_bytes = 16 * 1024;
+        config.max_response_header_bytes = 128 * 1024;
+        config.max_streams_per_device = 4;
+        config.max_queued_requests = 0;
+        config.device_idle_timeout_secs = 5;
+        config.connector_idle_timeout_secs = 7;
+        let unchanged = unchanged_keys(&config, &GatewayConfig::lab());
+        assert!(
+            unchanged.is_empty(),
+            "set these keys too, so that the round trip covers them: {unchanged:?}"
+        );
+
+        let path = dir.path().join("gateway.toml");
+        config.write(&path).unwrap();
+        let loaded = GatewayConfig::load(&path).unwrap();
+        config.resolve_paths(dir.path());
+        assert_eq!(loaded, config);
+        assert!(loaded.log.file.as_ref().unwrap().starts_with(dir.path()));
+        assert_eq!(loaded.key, Path::new("/etc/portcullis/server.key"));
+    }
+
+    #[test]
+    fn the_lab_gateway_writes_only_what_it_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        GatewayConfig::lab().write(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Options left out are not written (TOML has no null), enums in the file's spelling.
+        assert!(
+            !text.contains("tokens") && !text.contains("admin_listen"),
+            "{text}"
+        );
+        assert!(text.contains("crl_policy = \"refuse\""), "{text}");
+        assert!(text.contains("min_version = \"1.2\""), "{text}");
+        assert!(
+            text.contains("allowed_connectors = [\"Portcullis Connector Channel\"]"),
+            "{text}"
+        );
+        let mut expected = GatewayConfig::lab();
+        expected.resolve_paths(dir.path());
+        assert_eq!(GatewayConfig::load(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\n\
+             connector_roots = [\"connectors.crt\"]\nallowed_connectors = [\"Branch\"]\n\
+             \n[tokens]\nkeys = [\"token.pub\"]\n",
+        )
+        .unwrap();
+        let mut built = GatewayConfig::new(
+            "server.crt".into(),
+            "server.key".into(),
+            vec!["root.crt".into()],
+            vec!["connectors.crt".into()],
+            vec![AllowedConnector::Name("Branch".into())],
+        );
+        built.tokens = Some(token::TokenSettings::new(vec!["token.pub".into()]));
+        built.resolve_paths(dir.path());
+        assert_eq!(GatewayConfig::load(&path).unwrap(), built);
+    }
 }

@@ -46,7 +46,7 @@ pub enum TokenKind {
 }
 
 /// The `[tokens]` table of the gateway's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
     /// The site's public keys (PEM `PUBLIC KEY`, P-256 or Ed25519); several during a rotation.
@@ -64,6 +64,21 @@ pub struct TokenSettings {
     /// Endpoint paths (after the endpoint id) where a bulk registration token is accepted.
     #[serde(default = "default_registration_paths")]
     pub registration_paths: Vec<String>,
+}
+
+impl TokenSettings {
+    /// Checks against `keys`, every other key at the default a `[tokens]` table without it
+    /// gets.
+    pub fn new(keys: Vec<PathBuf>) -> TokenSettings {
+        TokenSettings {
+            keys,
+            issuer: default_issuer(),
+            audience: default_audience(),
+            revoked: None,
+            leeway_secs: default_leeway(),
+            registration_paths: default_registration_paths(),
+        }
+    }
 }
 
 pub fn default_issuer() -> String {

@@ -186,7 +186,7 @@ fn joined<'a>(parts: &[&'a str]) -> std::borrow::Cow<'a, str> {
 /// max_size_kib = 10240                          # roll over to .lo_ at this size
 /// console = "plain"                             # plain, json or off
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     #[serde(default)]
@@ -197,7 +197,7 @@ pub struct LogSettings {
     pub console: ConsoleSetting,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConsoleSetting {
     #[default]

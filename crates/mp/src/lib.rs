@@ -18,14 +18,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pki::tls::{judge_peer, PeerCert};
 use pki::RootSet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio_rustls::TlsAcceptor;
 
 use logs::w3c::{W3cEntry, W3cLog};
 use runtime::config::{self, ConfigError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientCertMode {
     /// Never look at client certificates.
@@ -38,8 +38,9 @@ pub enum ClientCertMode {
     Require,
 }
 
-/// `portcullis mp --config FILE`.
-#[derive(Debug, Clone, Deserialize)]
+/// `portcullis mp --config FILE`. Built in code with [`MpConfig::new`] or [`MpConfig::lab`]
+/// and written with [`MpConfig::write`]: what is written is what `load` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MpConfig {
     /// Address to listen on, e.g. "127.0.0.1:8443".
@@ -75,18 +76,61 @@ fn default_site_code() -> String {
 }
 
 impl MpConfig {
+    /// The keys a management point requiring client certificates (the default) needs; every
+    /// other at the default a file without it gets (the same functions serde uses, so the
+    /// two cannot differ).
+    pub fn new(
+        listen: SocketAddr,
+        cert: PathBuf,
+        key: PathBuf,
+        trusted_roots: Vec<PathBuf>,
+    ) -> MpConfig {
+        MpConfig {
+            listen,
+            cert,
+            key,
+            client_certificates: ClientCertMode::default(),
+            trusted_roots,
+            crls: Vec::new(),
+            w3c_log: None,
+            name: default_name(),
+            site_code: default_site_code(),
+        }
+    }
+
+    /// The management point of a lab PKI as `portcullis pki init` lays it out, its paths
+    /// relative to the lab's directory (write the file there, or
+    /// [`MpConfig::resolve_paths`] first), on a free port of 127.0.0.1, requiring client
+    /// certificates from the lab root.
+    pub fn lab() -> MpConfig {
+        use pki::lab::layout;
+        MpConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            layout::MP_CERT.into(),
+            layout::MP_KEY.into(),
+            vec![layout::ROOT_CERT.into()],
+        )
+    }
+
+    /// Writes the configuration file `load` reads.
+    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        config::write_toml(path, self)
+    }
+
+    /// Reads every relative path from `dir`, as `load` does from the file's directory.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let resolve = |p: &PathBuf| config::resolve_in(dir, p);
+        self.cert = resolve(&self.cert);
+        self.key = resolve(&self.key);
+        self.trusted_roots = self.trusted_roots.iter().map(resolve).collect();
+        self.w3c_log = self.w3c_log.as_ref().map(resolve);
+        self.crls = self.crls.iter().map(resolve).collect();
+    }
+
     /// Reads and validates the file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<MpConfig, ConfigError> {
         let mut cfg: MpConfig = config::load_toml(path)?;
-        cfg.cert = config::resolve(path, &cfg.cert);
-        cfg.key = config::resolve(path, &cfg.key);
-        cfg.trusted_roots = cfg
-            .trusted_roots
-            .iter()
-            .map(|p| config::resolve(path, p))
-            .collect();
-        cfg.w3c_log = cfg.w3c_log.as_deref().map(|p| config::resolve(path, p));
-        cfg.crls = cfg.crls.iter().map(|p| config::resolve(path, p)).collect();
+        cfg.resolve_paths(config::dir_of(path));
         if cfg.client_certificates != ClientCertMode::Ignore && cfg.trusted_roots.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -382,4 +426,74 @@ fn iis_error(status: u16, substatus: u16) -> Response<Body> {
         .header("x-iis-substatus", substatus.to_string())
         .body(full(body))
         .unwrap_or_else(|_| Response::new(full("")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_configuration_loads_as_it_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = MpConfig::lab();
+        let mut config = lab.clone();
+        config.listen = "[::1]:8443".parse().unwrap();
+        config.cert = "other/server.crt".into();
+        config.key = "/etc/mp/server.key".into();
+        config.client_certificates = ClientCertMode::Accept;
+        config.trusted_roots.push("ca/second-root.crt".into());
+        config.crls = vec!["ca/root.crl".into()];
+        config.w3c_log = Some("logs/u_ex.log".into());
+        config.name = "mp.contoso.com".into();
+        config.site_code = "ABC".into();
+        // Every key away from the lab's, so that a key the writer dropped would show.
+        let json = |c| serde_json::to_value(c).unwrap();
+        let (built, base) = (json(&config), json(&lab));
+        let unchanged: Vec<_> = built
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
+            .collect();
+        assert!(unchanged.is_empty(), "set these keys too: {unchanged:?}");
+
+        let path = dir.path().join("mp.toml");
+        config.write(&path).unwrap();
+        let loaded = MpConfig::load(&path).unwrap();
+        config.resolve_paths(dir.path());
+        assert_eq!(loaded, config);
+        assert_eq!(loaded.w3c_log, Some(dir.path().join("logs/u_ex.log")));
+    }
+
+    #[test]
+    fn the_lab_management_point_writes_only_what_it_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mp.toml");
+        MpConfig::lab().write(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("w3c_log"), "{text}");
+        assert!(text.contains("client_certificates = \"require\""), "{text}");
+        let mut expected = MpConfig::lab();
+        expected.resolve_paths(dir.path());
+        assert_eq!(MpConfig::load(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mp.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:0\"\ncert = \"s.crt\"\nkey = \"s.key\"\ntrusted_roots = [\"r.crt\"]\n",
+        )
+        .unwrap();
+        let mut built = MpConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "s.crt".into(),
+            "s.key".into(),
+            vec!["r.crt".into()],
+        );
+        built.resolve_paths(dir.path());
+        assert_eq!(MpConfig::load(&path).unwrap(), built);
+    }
 }

@@ -16,7 +16,7 @@ use crate::roots::RootSet;
 
 /// What to do with a certificate whose revocation status is unknown: no current CRL from its
 /// issuer could be read, or its CRL is past its next update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CrlPolicy {
     /// Refuse it (the safe default).

@@ -270,6 +270,10 @@ impl Default for LabOptions {
 /// Most device certificates `pki init` will make in one go (each is a key generation).
 pub const MAX_LAB_DEVICES: usize = 10_000;
 
+/// The subject CN of the lab's connector channel certificate: what a lab gateway's
+/// `allowed_connectors` names.
+pub const CHANNEL_CN: &str = "Portcullis Connector Channel";
+
 /// One file of the lab PKI: where it goes, what it is for, what it holds.
 #[derive(Debug, Clone)]
 pub struct LabFile {
@@ -389,7 +393,7 @@ impl LabPki {
                 &root.issue(&LeafSpec::server_auth(name, &options.hosts, days))?,
             );
         }
-        let mut channel = LeafSpec::client_auth("Portcullis Connector Channel", days);
+        let mut channel = LeafSpec::client_auth(CHANNEL_CN, days);
         channel.sans = vec!["connector-channel.portcullis.lab".into()];
         pair(
             layout::CHANNEL_CERT,

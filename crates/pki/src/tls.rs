@@ -132,7 +132,7 @@ pub fn client_config_checking_revocation(
 /// min_version = "1.2"        # or "1.3"
 /// cipher_suites = ["TLS13_AES_256_GCM_SHA384", "TLS13_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"]
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPolicy {
     #[serde(default)]
@@ -142,7 +142,7 @@ pub struct TlsPolicy {
     pub cipher_suites: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 pub enum TlsVersion {
     #[default]
     #[serde(rename = "1.2")]

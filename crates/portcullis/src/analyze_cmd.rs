@@ -8,7 +8,7 @@ use analyzer::{AnalyzeOptions, LocalStore};
 use anyhow::Context;
 use clap::Args;
 use runtime::config::{self, ConfigError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Check every hop a device's request takes, in order, and stop at the first that fails.
 ///
@@ -40,22 +40,44 @@ pub struct AnalyzeArgs {
     pub json: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// The file `analyze --config` reads (see [`AnalyzeArgs`]); `portcullis dev` writes one.
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct AnalyzeConfig {
-    gateway: String,
-    ca: Vec<PathBuf>,
-    endpoint: u64,
+pub(crate) struct AnalyzeConfig {
+    pub(crate) gateway: String,
+    pub(crate) ca: Vec<PathBuf>,
+    pub(crate) endpoint: u64,
     #[serde(default = "default_path")]
-    path: String,
+    pub(crate) path: String,
     #[serde(default)]
-    device_cert: Option<PathBuf>,
+    pub(crate) device_cert: Option<PathBuf>,
     #[serde(default)]
-    device_key: Option<PathBuf>,
+    pub(crate) device_key: Option<PathBuf>,
     #[serde(default = "default_timeout")]
-    timeout_secs: u64,
+    pub(crate) timeout_secs: u64,
     #[serde(default)]
-    connector_config: Option<PathBuf>,
+    pub(crate) connector_config: Option<PathBuf>,
+}
+
+impl AnalyzeConfig {
+    /// The required keys; every other at the default a file without it gets.
+    pub(crate) fn new(gateway: String, ca: Vec<PathBuf>, endpoint: u64) -> AnalyzeConfig {
+        AnalyzeConfig {
+            gateway,
+            ca,
+            endpoint,
+            path: default_path(),
+            device_cert: None,
+            device_key: None,
+            timeout_secs: default_timeout(),
+            connector_config: None,
+        }
+    }
+
+    /// Writes the configuration file `analyze --config` reads.
+    pub(crate) fn write(&self, path: &Path) -> Result<(), ConfigError> {
+        config::write_toml(path, self)
+    }
 }
 
 fn default_path() -> String {
@@ -133,4 +155,41 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("analyze.toml");
+        std::fs::write(
+            &path,
+            "gateway = \"https://localhost:8443\"\nca = [\"ca/root.crt\"]\nendpoint = 72057594037927939\n",
+        )
+        .unwrap();
+        let built = AnalyzeConfig::new(
+            "https://localhost:8443".into(),
+            vec!["ca/root.crt".into()],
+            72057594037927939,
+        );
+        assert_eq!(config::load_toml::<AnalyzeConfig>(&path).unwrap(), built);
+    }
+
+    #[test]
+    fn a_written_configuration_loads_as_it_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("analyze.toml");
+        let mut built = AnalyzeConfig::new("https://cmg.contoso.com".into(), vec![], 3);
+        built.ca = vec!["ca/root.crt".into(), "/etc/ca/other.crt".into()];
+        built.path = "SMS_MP/.sms_aut?SITESIGNCERT".into();
+        built.device_cert = Some("devices/device-001.crt".into());
+        built.device_key = Some("devices/device-001.key".into());
+        built.timeout_secs = 3;
+        built.connector_config = Some("connector.toml".into());
+        built.write(&path).unwrap();
+        assert_eq!(config::load_toml::<AnalyzeConfig>(&path).unwrap(), built);
+    }
 }

@@ -2,6 +2,7 @@
 //! once, reused), the reference management point, a gateway and a connector, and the lines
 //! to try printed. Runs until Ctrl-C.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,8 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use connector::run::{ConnectorConfig, EndpointConfig};
+use gateway::GatewayConfig;
+use logs::logger::ConsoleSetting;
+use mp::MpConfig;
 use pki::lab::layout;
 
+use crate::analyze_cmd::AnalyzeConfig;
 use crate::pki_cmd;
 use crate::serve_cmd::{admin, ConnectorControl, GatewayControl};
 
@@ -115,34 +121,26 @@ async fn serve(
     store: &str,
     [gateway_shards, connector_shards]: [runtime::shards::Shards; 2],
 ) -> anyhow::Result<ExitCode> {
-    let write = |name: &str, text: String| -> anyhow::Result<PathBuf> {
-        let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
-    };
-    let mp_config = write(
-        "mp.toml",
-        format!(
-            "listen = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nw3c_log = \"logs/u_ex.log\"\n",
-            layout::MP_CERT,
-            layout::MP_KEY,
-            layout::ROOT_CERT
-        ),
-    )?;
-    let mp = mp::start(mp::MpConfig::load(&mp_config)?).await?;
+    // The files are written into the lab's directory, so the lab's relative paths hold; the
+    // user can read them, and the admin surfaces reload them.
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut mp_config = MpConfig::lab();
+    mp_config.w3c_log = Some("logs/u_ex.log".into());
+    let mp_path = dir.join("mp.toml");
+    mp_config.write(&mp_path)?;
+    let mp = mp::start(MpConfig::load(&mp_path)?).await?;
 
-    let gateway_config = write(
-        "gateway.toml",
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ncert = \"{}\"\nkey = \"{}\"\ntrusted_roots = [\"{}\"]\nconnector_roots = [\"{}\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"off\"\n\n[tokens]\nkeys = [\"{}\"]\n",
-            layout::GATEWAY_CERT,
-            layout::GATEWAY_KEY,
-            layout::ROOT_CERT,
-            layout::CONNECTOR_ROOTS,
-            layout::SITE_TOKEN_PUB,
-        ),
-    )?;
-    let config = gateway::GatewayConfig::load(&gateway_config)?;
+    let mut config = GatewayConfig::lab();
+    config.listen = loopback(port);
+    config.admin_listen = Some(loopback(0));
+    config.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+    config.log.console = ConsoleSetting::Off;
+    config.tokens = Some(gateway::token::TokenSettings::new(vec![
+        layout::SITE_TOKEN_PUB.into(),
+    ]));
+    let gateway_config = dir.join("gateway.toml");
+    config.write(&gateway_config)?;
+    let config = GatewayConfig::load(&gateway_config)?;
     let gateway_logger = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
     let admin_listen = config.admin_listen;
     let gateway = Arc::new(
@@ -158,19 +156,24 @@ async fn serve(
     });
     let gateway_admin = admin(admin_listen, gateway_control.clone()).await?;
 
-    let connector_config = write(
-        "connector.toml",
-        format!(
-            "connector_id = \"dev-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"{root}\"]\nchannel_cert = \"{}\"\nchannel_key = \"{}\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"{root}\"]\nendpoint_roots = [\"{root}\"]\nverbose = true\nadmin_listen = \"127.0.0.1:0\"\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyConnector.log\"\nconsole = \"off\"\n\n[[endpoints]]\nid = {DEV_ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
-            gateway.addr.port(),
-            layout::CHANNEL_CERT,
-            layout::CHANNEL_KEY,
-            mp.addr.port(),
-            root = layout::ROOT_CERT,
-        ),
-    )?;
+    let mut config = ConnectorConfig::lab(
+        "dev-connector",
+        vec![format!("localhost:{}", gateway.addr.port())],
+        vec![EndpointConfig {
+            id: DEV_ENDPOINT,
+            name: "SMS_MP".into(),
+            url: format!("https://localhost:{}", mp.addr.port()),
+        }],
+    );
+    config.client_cert_store = store.into();
+    config.verbose = true;
+    config.admin_listen = Some(loopback(0));
+    config.log.file = Some("logs/SMS_Cloud_ProxyConnector.log".into());
+    config.log.console = ConsoleSetting::Off;
+    let connector_config = dir.join("connector.toml");
+    config.write(&connector_config)?;
     let connector_log = dir.join("logs/SMS_Cloud_ProxyConnector.log");
-    let config = connector::run::ConnectorConfig::load(&connector_config)?;
+    let config = ConnectorConfig::load(&connector_config)?;
     let connector_logger = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
     let admin_listen = config.admin_listen;
     let connector = Arc::new(
@@ -190,13 +193,16 @@ async fn serve(
     let channels = gateway.registry.channel_count();
 
     let g = gateway.addr.port();
-    write(
-        "analyze.toml",
-        format!(
-            "gateway = \"https://localhost:{g}\"\nca = [\"{}\"]\nendpoint = {DEV_ENDPOINT}\npath = \"SMS_MP/.sms_aut?MPLIST\"\ndevice_cert = \"devices/device-001.crt\"\ndevice_key = \"devices/device-001.key\"\nconnector_config = \"connector.toml\"\n",
-            layout::ROOT_CERT
-        ),
-    )?;
+    let mut analyze = AnalyzeConfig::new(
+        format!("https://localhost:{g}"),
+        vec![layout::ROOT_CERT.into()],
+        DEV_ENDPOINT,
+    );
+    analyze.path = "SMS_MP/.sms_aut?MPLIST".into();
+    analyze.device_cert = Some("devices/device-001.crt".into());
+    analyze.device_key = Some("devices/device-001.key".into());
+    analyze.connector_config = Some("connector.toml".into());
+    analyze.write(&dir.join("analyze.toml"))?;
     let shown = |p: &str| dir.join(p).display().to_string();
     let (root, cert, key) = (
         shown(layout::ROOT_CERT),

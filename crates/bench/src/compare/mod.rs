@@ -203,6 +203,8 @@ pub enum CompareError {
     Start(String),
     #[error("{0}")]
     Load(#[from] load::LoadError),
+    #[error("{0}")]
+    Config(#[from] runtime::config::ConfigError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CompareError {

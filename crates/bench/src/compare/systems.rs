@@ -14,15 +14,11 @@ pub(super) fn start_mp(
     options: &CompareOptions,
 ) -> Result<Mp, CompareError> {
     let config = dir.join("mp.toml");
-    write(
-        &config,
-        &format!(
-            "listen = \"127.0.0.1:0\"\ncert = {}\nkey = {}\nclient_certificates = \"require\"\ntrusted_roots = [{}]\n",
-            q(&lab.file(pki::lab::layout::MP_CERT)),
-            q(&lab.file(pki::lab::layout::MP_KEY)),
-            q(&lab.root()),
-        ),
-    )?;
+    // The lab's files by their absolute paths: the configuration files are not in the lab.
+    let mut mp_config = mp::MpConfig::lab();
+    mp_config.resolve_paths(&lab.dir);
+    mp_config.client_certificates = mp::ClientCertMode::Require;
+    mp_config.write(&config)?;
     let mut command = Command::new(&options.program);
     command.arg("mp").arg("--config").arg(&config);
     let mut proc =
@@ -92,39 +88,33 @@ pub(super) fn bring_up(
             let [gw] = free_ports(1).map_err(err)?[..] else {
                 return Err("no free port".into());
             };
-            let threads_setting = options
-                .threads
-                .map(|n| format!("worker_threads = {n}\n"))
-                .unwrap_or_default();
+            // The lab's files by their absolute paths: the configuration files are in the
+            // run's directory, not the lab's.
+            let mut gateway_config = gateway::GatewayConfig::lab();
+            gateway_config.resolve_paths(&lab.dir);
+            gateway_config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], gw));
+            gateway_config.worker_threads = options.threads;
+            gateway_config.log.file = Some(dir.join("SMS_Cloud_ProxyGateway.log"));
+            gateway_config.log.console = logs::logger::ConsoleSetting::Off;
             let gateway = dir.join("gateway.toml");
-            write(
-                &gateway,
-                &format!(
-                    "listen = \"127.0.0.1:{gw}\"\ncert = {}\nkey = {}\ntrusted_roots = [{}]\nconnector_roots = [{}]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n",
-                    q(&lab.file(pki::lab::layout::GATEWAY_CERT)),
-                    q(&lab.file(pki::lab::layout::GATEWAY_KEY)),
-                    q(&lab.root()),
-                    q(&lab.file(pki::lab::layout::CONNECTOR_ROOTS)),
-                    q(&dir.join("SMS_Cloud_ProxyGateway.log")),
-                    threads = threads_setting,
-                ),
-            )
-            .map_err(err)?;
+            gateway_config.write(&gateway).map_err(|e| e.to_string())?;
+            let mut connector_config = connector::config::ConnectorConfig::lab(
+                "bench",
+                vec![format!("localhost:{gw}")],
+                vec![connector::config::EndpointConfig {
+                    id: ENDPOINT_ID,
+                    name: "SMS_MP".into(),
+                    url: format!("https://localhost:{}", mp.port),
+                }],
+            );
+            connector_config.resolve_paths(&lab.dir);
+            connector_config.worker_threads = options.threads;
+            connector_config.log.file = Some(dir.join("SMS_Cloud_ProxyConnector.log"));
+            connector_config.log.console = logs::logger::ConsoleSetting::Off;
             let connector = dir.join("connector.toml");
-            write(
-                &connector,
-                &format!(
-                    "connector_id = \"bench\"\ngateways = [\"localhost:{gw}\"]\ngateway_roots = [{root}]\nchannel_cert = {}\nchannel_key = {}\nclient_cert_store = {}\nallowed_roots = [{root}]\nendpoint_roots = [{root}]\n{threads}\n[log]\nfile = {}\nconsole = \"off\"\n\n[[endpoints]]\nid = {ENDPOINT_ID}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
-                    q(&lab.file(pki::lab::layout::CHANNEL_CERT)),
-                    q(&lab.file(pki::lab::layout::CHANNEL_KEY)),
-                    q(&lab.file(pki::lab::layout::CONNECTOR_STORE)),
-                    q(&dir.join("SMS_Cloud_ProxyConnector.log")),
-                    mp.port,
-                    root = q(&lab.root()),
-                    threads = threads_setting,
-                ),
-            )
-            .map_err(err)?;
+            connector_config
+                .write(&connector)
+                .map_err(|e| e.to_string())?;
             let mut procs = Vec::new();
             let mut command = Command::new(program);
             command.arg("gateway").arg("--config").arg(&gateway);
