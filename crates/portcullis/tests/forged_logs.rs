@@ -67,11 +67,15 @@ fn outside_text_cannot_forge_the_gateways_log_lines() {
     let port = free_port();
     let log = lab.join("logs/SMS_Cloud_ProxyGateway.log");
     let config = lab.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\nverbose = true\n\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\nconsole = \"plain\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n"),
-    )
-    .unwrap();
+    let mut gateway = gateway::GatewayConfig::lab();
+    gateway.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    gateway.verbose = true;
+    gateway.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+    gateway.log.console = logs::logger::ConsoleSetting::Plain;
+    gateway.tokens = Some(gateway::token::TokenSettings::new(vec![
+        "site/token.pub".into()
+    ]));
+    gateway.write(&config).unwrap();
     let console = tmp.path().join("gateway-console.txt");
     let _gateway = Child(
         Command::new(env!("CARGO_BIN_EXE_portcullis"))

@@ -31,15 +31,14 @@ impl Lab {
         self.dir.path().join(rel)
     }
 
-    pub fn config(&self, extra: &str) -> PathBuf {
+    /// Writes the management point's configuration (the lab's, with its W3C log in
+    /// `logs/u_ex.log`), changed by `change`, to `mp.toml` in the lab.
+    pub fn config(&self, change: impl FnOnce(&mut MpConfig)) -> PathBuf {
         let file = self.path("mp.toml");
-        std::fs::write(
-            &file,
-            format!(
-                "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n{extra}"
-            ),
-        )
-        .unwrap();
+        let mut config = MpConfig::lab();
+        config.w3c_log = Some("logs/u_ex.log".into());
+        change(&mut config);
+        config.write(&file).unwrap();
         file
     }
 
@@ -48,9 +47,15 @@ impl Lab {
     }
 }
 
-pub fn with_mp<T>(lab: &Lab, extra: &str, test: impl FnOnce(String) -> T) -> T {
+/// Runs `test` with the base URL of a management point serving from `lab`, its configuration
+/// changed by `change`.
+pub fn with_mp<T>(
+    lab: &Lab,
+    change: impl FnOnce(&mut MpConfig),
+    test: impl FnOnce(String) -> T,
+) -> T {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let config = MpConfig::load(&lab.config(extra)).unwrap();
+    let config = MpConfig::load(&lab.config(change)).unwrap();
     let running = runtime.block_on(mp::start(config)).unwrap();
     let base = format!("https://localhost:{}", running.addr.port());
     let result = test(base);

@@ -10,3 +10,10 @@ pub mod lab;
 pub mod system;
 
 pub use system::*;
+
+/// The configuration types a test changes through [`System::builder`] and
+/// [`System::reload_gateway`].
+pub use connector::run::{ConnectorConfig, EndpointConfig};
+pub use gateway::token::TokenSettings;
+pub use gateway::{AllowedConnector, BoundConnector, GatewayConfig};
+pub use pki::crl::CrlPolicy;

@@ -1,14 +1,16 @@
 //! A whole system on loopback: a lab PKI, the reference management point, a gateway and a
 //! connector, in one runtime, with their log lines recorded.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use connector::run::{self as conn, ConnectorConfig};
-use gateway::GatewayConfig;
+use connector::run::{self as conn, ConnectorConfig, EndpointConfig};
+use gateway::{AllowedConnector, GatewayConfig};
 use mp::{self, MpConfig};
+use pki::lab::layout;
 use probe::{self, ProbeOptions, DEFAULT_KEPT_BODY};
 use runtime::shards::{ShardThreads, Shards};
 
@@ -22,8 +24,9 @@ pub struct System {
     pub connector: Option<conn::RunningConnector>,
     pub connector_log: Arc<Mutex<Vec<String>>>,
     pub gateway_log: Arc<Mutex<Vec<String>>>,
-    /// The gateway's configuration without `listen`, for reloads.
-    gateway_toml: String,
+    /// The gateway's configuration as written at the start (paths relative to the lab), for
+    /// reloads.
+    gateway_config: GatewayConfig,
     /// The gateway's and the connector's shards, when they run on their own.
     shard_threads: Vec<ShardThreads>,
 }
@@ -41,78 +44,105 @@ pub fn recorder(lines: &Arc<Mutex<Vec<String>>>) -> gateway::Log {
         .into_log()
 }
 
-/// Puts `extra` into the connector's configuration (before its endpoint table).
-pub fn connector_keys(dir: &std::path::Path, extra: &str) {
-    let file = dir.join("connector.toml");
-    let toml = std::fs::read_to_string(&file).unwrap();
-    let toml = toml.replacen("verbose = true\n", &format!("verbose = true\n{extra}"), 1);
-    std::fs::write(&file, toml).unwrap();
+/// What a [`System`] starts with, set through [`System::builder`]: the usual lab (the
+/// connector's store `connector/store`, the lab's channel certificate allowed, the lab root
+/// trusted everywhere), changed where a test says so. Configurations are typed values written to
+/// the lab's `gateway.toml` and `connector.toml`, as the commands read them.
+pub struct SystemBuilder {
+    store: String,
+    allowed_roots: Vec<PathBuf>,
+    gateway: GatewayConfig,
+    connector: Box<ConnectorChange>,
+    prepare: Box<dyn FnOnce(&Path)>,
+    shards: Option<usize>,
+}
+
+/// A change to the connector's configuration, given the lab directory (to start an endpoint
+/// in, say) once the gateway's and the management point's ports are known.
+type ConnectorChange = dyn FnOnce(&mut ConnectorConfig, &Path);
+
+impl SystemBuilder {
+    /// The connector's client-certificate store, relative to the lab.
+    pub fn store(mut self, store: &str) -> Self {
+        self.store = store.into();
+        self
+    }
+
+    /// The one connector the gateway allows (a CN or a thumbprint).
+    pub fn allow(mut self, connector: &str) -> Self {
+        self.gateway.allowed_connectors = vec![AllowedConnector::Name(connector.into())];
+        self
+    }
+
+    /// The roots the connector's filter chain allows, relative to the lab.
+    pub fn allowed_roots(mut self, roots: &[&str]) -> Self {
+        self.allowed_roots = roots.iter().map(PathBuf::from).collect();
+        self
+    }
+
+    /// Changes the gateway's configuration (its settings from the start).
+    pub fn gateway(mut self, change: impl FnOnce(&mut GatewayConfig)) -> Self {
+        change(&mut self.gateway);
+        self
+    }
+
+    /// Changes the connector's configuration before it is written.
+    pub fn connector(mut self, change: impl FnOnce(&mut ConnectorConfig, &Path) + 'static) -> Self {
+        self.connector = Box::new(change);
+        self
+    }
+
+    /// Runs on the lab directory after the configuration files are written, before the
+    /// connector starts (to issue certificates, say).
+    pub fn prepare(mut self, prepare: impl FnOnce(&Path) + 'static) -> Self {
+        self.prepare = Box::new(prepare);
+        self
+    }
+
+    /// The gateway and the connector each on `count` shards of their own (threads, as
+    /// `portcullis gateway` and `portcullis connector` run) instead of the test's runtime.
+    pub fn shards(mut self, count: usize) -> Self {
+        self.shards = Some(count);
+        self
+    }
+
+    pub fn start(self) -> System {
+        System::launch(self)
+    }
 }
 
 impl System {
+    /// The usual system, to be changed before it starts.
+    pub fn builder() -> SystemBuilder {
+        let mut gateway = GatewayConfig::lab();
+        gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        gateway.request_timeout_secs = 20;
+        SystemBuilder {
+            store: "connector/store".into(),
+            allowed_roots: vec![layout::ROOT_CERT.into()],
+            gateway,
+            connector: Box::new(|_, _| {}),
+            prepare: Box::new(|_| {}),
+            shards: None,
+        }
+    }
+
     /// Starts all three; `store` is the connector's client-cert store relative to the lab.
     pub fn start(store: &str, allowed_connectors: &str) -> System {
-        System::start_with(store, allowed_connectors, "\"ca/root.crt\"", |_| {})
+        System::builder()
+            .store(store)
+            .allow(allowed_connectors)
+            .start()
     }
 
-    /// `prepare` runs on the lab directory before the connector starts; `allowed_roots` is the
-    /// connector's TOML list of allowed root CA files.
-    pub fn start_with(
-        store: &str,
-        allowed_connectors: &str,
-        allowed_roots: &str,
-        prepare: impl FnOnce(&std::path::Path),
-    ) -> System {
-        System::launch(store, allowed_connectors, allowed_roots, prepare, None, "")
-    }
-
-    /// The usual system, with the gateway and the connector each on `count` shards of their
-    /// own (threads, as `portcullis gateway` and `portcullis connector` run) instead of the
-    /// test's runtime.
+    /// The usual system on `count` shards of their own; see [`SystemBuilder::shards`].
     pub fn start_on_shards(count: usize) -> System {
-        System::start_on_shards_with(count, |_| {})
+        System::builder().shards(count).start()
     }
 
-    /// [`System::start_on_shards`], with `prepare` run on the lab directory before the
-    /// connector starts (to edit `connector.toml`, say).
-    pub fn start_on_shards_with(count: usize, prepare: impl FnOnce(&std::path::Path)) -> System {
-        System::launch(
-            "connector/store",
-            "Portcullis Connector Channel",
-            "\"ca/root.crt\"",
-            prepare,
-            Some(count),
-            "",
-        )
-    }
-
-    /// The usual system, with `gateway_extra` TOML after the gateway's usual keys from its
-    /// start (for settings a reload does not change), and `prepare` run on the lab directory
-    /// before the connector starts.
-    pub fn start_with_gateway(
-        gateway_extra: &str,
-        prepare: impl FnOnce(&std::path::Path),
-    ) -> System {
-        System::launch(
-            "connector/store",
-            "Portcullis Connector Channel",
-            "\"ca/root.crt\"",
-            prepare,
-            None,
-            gateway_extra,
-        )
-    }
-
-    fn launch(
-        store: &str,
-        allowed_connectors: &str,
-        allowed_roots: &str,
-        prepare: impl FnOnce(&std::path::Path),
-        shard_count: Option<usize>,
-        gateway_extra: &str,
-    ) -> System {
+    fn launch(setup: SystemBuilder) -> System {
         let mut shard_threads = Vec::new();
-        let mut shards = || match shard_count {
+        let mut shards = || match setup.shards {
             Some(count) => {
                 let (shards, threads) = Shards::spawn(count).unwrap();
                 shard_threads.push(threads);
@@ -125,20 +155,14 @@ impl System {
         let dir = crate::lab::Lab::new().dir;
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let p = |rel: &str| dir.path().join(rel);
-        std::fs::write(
-            p("mp.toml"),
-            "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
-        )
-        .unwrap();
+        let mut mp_config = MpConfig::lab();
+        mp_config.w3c_log = Some("logs/u_ex.log".into());
+        mp_config.write(&p("mp.toml")).unwrap();
         let mp = runtime
             .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))
             .unwrap();
-        let gateway_toml = format!("cert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"{allowed_connectors}\"]\nrequest_timeout_secs = 20\n{gateway_extra}");
-        std::fs::write(
-            p("gateway.toml"),
-            format!("listen = \"127.0.0.1:0\"\n{gateway_toml}"),
-        )
-        .unwrap();
+        let mut gateway_config = setup.gateway;
+        gateway_config.write(&p("gateway.toml")).unwrap();
         let gateway_log = Arc::new(Mutex::new(Vec::new()));
         let gateway = runtime
             .block_on(async {
@@ -151,16 +175,23 @@ impl System {
                 .await
             })
             .unwrap();
-        std::fs::write(
-            p("connector.toml"),
-            format!(
-                "connector_id = \"lab-connector\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [{allowed_roots}]\nendpoint_roots = [\"ca/root.crt\"]\nverbose = true\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
-                gateway.addr.port(),
-                mp.addr.port()
-            ),
-        )
-        .unwrap();
-        prepare(dir.path());
+        // Reloads write the same settings with the port the gateway got.
+        gateway_config.listen = gateway.addr;
+        let mut connector_config = ConnectorConfig::lab(
+            "lab-connector",
+            vec![format!("localhost:{}", gateway.addr.port())],
+            vec![EndpointConfig {
+                id: ENDPOINT,
+                name: "SMS_MP".into(),
+                url: format!("https://localhost:{}", mp.addr.port()),
+            }],
+        );
+        connector_config.client_cert_store = setup.store.into();
+        connector_config.allowed_roots = setup.allowed_roots;
+        connector_config.verbose = true;
+        (setup.connector)(&mut connector_config, dir.path());
+        connector_config.write(&p("connector.toml")).unwrap();
+        (setup.prepare)(dir.path());
         let connector_log = Arc::new(Mutex::new(Vec::new()));
         let connector = runtime
             .block_on(async {
@@ -181,41 +212,42 @@ impl System {
             connector: Some(connector),
             connector_log,
             gateway_log,
-            gateway_toml,
+            gateway_config,
             shard_threads,
         }
     }
 
-    /// Rewrites the gateway's configuration with `extra` TOML after its usual keys and
-    /// reloads the running gateway from it, as SIGHUP does.
-    pub fn reload_gateway(&self, extra: &str) -> Result<String, String> {
-        self.reload_gateway_replacing(("", ""), extra)
+    /// Rewrites the gateway's configuration file, its settings from the start changed by
+    /// `change`, and reloads the running gateway from it, as SIGHUP does.
+    pub fn reload_gateway(
+        &self,
+        change: impl FnOnce(&mut GatewayConfig),
+    ) -> Result<String, String> {
+        let mut config = self.gateway_config.clone();
+        change(&mut config);
+        let file = self.path("gateway.toml");
+        config.write(&file).map_err(|e| e.to_string())?;
+        self.reload_gateway_from_file()
     }
 
-    /// [`System::reload_gateway`], with `from` replaced by `to` in the usual keys first.
-    pub fn reload_gateway_replacing(
-        &self,
-        (from, to): (&str, &str),
-        extra: &str,
-    ) -> Result<String, String> {
-        let port = self.gateway.as_ref().unwrap().addr.port();
-        let file = self.path("gateway.toml");
-        let usual = if from.is_empty() {
-            self.gateway_toml.clone()
-        } else {
-            self.gateway_toml.replace(from, to)
-        };
-        std::fs::write(
-            &file,
-            format!("listen = \"127.0.0.1:{port}\"\n{usual}{extra}"),
-        )
-        .unwrap();
-        let config = GatewayConfig::load(&file).map_err(|e| e.to_string())?;
+    /// Reloads the running gateway from its configuration file as it is now (a test may
+    /// have written it by hand).
+    pub fn reload_gateway_from_file(&self) -> Result<String, String> {
+        let config = GatewayConfig::load(&self.path("gateway.toml")).map_err(|e| e.to_string())?;
         self.gateway
             .as_ref()
             .unwrap()
             .reload(&config)
             .map_err(|e| e.to_string())
+    }
+
+    /// Changes the connector's configuration file (as written at the start, or since); the
+    /// running connector sees it at its next reload or start.
+    pub fn edit_connector(&self, change: impl FnOnce(&mut ConnectorConfig)) {
+        let file = self.path("connector.toml");
+        let mut config = ConnectorConfig::load(&file).unwrap();
+        change(&mut config);
+        config.write(&file).unwrap();
     }
 
     /// device-001's TLS client configuration (HTTP/1.1), trusting the lab root.

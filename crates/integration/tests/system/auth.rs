@@ -66,7 +66,7 @@ fn tokens_are_checked_end_to_end_and_a_rotated_out_key_stops_working_without_a_r
     assert_refused(&system, Some(&good), MPLIST, "not configured");
 
     system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/token.pub\"]\n")
+        .reload_gateway(|g| g.tokens = Some(TokenSettings::new(vec!["site/token.pub".into()])))
         .unwrap();
     let (status, _, body) = with_token(&system, Some(&good), MPLIST);
     assert_eq!(status, 200, "{body}");
@@ -222,7 +222,11 @@ fn tokens_are_checked_end_to_end_and_a_rotated_out_key_stops_working_without_a_r
     )
     .unwrap();
     system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/token.pub\"]\nrevoked = \"site/revoked.txt\"\n")
+        .reload_gateway(|g| {
+            let mut tokens = TokenSettings::new(vec!["site/token.pub".into()]);
+            tokens.revoked = Some("site/revoked.txt".into());
+            g.tokens = Some(tokens);
+        })
         .unwrap();
     assert_refused(
         &system,
@@ -239,12 +243,17 @@ fn tokens_are_checked_end_to_end_and_a_rotated_out_key_stops_working_without_a_r
     let (next, _) = issue(&system, "site/next.key", &request("DEVICE-T2"));
     assert_refused(&system, Some(&next), MPLIST, "signature does not verify");
     system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/token.pub\", \"site/next.pub\"]\n")
+        .reload_gateway(|g| {
+            g.tokens = Some(TokenSettings::new(vec![
+                "site/token.pub".into(),
+                "site/next.pub".into(),
+            ]))
+        })
         .unwrap();
     assert_eq!(with_token(&system, Some(&good), MPLIST).0, 200);
     assert_eq!(with_token(&system, Some(&next), MPLIST).0, 200);
     system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/next.pub\"]\n")
+        .reload_gateway(|g| g.tokens = Some(TokenSettings::new(vec!["site/next.pub".into()])))
         .unwrap();
     assert_refused(&system, Some(&good), MPLIST, "signature does not verify");
     assert_eq!(with_token(&system, Some(&next), MPLIST).0, 200);
@@ -252,7 +261,7 @@ fn tokens_are_checked_end_to_end_and_a_rotated_out_key_stops_working_without_a_r
     // A reload with a bad key file is refused and the running keys stay.
     std::fs::write(system.path("site/broken.pub"), "not a key").unwrap();
     let refused = system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/broken.pub\"]\n")
+        .reload_gateway(|g| g.tokens = Some(TokenSettings::new(vec!["site/broken.pub".into()])))
         .unwrap_err();
     assert!(refused.contains("site/broken.pub"), "{refused}");
     assert_eq!(with_token(&system, Some(&next), MPLIST).0, 200);
@@ -333,20 +342,22 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
         String::from_utf8_lossy(&report.body).into_owned()
     };
     // Revocation checked against one CRL of the openssl CA, with `extra` settings.
-    let check_against = |crl: &str, extra: &str| {
+    let check_against = |crl: &str, policy: CrlPolicy| {
         system
-            .reload_gateway(&format!(
-                "verify_client_revocation = true\ncrls = [\"openssl-ca/{crl}\"]\n{extra}"
-            ))
+            .reload_gateway(|g| {
+                g.verify_client_revocation = true;
+                g.crls = vec![format!("openssl-ca/{crl}").into()];
+                g.crl_policy = policy;
+            })
             .unwrap()
     };
 
     // The CRL that lists nothing: the certificate works.
-    check_against("empty.crl", "");
+    check_against("empty.crl", CrlPolicy::Refuse);
     assert_eq!(status("device-001").0, 200);
 
     // The CRL that lists it: refused with a named status; the other device still works.
-    check_against("revoked.crl", "");
+    check_against("revoked.crl", CrlPolicy::Refuse);
     let body = refused("device-001", "CMGService_Revokedclientcertificate");
     assert!(body.contains("is revoked by"), "{body}");
     assert!(body.contains("revoked.crl"), "{body}");
@@ -367,19 +378,19 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
         ],
     );
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    check_against("stale.crl", "");
+    check_against("stale.crl", CrlPolicy::Refuse);
     let body = refused("device-002", "CMGService_Revocationcheckfailed");
     assert!(body.contains("is stale"), "{body}");
 
     // A CRL that cannot be read: refused by default, let in with a warning when allowed.
-    check_against("missing.crl", "");
+    check_against("missing.crl", CrlPolicy::Refuse);
     assert_eq!(
         status("device-002"),
         (403, "CMGService_Revocationcheckfailed".to_string())
     );
     // The device is let in; its connector is not: crl_policy is for devices, and a connector
     // whose status is unknown is refused, so no channel serves the endpoint (503).
-    check_against("missing.crl", "crl_policy = \"allow-and-warn\"\n");
+    check_against("missing.crl", CrlPolicy::AllowAndWarn);
     assert_eq!(status("device-002").0, 503);
     let log = system.gateway_log.lock().unwrap().join("\n");
     assert!(log.contains("CRL cannot be used"), "{log}");
@@ -392,7 +403,7 @@ fn a_device_revoked_in_an_openssl_ca_crl_is_refused_and_the_crl_policy_decides_t
 
     // Revocation off again: the revoked certificate is only judged by its chain, and the
     // connector is back.
-    system.reload_gateway("").unwrap();
+    system.reload_gateway(|_| {}).unwrap();
     assert!(system.wait_for_channels_within(2, std::time::Duration::from_secs(40)));
     assert_eq!(status("device-001").0, 200);
     system.stop();

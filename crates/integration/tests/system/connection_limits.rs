@@ -111,10 +111,12 @@ async fn http1_after_a_request(
 
 #[test]
 fn connections_that_never_speak_are_closed_at_the_deadlines() {
-    let system = System::start_with_gateway(
-        "handshake_timeout_secs = 2\nfirst_request_timeout_secs = 2\n",
-        |_| {},
-    );
+    let system = System::builder()
+        .gateway(|g| {
+            g.handshake_timeout_secs = 2;
+            g.first_request_timeout_secs = 2;
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let port = system.gateway_port();
     let with_cert = lab_tls(&system, Some("device-001"), false);
@@ -172,7 +174,9 @@ fn connections_that_never_speak_are_closed_at_the_deadlines() {
 
 #[test]
 fn idle_device_connections_are_closed_after_the_idle_timeout() {
-    let system = System::start_with_gateway("idle_timeout_secs = 2\n", |_| {});
+    let system = System::builder()
+        .gateway(|g| g.idle_timeout_secs = 2)
+        .start();
     assert!(system.wait_for_channels(1));
     let port = system.gateway_port();
     let http1 = lab_tls(&system, Some("device-001"), false);
@@ -232,10 +236,12 @@ fn refusals_logged(system: &System) -> (usize, usize) {
 
 #[test]
 fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate() {
-    let system = System::start_with_gateway(
-        "max_connections_per_address = 5\nfirst_request_timeout_secs = 60\n",
-        |_| {},
-    );
+    let system = System::builder()
+        .gateway(|g| {
+            g.max_connections_per_address = 5;
+            g.first_request_timeout_secs = 60;
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let port = system.gateway_port();
     let tls = lab_tls(&system, Some("device-001"), false);
@@ -320,10 +326,12 @@ fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate
 
 #[test]
 fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
-    let mut system = System::start_with_gateway(
-        "max_connections = 4\nfirst_request_timeout_secs = 60\n",
-        |_| {},
-    );
+    let mut system = System::builder()
+        .gateway(|g| {
+            g.max_connections = 4;
+            g.first_request_timeout_secs = 60;
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let port = system.gateway_port();
     let tls = lab_tls(&system, Some("device-001"), false);
@@ -412,10 +420,13 @@ fn a_connector_opens_its_channels_while_devices_hold_every_device_slot() {
 
 #[test]
 fn a_channel_listener_takes_connectors_only_whatever_devices_do() {
-    let mut system = System::start_with_gateway(
-        "max_connections = 2\nfirst_request_timeout_secs = 60\nchannel_listen = \"127.0.0.1:0\"\n",
-        |_| {},
-    );
+    let mut system = System::builder()
+        .gateway(|g| {
+            g.max_connections = 2;
+            g.first_request_timeout_secs = 60;
+            g.channel_listen = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();
     let (port, channel_port) = (gateway.addr.port(), gateway.channel_addr().unwrap().port());
@@ -460,12 +471,7 @@ fn a_channel_listener_takes_connectors_only_whatever_devices_do() {
         (held, flood)
     });
     // The connector, pointed at the channel listener, opens its channels.
-    let file = system.path("connector.toml");
-    let toml = std::fs::read_to_string(&file).unwrap().replace(
-        &format!("localhost:{port}"),
-        &format!("localhost:{channel_port}"),
-    );
-    std::fs::write(&file, toml).unwrap();
+    system.edit_connector(|c| c.gateways = vec![format!("localhost:{channel_port}")]);
     system.start_connector();
     assert!(
         system.wait_for_channels_within(channels, Duration::from_secs(10)),

@@ -48,15 +48,12 @@ fn wait_no_channels(system: &System) -> bool {
 /// `dir/channel.crt` (and `.key`), serving the system's endpoint (the same management point).
 fn start_connector(system: &System, dir: &str, id: &str) -> conn::RunningConnector {
     let file = system.path(&format!("{dir}/connector.toml"));
-    std::fs::write(
-        &file,
-        format!(
-            "connector_id = \"{id}\"\ngateways = [\"localhost:{}\"]\ngateway_roots = [\"../ca/root.crt\"]\nchannel_cert = \"channel.crt\"\nchannel_key = \"channel.key\"\nclient_cert_store = \"../connector/store\"\nallowed_roots = [\"../ca/root.crt\"]\nendpoint_roots = [\"../ca/root.crt\"]\n\n[[endpoints]]\nid = {ENDPOINT}\nname = \"SMS_MP\"\nurl = \"https://localhost:{}\"\n",
-            system.gateway.as_ref().unwrap().addr.port(),
-            system.mp.as_ref().unwrap().addr.port(),
-        ),
-    )
-    .unwrap();
+    let mut config = ConnectorConfig::load(&system.path("connector.toml")).unwrap();
+    config.connector_id = id.into();
+    config.channel_cert = system.path(&format!("{dir}/channel.crt"));
+    config.channel_key = system.path(&format!("{dir}/channel.key"));
+    config.verbose = false;
+    config.write(&file).unwrap();
     let config = ConnectorConfig::load(&file).unwrap();
     system
         .runtime
@@ -190,12 +187,8 @@ fn a_connector_from_the_device_ca_is_refused_when_connector_roots_names_another_
         &other.cert().cert_pem,
     )
     .unwrap();
-    let roots = "connector_roots = [\"ca/connector-roots.crt\"]";
     let summary = system
-        .reload_gateway_replacing(
-            (roots, "connector_roots = [\"connector-only-root.crt\"]"),
-            "",
-        )
+        .reload_gateway(|g| g.connector_roots = vec!["connector-only-root.crt".into()])
         .unwrap();
     assert!(summary.contains("2 channel(s) closed"), "{summary}");
     assert!(wait_no_channels(&system));
@@ -211,19 +204,16 @@ fn a_connector_from_the_device_ca_is_refused_when_connector_roots_names_another_
     );
     // Without connector_roots a name is refused at load...
     let err = system
-        .reload_gateway_replacing((roots, ""), "")
+        .reload_gateway(|g| g.connector_roots.clear())
         .unwrap_err();
     assert!(err.contains("key `connector_roots`"), "{err}");
     // ...and a pin is the trust.
     let thumbprint = channel_cert(&system).thumbprint;
     system
-        .reload_gateway_replacing(
-            (
-                &format!("{roots}\nallowed_connectors = [\"Portcullis Connector Channel\"]"),
-                &format!("allowed_connectors = [\"{thumbprint}\"]"),
-            ),
-            "",
-        )
+        .reload_gateway(|g| {
+            g.connector_roots.clear();
+            g.allowed_connectors = vec![AllowedConnector::Name(thumbprint.clone())];
+        })
         .unwrap();
     assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
     assert!(system.probe(&mp_path(), Some("device-001")).succeeded());
@@ -256,11 +246,8 @@ fn a_connector_from_the_device_ca_is_refused_when_connector_roots_names_another_
 /// certificate with the allowed CN) is refused.
 #[test]
 fn a_connector_certificate_without_client_authentication_is_refused() {
-    let system = System::start_with(
-        "connector/store",
-        "Portcullis Connector Channel",
-        "\"ca/root.crt\"",
-        |lab| {
+    let system = System::builder()
+        .prepare(|lab| {
             let root = pki::lab::LabCa::from_pem(
                 &std::fs::read_to_string(lab.join("ca/root.crt")).unwrap(),
                 &std::fs::read_to_string(lab.join("ca/root.key")).unwrap(),
@@ -275,8 +262,8 @@ fn a_connector_certificate_without_client_authentication_is_refused() {
                 .unwrap();
             std::fs::write(lab.join("connector/channel.crt"), &server.cert_pem).unwrap();
             std::fs::write(lab.join("connector/channel.key"), &server.key_pem).unwrap();
-        },
-    );
+        })
+        .start();
     assert!(
         wait_logged(
             &system,
@@ -303,7 +290,10 @@ fn a_revoked_connector_is_refused() {
     let crl = root.crl(&[channel_cert(&system).der()], 7).unwrap();
     std::fs::write(system.path("ca/root.crl"), crl).unwrap();
     let summary = system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"ca/root.crl\"]\n")
+        .reload_gateway(|g| {
+            g.verify_client_revocation = true;
+            g.crls = vec!["ca/root.crl".into()];
+        })
         .unwrap();
     assert!(summary.contains("2 channel(s) closed"), "{summary}");
     assert!(wait_no_channels(&system));
@@ -320,13 +310,12 @@ fn a_revoked_connector_is_refused() {
     std::fs::write(system.path("other.crt"), &other.cert().cert_pem).unwrap();
     std::fs::write(system.path("other.crl"), other.crl(&[], 7).unwrap()).unwrap();
     system
-        .reload_gateway_replacing(
-            (
-                "trusted_roots = [\"ca/root.crt\"]",
-                "trusted_roots = [\"ca/root.crt\", \"other.crt\"]",
-            ),
-            "verify_client_revocation = true\ncrls = [\"other.crl\"]\ncrl_policy = \"allow-and-warn\"\n",
-        )
+        .reload_gateway(|g| {
+            g.trusted_roots.push("other.crt".into());
+            g.verify_client_revocation = true;
+            g.crls = vec!["other.crl".into()];
+            g.crl_policy = CrlPolicy::AllowAndWarn;
+        })
         .unwrap();
     assert!(wait_logged(
         &system,
@@ -340,7 +329,10 @@ fn a_revoked_connector_is_refused() {
     // An empty CRL from the lab root: good again.
     std::fs::write(system.path("ca/root.crl"), root.crl(&[], 7).unwrap()).unwrap();
     system
-        .reload_gateway("verify_client_revocation = true\ncrls = [\"ca/root.crl\"]\n")
+        .reload_gateway(|g| {
+            g.verify_client_revocation = true;
+            g.crls = vec!["ca/root.crl".into()];
+        })
         .unwrap();
     assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
     assert!(system.probe(&mp_path(), Some("device-001")).succeeded());
@@ -354,15 +346,19 @@ fn a_revoked_connector_is_refused() {
 fn a_connector_announcing_an_endpoint_bound_to_another_gets_no_traffic_for_it() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
-    let allowed = "allowed_connectors = [\"Portcullis Connector Channel\"]";
+    let bound = |name: &str, endpoint: u64| {
+        AllowedConnector::Bound(BoundConnector {
+            name: name.into(),
+            endpoints: vec![endpoint],
+        })
+    };
     let summary = system
-        .reload_gateway_replacing(
-            (
-                allowed,
-                &format!("allowed_connectors = [\"Portcullis Connector Channel\", {{ name = \"Branch Connector\", endpoints = [{ENDPOINT}] }}]"),
-            ),
-            "",
-        )
+        .reload_gateway(|g| {
+            g.allowed_connectors = vec![
+                AllowedConnector::Name("Portcullis Connector Channel".into()),
+                bound("Branch Connector", ENDPOINT),
+            ]
+        })
         .unwrap();
     assert!(summary.contains("2 channel(s) closed"), "{summary}");
     assert!(wait_no_channels(&system));
@@ -390,13 +386,12 @@ fn a_connector_announcing_an_endpoint_bound_to_another_gets_no_traffic_for_it() 
 
     // Bound to it (by name, beside another binding): it serves again.
     system
-        .reload_gateway_replacing(
-            (
-                allowed,
-                &format!("allowed_connectors = [{{ name = \"Portcullis Connector Channel\", endpoints = [{ENDPOINT}] }}, {{ name = \"Branch Connector\", endpoints = [3456] }}]"),
-            ),
-            "",
-        )
+        .reload_gateway(|g| {
+            g.allowed_connectors = vec![
+                bound("Portcullis Connector Channel", ENDPOINT),
+                bound("Branch Connector", 3456),
+            ]
+        })
         .unwrap();
     assert!(system.wait_for_channels_within(2, Duration::from_secs(40)));
     assert!(system.probe(&mp_path(), Some("device-001")).succeeded());

@@ -64,21 +64,16 @@ fn serve_header_echo(lab: &Path, listener: TcpListener) {
 fn system_with_header_echo() -> System {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    System::start_with(
-        "connector/store",
-        "Portcullis Connector Channel",
-        "\"ca/root.crt\"",
-        move |lab| {
+    System::builder()
+        .connector(move |c, lab| {
             serve_header_echo(lab, listener);
-            let file = lab.join("connector.toml");
-            let text = std::fs::read_to_string(&file).unwrap();
-            std::fs::write(
-                &file,
-                format!("{text}\n[[endpoints]]\nid = {HEADERS}\nname = \"HEADERS\"\nurl = \"https://localhost:{port}\"\n"),
-            )
-            .unwrap();
-        },
-    )
+            c.endpoints.push(EndpointConfig {
+                id: HEADERS,
+                name: "HEADERS".into(),
+                url: format!("https://localhost:{port}"),
+            });
+        })
+        .start()
 }
 
 /// The headers endpoint [`HEADERS`] got from a curl request carrying `extra` arguments, as
@@ -169,7 +164,7 @@ fn headers_an_endpoint_may_trust_are_set_by_the_gateway_not_the_device() {
 
     // Configured by a reload: the trusted certificate, its DER in base64 (the PEM's body).
     system
-        .reload_gateway("client_cert_header = \"X-ARR-ClientCert\"\n")
+        .reload_gateway(|g| g.client_cert_header = Some("X-ARR-ClientCert".into()))
         .unwrap();
     let pem = std::fs::read_to_string(system.path("devices/device-001.crt")).unwrap();
     let der_base64: String = pem
@@ -190,9 +185,10 @@ fn headers_an_endpoint_may_trust_are_set_by_the_gateway_not_the_device() {
     // A name of the operator's own, outside those every device request is cleaned of: the
     // device's copy never passes, on a token route (no certificate judged) either.
     system
-        .reload_gateway(
-            "client_cert_header = \"X-Device-Cert\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n",
-        )
+        .reload_gateway(|g| {
+            g.client_cert_header = Some("X-Device-Cert".into());
+            g.tokens = Some(TokenSettings::new(vec!["site/token.pub".into()]));
+        })
         .unwrap();
     let seen = headers_seen(&system, &["-H", "X-Device-Cert: forged"]);
     assert!(
@@ -215,7 +211,7 @@ fn headers_an_endpoint_may_trust_are_set_by_the_gateway_not_the_device() {
     assert!(!seen.contains("x-device-cert"), "{seen}");
     // A name the gateway cannot use is refused with the key named.
     let refused = system
-        .reload_gateway("client_cert_header = \"x-portcullis-device\"\n")
+        .reload_gateway(|g| g.client_cert_header = Some("x-portcullis-device".into()))
         .unwrap_err();
     assert!(refused.contains("client_cert_header"), "{refused}");
     system.stop();
@@ -360,7 +356,7 @@ fn service_metadata_names_connectors_and_endpoints_to_authenticated_devices_only
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
     system
-        .reload_gateway("\n[tokens]\nkeys = [\"site/token.pub\"]\n")
+        .reload_gateway(|g| g.tokens = Some(TokenSettings::new(vec!["site/token.pub".into()])))
         .unwrap();
     let mutual = "/CCM_PROXY_MUTUALAUTH/ServiceMetadata";
     let server = "/CCM_PROXY_SERVERAUTH/ServiceMetadata";

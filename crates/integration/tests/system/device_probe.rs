@@ -33,83 +33,91 @@ fn text(report: &probe::ProbeReport) -> Vec<String> {
 #[test]
 fn success_and_the_location_services_error_lines() {
     let lab = Lab::new();
-    with_mp(&lab, "", |base| {
-        let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
-        for http2 in [false, true] {
-            let mut o = options(&lab, url.clone(), true);
-            o.http2 = http2;
-            let report = run(&o);
-            assert_eq!(
-                report.outcome,
-                Outcome::Success { status: 200 },
-                "{:?}",
-                text(&report)
-            );
-            assert!(report.body.starts_with(b"<MPList>"));
-            assert!(text(&report)[0].starts_with(&format!("[CCMHTTP] OK: URL={url}, Port=")));
-        }
+    with_mp(
+        &lab,
+        |_| {},
+        |base| {
+            let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
+            for http2 in [false, true] {
+                let mut o = options(&lab, url.clone(), true);
+                o.http2 = http2;
+                let report = run(&o);
+                assert_eq!(
+                    report.outcome,
+                    Outcome::Success { status: 200 },
+                    "{:?}",
+                    text(&report)
+                );
+                assert!(report.body.starts_with(b"<MPList>"));
+                assert!(text(&report)[0].starts_with(&format!("[CCMHTTP] OK: URL={url}, Port=")));
+            }
 
-        let report = run(&options(
-            &lab,
-            format!("{base}/SMS_MP/.sms_aut?SITESIGNCERT"),
-            false,
-        ));
-        let lines = text(&report);
-        let port = base.rsplit(':').next().unwrap();
-        assert_eq!(
+            let report = run(&options(
+                &lab,
+                format!("{base}/SMS_MP/.sms_aut?SITESIGNCERT"),
+                false,
+            ));
+            let lines = text(&report);
+            let port = base.rsplit(':').next().unwrap();
+            assert_eq!(
             lines[0],
             format!("[CCMHTTP] ERROR: URL={base}/SMS_MP/.sms_aut?SITESIGNCERT, Port={port}, Options=31, Code=0, Text=CCM_E_BAD_HTTP_STATUS_CODE")
         );
-        assert_eq!(
-            lines[1],
-            "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= Forbidden"
-        );
-        assert!(
-            lines[2].contains("403.7 - Forbidden: Client certificate required"),
-            "{}",
-            lines[2]
-        );
-        assert_eq!(
-            report.outcome,
-            Outcome::HttpError {
-                status: 403,
-                text: "Forbidden".into()
-            }
-        );
-    });
+            assert_eq!(
+                lines[1],
+                "[CCMHTTP] ERROR INFO: StatusCode= 403 StatusText= Forbidden"
+            );
+            assert!(
+                lines[2].contains("403.7 - Forbidden: Client certificate required"),
+                "{}",
+                lines[2]
+            );
+            assert_eq!(
+                report.outcome,
+                Outcome::HttpError {
+                    status: 403,
+                    text: "Forbidden".into()
+                }
+            );
+        },
+    );
 }
 
 #[test]
 fn an_untrusted_server_certificate_is_a_secure_failure() {
     let lab = Lab::new();
-    with_mp(&lab, "", |base| {
-        let mut o = options(&lab, format!("{base}/SMS_MP/.sms_aut?MPLIST"), true);
-        // Trusting only some other certificate: the server's chain is unknown.
-        o.ca = vec![lab.path("devices/device-002.crt")];
-        let report = run(&o);
-        assert_eq!(
-            report.outcome,
-            Outcome::Transport {
-                code: 0x8007_2f8f,
-                text: "ERROR_WINHTTP_SECURE_FAILURE"
-            }
-        );
-        // As the client logs it: WinHTTP's callback with its flag, then the error.
-        assert_eq!(
-            text(&report)[..3],
-            [
-                "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_SECURE_FAILURE Encountered",
-                "[CCMHTTP] AsyncCallback(): dwStatusInformation is 0x8",
-                "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_INVALID_CA is set",
-            ]
-        );
-        assert!(text(&report)[3].contains("Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE"));
-        assert!(
-            text(&report)[4].contains("UnknownIssuer"),
-            "{:?}",
-            text(&report)
-        );
-    });
+    with_mp(
+        &lab,
+        |_| {},
+        |base| {
+            let mut o = options(&lab, format!("{base}/SMS_MP/.sms_aut?MPLIST"), true);
+            // Trusting only some other certificate: the server's chain is unknown.
+            o.ca = vec![lab.path("devices/device-002.crt")];
+            let report = run(&o);
+            assert_eq!(
+                report.outcome,
+                Outcome::Transport {
+                    code: 0x8007_2f8f,
+                    text: "ERROR_WINHTTP_SECURE_FAILURE"
+                }
+            );
+            // As the client logs it: WinHTTP's callback with its flag, then the error.
+            assert_eq!(
+                text(&report)[..3],
+                [
+                    "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_SECURE_FAILURE Encountered",
+                    "[CCMHTTP] AsyncCallback(): dwStatusInformation is 0x8",
+                    "[CCMHTTP] AsyncCallback(): WINHTTP_CALLBACK_STATUS_FLAG_INVALID_CA is set",
+                ]
+            );
+            assert!(text(&report)[3].contains("Code=0x80072f8f, Text=ERROR_WINHTTP_SECURE_FAILURE"));
+            assert!(
+                text(&report)[4].contains("UnknownIssuer"),
+                "{:?}",
+                text(&report)
+            );
+        },
+    );
 }
 
 #[test]

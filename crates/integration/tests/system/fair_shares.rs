@@ -138,9 +138,10 @@ fn normal_devices_echo(system: &System, count: usize, blob: &[u8]) {
 /// and once `device_idle_timeout_secs` has passed the stalled devices are cut and logged.
 #[test]
 fn devices_that_stop_reading_do_not_hold_up_the_others() {
-    let system = System::start_with_gateway("device_idle_timeout_secs = 12\n", |dir| {
-        connector_keys(dir, "channels_per_gateway = 1\n")
-    });
+    let system = System::builder()
+        .gateway(|g| g.device_idle_timeout_secs = 12)
+        .connector(|c, _| c.channels_per_gateway = 1)
+        .start();
     assert!(system.wait_for_channels(1));
     let sent = Arc::new(AtomicUsize::new(0));
     let device = paths(&system, "device-001");
@@ -353,10 +354,13 @@ fn forwarded(system: &System) -> usize {
 /// channel lives on.
 #[test]
 fn requests_abandoned_while_queued_are_never_sent() {
-    let system = System::start_with_gateway(
-        "max_streams_per_device = 300\nmax_queued_requests = 20\n",
-        |dir| connector_keys(dir, "channels_per_gateway = 1\n"),
-    );
+    let system = System::builder()
+        .gateway(|g| {
+            g.max_streams_per_device = 300;
+            g.max_queued_requests = 20;
+        })
+        .connector(|c, _| c.channels_per_gateway = 1)
+        .start();
     assert!(system.wait_for_channels(1));
     let before = system.channel_ids();
     let leave = Arc::new(tokio::sync::Notify::new());
@@ -479,10 +483,12 @@ fn fake_connector(system: &System) {
 /// stops sending its body gets 408 CMGService_Devicestalled after `device_idle_timeout_secs`.
 #[test]
 fn stalled_bodies_end_after_their_idle_timeouts() {
-    let mut system = System::start_with_gateway(
-        "connector_idle_timeout_secs = 2\ndevice_idle_timeout_secs = 2\n",
-        |_| {},
-    );
+    let mut system = System::builder()
+        .gateway(|g| {
+            g.connector_idle_timeout_secs = 2;
+            g.device_idle_timeout_secs = 2;
+        })
+        .start();
     assert!(system.wait_for_channels(2));
     // Only the test's connector serves the endpoint.
     let connector = system.connector.take().unwrap();
@@ -589,7 +595,9 @@ fn the_limits_have_defaults_and_bad_values_are_refused_by_key() {
 /// other devices go on.
 #[test]
 fn an_http2_stream_the_device_does_not_read_is_reset() {
-    let system = System::start_with_gateway("device_idle_timeout_secs = 2\n", |_| {});
+    let system = System::builder()
+        .gateway(|g| g.device_idle_timeout_secs = 2)
+        .start();
     assert!(system.wait_for_channels(2));
     let device = paths(&system, "device-001");
     let (took, ended) = system.runtime.block_on(async {

@@ -159,17 +159,12 @@ fn an_oversized_request_gets_431_and_the_upload_beside_it_on_the_channel_complet
 /// text) instead of sending what the connector's h2 would refuse.
 #[test]
 fn a_connector_taking_less_than_the_gateway_is_sent_nothing_larger() {
-    let system = System::start_with(
-        "connector/store",
-        "Portcullis Connector Channel",
-        "\"ca/root.crt\"",
-        |lab| {
-            connector_keys(
-                lab,
-                "channels_per_gateway = 1\nmax_request_header_bytes = 8192\n",
-            )
-        },
-    );
+    let system = System::builder()
+        .connector(|c, _| {
+            c.channels_per_gateway = 1;
+            c.max_request_header_bytes = 8192;
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let ids = system.channel_ids();
     assert_logged(
@@ -417,27 +412,12 @@ fn forging_endpoint(lab: &std::path::Path) -> u16 {
 /// hello path reaches the endpoint instead of being answered with the connector's hello.
 #[test]
 fn an_endpoints_answer_headers_steer_nothing_and_the_hello_path_is_the_endpoints() {
-    let system = System::start_with(
-        "connector/store",
-        "Portcullis Connector Channel",
-        "\"ca/root.crt\"",
-        |lab| {
+    let system = System::builder()
+        .connector(|c, lab| {
             let endpoint = forging_endpoint(lab);
-            let file = lab.join("connector.toml");
-            let text = std::fs::read_to_string(&file).unwrap();
-            let text: Vec<String> = text
-                .lines()
-                .map(|line| {
-                    if line.starts_with("url = ") {
-                        format!("url = \"https://localhost:{endpoint}\"")
-                    } else {
-                        line.to_string()
-                    }
-                })
-                .collect();
-            std::fs::write(&file, text.join("\n") + "\n").unwrap();
-        },
-    );
+            c.endpoints[0].url = format!("https://localhost:{endpoint}");
+        })
+        .start();
     assert!(system.wait_for_channels(2));
     let ids = system.channel_ids();
     let port = system.gateway_port();

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use mp::{self, MpConfig};
+use mp::{self, ClientCertMode, MpConfig};
 use pki::lab::{LabCa, LeafSpec};
 use testkit::lab::{with_mp, Lab};
 
@@ -50,52 +50,57 @@ fn iis_substatus_for_each_client_certificate_case() {
     std::fs::write(lab.path("expired.crt"), &expired.cert_pem).unwrap();
     std::fs::write(lab.path("expired.key"), &expired.key_pem).unwrap();
 
-    with_mp(&lab, "", |base| {
-        let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
-        let w = ["-w", "\n%{http_code}"];
-        for http in ["--http1.1", "--http2"] {
-            let (status, body) = status_and_body(&curl(
+    with_mp(
+        &lab,
+        |_| {},
+        |base| {
+            let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
+            let w = ["-w", "\n%{http_code}"];
+            for http in ["--http1.1", "--http2"] {
+                let (status, body) = status_and_body(&curl(
+                    &lab,
+                    &url,
+                    Some((&device.0, &device.1)),
+                    &[w[0], w[1], http],
+                ));
+                assert_eq!(status, "200", "{http}");
+                assert!(
+                    body.starts_with("<MPList><MP Name=\"MP.PORTCULLIS.LAB\""),
+                    "{body}"
+                );
+            }
+            let cases = [
+                (None, "7", "Client certificate required"),
+                (
+                    Some((lab.path("stranger.crt"), lab.path("stranger.key"))),
+                    "16",
+                    "untrusted",
+                ),
+                (
+                    Some((lab.path("expired.crt"), lab.path("expired.key"))),
+                    "17",
+                    "expired",
+                ),
+            ];
+            for (cert, sub, words) in cases {
+                let cert_ref = cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+                let (status, body) = status_and_body(&curl(&lab, &url, cert_ref, &w));
+                assert_eq!(status, "403", "sub-status {sub}");
+                assert!(
+                    body.contains(&format!("HTTP Error 403.{sub} - Forbidden"))
+                        && body.contains(words),
+                    "{body}"
+                );
+            }
+            let (status, _) = status_and_body(&curl(
                 &lab,
-                &url,
+                &format!("{base}/elsewhere"),
                 Some((&device.0, &device.1)),
-                &[w[0], w[1], http],
+                &w,
             ));
-            assert_eq!(status, "200", "{http}");
-            assert!(
-                body.starts_with("<MPList><MP Name=\"MP.PORTCULLIS.LAB\""),
-                "{body}"
-            );
-        }
-        let cases = [
-            (None, "7", "Client certificate required"),
-            (
-                Some((lab.path("stranger.crt"), lab.path("stranger.key"))),
-                "16",
-                "untrusted",
-            ),
-            (
-                Some((lab.path("expired.crt"), lab.path("expired.key"))),
-                "17",
-                "expired",
-            ),
-        ];
-        for (cert, sub, words) in cases {
-            let cert_ref = cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-            let (status, body) = status_and_body(&curl(&lab, &url, cert_ref, &w));
-            assert_eq!(status, "403", "sub-status {sub}");
-            assert!(
-                body.contains(&format!("HTTP Error 403.{sub} - Forbidden")) && body.contains(words),
-                "{body}"
-            );
-        }
-        let (status, _) = status_and_body(&curl(
-            &lab,
-            &format!("{base}/elsewhere"),
-            Some((&device.0, &device.1)),
-            &w,
-        ));
-        assert_eq!(status, "404");
-    });
+            assert_eq!(status, "404");
+        },
+    );
 
     let log = lab.w3c();
     assert!(log.contains("#Fields: date time s-ip cs-method cs-uri-stem cs-uri-query s-port cs-username c-ip cs(User-Agent) cs(Referer) sc-status sc-substatus sc-win32-status sc-bytes time-taken\r\n"), "{log}");
@@ -133,29 +138,37 @@ fn iis_substatus_for_each_client_certificate_case() {
 #[test]
 fn ignore_and_accept_modes() {
     let lab = Lab::new();
-    with_mp(&lab, "client_certificates = \"accept\"\n", |base| {
-        let (status, _) = status_and_body(&curl(
-            &lab,
-            &format!("{base}/SMS_MP/.sms_aut?MPKEYINFORMATION"),
-            None,
-            &["-w", "\n%{http_code}"],
-        ));
-        assert_eq!(status, "200", "accept allows no certificate");
-    });
+    with_mp(
+        &lab,
+        |c| c.client_certificates = ClientCertMode::Accept,
+        |base| {
+            let (status, _) = status_and_body(&curl(
+                &lab,
+                &format!("{base}/SMS_MP/.sms_aut?MPKEYINFORMATION"),
+                None,
+                &["-w", "\n%{http_code}"],
+            ));
+            assert_eq!(status, "200", "accept allows no certificate");
+        },
+    );
     let lab = Lab::new();
-    with_mp(&lab, "client_certificates = \"ignore\"\n", |base| {
-        let (status, body) = status_and_body(&curl(
-            &lab,
-            &format!("{base}/SMS_MP/.sms_aut?SITESIGNCERT"),
-            None,
-            &["-w", "\n%{http_code}"],
-        ));
-        assert_eq!(status, "200");
-        assert!(
-            body.len() > 100 && body.chars().all(|c| c.is_ascii_hexdigit()),
-            "{body}"
-        );
-    });
+    with_mp(
+        &lab,
+        |c| c.client_certificates = ClientCertMode::Ignore,
+        |base| {
+            let (status, body) = status_and_body(&curl(
+                &lab,
+                &format!("{base}/SMS_MP/.sms_aut?SITESIGNCERT"),
+                None,
+                &["-w", "\n%{http_code}"],
+            ));
+            assert_eq!(status, "200");
+            assert!(
+                body.len() > 100 && body.chars().all(|c| c.is_ascii_hexdigit()),
+                "{body}"
+            );
+        },
+    );
 }
 
 #[test]
@@ -171,26 +184,30 @@ fn a_large_body_streams_back_byte_for_byte() {
         lab.path("devices/device-001.crt"),
         lab.path("devices/device-001.key"),
     );
-    with_mp(&lab, "", |base| {
-        for http in ["--http1.1", "--http2"] {
-            let data = format!("@{}", input.display());
-            let out = curl(
-                &lab,
-                &format!("{base}/portcullis/echo"),
-                Some((&device.0, &device.1)),
-                &[http, "--data-binary", &data, "-o", output.to_str().unwrap()],
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(
-                std::fs::read(&output).unwrap() == blob,
-                "{http}: echo differs"
-            );
-        }
-    });
+    with_mp(
+        &lab,
+        |_| {},
+        |base| {
+            for http in ["--http1.1", "--http2"] {
+                let data = format!("@{}", input.display());
+                let out = curl(
+                    &lab,
+                    &format!("{base}/portcullis/echo"),
+                    Some((&device.0, &device.1)),
+                    &[http, "--data-binary", &data, "-o", output.to_str().unwrap()],
+                );
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(
+                    std::fs::read(&output).unwrap() == blob,
+                    "{http}: echo differs"
+                );
+            }
+        },
+    );
 }
 
 #[test]
@@ -252,23 +269,27 @@ fn a_revoked_client_certificate_gets_403_13() {
         lab.path("devices/device-001.crt"),
         lab.path("devices/device-001.key"),
     );
-    with_mp(&lab, "crls = [\"ca/root.crl\"]\n", |base| {
-        let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
-        let w = ["-w", "\n%{http_code}"];
-        let (status, body) = status_and_body(&curl(
-            &lab,
-            &url,
-            Some((&lab.path("revoked.crt"), &lab.path("revoked.key"))),
-            &w,
-        ));
-        assert_eq!(status, "403");
-        assert!(
-            body.contains("HTTP Error 403.13 - Forbidden: Client certificate revoked"),
-            "{body}"
-        );
-        let (status, _) = status_and_body(&curl(&lab, &url, Some((&device.0, &device.1)), &w));
-        assert_eq!(status, "200", "the CRL revokes only what it lists");
-    });
+    with_mp(
+        &lab,
+        |c| c.crls = vec!["ca/root.crl".into()],
+        |base| {
+            let url = format!("{base}/SMS_MP/.sms_aut?MPLIST");
+            let w = ["-w", "\n%{http_code}"];
+            let (status, body) = status_and_body(&curl(
+                &lab,
+                &url,
+                Some((&lab.path("revoked.crt"), &lab.path("revoked.key"))),
+                &w,
+            ));
+            assert_eq!(status, "403");
+            assert!(
+                body.contains("HTTP Error 403.13 - Forbidden: Client certificate revoked"),
+                "{body}"
+            );
+            let (status, _) = status_and_body(&curl(&lab, &url, Some((&device.0, &device.1)), &w));
+            assert_eq!(status, "200", "the CRL revokes only what it lists");
+        },
+    );
     assert!(lab.w3c().contains(" 403 13 0 "), "{}", lab.w3c());
 
     // A CRL signed by a CA the management point does not trust is refused at start.
@@ -278,7 +299,7 @@ fn a_revoked_client_certificate_gets_403_13() {
         stranger.crl(&[&revoked.cert_der], 7).unwrap(),
     )
     .unwrap();
-    let config = MpConfig::load(&lab.config("crls = [\"ca/root.crl\"]\n")).unwrap();
+    let config = MpConfig::load(&lab.config(|c| c.crls = vec!["ca/root.crl".into()])).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let err = runtime
         .block_on(mp::start(config))

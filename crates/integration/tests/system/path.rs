@@ -212,11 +212,10 @@ fn devices_are_refused_at_the_gateway_with_a_named_status() {
 fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
     // The connector allows (and so selects) a certificate from a root the management point
     // does not trust: IIS answers 403.16 and the device sees CMGConnector_Forbidden.
-    let system = System::start_with(
-        "stranger-store",
-        "Portcullis Connector Channel",
-        "\"stranger-root.crt\"",
-        |lab| {
+    let system = System::builder()
+        .store("stranger-store")
+        .allowed_roots(&["stranger-root.crt"])
+        .prepare(|lab| {
             let root = LabCa::new_root("Stranger Root", 1).unwrap();
             let cert = root
                 .issue(&LeafSpec::client_auth("connector-elsewhere", 30))
@@ -225,8 +224,8 @@ fn an_endpoint_that_does_not_trust_the_connectors_certificate_is_forbidden() {
             std::fs::write(lab.join("stranger-store/c.crt"), &cert.cert_pem).unwrap();
             std::fs::write(lab.join("stranger-store/c.key"), &cert.key_pem).unwrap();
             std::fs::write(lab.join("stranger-root.crt"), &root.cert().cert_pem).unwrap();
-        },
-    );
+        })
+        .start();
     assert!(system.wait_for_channels(2));
     let report = system.probe(
         &format!("/CCM_PROXY_MUTUALAUTH/{ENDPOINT}/SMS_MP/.sms_aut?MPLIST"),

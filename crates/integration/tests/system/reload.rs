@@ -29,17 +29,16 @@ fn a_connector_reload_adds_an_endpoint_and_names_what_waits_for_a_restart() {
         before.lines
     );
 
-    let file = system.path("connector.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    let url = text
-        .lines()
-        .find_map(|l| l.strip_prefix("url = "))
-        .unwrap()
-        .to_string();
-    let text = text.replace("verbose = true\n", "verbose = true\nworker_threads = 1\n")
-        + &format!("\n[[endpoints]]\nid = 8\nname = \"SMS_MP_2\"\nurl = {url}\n");
-    std::fs::write(&file, text).unwrap();
-    let config = connector::run::ConnectorConfig::load(&file).unwrap();
+    system.edit_connector(|c| {
+        c.worker_threads = Some(1);
+        let url = c.endpoints[0].url.clone();
+        c.endpoints.push(EndpointConfig {
+            id: 8,
+            name: "SMS_MP_2".into(),
+            url,
+        });
+    });
+    let config = ConnectorConfig::load(&system.path("connector.toml")).unwrap();
     let summary = system.connector.as_ref().unwrap().reload(&config).unwrap();
     for part in [
         "endpoints now 72057594037927939 (SMS_MP) https://localhost:",
@@ -108,7 +107,7 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     let renewed = server_certificate("Portcullis Gateway Renewed");
     std::fs::write(system.path("gateway/server.crt"), &renewed.cert_pem).unwrap();
     std::fs::write(system.path("gateway/server.key"), &renewed.key_pem).unwrap();
-    let summary = system.reload_gateway("").unwrap();
+    let summary = system.reload_gateway(|_| {}).unwrap();
     assert!(
         summary.contains("server certificate for new connections: CN=Portcullis Gateway Renewed"),
         "{summary}"
@@ -123,7 +122,7 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
     // A key that is not the certificate's: refused, and the renewed one still served.
     let other = server_certificate("Other");
     std::fs::write(system.path("gateway/server.key"), &other.key_pem).unwrap();
-    assert!(system.reload_gateway("").is_err());
+    assert!(system.reload_gateway(|_| {}).is_err());
     assert!(served_certificate().starts_with("CN=Portcullis Gateway Renewed,"));
     system.stop();
 }
@@ -134,9 +133,10 @@ fn a_reload_gives_new_connections_the_renewed_server_certificate() {
 fn a_reload_that_disallows_a_connector_closes_its_channels() {
     let system = System::start("connector/store", "Portcullis Connector Channel");
     assert!(system.wait_for_channels(2));
-    let allowed = "allowed_connectors = [\"Portcullis Connector Channel\"]";
     let summary = system
-        .reload_gateway_replacing((allowed, "allowed_connectors = [\"Someone Else\"]"), "")
+        .reload_gateway(|g| {
+            g.allowed_connectors = vec![AllowedConnector::Name("Someone Else".into())]
+        })
         .unwrap();
     assert!(
         summary.contains("connectors: 2 channel(s) closed, no longer allowed"),
@@ -169,7 +169,7 @@ fn a_reload_that_disallows_a_connector_closes_its_channels() {
     assert!(refused(), "{:?}", system.gateway_log.lock().unwrap());
     assert_eq!(registry.channel_count(), 0);
 
-    let summary = system.reload_gateway("").unwrap();
+    let summary = system.reload_gateway(|_| {}).unwrap();
     assert!(
         summary.contains("connectors: every open channel still allowed"),
         "{summary}"
@@ -186,21 +186,21 @@ fn a_reload_that_disallows_a_connector_closes_its_channels() {
 /// takes goes on the other.
 #[test]
 fn a_certificate_given_by_a_reload_reaches_the_gateway_with_no_request_refused() {
-    let system = System::start_on_shards_with(2, |lab| {
-        // As in the seed: a server certificate, nothing for client authentication.
-        std::fs::create_dir_all(lab.join("connector/later")).unwrap();
-        for file in ["server.crt", "server.key"] {
-            std::fs::copy(
-                lab.join(format!("gateway/{file}")),
-                lab.join(format!("connector/later/{file}")),
-            )
-            .unwrap();
-        }
-        let file = lab.join("connector.toml");
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.replace("\"connector/store\"", "\"connector/later\"");
-        std::fs::write(&file, text).unwrap();
-    });
+    let system = System::builder()
+        .shards(2)
+        .store("connector/later")
+        .prepare(|lab| {
+            // As in the seed: a server certificate, nothing for client authentication.
+            std::fs::create_dir_all(lab.join("connector/later")).unwrap();
+            for file in ["server.crt", "server.key"] {
+                std::fs::copy(
+                    lab.join(format!("gateway/{file}")),
+                    lab.join(format!("connector/later/{file}")),
+                )
+                .unwrap();
+            }
+        })
+        .start();
     assert!(system.wait_for_channels(2));
     let gateway = system.gateway.as_ref().unwrap();
     assert_eq!(

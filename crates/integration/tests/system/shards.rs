@@ -123,10 +123,13 @@ fn channels_and_devices_are_spread_over_the_shards_and_all_served() {
 /// without one send over the other's, bodies both ways included.
 #[test]
 fn devices_on_a_shard_without_a_channel_use_another_shards() {
-    let system = System::start_on_shards_with(
-        2,
-        connector_settings("channels_per_gateway = 1\nchannels_follow_gateway_threads = false\n"),
-    );
+    let system = System::builder()
+        .shards(2)
+        .connector(|c, _| {
+            c.channels_per_gateway = 1;
+            c.channels_follow_gateway_threads = false;
+        })
+        .start();
     assert!(system.wait_for_channels(1));
     let gateway = system.gateway.as_ref().unwrap();
     assert_eq!(gateway.registry.channel_count(), 1);
@@ -175,7 +178,10 @@ fn devices_on_a_shard_without_a_channel_use_another_shards() {
 /// for each, as the gateway's hello says how many it runs; they end one on each shard.
 #[test]
 fn the_connector_opens_a_channel_for_each_gateway_thread() {
-    let system = System::start_on_shards_with(3, connector_settings("channels_per_gateway = 1\n"));
+    let system = System::builder()
+        .shards(3)
+        .connector(|c, _| c.channels_per_gateway = 1)
+        .start();
     assert!(
         system.wait_for_channels(3),
         "{:?}",
@@ -190,16 +196,6 @@ fn the_connector_opens_a_channel_for_each_gateway_thread() {
         "runs 3 worker threads: opening 2 more channel(s) to it, 3 in all",
     );
     system.stop();
-}
-
-/// Adds `settings` (top-level TOML lines) to the lab's connector.toml.
-fn connector_settings(settings: &'static str) -> impl FnOnce(&std::path::Path) {
-    move |lab| {
-        let file = lab.join("connector.toml");
-        let text = std::fs::read_to_string(&file).unwrap();
-        let text = text.replace("verbose = true\n", &format!("verbose = true\n{settings}"));
-        std::fs::write(&file, text).unwrap();
-    }
 }
 
 /// Waits (at most 10 s) until the gateway counts `open` connections.

@@ -41,7 +41,7 @@ async fn h2_trickle(
 fn bodies_in_many_small_pieces_never_close_the_channel() {
     // Every one of the 150 streams below goes on the channel: one device's share of streams
     // (64 by default, 429 beyond) would otherwise keep most of them off it.
-    let system = one_channel_with("max_streams_per_device = 200\n");
+    let system = one_channel_with(|g| g.max_streams_per_device = 200);
     let ids = system.channel_ids();
     let port = system.gateway_port();
     let tls = system.device_tls();

@@ -75,14 +75,15 @@ pub const MPLIST: &str = "/SMS_MP/.sms_aut?MPLIST";
 
 /// The usual system with one channel, so that every request shares it.
 pub fn one_channel() -> System {
-    one_channel_with("")
+    one_channel_with(|_| {})
 }
 
-/// [`one_channel`], with `gateway_extra` TOML in the gateway's configuration.
-pub fn one_channel_with(gateway_extra: &str) -> System {
-    let system = System::start_with_gateway(gateway_extra, |lab| {
-        connector_keys(lab, "channels_per_gateway = 1\n")
-    });
+/// [`one_channel`], with the gateway's configuration changed by `change`.
+pub fn one_channel_with(change: impl FnOnce(&mut GatewayConfig)) -> System {
+    let system = System::builder()
+        .gateway(change)
+        .connector(|c, _| c.channels_per_gateway = 1)
+        .start();
     assert!(system.wait_for_channels(1));
     system
 }

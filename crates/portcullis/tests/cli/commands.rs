@@ -125,11 +125,7 @@ fn mp_and_probe_as_processes_with_a_location_services_log() {
     let tmp = tempfile::tempdir().unwrap();
     let lab = new_lab(tmp.path());
     let config = lab.join("mp.toml");
-    std::fs::write(
-        &config,
-        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\n",
-    )
-    .unwrap();
+    mp::MpConfig::lab().write(&config).unwrap();
     let mut mp = Child(
         Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["mp", "--config", p(&config)])

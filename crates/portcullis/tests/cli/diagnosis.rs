@@ -17,22 +17,20 @@ fn doctor_logs_names_the_cause_of_our_own_failing_scenarios() {
     let (_mp, mp_port) = spawn_mp(&lab);
     let port = free_port();
     let gateway_log = lab.join("logs/SMS_Cloud_ProxyGateway.log");
-    let config = gateway_config(
-        &lab,
-        port,
-        "\n[log]\nfile = \"logs/SMS_Cloud_ProxyGateway.log\"\n\n[tokens]\nkeys = [\"site/token.pub\"]\n",
-    );
+    let config = gateway_config(&lab, port, |g| {
+        g.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+        g.tokens = Some(gateway::token::TokenSettings::new(vec![
+            "site/token.pub".into()
+        ]));
+    });
     let _gateway = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening");
-    std::fs::write(
-        lab.join("connector.toml"),
-        connector_config(
-            &[port],
-            &mp_port,
-            "connector/store",
-            "\n[log]\nfile = \"logs/SMS_Cloud_ProxyConnector.log\"\n",
-        ),
-    )
-    .unwrap();
+    connector_config(
+        &lab.join("connector.toml"),
+        &[port],
+        &mp_port,
+        "connector/store",
+        |c| c.log.file = Some("logs/SMS_Cloud_ProxyConnector.log".into()),
+    );
     let connector = spawn_until(
         &["connector", "--config", p(&lab.join("connector.toml"))],
         "Maintaining connections...",

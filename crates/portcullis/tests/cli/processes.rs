@@ -13,8 +13,8 @@ fn two_gateways_one_connector_and_a_gateway_restart() {
     let (_mp, mp_port) = spawn_mp(&lab);
     let ports = [free_port(), free_port()];
     let configs = [
-        gateway_config(&lab, ports[0], ""),
-        gateway_config(&lab, ports[1], ""),
+        gateway_config(&lab, ports[0], |_| {}),
+        gateway_config(&lab, ports[1], |_| {}),
     ];
     let mut gateway_a = spawn_until(
         &["gateway", "--config", p(&configs[0])],
@@ -26,11 +26,13 @@ fn two_gateways_one_connector_and_a_gateway_restart() {
         "Gateway listening",
     )
     .0;
-    std::fs::write(
-        lab.join("connector.toml"),
-        connector_config(&ports, &mp_port, "connector/store", ""),
-    )
-    .unwrap();
+    connector_config(
+        &lab.join("connector.toml"),
+        &ports,
+        &mp_port,
+        "connector/store",
+        |_| {},
+    );
     let log = tmp.path().join("SMS_Cloud_ProxyConnector.log");
     let _connector = spawn_until(
         &[
@@ -110,25 +112,24 @@ fn verbose_logging_changes_while_the_connector_runs() {
         &[
             "gateway",
             "--config",
-            p(&gateway_config(
-                &lab,
-                port,
-                &format!("worker_threads = 3\nadmin_listen = \"127.0.0.1:{gateway_admin}\"\n"),
-            )),
+            p(&gateway_config(&lab, port, |g| {
+                g.worker_threads = Some(3);
+                g.admin_listen = Some(loopback(gateway_admin));
+            })),
         ],
         "Gateway listening",
     );
     let admin = free_port();
-    let connector_toml = |verbose: bool| {
-        connector_config(
-            &[port],
-            &mp_port,
-            "connector/store",
-            &format!("verbose = {verbose}\nadmin_listen = \"127.0.0.1:{admin}\"\n\n[log]\nfile = \"SMS_Cloud_ProxyConnector.log\"\nconsole = \"json\"\n"),
-        )
-    };
     let config = lab.join("connector.toml");
-    std::fs::write(&config, connector_toml(false)).unwrap();
+    let connector_toml = |verbose: bool| {
+        connector_config(&config, &[port], &mp_port, "connector/store", |c| {
+            c.verbose = verbose;
+            c.admin_listen = Some(loopback(admin));
+            c.log.file = Some("SMS_Cloud_ProxyConnector.log".into());
+            c.log.console = logs::logger::ConsoleSetting::Json;
+        })
+    };
+    connector_toml(false);
     let (connector, first) = spawn_until(
         &["connector", "--config", p(&config)],
         "Maintaining connections...",
@@ -234,7 +235,7 @@ fn verbose_logging_changes_while_the_connector_runs() {
             .unwrap()
             .success());
     };
-    std::fs::write(&config, connector_toml(false)).unwrap();
+    connector_toml(false);
     hup();
     wait_for_text(&log, "Configuration reloaded from", 1);
     probe();
@@ -249,7 +250,7 @@ fn verbose_logging_changes_while_the_connector_runs() {
     probe();
 
     // On again by SIGHUP: the filter runs again and its whole trail is written.
-    std::fs::write(&config, connector_toml(true)).unwrap();
+    connector_toml(true);
     hup();
     wait_for_text(&log, "Configuration reloaded from", 2);
     probe();
@@ -268,13 +269,15 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     let lab = new_lab(tmp.path());
     let (_mp, mp_port) = spawn_mp(&lab);
     let port = free_port();
-    let config = gateway_config(&lab, port, "");
+    let config = gateway_config(&lab, port, |_| {});
     let _gateway = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening").0;
-    std::fs::write(
-        lab.join("connector.toml"),
-        connector_config(&[port], &mp_port, "connector/store", ""),
-    )
-    .unwrap();
+    connector_config(
+        &lab.join("connector.toml"),
+        &[port],
+        &mp_port,
+        "connector/store",
+        |_| {},
+    );
     let connector = spawn_until(
         &["connector", "--config", p(&lab.join("connector.toml"))],
         "Maintaining connections...",

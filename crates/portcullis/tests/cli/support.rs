@@ -1,8 +1,12 @@
 //! What several command tests share: a lab made by the binary, exit codes and output,
 //! processes started and waited for, configuration files for them, and the admin surface.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use connector::run::{ConnectorConfig, EndpointConfig};
+use gateway::GatewayConfig;
 
 use crate::common::{p, portcullis, text, Child};
 
@@ -102,37 +106,51 @@ pub fn spawn_until(args: &[&str], marker: &str) -> (Child, String) {
 
 /// The reference management point as a process on a free port: the process and its port.
 pub fn spawn_mp(lab: &Path) -> (Child, String) {
-    std::fs::write(
-        lab.join("mp.toml"),
-        "listen = \"127.0.0.1:0\"\ncert = \"mp/server.crt\"\nkey = \"mp/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nw3c_log = \"logs/u_ex.log\"\n",
-    )
-    .unwrap();
+    let mut config = mp::MpConfig::lab();
+    config.w3c_log = Some("logs/u_ex.log".into());
+    config.write(&lab.join("mp.toml")).unwrap();
     let (mp, line) = spawn_until(&["mp", "--config", p(&lab.join("mp.toml"))], "listening on");
     let port = line.trim().rsplit(':').next().unwrap().to_string();
     (mp, port)
 }
 
-/// Writes `lab/gateway-<port>.toml` listening on `port`, with `extra` TOML after the usual
+/// Writes `lab/gateway-<port>.toml` listening on `port`: the lab's gateway, changed by `change`.
 /// keys, and returns its path.
-pub fn gateway_config(lab: &Path, port: u16, extra: &str) -> PathBuf {
+pub fn gateway_config(lab: &Path, port: u16, change: impl FnOnce(&mut GatewayConfig)) -> PathBuf {
     let file = lab.join(format!("gateway-{port}.toml"));
-    std::fs::write(
-        &file,
-        format!("listen = \"127.0.0.1:{port}\"\ncert = \"gateway/server.crt\"\nkey = \"gateway/server.key\"\ntrusted_roots = [\"ca/root.crt\"]\nconnector_roots = [\"ca/connector-roots.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n{extra}"),
-    )
-    .unwrap();
+    let mut config = GatewayConfig::lab();
+    config.listen = loopback(port);
+    change(&mut config);
+    config.write(&file).unwrap();
     file
 }
 
-/// A connector configuration for gateways on `ports`, endpoint 7 at the management point on
-/// `mp_port`, the client certificate store `store`, and `extra` top-level TOML (which may open
-/// tables of its own: it goes before `[[endpoints]]`).
-pub fn connector_config(ports: &[u16], mp_port: &str, store: &str, extra: &str) -> String {
-    let gateways: Vec<String> = ports.iter().map(|p| format!("\"localhost:{p}\"")).collect();
-    format!(
-        "connector_id = \"c1\"\ngateways = [{}]\ngateway_roots = [\"ca/root.crt\"]\nchannel_cert = \"connector/channel.crt\"\nchannel_key = \"connector/channel.key\"\nclient_cert_store = \"{store}\"\nallowed_roots = [\"ca/root.crt\"]\nendpoint_roots = [\"ca/root.crt\"]\n{extra}\n[[endpoints]]\nid = 7\nname = \"SMS_MP\"\nurl = \"https://localhost:{mp_port}\"\n",
-        gateways.join(", ")
-    )
+/// 127.0.0.1 and `port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Writes `file` (in the lab): a connector for gateways on `ports`, endpoint 7 at the
+/// management point on `mp_port`, the client certificate store `store`, changed by `change`.
+pub fn connector_config(
+    file: &Path,
+    ports: &[u16],
+    mp_port: &str,
+    store: &str,
+    change: impl FnOnce(&mut ConnectorConfig),
+) {
+    let mut config = ConnectorConfig::lab(
+        "c1",
+        ports.iter().map(|p| format!("localhost:{p}")).collect(),
+        vec![EndpointConfig {
+            id: 7,
+            name: "SMS_MP".into(),
+            url: format!("https://localhost:{mp_port}"),
+        }],
+    );
+    config.client_cert_store = store.into();
+    change(&mut config);
+    config.write(file).unwrap();
 }
 
 pub fn free_port() -> u16 {
