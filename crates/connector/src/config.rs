@@ -290,20 +290,6 @@ mod tests {
     use super::*;
     use logs::logger::ConsoleSetting;
 
-    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
-    /// alone would not notice the writer dropping or misspelling it.
-    fn unchanged_keys(config: &ConnectorConfig, base: &ConnectorConfig) -> Vec<String> {
-        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
-        let (config, base) = (json(config), json(base));
-        let base = base.as_object().expect("a table");
-        let config = config.as_object().expect("a table");
-        config
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
     fn mp_endpoint() -> EndpointConfig {
         EndpointConfig {
             id: 72057594037927939,
@@ -344,7 +330,7 @@ mod tests {
         config.log.console = ConsoleSetting::Json;
         config.admin_listen = Some("[::1]:0".parse().unwrap());
         config.worker_threads = Some(2);
-        let unchanged = unchanged_keys(&config, &lab);
+        let unchanged = config::keys_with_equal_values(&config, &lab);
         assert!(
             unchanged.is_empty(),
             "set these keys too, so that the round trip covers them: {unchanged:?}"

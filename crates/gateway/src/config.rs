@@ -519,20 +519,6 @@ mod tests {
     use logs::logger::ConsoleSetting;
     use pki::tls::TlsVersion;
 
-    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
-    /// alone would not notice the writer dropping or misspelling it.
-    fn unchanged_keys(config: &GatewayConfig, base: &GatewayConfig) -> Vec<String> {
-        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
-        let (config, base) = (json(config), json(base));
-        let base = base.as_object().expect("a table");
-        let config = config.as_object().expect("a table");
-        config
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
     #[test]
     fn a_written_configuration_loads_as_it_was_built() {
         let dir = tempfile::tempdir().unwrap();
@@ -581,7 +567,7 @@ mod tests {
         config.max_queued_requests = 0;
         config.device_idle_timeout_secs = 5;
         config.connector_idle_timeout_secs = 7;
-        let unchanged = unchanged_keys(&config, &GatewayConfig::lab());
+        let unchanged = config::keys_with_equal_values(&config, &GatewayConfig::lab());
         assert!(
             unchanged.is_empty(),
             "set these keys too, so that the round trip covers them: {unchanged:?}"

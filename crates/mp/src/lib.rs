@@ -447,14 +447,7 @@ mod tests {
         config.name = "mp.contoso.com".into();
         config.site_code = "ABC".into();
         // Every key away from the lab's, so that a key the writer dropped would show.
-        let json = |c| serde_json::to_value(c).unwrap();
-        let (built, base) = (json(&config), json(&lab));
-        let unchanged: Vec<_> = built
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .collect();
+        let unchanged = config::keys_with_equal_values(&config, &lab);
         assert!(unchanged.is_empty(), "set these keys too: {unchanged:?}");
 
         let path = dir.path().join("mp.toml");
