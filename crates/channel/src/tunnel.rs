@@ -205,6 +205,12 @@ pub struct Hello {
     /// whatever its own budget. Absent from older connectors: the gateway's budget alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_header_bytes: Option<u32>,
+    /// How long the connector waits for an endpoint's answer (its `endpoint_timeout_secs`):
+    /// the gateway warns when its own `request_timeout_secs` is not above it, as its devices
+    /// would then get the gateway's 504 rather than the connector's, which names the endpoint.
+    /// Absent from older connectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_timeout_secs: Option<u64>,
 }
 
 /// How long a channel may stay silent before a PING must be answered.

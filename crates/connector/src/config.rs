@@ -61,7 +61,11 @@ pub struct ConnectorConfig {
     #[serde(default)]
     pub endpoint_crl_policy: CrlPolicy,
     pub endpoints: Vec<EndpointConfig>,
-    /// Seconds an endpoint may take to answer.
+    /// Seconds the connector waits for an endpoint's answer to begin, its connection and TLS
+    /// handshake included (default 60): past it the device gets 504
+    /// `CMGConnector_Endpointtimeout`. Announced to the gateways in the hello: keep it below
+    /// their `request_timeout_secs` (120 by default), which would otherwise strike first with
+    /// the gateway's 504 `CMGService_Connectortimeout` (the gateway warns when a channel opens).
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_secs: u64,
     /// The largest request header block a channel takes from a gateway, counted as HPACK

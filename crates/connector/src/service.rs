@@ -173,7 +173,17 @@ impl Service {
         }
         let forward = Request::from_parts(parts, tunnel::boxed(body));
         let started = Instant::now();
+        // Dropped with this future when the gateway resets the stream before the endpoint
+        // answers (its device went away, or its request_timeout_secs struck): says so.
+        let withdrawn = Withdrawn {
+            log: &self.log,
+            message_id,
+            url: &url_text,
+            started,
+            armed: true,
+        };
         let outcome = client.forward(forward, &url_text).await;
+        withdrawn.disarm();
         self.log.verbose(|| {
             format!(
                 "Message {message_id}: endpoint call took {} ms",
@@ -214,6 +224,36 @@ impl Service {
                 ));
                 refusal_response(&refusal)
             }
+        }
+    }
+}
+
+/// Logs, when dropped armed, that the gateway withdrew a request before its endpoint answered:
+/// hyper drops a stream's future when the gateway resets the stream, and with it the call to
+/// the endpoint.
+struct Withdrawn<'a> {
+    log: &'a Log,
+    message_id: &'a str,
+    url: &'a str,
+    started: Instant,
+    armed: bool,
+}
+
+impl Withdrawn<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Withdrawn<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.log.warn(&format!(
+                "Message {}: the gateway withdrew the request after {} ms, before {} answered (its device went away, or the gateway's request_timeout_secs struck); the call to the endpoint is abandoned",
+                self.message_id,
+                self.started.elapsed().as_millis(),
+                self.url
+            ));
         }
     }
 }

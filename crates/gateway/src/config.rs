@@ -48,9 +48,31 @@ pub struct GatewayConfig {
     /// endpoint that no entry binds. A hello announcing an endpoint outside this is refused,
     /// its channel closed, and logged with the connector and the endpoint ids.
     pub allowed_connectors: Vec<AllowedConnector>,
-    /// Seconds to wait for a connector's answer to start.
+    /// Seconds to wait for a connector's answer to start (default 120); past it the device
+    /// gets 504 `CMGService_Connectortimeout`. Keep it above the connectors'
+    /// `endpoint_timeout_secs` (60 by default; each announces its own in its hello, and a
+    /// warning is logged when a channel's is not below this), so that a slow endpoint is named
+    /// by the connector's 504 `CMGConnector_Endpointtimeout`.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+    /// Seconds after the gateway starts during which a request for an endpoint no connector
+    /// has announced yet gets 503 `CMGService_Gatewaystarting` (with Retry-After) rather than
+    /// 404 `CMGService_Unknownendpoint`: a connector redials a gateway that went away with a
+    /// backoff of up to 30 s, so after a restart its channels may take that long to come back
+    /// (default 35; 0: none).
+    #[serde(default = "default_startup_grace")]
+    pub startup_grace_secs: u64,
+    /// Bytes of a refused request's body that the gateway reads and throws away, so that the
+    /// device's HTTP/1.1 connection stays usable for its next request (default 1 MiB). A body
+    /// declared larger, or not all sent within `refused_body_drain_timeout_secs`, is answered
+    /// with `Connection: close` (and read on for as long again before the connection closes,
+    /// as nginx's lingering close, so that the device reads its answer rather than a reset).
+    /// HTTP/2 needs none of this: a refused stream is reset with NO_ERROR.
+    #[serde(default = "default_refused_body_drain_bytes")]
+    pub refused_body_drain_bytes: u64,
+    /// Seconds the gateway waits for the rest of a refused request's body (default 5).
+    #[serde(default = "default_refused_body_drain_timeout")]
+    pub refused_body_drain_timeout_secs: u64,
     /// Verbose logging: a line per device request and per channel event. Changes on reload
     /// (SIGHUP) or an admin call, without a restart.
     #[serde(default)]
@@ -197,6 +219,20 @@ fn default_timeout() -> u64 {
     120
 }
 
+/// The connectors' longest redial backoff (30 s, `connector::dial`) and a few seconds for
+/// the dial itself.
+fn default_startup_grace() -> u64 {
+    35
+}
+
+fn default_refused_body_drain_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_refused_body_drain_timeout() -> u64 {
+    5
+}
+
 fn default_handshake_timeout() -> u64 {
     10
 }
@@ -255,6 +291,9 @@ impl GatewayConfig {
             connector_roots,
             allowed_connectors,
             request_timeout_secs: default_timeout(),
+            startup_grace_secs: default_startup_grace(),
+            refused_body_drain_bytes: default_refused_body_drain_bytes(),
+            refused_body_drain_timeout_secs: default_refused_body_drain_timeout(),
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
@@ -405,7 +444,24 @@ impl GatewayConfig {
                 "must be between 1 and 3600",
             ));
         }
+        if cfg.startup_grace_secs > 3600 {
+            return Err(invalid(
+                "startup_grace_secs",
+                "must be between 0 (none) and 3600",
+            ));
+        }
+        if cfg.refused_body_drain_bytes > 1024 * 1024 * 1024 {
+            return Err(invalid(
+                "refused_body_drain_bytes",
+                "must be between 0 (a refused body is never read: Connection: close) and 1073741824",
+            ));
+        }
         for (key, value, most) in [
+            (
+                "refused_body_drain_timeout_secs",
+                cfg.refused_body_drain_timeout_secs,
+                300,
+            ),
             ("handshake_timeout_secs", cfg.handshake_timeout_secs, 300),
             (
                 "first_request_timeout_secs",

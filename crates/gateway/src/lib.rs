@@ -27,6 +27,7 @@ mod idle;
 mod limits;
 mod message_id;
 mod metadata;
+mod refused;
 mod tls;
 pub mod token;
 
@@ -217,7 +218,13 @@ struct Shared {
     cert_header: arc_swap::ArcSwapOption<hyper::header::HeaderName>,
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
+    /// `request_timeout_secs`.
     timeout: Duration,
+    /// `startup_grace_secs`, counted from `epoch`.
+    startup_grace: Duration,
+    /// `refused_body_drain_bytes` and `refused_body_drain_timeout_secs`.
+    refused_body_drain_bytes: u64,
+    refused_body_drain_time: Duration,
     /// `max_request_header_bytes` and `max_response_header_bytes`.
     max_request_header_bytes: usize,
     max_response_header_bytes: u32,
@@ -241,7 +248,8 @@ struct Shared {
     idle: Duration,
     /// `http2_keepalive_secs` (None: 0).
     http2_keepalive: Option<Duration>,
-    /// What a device's HTTP/2 stream ends are timed from (milliseconds, in an atomic).
+    /// When the gateway started: what a device's HTTP/2 stream ends are timed from
+    /// (milliseconds, in an atomic), and the start of `startup_grace`.
     epoch: tokio::time::Instant,
 }
 
@@ -273,6 +281,9 @@ pub async fn start_on(
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
+        startup_grace: Duration::from_secs(config.startup_grace_secs),
+        refused_body_drain_bytes: config.refused_body_drain_bytes,
+        refused_body_drain_time: Duration::from_secs(config.refused_body_drain_timeout_secs),
         max_request_header_bytes: config.max_request_header_bytes as usize,
         max_response_header_bytes: config.max_response_header_bytes,
         max_streams_per_device: config.max_streams_per_device,

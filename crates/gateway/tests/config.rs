@@ -24,6 +24,15 @@ fn gateway_configuration_errors_name_the_key() {
         (cfg.max_request_header_bytes, cfg.max_response_header_bytes),
         (32 * 1024, 64 * 1024)
     );
+    // Above the connectors' 30 s longest redial backoff; a refused body's drain bounds.
+    assert_eq!(cfg.startup_grace_secs, 35);
+    assert_eq!(
+        (
+            cfg.refused_body_drain_bytes,
+            cfg.refused_body_drain_timeout_secs
+        ),
+        (1024 * 1024, 5)
+    );
     std::fs::write(&file, format!("{ok}worker_threads = 1\n")).unwrap();
     assert_eq!(GatewayConfig::load(&file).unwrap().worker_threads, Some(1));
     let cases = [
@@ -52,6 +61,18 @@ fn gateway_configuration_errors_name_the_key() {
         (
             format!("{ok}max_response_header_bytes = 2000000\n"),
             "key `max_response_header_bytes`: must be between 4096 and 1048576",
+        ),
+        (
+            format!("{ok}startup_grace_secs = 3601\n"),
+            "key `startup_grace_secs`: must be between 0 (none) and 3600",
+        ),
+        (
+            format!("{ok}refused_body_drain_bytes = 2000000000\n"),
+            "key `refused_body_drain_bytes`: must be between 0",
+        ),
+        (
+            format!("{ok}refused_body_drain_timeout_secs = 0\n"),
+            "key `refused_body_drain_timeout_secs`: must be between 1 and 300",
         ),
     ];
     for (text, needle) in cases {
@@ -110,6 +131,9 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.max_queued_requests = 0;
     config.device_idle_timeout_secs = 5;
     config.connector_idle_timeout_secs = 7;
+    config.startup_grace_secs = 0;
+    config.refused_body_drain_bytes = 64 * 1024;
+    config.refused_body_drain_timeout_secs = 2;
     let unchanged = config::keys_with_equal_values(&config, &GatewayConfig::lab());
     assert!(
         unchanged.is_empty(),

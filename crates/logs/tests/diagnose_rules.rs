@@ -401,6 +401,7 @@ mod never_panics {
                     Just("[CCMHTTP] ERROR: URL=".to_string()),
                     Just("Code=12175".to_string()),
                     Just("Refused a request from device ".to_string()),
+                    Just("Refused message 1f3c from device ".to_string()),
                     Just("Filtered cert count with client auth: 0".to_string()),
                     Just("#Fields: sc-status sc-substatus\n".to_string()),
                     Just("403 7\n".to_string()),

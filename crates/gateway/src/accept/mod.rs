@@ -231,6 +231,13 @@ async fn handshake_and_serve(
                         ch.hello.connector_id, shared.max_request_header_bytes
                     ));
                 }
+                let ours = shared.timeout.as_secs();
+                if let Some(theirs) = ch.hello.endpoint_timeout_secs.filter(|&t| t >= ours) {
+                    shared.log.warn(&format!(
+                        "Connector {} waits up to {theirs} s for its endpoints (endpoint_timeout_secs), and this gateway waits {ours} s for the connector (request_timeout_secs): a slow endpoint gets devices this gateway's 504 CMGService_Connectortimeout instead of the connector's 504 CMGConnector_Endpointtimeout, which names the endpoint; raise request_timeout_secs above {theirs} or lower the connector's endpoint_timeout_secs",
+                        ch.hello.connector_id
+                    ));
+                }
             }
             Err(channels::AcceptError::Refused(why)) => shared
                 .log

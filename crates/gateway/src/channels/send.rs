@@ -185,7 +185,17 @@ pub(super) async fn send_on(
 /// a stream's final frame), not an empty frame after it.
 async fn stream_body(body: Body, mut stream: h2::SendStream<Bytes>, frames: Arc<SmallFrames>) {
     let mut body = Coalesced::new(body, frames);
-    while let Some(frame) = body.frame().await {
+    loop {
+        // The connector may reset the stream while the device is slow to send (it answered
+        // or refused early): then the body is let go at once (the device's connection drains
+        // what is left of it, see `idle::DeviceBody`).
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(_) => {
@@ -321,6 +331,7 @@ mod tests {
                     }],
                     has_client_certificate: true,
                     max_request_header_bytes: None,
+                    endpoint_timeout_secs: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).expect("json"));
                 let mut stream = respond

@@ -9,6 +9,7 @@ mod device_input;
 mod device_probe;
 mod drain;
 mod fair_shares;
+mod faults;
 mod header_limits;
 mod management_point;
 mod path;
