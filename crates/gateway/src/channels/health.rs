@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use logs::Log;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 /// `channel_unresponsive_after_ms` unless the gateway sets another.
 pub const DEFAULT_UNRESPONSIVE_AFTER: Duration = Duration::from_millis(1000);
@@ -176,75 +176,96 @@ pub(super) enum Silence {
 }
 
 /// Watches a channel's signs of life until the connector has been silent for
-/// `keepalive.timeout`: every quarter of `unresponsive_after` it looks whether anything was
-/// read; quiet for half of it, a PING goes out; silent for all of it (a PING out), the
-/// channel is marked unresponsive (and logged), and marked again as answering (and logged)
-/// when life returns. Time this gateway's own thread did not run (a tick come late) is not
-/// counted against the connector.
+/// `keepalive.timeout`. A channel that reads something within half of `unresponsive_after` is
+/// alive and costs one timer wake-up per half; one quiet that long is sent a PING, and then
+/// looked at every quarter until the answer: silent (nothing read) for `unresponsive_after`
+/// since its last sign of life, it is marked unresponsive and logged, and marked and logged
+/// again when life returns. Time this gateway's own thread did not run (a timer come late: the
+/// connection, driven by the same task, could not read either) is not counted against the
+/// connector.
 pub(super) async fn watch(
     mut pings: h2::PingPong,
     health: &Health,
     keepalive: KeepAlive,
     log: &Log,
 ) -> Silence {
-    let tick = (keepalive.unresponsive_after / 4).max(Duration::from_millis(5));
-    let mut ticks = tokio::time::interval(tick);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut seen = health.reads.load(Ordering::Relaxed);
+    let quiet = keepalive.unresponsive_after / 2;
+    let step = (keepalive.unresponsive_after / 4).max(Duration::from_millis(5));
+    let reads = || health.reads.load(Ordering::Relaxed);
+    let mut seen = reads();
     let mut last_life = Instant::now();
-    let mut pinging = false;
     loop {
-        tokio::select! {
-            due = ticks.tick() => {
-                let now = Instant::now();
-                let reads = health.reads.load(Ordering::Relaxed);
-                if reads != seen {
-                    seen = reads;
-                    last_life = now;
-                }
-                let late = now.saturating_duration_since(due);
-                if late > tick {
-                    last_life = (last_life + late).min(now);
-                }
-                let silent = now - last_life;
-                if !pinging && silent >= tick * 2 {
-                    if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+        // Reads are life enough: a PING only for a channel quiet for `quiet`.
+        loop {
+            let due = Instant::now() + quiet;
+            tokio::time::sleep_until(due).await;
+            let now = Instant::now();
+            let read = reads();
+            if read != seen || now - due > step {
+                seen = read;
+                last_life = now;
+                continue;
+            }
+            break;
+        }
+        if let Err(e) = pings.send_ping(h2::Ping::opaque()) {
+            return Silence::PingFailed(e);
+        }
+        let mut next = last_life + keepalive.unresponsive_after;
+        loop {
+            tokio::select! {
+                pong = std::future::poll_fn(|cx| pings.poll_pong(cx)) => {
+                    if let Err(e) = pong {
                         return Silence::PingFailed(e);
                     }
-                    pinging = true;
+                    seen = reads();
+                    alive(health, log, last_life.elapsed());
+                    last_life = Instant::now();
+                    break;
                 }
-                if silent >= keepalive.unresponsive_after {
-                    let ms = u64::try_from(silent.as_millis()).unwrap_or(u64::MAX).max(1);
-                    if health.silent_ms.swap(ms, Ordering::Relaxed) == 0 {
-                        if let Some(who) = health.who.get() {
-                            log.warn(&format!(
-                                "Connector {who}: keep-alive PING unanswered for {}; no new request goes to the channel until it answers",
-                                seconds(silent)
-                            ));
+                () = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
+                    let late = now - next;
+                    if late > step {
+                        last_life = (last_life + late).min(now);
+                    }
+                    let read = reads();
+                    if read != seen {
+                        seen = read;
+                        alive(health, log, now - last_life);
+                        last_life = now;
+                    }
+                    let silent = now - last_life;
+                    if silent >= keepalive.unresponsive_after {
+                        let ms = u64::try_from(silent.as_millis()).unwrap_or(u64::MAX).max(1);
+                        if health.silent_ms.swap(ms, Ordering::Relaxed) == 0 {
+                            if let Some(who) = health.who.get() {
+                                log.warn(&format!(
+                                    "Connector {who}: keep-alive PING unanswered for {}; no new request goes to the channel until it answers",
+                                    seconds(silent)
+                                ));
+                            }
                         }
                     }
-                }
-                if pinging && silent >= keepalive.timeout {
-                    return Silence::Unanswered(silent);
-                }
-            }
-            pong = std::future::poll_fn(|cx| pings.poll_pong(cx)), if pinging => {
-                if let Err(e) = pong {
-                    return Silence::PingFailed(e);
-                }
-                pinging = false;
-                let silent = last_life.elapsed();
-                last_life = Instant::now();
-                seen = health.reads.load(Ordering::Relaxed);
-                if health.silent_ms.swap(0, Ordering::Relaxed) != 0 {
-                    if let Some(who) = health.who.get() {
-                        log.info(&format!(
-                            "Connector {who}: answers its keep-alive PING again after {} of silence; requests go to the channel again",
-                            seconds(silent)
-                        ));
+                    if silent >= keepalive.timeout {
+                        return Silence::Unanswered(silent);
                     }
+                    next = now + step;
                 }
             }
+        }
+    }
+}
+
+/// The connector showed life after `silent`: a channel marked unresponsive takes requests
+/// again, and the log says so.
+fn alive(health: &Health, log: &Log, silent: Duration) {
+    if health.silent_ms.swap(0, Ordering::Relaxed) != 0 {
+        if let Some(who) = health.who.get() {
+            log.info(&format!(
+                "Connector {who}: heard from again after {} of silence; requests go to the channel again",
+                seconds(silent)
+            ));
         }
     }
 }
