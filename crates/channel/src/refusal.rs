@@ -111,6 +111,12 @@ pub enum Cause {
     ChannelsBusy {
         endpoint: u64,
     },
+    /// Every channel for the endpoint has left the gateway's keep-alive PING unanswered for
+    /// longer than `channel_unresponsive_after_ms`: its connector is frozen or cut off.
+    ConnectorUnresponsive {
+        endpoint: u64,
+        silent_ms: u64,
+    },
     /// The connector's answer broke a rule of the channel (its header block too large, a
     /// pushed stream): it is not passed on.
     BadConnectorAnswer {
@@ -233,6 +239,11 @@ impl Refusal {
                 (Hop::GatewayToConnector, 502, "CMGService_Channelbroken")
             }
             Cause::ChannelsBusy { .. } => (Hop::GatewayToConnector, 503, "CMGService_Channelbusy"),
+            Cause::ConnectorUnresponsive { .. } => (
+                Hop::GatewayToConnector,
+                503,
+                "CMGService_Connectorunresponsive",
+            ),
             Cause::BadConnectorAnswer { .. } => (
                 Hop::GatewayToConnector,
                 502,
@@ -322,6 +333,7 @@ impl Refusal {
             }
             Cause::ChannelBroken { detail } => format!("the channel to the connector broke: {detail}"),
             Cause::ChannelsBusy { endpoint } => format!("every channel for endpoint {endpoint} is full and so is the queue of requests waiting for one"),
+            Cause::ConnectorUnresponsive { endpoint, silent_ms } => format!("every channel for endpoint {endpoint} has left the gateway's keep-alive PING unanswered, the longest silent for {}.{:03} s", silent_ms / 1000, silent_ms % 1000),
             Cause::BadConnectorAnswer { detail } => format!("the connector's answer was refused: {detail}"),
             Cause::ConnectorStalled { seconds } => format!("the connector started its answer and then sent nothing for {seconds} s"),
             Cause::EndpointNeedsClientCertificate { url, presented: false } => format!(
@@ -367,6 +379,7 @@ impl Refusal {
             Cause::ConnectorTimeout { .. } => "Check the connector's log for the message and its network path to the gateway; keep the gateway's request_timeout_secs above the connector's endpoint_timeout_secs, so that a slow endpoint is named by the connector (504 CMGConnector_Endpointtimeout).",
             Cause::ChannelBroken { .. } => "Check the connector's log and its network path to the gateway.",
             Cause::ChannelsBusy { .. } => "Retry later; if the load is legitimate raise the connector's channels_per_gateway or the gateway's max_queued_requests.",
+            Cause::ConnectorUnresponsive { .. } => "Check the connector's host (a hung or overloaded process, a paused machine) and the network between it and the gateway; the gateway's log names the connector and drops its channels if the silence lasts (channel_keepalive_timeout_secs).",
             Cause::BadConnectorAnswer { .. } => "Check the connector's version and the endpoint's answer (its headers must fit max_response_header_bytes).",
             Cause::ConnectorStalled { .. } => "Check the endpoint behind the connector: it started an answer and stopped sending it.",
             Cause::EndpointNeedsClientCertificate { .. } => "Give the connector a client authentication certificate: run `portcullis doctor certs` on its store and apply the fix it names.",
@@ -466,6 +479,7 @@ impl Cause {
             Cause::ConnectorTimeout { .. } => "The connector did not answer within the gateway's request timeout.",
             Cause::ChannelBroken { .. } => "The channel to the connector broke while the request was on it.",
             Cause::ChannelsBusy { .. } => "Every channel for the endpoint is full, and so is the queue of requests waiting for one.",
+            Cause::ConnectorUnresponsive { .. } => "Every channel for the endpoint belongs to a connector that has stopped answering the gateway's keep-alive PINGs (frozen, overloaded or cut off), so no request is sent to wait on it.",
             Cause::BadConnectorAnswer { .. } => "The connector's answer broke a rule of the channel (a header block too large, a pushed stream), so it is not passed on.",
             Cause::ConnectorStalled { .. } => "The connector started its answer and then sent nothing for too long.",
             Cause::EndpointNeedsClientCertificate { .. } => "The endpoint demanded a client certificate (IIS 403.7) that the connector did not have or could not present.",
@@ -540,6 +554,10 @@ impl Cause {
                 detail: "stream reset".into(),
             },
             Cause::ChannelsBusy { endpoint: 3456 },
+            Cause::ConnectorUnresponsive {
+                endpoint: 3456,
+                silent_ms: 1250,
+            },
             Cause::BadConnectorAnswer {
                 detail: "its header block is over 65536 bytes".into(),
             },
@@ -592,6 +610,7 @@ impl Cause {
                 | Cause::ConnectorTimeout { .. }
                 | Cause::ChannelBroken { .. }
                 | Cause::ChannelsBusy { .. }
+                | Cause::ConnectorUnresponsive { .. }
                 | Cause::BadConnectorAnswer { .. }
                 | Cause::ConnectorStalled { .. }
                 | Cause::EndpointNeedsClientCertificate { .. }

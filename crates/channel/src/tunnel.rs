@@ -68,6 +68,8 @@ pub mod headers {
     /// On the hello request: how many worker threads (shards) the gateway runs, so that the
     /// connector can open a channel for each and no gateway thread sends through another's.
     pub const GATEWAY_THREADS: HeaderName = HeaderName::from_static("x-portcullis-gateway-threads");
+    /// On the hello request: the gateway's id for the channel, so both logs name it alike.
+    pub const CHANNEL_ID: HeaderName = HeaderName::from_static("x-portcullis-channel");
     /// The device's address, for endpoints, set by the gateway (the device's own dropped).
     pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -213,7 +215,8 @@ pub struct Hello {
     pub endpoint_timeout_secs: Option<u64>,
 }
 
-/// How long a channel may stay silent before a PING must be answered.
+/// How long a channel may stay silent before the connector PINGs its gateway, and how long the
+/// answer may take (the gateway watches its end more closely: `gateway::channels::KeepAlive`).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 

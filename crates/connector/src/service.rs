@@ -44,16 +44,27 @@ pub(crate) struct PerChannel {
     /// Set when this channel's turn to drain has come: its answers then say so.
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) frames: Arc<tunnel::SmallFrames>,
+    /// Told once the gateway has asked for the hello: `Some` of the gateway's id for the
+    /// channel (0 from a gateway that does not say it).
+    pub(crate) greeted: watch::Sender<Option<u64>>,
 }
 
 impl PerChannel {
     /// Answers one request from the gateway on this channel, saying on the answer when the
     /// channel is draining.
     pub(crate) async fn answer(&self, request: Request<Incoming>) -> Response<Body> {
+        let hello = is_hello(&request).then(|| {
+            header_text_of(request.headers(), &headers::CHANNEL_ID)
+                .and_then(|id| id.parse::<u64>().ok())
+                .unwrap_or(0)
+        });
         let mut response = self
             .service
             .handle(request, &self.announced, &self.frames)
             .await;
+        if let Some(id) = hello {
+            self.greeted.send_replace(Some(id));
+        }
         if self.draining.load(Ordering::Relaxed) {
             response.headers_mut().insert(
                 headers::DRAINING,

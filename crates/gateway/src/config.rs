@@ -162,6 +162,16 @@ pub struct GatewayConfig {
     /// `CMGService_Connectorstalled` (504) logged.
     #[serde(default = "default_stall_timeout")]
     pub connector_idle_timeout_secs: u64,
+    /// Milliseconds a connector may go with nothing read from its channel and a keep-alive
+    /// PING unanswered before no new request goes to that channel (default 1,000); when every
+    /// channel for an endpoint is so, devices get 503 `CMGService_Connectorunresponsive` at
+    /// once rather than wait on a frozen connector.
+    #[serde(default = "default_channel_unresponsive_after_ms")]
+    pub channel_unresponsive_after_ms: u64,
+    /// Seconds of such silence before the channel is dropped (default 5): the requests on it
+    /// get 502 `CMGService_Channelbroken` saying the PINGs went unanswered.
+    #[serde(default = "default_channel_keepalive_timeout_secs")]
+    pub channel_keepalive_timeout_secs: u64,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -209,6 +219,14 @@ fn default_max_queued_requests() -> usize {
 
 fn default_stall_timeout() -> u64 {
     30
+}
+
+fn default_channel_unresponsive_after_ms() -> u64 {
+    crate::channels::DEFAULT_UNRESPONSIVE_AFTER.as_millis() as u64
+}
+
+fn default_channel_keepalive_timeout_secs() -> u64 {
+    crate::channels::DEFAULT_KEEPALIVE_TIMEOUT.as_secs()
 }
 
 fn default_listen() -> SocketAddr {
@@ -317,6 +335,8 @@ impl GatewayConfig {
             max_queued_requests: default_max_queued_requests(),
             device_idle_timeout_secs: default_stall_timeout(),
             connector_idle_timeout_secs: default_stall_timeout(),
+            channel_unresponsive_after_ms: default_channel_unresponsive_after_ms(),
+            channel_keepalive_timeout_secs: default_channel_keepalive_timeout_secs(),
         }
     }
 
@@ -531,6 +551,20 @@ impl GatewayConfig {
             if secs == 0 || secs > 3600 {
                 return Err(invalid(key, "must be between 1 and 3600"));
             }
+        }
+        if cfg.channel_keepalive_timeout_secs == 0 || cfg.channel_keepalive_timeout_secs > 3600 {
+            return Err(invalid(
+                "channel_keepalive_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(20..=60_000).contains(&cfg.channel_unresponsive_after_ms)
+            || cfg.channel_unresponsive_after_ms >= cfg.channel_keepalive_timeout_secs * 1000
+        {
+            return Err(invalid(
+                "channel_unresponsive_after_ms",
+                "must be between 20 and 60000, and less than channel_keepalive_timeout_secs",
+            ));
         }
         Ok(cfg)
     }

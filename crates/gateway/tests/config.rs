@@ -134,6 +134,8 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.startup_grace_secs = 0;
     config.refused_body_drain_bytes = 64 * 1024;
     config.refused_body_drain_timeout_secs = 2;
+    config.channel_unresponsive_after_ms = 400;
+    config.channel_keepalive_timeout_secs = 3;
     let unchanged = config::keys_with_equal_values(&config, &GatewayConfig::lab());
     assert!(
         unchanged.is_empty(),

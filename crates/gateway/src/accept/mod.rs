@@ -193,13 +193,16 @@ async fn handshake_and_serve(
                 return;
             }
         };
+        let dialled = channels::Dialled {
+            peer: cert.label(),
+            peer_cert: leaf.unwrap_or_default(),
+            addr: peer,
+        };
         let accepted = channels::accept(
             tls,
-            cert.label(),
-            leaf.unwrap_or_default(),
+            dialled,
             shared.registry.clone(),
-            shared.shards.len(),
-            shared.max_response_header_bytes,
+            &shared.channel_settings,
             |hello| shared.connectors.load().admits(&cert, hello),
         )
         .await;

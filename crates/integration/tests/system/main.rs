@@ -3,6 +3,7 @@
 //! binary, so the whole system is linked once.
 
 mod auth;
+mod channel_health;
 mod connection_limits;
 mod connector_trust;
 mod device_input;
