@@ -396,7 +396,10 @@ pub struct Answer {
 }
 
 /// One request on `sender`, its answer's body read to the end.
-pub async fn exchange(sender: &mut Sender, request: Request<Full<Bytes>>) -> Result<Answer, String> {
+pub async fn exchange(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+) -> Result<Answer, String> {
     sender
         .ready()
         .await

@@ -292,7 +292,10 @@ mod tests {
         // No outage: the first step, doubled for a loop not yet healthy.
         assert_eq!(redial_bound(Duration::ZERO), BACKOFF_FIRST * 2);
         // 1 s down: dials after at least 0.1, 0.2, 0.4 s (0.7 s), then a wait of up to 1.6 s.
-        assert_eq!(redial_bound(Duration::from_secs(1)), Duration::from_millis(3_200));
+        assert_eq!(
+            redial_bound(Duration::from_secs(1)),
+            Duration::from_millis(3_200)
+        );
         assert_eq!(redial_bound(Duration::from_secs(3_600)), BACKOFF_MAX);
     }
 }

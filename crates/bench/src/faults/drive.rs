@@ -90,7 +90,9 @@ pub(super) struct Driver {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Driver {
@@ -240,8 +242,9 @@ impl Device {
                 Ok(Err(e)) => Outcome::Transport(e),
                 Err(_) => Outcome::Hung,
             };
-            if outcome != Outcome::Ok {
-                // Whatever the connection was in, a device opens another.
+            if matches!(outcome, Outcome::Transport(_) | Outcome::Hung) {
+                // A device opens another; after an answer (a refusal too) it keeps the
+                // connection, unless the gateway closed it.
                 connection = None;
             }
             let record = Record {
@@ -363,10 +366,7 @@ fn judge(kind: Kind, id: u64, answer: &Answer) -> Outcome {
     if answer.body_bytes == expected {
         Outcome::Ok
     } else {
-        Outcome::Transport(format!(
-            "body: {} of {expected} bytes",
-            answer.body_bytes
-        ))
+        Outcome::Transport(format!("body: {} of {expected} bytes", answer.body_bytes))
     }
 }
 

@@ -61,12 +61,14 @@ pub(super) fn run_fault(
     fault: Fault,
     options: &FaultsOptions,
 ) -> FaultReport {
-    let not_run = |why: String| FaultReport {
-        fault: fault.name().into(),
-        promise: promise(fault),
-        ..FaultReport::default()
-    }
-    .with_miss(why);
+    let not_run = |why: String| {
+        FaultReport {
+            fault: fault.name().into(),
+            promise: promise(fault),
+            ..FaultReport::default()
+        }
+        .with_miss(why)
+    };
     if let Err(why) = lab.wait_whole(options.ready_timeout) {
         return not_run(format!("the lab was not whole before the fault: {why}"));
     }
@@ -103,9 +105,9 @@ pub(super) fn run_fault(
     };
     // Whole again, then a moment of steady load that counts with the fault.
     if let Err(why) = drill.lab.wait_whole(options.ready_timeout) {
-        drill
-            .problems
-            .push(format!("the lab was not whole again after the fault: {why}"));
+        drill.problems.push(format!(
+            "the lab was not whole again after the fault: {why}"
+        ));
     }
     std::thread::sleep(STEADY);
     let records = driver.take_until(Instant::now());
@@ -410,11 +412,9 @@ impl Drill<'_> {
             self.step("rewriting connector-2's configuration", written);
             self.lab.connectors[1].signal(Signal::HUP);
             // Its channels reopen one at a time, 1 s apart.
-            std::thread::sleep(
-                (self.options.duration / 2).max(Duration::from_secs(
-                    super::lab::CHANNELS_PER_GATEWAY as u64 + 1,
-                )),
-            );
+            std::thread::sleep((self.options.duration / 2).max(Duration::from_secs(
+                super::lab::CHANNELS_PER_GATEWAY as u64 + 1,
+            )));
         }
         self.reloads_applied(&logs, before, 2);
         Judged {
@@ -464,19 +464,35 @@ impl Drill<'_> {
         let _ = std::fs::remove_file(&filler);
         let quiet = self.lab.set_gateway_verbose(0, false);
         self.step("turning gateway-1's verbose logging off", quiet);
-        // The gap line is written with the next line that fits; bounded.
+        // The logger says on standard error when its file cannot be written, and when it can
+        // again (with the next line it writes), with how many lines were lost meanwhile; the
+        // log then holds a gap line with that count. Bounded.
         let give_up = Instant::now() + Duration::from_secs(5);
-        let mut lost = 0;
-        while Instant::now() < give_up {
-            lost = lost_lines_in(&log).saturating_sub(lost_before);
-            if lost > 0 {
-                break;
-            }
+        let mut said = self.lab.gateways[0].said();
+        while Instant::now() < give_up && !said.contains("written again after failing") {
             std::thread::sleep(Duration::from_millis(100));
+            said = self.lab.gateways[0].said();
         }
-        self.notes.push(format!(
-            "{lost} log line(s) lost while the disk was full (counted by the log's gap line)"
-        ));
+        std::thread::sleep(Duration::from_millis(200));
+        let lost = lost_lines_in(&log).saturating_sub(lost_before);
+        if !said.contains("cannot be written") {
+            self.problems.push(
+                "gateway-1 never found its log unwritable: the disk did not fill for it".into(),
+            );
+        }
+        let again = said
+            .lines()
+            .rfind(|l| l.contains("written again after failing"))
+            .map(str::to_string);
+        match again {
+            Some(line) => self.notes.push(format!(
+                "gateway-1's log was full, its lines held, then written again; {lost} line(s) lost (its gap line). It said: {}",
+                logs::escape::message(line.trim())
+            )),
+            None => self.problems.push(format!(
+                "gateway-1's log was not written again after room was made ({lost} line(s) counted lost)"
+            )),
+        }
         Judged {
             recover_from: at,
             allowed: nothing_allowed(),

@@ -17,8 +17,8 @@ use gateway::GatewayConfig;
 use logs::logger::ConsoleSetting;
 
 use super::FaultsOptions;
-use crate::compare::procs::Proc;
 use crate::compare::free_ports;
+use crate::compare::procs::Proc;
 
 /// The endpoint id the connectors serve the management point under.
 pub(super) const MP_ENDPOINT: u64 = 72057594037927939;
@@ -95,7 +95,7 @@ impl Component {
     }
 
     /// Its standard output and error so far (of its current start).
-    fn said(&self) -> String {
+    pub(super) fn said(&self) -> String {
         self.proc
             .as_ref()
             .and_then(|p| std::fs::read_to_string(&p.output).ok())
@@ -110,6 +110,20 @@ pub(super) struct Disk {
 
 impl Drop for Disk {
     fn drop(&mut self) {
+        // Its files go with it: the logs are copied out first (for --keep).
+        let kept = self.mount.with_extension("kept");
+        if std::fs::create_dir_all(&kept).is_ok() {
+            for entry in std::fs::read_dir(&self.mount)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = entry.file_name();
+                if name != "filler" {
+                    let _ = std::fs::copy(entry.path(), kept.join(name));
+                }
+            }
+        }
         let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }

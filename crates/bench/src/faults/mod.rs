@@ -277,11 +277,7 @@ fn run_in(
             for (n, &fault) in options.faults.iter().enumerate() {
                 progress(&format!("[{}/{total}] {}: injecting", n + 1, fault.name()));
                 let report = inject::run_fault(&mut lab, &driver, &mut ids, fault, options);
-                progress(&format!(
-                    "[{}/{total}] {}",
-                    n + 1,
-                    tally::one_line(&report)
-                ));
+                progress(&format!("[{}/{total}] {}", n + 1, tally::one_line(&report)));
                 reports.push(report);
             }
             None

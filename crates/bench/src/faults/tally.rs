@@ -79,7 +79,10 @@ pub(super) fn count(window: &Window, ids: &mut PostIds) -> FaultReport {
                 }
             }
             Outcome::Status(status, text) => {
-                *report.unnamed.entry(format!("{status} {text}")).or_default() += 1;
+                *report
+                    .unnamed
+                    .entry(format!("{status} {text}"))
+                    .or_default() += 1;
             }
             Outcome::Transport(what) => {
                 report.transport_errors += 1;
@@ -252,4 +255,141 @@ pub(super) fn render(report: &FaultsReport) -> String {
         "targets missed\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::drive::Kind;
+    use super::*;
+
+    fn record(id: u64, kind: Kind, at: Instant, outcome: Outcome) -> Record {
+        Record {
+            id,
+            kind,
+            instance: 0,
+            started: at,
+            took: Duration::from_millis(10),
+            outcome,
+        }
+    }
+
+    fn w3c_with(lines: &[&str]) -> (tempfile::TempDir, PostIds) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u_ex.log");
+        let mut text =
+            String::from("#Fields: date time s-ip cs-method cs-uri-stem cs-uri-query\r\n");
+        for line in lines {
+            text.push_str(line);
+            text.push_str("\r\n");
+        }
+        std::fs::write(&path, text).unwrap();
+        let ids = PostIds::new(&path);
+        (dir, ids)
+    }
+
+    #[test]
+    fn every_kind_of_failure_is_counted_and_only_the_allowed_ones_pass() {
+        let t0 = Instant::now();
+        let records = vec![
+            record(1, Kind::Get, t0, Outcome::Ok),
+            record(2, Kind::Post, t0, Outcome::Ok),
+            record(
+                3,
+                Kind::Get,
+                t0,
+                Outcome::Status(503, "CMGService_Noconnectorchannel".into()),
+            ),
+            record(4, Kind::Get, t0, Outcome::Status(404, "Not Found".into())),
+            record(
+                5,
+                Kind::Get,
+                t0,
+                Outcome::Transport("connection: reset".into()),
+            ),
+            record(6, Kind::Get, t0, Outcome::Hung),
+            record(7, Kind::Post, t0 + Duration::from_secs(1), Outcome::Ok),
+        ];
+        // POST 2 reached the endpoint twice; POST 7 once; a GET twice is no duplicate.
+        let (_dir, mut ids) = w3c_with(&[
+            "2026-01-01 00:00:00 127.0.0.1 POST /portcullis/echo drill=2 1 -",
+            "2026-01-01 00:00:00 127.0.0.1 POST /portcullis/echo drill=2 1 -",
+            "2026-01-01 00:00:00 127.0.0.1 POST /portcullis/echo drill=7 1 -",
+            "2026-01-01 00:00:00 127.0.0.1 GET /portcullis/echo drill=1 1 -",
+            "2026-01-01 00:00:00 127.0.0.1 GET /portcullis/echo drill=1 1 -",
+        ]);
+        let allowed = |r: &Record| {
+            if r.id == 3 {
+                Allowed::Named
+            } else {
+                Allowed::No
+            }
+        };
+        let window = Window {
+            fault: "test",
+            records: &records,
+            recover_from: t0 + Duration::from_millis(500),
+            deadline: Duration::from_secs(5),
+            allowed: &allowed,
+        };
+        let report = count(&window, &mut ids);
+        assert_eq!((report.sent, report.ok), (7, 3));
+        assert_eq!(report.named["CMGService_Noconnectorchannel"], 1);
+        assert_eq!(report.unnamed["404 Not Found"], 1);
+        assert_eq!((report.transport_errors, report.hung), (1, 1));
+        assert_eq!(report.duplicated, 1);
+        // The first 2xx of a request started after the recovery point: 7's, 510 ms after.
+        assert_eq!(report.recovery_ms, Some(510));
+        let missed = report.targets_missed.join("\n");
+        for needle in ["hung", "twice", "404 Not Found", "connection: reset"] {
+            assert!(missed.contains(needle), "{needle} in {missed}");
+        }
+        assert!(!missed.contains("Noconnectorchannel"), "{missed}");
+    }
+
+    #[test]
+    fn a_bound_is_met_within_the_slack_and_missed_past_it_or_when_never_reached() {
+        let mut report = FaultReport::default();
+        bound(
+            &mut report,
+            "p".into(),
+            Some(Duration::from_secs(1)),
+            Some(Duration::from_secs(1) + SLACK),
+        );
+        assert_eq!(report.bound_met, Some(true));
+        assert!(report.passed());
+        for measured in [Some(Duration::from_secs(2)), None] {
+            let mut report = FaultReport::default();
+            bound(
+                &mut report,
+                "p".into(),
+                Some(Duration::from_secs(1)),
+                measured,
+            );
+            assert_eq!(report.bound_met, Some(false));
+            assert!(!report.passed());
+        }
+    }
+
+    #[test]
+    fn the_w3c_log_is_read_as_it_grows_and_across_a_roll_over() {
+        let (dir, mut ids) = w3c_with(&["x 127.0.0.1 POST /portcullis/echo drill=10 1 -"]);
+        ids.read();
+        let path = dir.path().join("u_ex.log");
+        // Rolled over: the old file renamed with one more line, a new one started.
+        let mut old = std::fs::read_to_string(&path).unwrap();
+        old.push_str("x 127.0.0.1 POST /portcullis/echo drill=10 1 -\r\n");
+        std::fs::write(dir.path().join("u_ex.lo_"), old).unwrap();
+        std::fs::write(&path, "x 127.0.0.1 POST /portcullis/echo drill=11 1 -\r\n").unwrap();
+        ids.read();
+        assert_eq!(ids.take(10), 2);
+        assert_eq!(ids.take(11), 1);
+        assert_eq!(ids.take(11), 0, "taken ids are forgotten");
+    }
+
+    #[test]
+    fn status_texts_are_those_portcullis_sends() {
+        assert!(is_status_text("CMGService_Noconnectorchannel"));
+        assert!(is_status_text("CMGConnector_Endpointtimeout"));
+        assert!(!is_status_text("Service Unavailable"));
+    }
 }
