@@ -43,7 +43,7 @@ pub(super) fn promise(fault: Fault) -> String {
         Fault::KillConnector => format!("kill -9 of one of two connectors: requests go on through the other; only requests already on its channels (started up to {} ms after the kill) may fail, each with a status text. Bound: the last failure within {} ms of the kill", GRACE.as_millis(), GRACE.as_millis()),
         Fault::KillAllConnectors => format!("kill -9 of both connectors: prompt refusals with a status text (none hangs past {} s); restarted, 2xx within {} ms (start-up; a new connector dials at once)", BASE_DEADLINE.as_secs(), (STARTUP + NEXT_REQUEST).as_millis()),
         Fault::StopConnector => format!("SIGSTOP of one connector: its channels leave within the keep-alive bound ({}+{} = {keepalive} s), so no request waits past it; failures only on requests that reached the frozen channels. Bound: the last failure answered within {keepalive} s of the stop", KEEPALIVE_INTERVAL.as_secs(), KEEPALIVE_TIMEOUT.as_secs()),
-        Fault::KillGateway => format!("kill -9 of one gateway instance: its devices reconnect to the other; only requests on its connections at the kill fail (transport). Bound: after its restart every channel is back within the connectors' redial backoff (connector::redial_bound of the outage) + {} ms start-up", STARTUP.as_millis()),
+        Fault::KillGateway => format!("kill -9 of one gateway instance: its devices reconnect to the other; only requests on its connections at the kill fail (transport). Restarted, devices come back to it at once; until its channels are back they may get a 503 with a status text (not a 404). Bound: after its restart every channel is back within the connectors' redial backoff (connector::redial_bound of the outage) + {} ms start-up", STARTUP.as_millis()),
         Fault::EndpointDown => format!("the management point killed: refusals with a status text (502) while it is down; restarted, 2xx within {} ms", NEXT_REQUEST.as_millis()),
         Fault::EndpointHang => format!("an endpoint that accepts and never answers: a 504 with a status text within endpoint_timeout_secs ({} s); other requests unaffected. Bound: the slowest answer to a request to it", ENDPOINT_TIMEOUT.as_secs()),
         Fault::EndpointSlowBody => format!("an endpoint that trickles its body ({TRICKLE_CHUNKS} chunks, one every {} ms): the whole body reaches the device; other requests unaffected. Bound: the slowest such request within the trickle's {} ms", TRICKLE_EVERY.as_millis(), trickle_time().as_millis()),
@@ -134,12 +134,17 @@ impl FaultReport {
     }
 }
 
+/// The figure a fault's bound is for, from the window's records.
+type Measure = Box<dyn Fn(&[Record]) -> Option<Duration>>;
+/// Which failures a fault may cause.
+type Rule = Box<dyn Fn(&Record) -> Allowed>;
+
 /// What a fault tells the tally.
 struct Judged {
     recover_from: Instant,
-    allowed: Box<dyn Fn(&Record) -> Allowed>,
+    allowed: Rule,
     bound: Option<Duration>,
-    measured: Box<dyn Fn(&[Record]) -> Option<Duration>>,
+    measured: Measure,
 }
 
 struct Drill<'a> {
@@ -156,7 +161,7 @@ fn failed(record: &Record) -> bool {
 }
 
 /// From `at` to the answer of the last failed request (zero when none failed).
-fn last_failure_after(at: Instant) -> Box<dyn Fn(&[Record]) -> Option<Duration>> {
+fn last_failure_after(at: Instant) -> Measure {
     Box::new(move |records| {
         Some(
             records
@@ -170,7 +175,7 @@ fn last_failure_after(at: Instant) -> Box<dyn Fn(&[Record]) -> Option<Duration>>
 }
 
 /// From `from` to the first 2xx of a request started after it.
-fn recovery_after(from: Instant) -> Box<dyn Fn(&[Record]) -> Option<Duration>> {
+fn recovery_after(from: Instant) -> Measure {
     Box::new(move |records| {
         records
             .iter()
@@ -181,7 +186,7 @@ fn recovery_after(from: Instant) -> Box<dyn Fn(&[Record]) -> Option<Duration>> {
 }
 
 /// The slowest request of `kind`.
-fn slowest(kind: Kind) -> Box<dyn Fn(&[Record]) -> Option<Duration>> {
+fn slowest(kind: Kind) -> Measure {
     Box::new(move |records| {
         records
             .iter()
@@ -192,7 +197,7 @@ fn slowest(kind: Kind) -> Box<dyn Fn(&[Record]) -> Option<Duration>> {
 }
 
 /// Named failures of requests started within `from..until`.
-fn named_between(from: Instant, until: Instant) -> Box<dyn Fn(&Record) -> Allowed> {
+fn named_between(from: Instant, until: Instant) -> Rule {
     Box::new(move |r| {
         if r.started >= from && r.started < until {
             Allowed::Named
@@ -202,7 +207,7 @@ fn named_between(from: Instant, until: Instant) -> Box<dyn Fn(&Record) -> Allowe
     })
 }
 
-fn nothing_allowed() -> Box<dyn Fn(&Record) -> Allowed> {
+fn nothing_allowed() -> Rule {
     Box::new(|_| Allowed::No)
 }
 
@@ -282,6 +287,9 @@ impl Drill<'_> {
         let restarted = self.lab.start_gateway(1, self.options.ready_timeout);
         let started = Instant::now();
         self.step("restarting gateway-2", restarted);
+        // Devices find the instance again as soon as it answers (its address is back in the
+        // set), before its channels are: every device takes a new connection, home first.
+        self.driver.rehome();
         // Until every channel is back at the restarted instance, bounded.
         let whole = self.lab.whole_channels();
         let give_up = started + bound + Duration::from_secs(5);
@@ -304,8 +312,11 @@ impl Drill<'_> {
                 Outcome::Transport(_) if r.instance == 1 && r.started < at + GRACE => {
                     Allowed::CutByKill
                 }
-                // At the restarted instance before its channels were back.
-                Outcome::Status(..) if r.instance == 1 && r.started >= started => Allowed::Named,
+                // At the restarted instance before its channels were back: a 503 (try again
+                // soon), not a 404 (the endpoint is known; no connector has reached it yet).
+                Outcome::Status(503, _) if r.instance == 1 && r.started >= started => {
+                    Allowed::Named
+                }
                 _ => Allowed::No,
             }),
             bound: Some(bound),
@@ -324,7 +335,15 @@ impl Drill<'_> {
         self.step("restarting the management point", restarted);
         Judged {
             recover_from: repaired,
-            allowed: named_between(at - BASE_DEADLINE, repaired + NEXT_REQUEST),
+            // A 502: the endpoint cannot be reached.
+            allowed: Box::new(move |r| match r.outcome {
+                Outcome::Status(502, _)
+                    if r.started >= at - BASE_DEADLINE && r.started < repaired + NEXT_REQUEST =>
+                {
+                    Allowed::Named
+                }
+                _ => Allowed::No,
+            }),
             bound: Some(NEXT_REQUEST),
             measured: recovery_after(repaired),
         }
