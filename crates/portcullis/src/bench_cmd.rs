@@ -122,8 +122,9 @@ pub enum BenchCommand {
     /// --soak MINUTES runs the load that long with a fault at the start of every minute
     /// (cycling through --faults; by default every fault but kill-all-connectors, so that
     /// gateway-1 and connector-1 live throughout), and reads the gateways' and connectors'
-    /// resident memory (VmRSS) and open descriptors after --warmup and at the end: a process
-    /// that lived through it must grow at most 5%.
+    /// resident memory (VmRSS) and open descriptors after a warm-up (each fault once, then
+    /// --warmup seconds of load) and at the end: a process that lived through it must grow at
+    /// most 5%.
     ///
     /// Use a release build for figures (cargo build --release -p portcullis).
     ///
@@ -149,7 +150,7 @@ pub struct FaultsArgs {
     /// Run for this many minutes, a fault every minute, and check the processes' growth.
     #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=1440))]
     pub soak: Option<u64>,
-    /// Seconds of load before the soak's first reading.
+    /// Seconds of steady load before the soak's first reading (after each fault once).
     #[arg(long, value_name = "SECS", default_value_t = 20.0)]
     pub warmup: f64,
     /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.

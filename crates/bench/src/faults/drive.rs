@@ -65,8 +65,8 @@ pub(super) const SPECIAL_TRICKLE: u8 = 2;
 pub(super) const TRICKLE_CHUNKS: u64 = 4;
 const TRICKLE_BYTES: u64 = 1024;
 pub(super) const TRICKLE_EVERY: Duration = Duration::from_millis(500);
-/// A POST's body.
-const POST_BYTES: usize = 2048;
+/// A POST's body: a client inventory report's size.
+const POST_BYTES: usize = 16 * 1024;
 /// The most requests one device makes in a run, whatever the run's length.
 const MAX_REQUESTS_PER_DEVICE: u64 = 10_000_000;
 

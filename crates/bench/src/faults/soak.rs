@@ -1,6 +1,7 @@
 //! `bench faults --soak MINUTES`: the load for that long, a fault injected at the start of
 //! every minute (cycling through the faults), and the gateways' and connectors' resident
-//! memory (`VmRSS`) and open descriptors read after the warm-up and at the end. A process
+//! memory (`VmRSS`) and open descriptors read after the warm-up (each fault once, then steady
+//! load) and at the end. A process
 //! that lived through the whole soak must not have grown more than [`MAX_GROWTH_PCT`]; one
 //! the faults restarted is shown, not judged.
 
@@ -32,6 +33,9 @@ pub struct ProcessGrowth {
     pub fd_growth_pct: Option<f64>,
     /// Within [`MAX_GROWTH_PCT`]; `None` when not judged (restarted).
     pub passed: Option<bool>,
+    /// Its resident memory at the end of each minute (whichever process held the name then):
+    /// whether growth levels off or goes on.
+    pub rss_kib_by_minute: Vec<Option<u64>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,8 +136,23 @@ pub(super) fn run(
     reports: &mut Vec<FaultReport>,
     progress: &dyn Fn(&str),
 ) -> SoakReport {
+    // The warm-up takes each process to the most it holds in this soak: every fault once (one
+    // connector carrying all the load, a gateway's devices moving over), then steady load.
+    let mut distinct: Vec<super::Fault> = Vec::new();
+    for &fault in &options.faults {
+        if !distinct.contains(&fault) {
+            distinct.push(fault);
+        }
+    }
+    for fault in distinct {
+        progress(&format!("soak warm-up: {}", fault.name()));
+        let mut report = inject::run_fault(lab, driver, ids, fault, options);
+        progress(&format!("soak warm-up: {}", tally::one_line(&report)));
+        report.fault = format!("{} (warm-up)", report.fault);
+        reports.push(report);
+    }
     progress(&format!(
-        "soak: {:.0} s warm-up",
+        "soak: {:.0} s of steady load, then the first reading",
         options.warmup.as_secs_f64()
     ));
     std::thread::sleep(options.warmup);
@@ -141,6 +160,7 @@ pub(super) fn run(
     let _ = driver.take_until(Instant::now());
     let minutes = length.as_secs().div_ceil(60);
     let mut steady = Vec::new();
+    let mut by_minute: Vec<Vec<Option<u64>>> = vec![Vec::new(); start.len()];
     for minute in 0..minutes {
         let began = Instant::now();
         let fault = options.faults[minute as usize % options.faults.len()];
@@ -160,6 +180,11 @@ pub(super) fn run(
         let rest = Duration::from_secs(60).saturating_sub(began.elapsed());
         std::thread::sleep(rest);
         steady.extend(driver.take_until(Instant::now()));
+        for (i, (_, pid)) in lab.watched().into_iter().enumerate() {
+            if let Some(series) = by_minute.get_mut(i) {
+                series.push(pid.and_then(procstat::rss_kib));
+            }
+        }
     }
     let end = read(lab, driver, options);
     steady.extend(driver.take_until(Instant::now()));
@@ -180,7 +205,8 @@ pub(super) fn run(
     let processes: Vec<ProcessGrowth> = start
         .iter()
         .zip(&end)
-        .map(|(s, e)| {
+        .zip(by_minute)
+        .map(|((s, e), rss_kib_by_minute)| {
             let same = s.pid.is_some() && s.pid == e.pid && s.started == e.started;
             let rss = growth(s.rss_kib, e.rss_kib);
             let fds = growth(s.fds, e.fds);
@@ -197,6 +223,7 @@ pub(super) fn run(
                 fds_end: e.fds,
                 fd_growth_pct: fds,
                 passed: same.then(|| within(rss) && within(fds)),
+                rss_kib_by_minute,
             }
         })
         .collect();
