@@ -150,8 +150,9 @@ pub struct FaultsArgs {
     /// Run for this many minutes, a fault every minute, and check the processes' growth.
     #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=1440))]
     pub soak: Option<u64>,
-    /// Seconds of steady load before the soak's first reading (after each fault once).
-    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    /// Seconds of steady load before the soak's first reading (after each fault once): the
+    /// connectors' memory rises over their first minutes of load before it levels off.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub warmup: f64,
     /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.
     #[arg(long)]

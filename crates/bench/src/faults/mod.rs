@@ -105,7 +105,7 @@ impl FaultsOptions {
             devices: 8,
             rate: 80.0,
             soak: None,
-            warmup: Duration::from_secs(20),
+            warmup: Duration::from_secs(120),
             ready_timeout: Duration::from_secs(30),
             keep: false,
             progress: true,
