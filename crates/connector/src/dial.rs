@@ -133,6 +133,28 @@ struct Outcome {
     settled: bool,
 }
 
+/// The longest a dial loop can wait before it dials a gateway again, once that gateway is back
+/// after refusing connections for `outage`: the backoff it can have reached by then (each
+/// failed dial waits at least half its backoff), doubled once more for a loop whose last
+/// channel had not lived [`HEALTHY_AFTER`] (its backoff was not reset), at most
+/// [`BACKOFF_MAX`]. The fault drill (`portcullis bench faults`) holds the connector to it.
+pub fn redial_bound(outage: Duration) -> Duration {
+    // The wait under way when the gateway comes back is the last one that started before:
+    // wait i starts at the earliest after the half-backoffs of the waits before it.
+    let mut backoff = BACKOFF_FIRST;
+    let mut started = Duration::ZERO;
+    // Bounded: the backoff stops doubling at BACKOFF_MAX within 8 steps.
+    for _ in 0..1_000 {
+        let next = started + backoff / 2;
+        if next >= outage {
+            break;
+        }
+        started = next;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    (backoff * 2).min(BACKOFF_MAX)
+}
+
 impl Dial {
     pub(crate) fn numbered(&self, number: usize) -> Dial {
         Dial {
@@ -362,5 +384,22 @@ impl ChannelError {
     /// Why a channel ended, named (hyper alone says "http2 error").
     fn text(e: &hyper::Error) -> String {
         channel::ended::error_text(e, "the gateway", "this connector")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redial_bound_follows_the_backoff_and_stops_at_its_cap() {
+        // No outage: the first step, doubled for a loop not yet healthy.
+        assert_eq!(redial_bound(Duration::ZERO), BACKOFF_FIRST * 2);
+        // 1 s down: dials after at least 0.1, 0.2, 0.4 s (0.7 s), then a wait of up to 1.6 s.
+        assert_eq!(
+            redial_bound(Duration::from_secs(1)),
+            Duration::from_millis(3_200)
+        );
+        assert_eq!(redial_bound(Duration::from_secs(3_600)), BACKOFF_MAX);
     }
 }
