@@ -19,6 +19,7 @@ use crate::endpoint::{
     endpoint_url, forwarding_parts, received_line, received_parts, EndpointClient,
 };
 use crate::lock;
+use crate::metrics::ConnectorMetrics;
 use crate::run::Log;
 
 pub(crate) struct Service {
@@ -33,6 +34,8 @@ pub(crate) struct Service {
     /// The last filter trail, replayed when verbose is turned on while running.
     pub(crate) trail: Mutex<Vec<(Severity, String)>>,
     pub(crate) log: Log,
+    /// The Prometheus series and what `/readyz` reads.
+    pub(crate) metrics: crate::metrics::ConnectorMetrics,
 }
 
 /// What the requests on one channel share: the service, where that channel's gateway leaves
@@ -76,7 +79,11 @@ impl Service {
         if is_hello(&request) {
             return self.answer_hello(&request, announced);
         }
-        self.forward(request, frames).await
+        let endpoint = header_text_of(request.headers(), &headers::ENDPOINT);
+        let counting = ConnectorMetrics::start(endpoint.and_then(|e| e.parse().ok()));
+        let response = self.forward(request, frames).await;
+        self.metrics.count(counting, &response);
+        response
     }
 
     /// Answers the gateway's hello: notes how many worker threads it runs, and says who this

@@ -58,9 +58,14 @@ pub struct GatewayConfig {
     /// Where the log goes: `[log]` file, max_size_kib, console.
     #[serde(default)]
     pub log: logs::logger::LogSettings,
-    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
+    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`, `GET /metrics`,
+    /// `/healthz`, `/readyz`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// Endpoint ids the admin surface's `GET /readyz` waits for: ready (200) once a channel
+    /// serves each of them; without this key, once any channel is held. Applies on reload.
+    #[serde(default)]
+    pub ready_endpoints: Vec<u64>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
     /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared
     /// with other busy processes fewer are cheaper per request.
@@ -258,6 +263,7 @@ impl GatewayConfig {
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
+            ready_endpoints: Vec::new(),
             worker_threads: None,
             verify_client_revocation: false,
             crls: Vec::new(),

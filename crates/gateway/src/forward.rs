@@ -57,8 +57,9 @@ pub(crate) async fn handle(
     shared: &Shared,
     device: &Arc<Device>,
 ) -> Response<Body> {
-    match route_request(request, shared, device).await {
-        Ok(response) => response,
+    let counting = crate::metrics::GatewayMetrics::start(request.uri());
+    let (response, refusal) = match route_request(request, shared, device).await {
+        Ok(response) => (response, None),
         Err(refusal) => {
             shared.log.write(
                 if refusal.status >= 500 {
@@ -76,9 +77,11 @@ pub(crate) async fn handle(
                     HeaderValue::from_static(FORWARDED_METHODS),
                 );
             }
-            response
+            (response, Some(refusal))
         }
-    }
+    };
+    (shared.metrics).count(counting, &response, refusal.as_ref(), &shared.registry);
+    response
 }
 
 /// A device's request, checked and parsed, in three steps: [`authenticate`] (who the device

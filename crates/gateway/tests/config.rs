@@ -86,6 +86,7 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.log.max_size_kib = 2048;
     config.log.console = ConsoleSetting::Off;
     config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.ready_endpoints = vec![3456];
     config.worker_threads = Some(3);
     config.verify_client_revocation = true;
     config.crls = vec!["ca/root.crl".into()];

@@ -5,6 +5,9 @@
 //! | `GET /status` | the component, its verbose setting and what the component adds (JSON) |
 //! | `PUT /verbose` with body `on` or `off` | verbose logging on or off, at once, no restart |
 //! | `POST /reload` | re-read the configuration file, as SIGHUP does |
+//! | `GET /metrics` | Prometheus text: the component's series and [`crate::metrics::common`]'s |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when the component can serve, else 503; JSON saying what is missing |
 //!
 //! It has no authentication of its own, so it listens on loopback only: whoever can reach it
 //! is already on the machine (config loading refuses any other address). A web page open in a
@@ -26,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use logs::Log;
 
 use crate::listener::{self, Listening};
+use crate::metrics::{Expiry, Readiness};
 
 /// Why a reload was refused; the running settings stay. It reads as the error inside it: the
 /// admin sees that text in the log and in the answer to `POST /reload`.
@@ -68,6 +72,45 @@ pub trait Control: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value {
         serde_json::json!({})
     }
+
+    /// The component's own series for `GET /metrics` (Prometheus text); the admin surface
+    /// adds the certificates', the log's and the build's ([`crate::metrics::common`]).
+    fn metrics(&self) -> String {
+        String::new()
+    }
+
+    /// The certificates and CRLs the component uses or trusts, with their ends.
+    fn certificates(&self) -> Vec<Expiry> {
+        Vec::new()
+    }
+
+    /// What `GET /readyz` answers; ready unless the component says what is missing.
+    fn readiness(&self) -> Readiness {
+        Readiness::default()
+    }
+}
+
+/// Logs a reload's outcome (a refused reload keeps the running settings) and hands it on.
+pub fn reloaded(
+    log: &Log,
+    path: &std::path::Path,
+    outcome: Result<String, ReloadError>,
+) -> Result<String, ReloadError> {
+    match outcome {
+        Ok(summary) => {
+            log.info(&format!(
+                "Configuration reloaded from {}: {summary}",
+                path.display()
+            ));
+            Ok(summary)
+        }
+        Err(why) => {
+            log.error(&format!(
+                "Configuration reload refused, the running settings stay: {why}"
+            ));
+            Err(why)
+        }
+    }
 }
 
 /// Is `addr` one the admin surface may listen on?
@@ -105,6 +148,29 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
     }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(control)),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let mut text = control.metrics();
+            text.push_str(&crate::metrics::common(
+                &control.certificates(),
+                control.log(),
+            ));
+            let mut response = plain(StatusCode::OK, &text);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => plain(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            let readiness = control.readiness();
+            let status = if readiness.is_ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(status, &readiness.body())
+        }
         (&Method::PUT | &Method::POST, "/verbose") => {
             // The body is one word; anything longer is not a setting.
             let limited = http_body_util::Limited::new(body, 64);
@@ -138,7 +204,9 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
             Ok(summary) => plain(StatusCode::OK, &format!("{summary}\n")),
             Err(why) => plain(StatusCode::UNPROCESSABLE_ENTITY, &format!("{why}\n")),
         },
-        (_, "/status" | "/verbose" | "/reload") => plain(StatusCode::METHOD_NOT_ALLOWED, USAGE),
+        (_, "/status" | "/verbose" | "/reload" | "/metrics" | "/healthz" | "/readyz") => {
+            plain(StatusCode::METHOD_NOT_ALLOWED, USAGE)
+        }
         _ => plain(StatusCode::NOT_FOUND, USAGE),
     }
 }
@@ -237,7 +305,7 @@ fn is_port(port: Option<&str>) -> bool {
 }
 
 const USAGE: &str =
-    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload\n";
+    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload, GET /metrics, GET /healthz, GET /readyz\n";
 
 fn status(control: &dyn Control) -> serde_json::Value {
     let mut value = serde_json::json!({

@@ -11,6 +11,7 @@ mod drain;
 mod fair_shares;
 mod header_limits;
 mod management_point;
+mod metrics;
 mod path;
 mod reload;
 mod shards;
