@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::Instant;
 
+use channel::refusal::Refusal;
 use channel::tunnel::{headers, Body};
 use hyper::Response;
+use runtime::activity::{History, RateKey, Recent, RecentRefusal};
 use runtime::metrics::{Expiry, Readiness, Registry, StatusText, Tally};
 
 use crate::config::{split_host_port, ConnectorConfig};
@@ -42,6 +44,13 @@ struct RequestKey {
     text: StatusText,
 }
 
+/// A refusal the connector made, in its response's extensions: what the status page lists.
+#[derive(Clone)]
+pub(crate) struct Refused {
+    pub(crate) refusal: Refusal,
+    pub(crate) message_id: String,
+}
+
 /// A request being counted: the endpoint id the gateway named, and when it came.
 pub(crate) struct Counting {
     endpoint: Option<u64>,
@@ -63,6 +72,9 @@ pub(crate) struct ConnectorMetrics {
     gateways: Vec<Gateway>,
     /// The client certificate, the roots, the CRLs, the channel certificate; swapped on reload.
     certificates: RwLock<Vec<Expiry>>,
+    /// For the status page: totals by status text over the last minutes, the last refusals.
+    pub(crate) history: History,
+    pub(crate) recent: Recent,
 }
 
 /// A channel held to a gateway, counted until dropped.
@@ -94,6 +106,8 @@ impl ConnectorMetrics {
                 })
                 .collect(),
             certificates: RwLock::new(Vec::new()),
+            history: History::default(),
+            recent: Recent::default(),
         }
     }
 
@@ -159,6 +173,20 @@ impl ConnectorMetrics {
             }
             _ => Endpoint::Other,
         };
+        if let Some(refused) = response.extensions().get::<Refused>() {
+            self.recent.push(RecentRefusal {
+                at: time::OffsetDateTime::now_utc(),
+                status,
+                text: text.label(status),
+                endpoint: endpoint.label(),
+                from: format!("message {}", refused.message_id),
+                reason: format!(
+                    "{} ({})",
+                    refused.refusal.reason(),
+                    refused.refusal.hop.describe()
+                ),
+            });
+        }
         let key = RequestKey {
             endpoint,
             status,
@@ -174,9 +202,20 @@ impl ConnectorMetrics {
             });
     }
 
-    /// Folds histogram samples into buckets (see `runtime::metrics::Registry::upkeep`).
+    /// Folds histogram samples into buckets (see `runtime::metrics::Registry::upkeep`) and
+    /// samples the totals for the status page's rates.
     pub(crate) fn upkeep(&self) {
         self.registry.upkeep();
+        self.history.sample(self.rate_totals());
+    }
+
+    /// Requests by status and status text since start.
+    pub(crate) fn rate_totals(&self) -> std::collections::HashMap<RateKey, u64> {
+        let mut totals = std::collections::HashMap::new();
+        for (key, n) in self.requests.totals() {
+            *totals.entry((key.status, key.text)).or_default() += n;
+        }
+        totals
     }
 
     /// Channels held to each configured gateway now, by its name in the configuration.

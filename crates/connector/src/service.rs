@@ -135,7 +135,7 @@ impl Service {
                 endpoint: endpoint.unwrap_or(0),
             });
             self.log.error(&format!("Message {message_id}: {refusal}"));
-            return refusal_response(&refusal);
+            return refused(refusal, message_id);
         };
         let joined = endpoint_url(base, parts.uri.path(), parts.uri.query());
         drop(endpoints);
@@ -145,7 +145,7 @@ impl Service {
                 let refusal = Refusal::new(channel::refusal::Cause::BadRoute {
                     detail: e.to_string(),
                 });
-                return refusal_response(&refusal);
+                return refused(refusal, message_id);
             }
         };
         let url_text = url.text;
@@ -219,10 +219,21 @@ impl Service {
                     refusal.reason(),
                     refusal.remedy()
                 ));
-                refusal_response(&refusal)
+                refused(refusal, message_id)
             }
         }
     }
+}
+
+/// The refusal's response, carrying the refusal itself (in its extensions, which go nowhere)
+/// for the status page's last refusals.
+fn refused(refusal: Refusal, message_id: &str) -> Response<Body> {
+    let mut response = refusal_response(&refusal);
+    response.extensions_mut().insert(crate::metrics::Refused {
+        refusal,
+        message_id: message_id.to_string(),
+    });
+    response
 }
 
 /// Whether `request` is the gateway's own hello. Only it is answered so: a device's request

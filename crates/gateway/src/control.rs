@@ -9,6 +9,7 @@ use std::sync::Arc;
 use logs::Log;
 use runtime::admin::{Control, ReloadError};
 use runtime::metrics::{Expiry, Readiness};
+use runtime::page::{Cell, Page, Section, Tone};
 use runtime::shards::ShardCounts;
 use time::OffsetDateTime;
 
@@ -22,6 +23,8 @@ use crate::{limits, load_device_auth, GatewayConfig, GatewayError, Shared};
 /// What reloading, the status and the metrics need of a running gateway; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Handle {
+    /// Where devices and channels connect (`listen`).
+    pub(crate) addr: SocketAddr,
     pub(crate) shared: Arc<Shared>,
     pub(crate) registry: Arc<Registry>,
     /// Connections open on `listen`, per shard.
@@ -135,6 +138,124 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// The status page: connectors and their channels, endpoints and whether a channel serves
+    /// each, rates, certificates, the last refusals.
+    fn page(&self) -> Page {
+        let metrics = &self.shared.metrics;
+        let yes_no = |ok: bool, no: &str| {
+            if ok {
+                Cell::toned("yes", Tone::Good)
+            } else {
+                Cell::toned(no, Tone::Bad)
+            }
+        };
+        let connectors = Section {
+            id: "connectors",
+            title: "Channels per connector".into(),
+            note: "Each connector holding channels to this gateway instance, and whether its hello says it has a client certificate for its endpoints.".into(),
+            head: vec!["connector", "channels", "client certificate"],
+            rows: self
+                .registry
+                .connectors()
+                .into_iter()
+                .map(|(id, channels, has_certificate)| {
+                    vec![
+                        Cell::new(id),
+                        Cell::new(channels.to_string()),
+                        yes_no(has_certificate, "none: 403 CMGConnector_Clientcertificaterequired"),
+                    ]
+                })
+                .collect(),
+            empty: "No connector holds a channel to this gateway.".into(),
+        };
+        let mut all = self.registry.all();
+        all.sort_by_key(|c| c.id);
+        let channels = Section {
+            id: "channels",
+            title: format!("Channels of this gateway instance ({})", self.addr),
+            note: "Every channel held now: its connector, the worker thread driving it, the requests on it.".into(),
+            head: vec!["channel", "connector", "worker thread", "requests in flight", "endpoints"],
+            rows: all
+                .iter()
+                .map(|c| {
+                    let endpoints: Vec<String> =
+                        c.hello.endpoints.iter().map(|e| e.id.to_string()).collect();
+                    vec![
+                        Cell::new(c.id.to_string()),
+                        Cell::new(c.hello.connector_id.clone()),
+                        Cell::new(c.shard.to_string()),
+                        Cell::new(c.outstanding().to_string()),
+                        Cell::new(endpoints.join(", ")),
+                    ]
+                })
+                .collect(),
+            empty: "No channel.".into(),
+        };
+        let wanted = metrics.ready_endpoints();
+        let mut endpoints: Vec<Vec<Cell>> = self
+            .registry
+            .endpoints()
+            .into_iter()
+            .map(|(id, name, live)| {
+                vec![
+                    Cell::new(id.to_string()),
+                    Cell::new(name),
+                    Cell::new(live.to_string()),
+                    yes_no(live > 0, "no: 503 CMGService_Noconnectorchannel"),
+                    Cell::new(if wanted.contains(&id) { "yes" } else { "" }),
+                ]
+            })
+            .collect();
+        for id in wanted {
+            if !self.registry.is_known(id) {
+                endpoints.push(vec![
+                    Cell::new(id.to_string()),
+                    Cell::new(""),
+                    Cell::new("0"),
+                    yes_no(false, "no: no connector announced it"),
+                    Cell::new("yes"),
+                ]);
+            }
+        }
+        let endpoints = Section {
+            id: "endpoints",
+            title: "Endpoints".into(),
+            note: "Every endpoint a connector announced since start (and each of ready_endpoints), and whether a channel serves it now.".into(),
+            head: vec!["endpoint", "name", "channels", "served", "in ready_endpoints"],
+            rows: endpoints,
+            empty: "No connector has announced an endpoint yet.".into(),
+        };
+        let totals = metrics.rate_totals();
+        Page {
+            component: "gateway".into(),
+            facts: vec![
+                ("version".into(), env!("CARGO_PKG_VERSION").into()),
+                ("listening".into(), self.addr.to_string()),
+                ("worker threads".into(), self.open.all().len().to_string()),
+                (
+                    "device connections".into(),
+                    self.open.all().iter().sum::<usize>().to_string(),
+                ),
+                (
+                    "verbose log".into(),
+                    if self.shared.log.is_verbose() {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                    .into(),
+                ),
+            ],
+            readiness: metrics.readiness(&self.registry),
+            sections: vec![connectors, channels, endpoints],
+            rates: metrics.history.rates(&totals),
+            certificates: metrics.certificates(),
+            refusals: metrics.recent.list(),
+        }
+    }
+}
+
 /// The certificates a gateway uses and trusts, with their ends: its server certificate, the
 /// device and connector roots, and the CRLs' next updates.
 pub(crate) fn certificates(
@@ -207,6 +328,10 @@ impl Control for GatewayControl {
 
     fn readiness(&self) -> Readiness {
         self.gateway.shared.metrics.readiness(&self.registry())
+    }
+
+    fn page(&self) -> Page {
+        self.gateway.page()
     }
 }
 

@@ -80,7 +80,8 @@ pub(crate) async fn handle(
             (response, Some(refusal))
         }
     };
-    (shared.metrics).count(counting, &response, refusal.as_ref(), &shared.registry);
+    let refused = refusal.as_ref();
+    (shared.metrics).count(counting, &response, refused, &shared.registry, device.addr);
     response
 }
 

@@ -274,6 +274,7 @@ pub async fn start_on(
     };
     upkeep(&shared);
     let handle = control::Handle {
+        addr: listening.addr,
         shared: shared.clone(),
         registry: registry.clone(),
         open: listening.open_counts(),

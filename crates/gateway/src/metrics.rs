@@ -12,6 +12,7 @@ use std::time::Instant;
 use channel::refusal::{Cause, Refusal};
 use channel::tunnel::{headers, Body};
 use hyper::Response;
+use runtime::activity::{History, RateKey, Recent, RecentRefusal};
 use runtime::metrics::{Expiry, Readiness, Registry, StatusText, Tally};
 
 use crate::channels;
@@ -83,6 +84,9 @@ pub(crate) struct GatewayMetrics {
     ready_endpoints: RwLock<Vec<u64>>,
     /// The server certificate, the device and connector roots, the CRLs; swapped on reload.
     certificates: RwLock<Vec<Expiry>>,
+    /// For the status page: totals by status text over the last minutes, the last refusals.
+    pub(crate) history: History,
+    pub(crate) recent: Recent,
 }
 
 impl GatewayMetrics {
@@ -94,6 +98,8 @@ impl GatewayMetrics {
             handshakes_failed: AtomicU64::new(0),
             ready_endpoints: RwLock::new(ready_endpoints),
             certificates: RwLock::new(certificates),
+            history: History::default(),
+            recent: Recent::default(),
         }
     }
 
@@ -113,7 +119,7 @@ impl GatewayMetrics {
             .clone()
     }
 
-    fn ready_endpoints(&self) -> Vec<u64> {
+    pub(crate) fn ready_endpoints(&self) -> Vec<u64> {
         self.ready_endpoints
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -153,13 +159,15 @@ impl GatewayMetrics {
         }
     }
 
-    /// The request's answer head is known: `refusal` when the gateway refused it itself.
+    /// The request's answer head is known: `refusal` when the gateway refused it itself;
+    /// `device` is who asked (for the status page's last refusals, never a label).
     pub(crate) fn count(
         &self,
         counting: Counting,
         response: &Response<Body>,
         refusal: Option<&Refusal>,
         channels: &channels::Registry,
+        device: std::net::SocketAddr,
     ) {
         let status = response.status().as_u16();
         let text = match refusal {
@@ -190,6 +198,19 @@ impl GatewayMetrics {
                 }
             }
         };
+        if refusal.is_some() || text.is_refusal() {
+            self.recent.push(RecentRefusal {
+                at: time::OffsetDateTime::now_utc(),
+                status,
+                text: text.label(status),
+                endpoint: endpoint.label(),
+                from: device.to_string(),
+                reason: match refusal {
+                    Some(refusal) => format!("{} ({})", refusal.reason(), refusal.hop.describe()),
+                    None => "refused by the connector: its status page and log say why".into(),
+                },
+            });
+        }
         let key = RequestKey {
             route: counting.route,
             endpoint,
@@ -216,9 +237,20 @@ impl GatewayMetrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Folds histogram samples into buckets (see `runtime::metrics::Registry::upkeep`).
+    /// Folds histogram samples into buckets (see `runtime::metrics::Registry::upkeep`) and
+    /// samples the totals for the status page's rates.
     pub(crate) fn upkeep(&self) {
         self.registry.upkeep();
+        self.history.sample(self.rate_totals());
+    }
+
+    /// Requests by status and status text since start.
+    pub(crate) fn rate_totals(&self) -> std::collections::HashMap<RateKey, u64> {
+        let mut totals = std::collections::HashMap::new();
+        for (key, n) in self.requests.totals() {
+            *totals.entry((key.status, key.text)).or_default() += n;
+        }
+        totals
     }
 
     /// The series, as scraped now: `devices` device connections open, `handshake_timeouts`

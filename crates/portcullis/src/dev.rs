@@ -207,13 +207,21 @@ async fn serve(
         mp.addr.port(),
         shown("logs/u_ex.log")
     );
+    let page = |admin: &Option<runtime::listener::Listening>| {
+        admin
+            .as_ref()
+            .map(|a| format!("; status page http://{}/", a.addr))
+            .unwrap_or_default()
+    };
     println!(
-        "Gateway:   https://localhost:{g} (log {})",
-        shown("logs/SMS_Cloud_ProxyGateway.log")
+        "Gateway:   https://localhost:{g} (log {}{})",
+        shown("logs/SMS_Cloud_ProxyGateway.log"),
+        page(&gateway_admin)
     );
     println!(
-        "Connector: {channels} channel(s) to the gateway (log {})",
-        connector_log.display()
+        "Connector: {channels} channel(s) to the gateway (log {}{})",
+        connector_log.display(),
+        page(&connector_admin)
     );
     if channels == 0 {
         println!("warning: no channel came up within 10 s; read the connector's log");

@@ -8,6 +8,7 @@
 //! | `GET /metrics` | Prometheus text: the component's series and [`crate::metrics::common`]'s |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when the component can serve, else 503; JSON saying what is missing |
+//! | `GET /` | the status page ([`crate::page`]): HTML, no script, refreshing itself |
 //!
 //! It has no authentication of its own, so it listens on loopback only: whoever can reach it
 //! is already on the machine (config loading refuses any other address). A web page open in a
@@ -30,6 +31,7 @@ use logs::Log;
 
 use crate::listener::{self, Listening};
 use crate::metrics::{Expiry, Readiness};
+use crate::page::Page;
 
 /// Why a reload was refused; the running settings stay. It reads as the error inside it: the
 /// admin sees that text in the log and in the answer to `POST /reload`.
@@ -87,6 +89,16 @@ pub trait Control: Send + Sync + 'static {
     /// What `GET /readyz` answers; ready unless the component says what is missing.
     fn readiness(&self) -> Readiness {
         Readiness::default()
+    }
+
+    /// What the status page at `/` shows; by default its readiness and certificates.
+    fn page(&self) -> Page {
+        Page {
+            component: self.log().component().to_string(),
+            readiness: self.readiness(),
+            certificates: self.certificates(),
+            ..Page::default()
+        }
     }
 }
 
@@ -162,6 +174,7 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
             response
         }
         (&Method::GET | &Method::HEAD, "/healthz") => plain(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/") => page(&control.page()),
         (&Method::GET | &Method::HEAD, "/readyz") => {
             let readiness = control.readiness();
             let status = if readiness.is_ready() {
@@ -204,7 +217,7 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
             Ok(summary) => plain(StatusCode::OK, &format!("{summary}\n")),
             Err(why) => plain(StatusCode::UNPROCESSABLE_ENTITY, &format!("{why}\n")),
         },
-        (_, "/status" | "/verbose" | "/reload" | "/metrics" | "/healthz" | "/readyz") => {
+        (_, "/" | "/status" | "/verbose" | "/reload" | "/metrics" | "/healthz" | "/readyz") => {
             plain(StatusCode::METHOD_NOT_ALLOWED, USAGE)
         }
         _ => plain(StatusCode::NOT_FOUND, USAGE),
@@ -305,7 +318,7 @@ fn is_port(port: Option<&str>) -> bool {
 }
 
 const USAGE: &str =
-    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload, GET /metrics, GET /healthz, GET /readyz\n";
+    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload, GET /metrics, GET /healthz, GET /readyz, GET / (the status page)\n";
 
 fn status(control: &dyn Control) -> serde_json::Value {
     let mut value = serde_json::json!({
@@ -327,6 +340,29 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// The status page, with headers that keep it to itself: nothing loaded from anywhere, no
+/// script, not framed, not cached.
+fn page(page: &Page) -> Response<Body> {
+    use hyper::header::{self, HeaderValue};
+    let html = crate::page::render(page, time::OffsetDateTime::now_utc());
+    let mut response = Response::new(full(html));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     response
 }
 

@@ -16,4 +16,5 @@ mod path;
 mod reload;
 mod shards;
 mod small_pieces_and_methods;
+mod status_page;
 mod support;
