@@ -304,6 +304,26 @@ impl GatewayMetrics {
             )
             .set(held as f64);
         }
+        // Every endpoint a connector announced and each of ready_endpoints: 0 is an endpoint
+        // devices cannot reach (the alert PortcullisEndpointWithoutChannel).
+        let mut endpoints: Vec<(u64, usize)> = channels
+            .endpoints()
+            .into_iter()
+            .map(|(id, _, live)| (id, live))
+            .collect();
+        for id in self.ready_endpoints() {
+            if !endpoints.iter().any(|(e, _)| *e == id) {
+                endpoints.push((id, 0));
+            }
+        }
+        for (id, live) in endpoints {
+            now.gauge(
+                "portcullis_gateway_endpoint_channels",
+                "Channels serving each endpoint now: every endpoint a connector announced since start, and each of ready_endpoints.",
+                &[("endpoint", &id.to_string())],
+            )
+            .set(live as f64);
+        }
         text.push_str(&now.render());
         text
     }

@@ -424,7 +424,7 @@ impl System {
 }
 
 /// `GET path` over HTTP/1.1 on loopback `addr` (an admin surface), with `Host: 127.0.0.1`:
-/// the status and the body. Bounded: 10 s for the whole answer.
+/// the status and the body (chunks joined). Bounded: 10 s for the whole answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -446,7 +446,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {head:?}"));
-    (status, body.to_string())
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    if !chunked {
+        return (status, body.to_string());
+    }
+    // Chunks: a hex size line, the data, CR LF; a size of 0 ends them.
+    let (mut rest, mut whole) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|_| panic!("a bad chunk size in {body:?}"));
+        if size == 0 || after.len() < size {
+            break;
+        }
+        whole.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    (status, whole)
 }
 
 pub fn curl(system: &System, path: &str, extra: &[&str]) -> std::process::Output {

@@ -13,6 +13,7 @@ mod header_limits;
 mod management_point;
 mod metrics;
 mod path;
+mod prometheus;
 mod reload;
 mod shards;
 mod small_pieces_and_methods;

@@ -163,6 +163,11 @@ fn both_components_expose_every_series_with_bounded_labels_that_promtool_accepts
         Some(2.0),
         "{text}"
     );
+    assert_eq!(
+        value(&text, "portcullis_gateway_endpoint_channels", &[&endpoint]),
+        Some(2.0),
+        "{text}"
+    );
     assert!(
         value(
             &text,
