@@ -130,11 +130,17 @@ impl Handle {
                 .channel_listen
                 .as_ref()
                 .map_or(0, |(_, limits)| timeouts(limits));
-        self.shared.metrics.render(
+        let mut text = self.shared.metrics.render(
             self.open.all().iter().sum(),
             handshake_timeouts,
             &self.registry,
-        )
+        );
+        if let Some(checks) = &self.shared.checks {
+            let now = runtime::metrics::Registry::new(&[]);
+            checks.render(&now);
+            text.push_str(&now.render());
+        }
+        text
     }
 }
 
@@ -248,7 +254,10 @@ impl Handle {
                 ),
             ],
             readiness: metrics.readiness(&self.registry),
-            sections: vec![connectors, channels, endpoints],
+            sections: [connectors, channels, endpoints]
+                .into_iter()
+                .chain(self.shared.checks.as_ref().map(|c| c.section()))
+                .collect(),
             rates: metrics.history.rates(&totals),
             certificates: metrics.certificates(),
             refusals: metrics.recent.list(),

@@ -17,6 +17,7 @@ use runtime::shards::{ShardCounts, Shards};
 
 mod accept;
 pub mod channels;
+mod checks;
 mod config;
 mod connectors;
 mod control;
@@ -33,6 +34,7 @@ pub mod token;
 
 use arc_swap::ArcSwap;
 use channels::Registry;
+pub use checks::ProbeSettings;
 use config::client_cert_header;
 pub use config::{AllowedConnector, BoundConnector, GatewayConfig};
 use connectors::{load_connector_roots, Connectors};
@@ -192,6 +194,8 @@ struct Shared {
     epoch: tokio::time::Instant,
     /// The Prometheus series and what `/readyz` reads (`metrics`).
     metrics: metrics::GatewayMetrics,
+    /// The continuous analyzer's last results (`[probe]`; None without it).
+    checks: Option<checks::Checks>,
 }
 
 /// Starts a gateway on the runtime it is called on.
@@ -250,6 +254,7 @@ pub async fn start_on(
             .then(|| Duration::from_secs(config.http2_keepalive_secs)),
         epoch: tokio::time::Instant::now(),
         metrics: gateway_metrics,
+        checks: config.probe.as_ref().map(|_| checks::Checks::default()),
     });
     let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;
     shared.log.info(&format!(
@@ -273,6 +278,9 @@ pub async fn start_on(
         None => None,
     };
     upkeep(&shared);
+    if let Some(probe) = config.probe.clone() {
+        checks::start(probe, listening.addr, Arc::downgrade(&shared));
+    }
     let handle = control::Handle {
         addr: listening.addr,
         shared: shared.clone(),

@@ -87,6 +87,15 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.log.console = ConsoleSetting::Off;
     config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     config.ready_endpoints = vec![3456];
+    let mut probe = gateway::ProbeSettings::new(
+        "probe/device.crt".into(),
+        "probe/device.key".into(),
+        vec!["ca/root.crt".into()],
+    );
+    probe.url = Some("https://cmg.contoso.com".into());
+    probe.endpoints = vec![3456];
+    probe.interval_secs = 30;
+    config.probe = Some(probe);
     config.worker_threads = Some(3);
     config.verify_client_revocation = true;
     config.crls = vec!["ca/root.crl".into()];

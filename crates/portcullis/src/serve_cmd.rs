@@ -57,6 +57,17 @@ use runtime::shards::{ShardThreads, Shards};
 ///   leeway_secs = 60
 ///   registration_paths = ["ccm_system_tokenauth/request"]   # where bulk tokens enrol
 ///
+///   [probe]                                  # optional: the connection analyzer, run by the
+///                                            # gateway against itself on a schedule
+///   device_cert = "probe/device.crt"         # a device certificate trusted_roots trust
+///   device_key = "probe/device.key"
+///   ca = ["ca/root.crt"]                     # roots the server certificate chains to
+///   url = "https://cmg.contoso.com"          # optional; default https://localhost:<port>
+///   endpoints = [3456]                       # optional; default every announced endpoint
+///   path = "SMS_MP/.sms_aut?MPLIST"          # the real request's path (the default)
+///   interval_secs = 60                       # 10 to 86400
+///   timeout_secs = 10
+///
 ///   [tls]                                    # optional
 ///   min_version = "1.2"                      # or "1.3"
 ///   cipher_suites = []                       # empty: all of rustls' safe suites

@@ -5,6 +5,7 @@
 mod auth;
 mod connection_limits;
 mod connector_trust;
+mod continuous_analysis;
 mod device_input;
 mod device_probe;
 mod drain;

@@ -181,7 +181,7 @@ fn a_real_prometheus_scrapes_both_components_and_reads_a_series_back() {
     // The rules loaded and evaluated: nothing fires on a healthy lab.
     let rules = api_until(&prometheus, "/api/v1/rules?type=alert", |json| {
         let rules = json["data"]["groups"][0]["rules"].as_array();
-        rules.is_some_and(|r| r.len() == 5 && r.iter().all(|rule| rule["health"] == "ok"))
+        rules.is_some_and(|r| r.len() == 6 && r.iter().all(|rule| rule["health"] == "ok"))
     });
     for rule in rules["data"]["groups"][0]["rules"].as_array().unwrap() {
         assert_eq!(rule["state"], "inactive", "{rule}");
