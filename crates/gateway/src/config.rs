@@ -70,7 +70,9 @@ pub struct GatewayConfig {
     pub probe: Option<crate::checks::ProbeSettings>,
     /// Endpoint ids the admin surface's `GET /readyz` waits for: ready (200) once a channel
     /// serves each of them; without this key, once any channel is held. Applies on reload.
-    #[serde(default)]
+    /// Not written when empty, so a file written for a lab still loads in builds before the
+    /// key (`bench compare --baseline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ready_endpoints: Vec<u64>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
     /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared

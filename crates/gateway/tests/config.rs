@@ -146,6 +146,12 @@ fn the_lab_gateway_writes_only_what_it_sets() {
         !text.contains("tokens") && !text.contains("admin_listen"),
         "{text}"
     );
+    // Keys added since, left at their defaults, are not written: a lab file still loads in
+    // an earlier build (bench compare --baseline runs one on it).
+    assert!(
+        !text.contains("ready_endpoints") && !text.contains("probe"),
+        "{text}"
+    );
     assert!(text.contains("crl_policy = \"refuse\""), "{text}");
     assert!(text.contains("min_version = \"1.2\""), "{text}");
     assert!(
