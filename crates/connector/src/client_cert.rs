@@ -6,6 +6,7 @@ use std::time::Duration;
 use logs::cmtrace::Severity;
 use pki::crl::{CrlPolicy, RevocationList};
 use pki::{select_client_cert, CertStore, Pkcs12Password, RootSet};
+use runtime::metrics::{roots_expiry, Expiry};
 use time::OffsetDateTime;
 
 use crate::config::ConnectorConfig;
@@ -17,6 +18,9 @@ pub(crate) struct Choice {
     pub(crate) client: EndpointClient,
     pub(crate) label: Option<String>,
     pub(crate) trail: Vec<(Severity, String)>,
+    /// The chosen certificate, the allowed and endpoint roots and the endpoint CRLs, with their
+    /// ends (`portcullis_certificate_expiry_timestamp_seconds`).
+    pub(crate) certificates: Vec<Expiry>,
 }
 
 /// Reads the store, runs the filter chain and logs it (the whole trail when verbose, the
@@ -59,6 +63,22 @@ pub(crate) fn choose_client_certificate(
             }
         ));
     }
+    let mut certificates: Vec<Expiry> = selection
+        .selected
+        .and_then(|i| store.entries.get(i))
+        .map(|entry| Expiry::of("client", &entry.cert))
+        .into_iter()
+        .collect();
+    certificates.extend(roots_expiry("allowed_root", &allowed));
+    certificates.extend(roots_expiry("endpoint_root", &trust.roots));
+    certificates.extend(trust.crls.iter().filter_map(|crl| {
+        crl.next_update.map(|next_update| Expiry {
+            role: "crl",
+            subject: crl.issuer.clone(),
+            thumbprint: String::new(),
+            expires: next_update,
+        })
+    }));
     let client = EndpointClient::new(
         &store,
         selection.selected,
@@ -69,5 +89,6 @@ pub(crate) fn choose_client_certificate(
         label: client.selected_label(),
         client,
         trail,
+        certificates,
     })
 }

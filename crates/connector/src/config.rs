@@ -82,7 +82,8 @@ pub struct ConnectorConfig {
     /// Where the log goes: `[log]` file, max_size_kib, console.
     #[serde(default)]
     pub log: logs::logger::LogSettings,
-    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
+    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`, `GET /metrics`,
+    /// `/healthz`, `/readyz`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a

@@ -295,6 +295,7 @@ impl Dial {
             tls = self.connect() => tls?,
             () = stop_requested(&mut stopped) => return Ok(Served::Drained),
         };
+        let _held = self.service.metrics.held(&self.host, self.port);
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let frames = Arc::new(tunnel::SmallFrames::default());
         let channel = Arc::new(PerChannel {

@@ -8,14 +8,17 @@
 //! - `dial`: the dial loops that hold the channels to each gateway.
 //! - `channel_server`: the HTTP/2 server on a dialled channel.
 //! - `service`: the hello, and forwarding each request to its endpoint.
+//! - `metrics`: the Prometheus series and readiness; [`control`]: the admin surface's view.
 //! - [`endpoint`]: the calls to the endpoints (client, keep-alive pool, URLs, what answers mean).
 
 mod channel_server;
 mod client_cert;
 pub mod config;
+pub mod control;
 mod dial;
 pub use dial::redial_bound;
 pub mod endpoint;
+mod metrics;
 pub mod run;
 mod service;
 

@@ -37,7 +37,7 @@ pub struct RunningConnector {
     dialer: Dialer,
     service: Arc<Service>,
     /// The configuration it started with: what a reload cannot change is compared with it.
-    started: ConnectorConfig,
+    started: Arc<ConnectorConfig>,
 }
 
 impl RunningConnector {
@@ -99,65 +99,18 @@ impl RunningConnector {
     /// and the client certificate (the store is read and the filter chain runs again; the
     /// new choice serves the next request). Says what changed.
     pub fn reload(&self, config: &ConnectorConfig) -> Result<String, ConnectorError> {
-        let mut changed = Vec::new();
-        if self.service.log.set_verbose(config.verbose) != config.verbose {
-            changed.push(format!(
-                "verbose {}",
-                if config.verbose { "on" } else { "off" }
-            ));
+        reload(&self.service, &self.started, config)
+    }
+
+    /// The admin surface's view of this connector (`runtime::admin::serve` serves it), which
+    /// reloads from the configuration file at `path`.
+    pub fn control(&self, path: std::path::PathBuf) -> crate::control::ConnectorControl {
+        crate::control::ConnectorControl {
+            path,
+            service: self.service.clone(),
+            tasks: self.dialer.tasks.clone(),
+            started: self.started.clone(),
         }
-        let choice = choose_client_certificate(config, &self.service.log)?;
-        let label = choice.label.clone();
-        *self.service.trail.lock().unwrap_or_else(|p| p.into_inner()) = choice.trail;
-        self.service.client.store(Arc::new(choice.client));
-        changed.push(format!(
-            "client certificate re-selected: {}",
-            label.as_deref().unwrap_or("none")
-        ));
-        // The endpoints: requests use the new table at once.
-        let urls = endpoint_urls(config);
-        if **self.service.endpoints.load() != urls {
-            let mut listed: Vec<String> = config
-                .endpoints
-                .iter()
-                .map(|e| format!("{} ({}) {}", e.id, e.name, e.url))
-                .collect();
-            listed.sort();
-            changed.push(format!("endpoints now {}", listed.join(", ")));
-            self.service.endpoints.store(Arc::new(urls));
-        }
-        // Whether there is a certificate at all, and the endpoints, are in the hello, which
-        // the gateways use (routing, and ServiceMetadata, read by `portcullis analyze`): they
-        // must hear of a change.
-        let has_certificate = label.is_some();
-        let infos = endpoint_infos(config);
-        let hello_changed = {
-            let mut hello = lock(&self.service.hello);
-            let timeout = Some(config.endpoint_timeout_secs);
-            let changed = hello.has_client_certificate != has_certificate
-                || hello.endpoints != infos
-                || hello.endpoint_timeout_secs != timeout;
-            hello.has_client_certificate = has_certificate;
-            hello.endpoints = infos;
-            // The gateways check their request_timeout_secs against it.
-            hello.endpoint_timeout_secs = timeout;
-            changed
-        };
-        if hello_changed {
-            self.service.hello_changes.send_modify(|n| *n += 1);
-            changed.push(format!(
-                "channels reopen one at a time ({} s apart) to give the gateways the new hello",
-                REOPEN_STAGGER.as_secs()
-            ));
-        }
-        let need_restart = restart_only_changes(&self.started, config);
-        if !need_restart.is_empty() {
-            changed.push(format!(
-                "not applied until the connector restarts: {}",
-                need_restart.join(", ")
-            ));
-        }
-        Ok(changed.join("; "))
     }
 
     /// Logs the certificate filter trail of the current choice (what verbose adds when it is
@@ -173,6 +126,78 @@ impl RunningConnector {
     pub fn client_certificate(&self) -> Option<String> {
         self.service.client.load().selected_label()
     }
+}
+
+/// Applies what can change while running from a freshly loaded configuration: `verbose`,
+/// and the client certificate (the store is read and the filter chain runs again; the
+/// new choice serves the next request). Says what changed.
+pub(crate) fn reload(
+    service: &Service,
+    started: &ConnectorConfig,
+    config: &ConnectorConfig,
+) -> Result<String, ConnectorError> {
+    let mut changed = Vec::new();
+    if service.log.set_verbose(config.verbose) != config.verbose {
+        changed.push(format!(
+            "verbose {}",
+            if config.verbose { "on" } else { "off" }
+        ));
+    }
+    let choice = choose_client_certificate(config, &service.log)?;
+    let label = choice.label.clone();
+    *service.trail.lock().unwrap_or_else(|p| p.into_inner()) = choice.trail;
+    service
+        .metrics
+        .set_certificates(config, choice.certificates);
+    service.client.store(Arc::new(choice.client));
+    changed.push(format!(
+        "client certificate re-selected: {}",
+        label.as_deref().unwrap_or("none")
+    ));
+    // The endpoints: requests use the new table at once.
+    let urls = endpoint_urls(config);
+    if **service.endpoints.load() != urls {
+        let mut listed: Vec<String> = config
+            .endpoints
+            .iter()
+            .map(|e| format!("{} ({}) {}", e.id, e.name, e.url))
+            .collect();
+        listed.sort();
+        changed.push(format!("endpoints now {}", listed.join(", ")));
+        service.endpoints.store(Arc::new(urls));
+    }
+    // Whether there is a certificate at all, and the endpoints, are in the hello, which
+    // the gateways use (routing, and ServiceMetadata, read by `portcullis analyze`): they
+    // must hear of a change.
+    let has_certificate = label.is_some();
+    let infos = endpoint_infos(config);
+    let hello_changed = {
+        let mut hello = lock(&service.hello);
+        let timeout = Some(config.endpoint_timeout_secs);
+        let changed = hello.has_client_certificate != has_certificate
+            || hello.endpoints != infos
+            || hello.endpoint_timeout_secs != timeout;
+        hello.has_client_certificate = has_certificate;
+        hello.endpoints = infos;
+        // The gateways check their request_timeout_secs against it.
+        hello.endpoint_timeout_secs = timeout;
+        changed
+    };
+    if hello_changed {
+        service.hello_changes.send_modify(|n| *n += 1);
+        changed.push(format!(
+            "channels reopen one at a time ({} s apart) to give the gateways the new hello",
+            REOPEN_STAGGER.as_secs()
+        ));
+    }
+    let need_restart = restart_only_changes(started, config);
+    if !need_restart.is_empty() {
+        changed.push(format!(
+            "not applied until the connector restarts: {}",
+            need_restart.join(", ")
+        ));
+    }
+    Ok(changed.join("; "))
 }
 
 /// Each endpoint's id and URL, as the configuration gives them (validated by `load`).
@@ -251,7 +276,12 @@ pub async fn start_on(
         client: ArcSwap::from_pointee(choice.client),
         trail: Mutex::new(choice.trail),
         log: log.clone(),
+        metrics: crate::metrics::ConnectorMetrics::new(shards.len(), &config),
     });
+    service
+        .metrics
+        .set_certificates(&config, choice.certificates);
+    upkeep(&service);
 
     let identity = pki::tls::Identity::load(&config.channel_cert, &config.channel_key)?;
     let mut tls = pki::tls::client_config(&RootSet::load(&config.gateway_roots)?)?
@@ -304,6 +334,21 @@ pub async fn start_on(
         stop,
         dialer,
         service,
-        started: config,
+        started: Arc::new(config),
     })
+}
+
+/// Folds the request histograms' samples into buckets every few seconds, for as long as the
+/// connector is there (a scrape does it too).
+fn upkeep(service: &Arc<Service>) {
+    let service = Arc::downgrade(service);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(runtime::metrics::UPKEEP_EVERY).await;
+            match service.upgrade() {
+                Some(service) => service.metrics.upkeep(),
+                None => return,
+            }
+        }
+    });
 }

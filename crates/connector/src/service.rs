@@ -19,6 +19,7 @@ use crate::endpoint::{
     endpoint_url, forwarding_parts, received_line, received_parts, EndpointClient,
 };
 use crate::lock;
+use crate::metrics::ConnectorMetrics;
 use crate::run::Log;
 
 pub(crate) struct Service {
@@ -33,6 +34,8 @@ pub(crate) struct Service {
     /// The last filter trail, replayed when verbose is turned on while running.
     pub(crate) trail: Mutex<Vec<(Severity, String)>>,
     pub(crate) log: Log,
+    /// The Prometheus series and what `/readyz` reads.
+    pub(crate) metrics: crate::metrics::ConnectorMetrics,
 }
 
 /// What the requests on one channel share: the service, where that channel's gateway leaves
@@ -87,7 +90,11 @@ impl Service {
         if is_hello(&request) {
             return self.answer_hello(&request, announced);
         }
-        self.forward(request, frames).await
+        let endpoint = header_text_of(request.headers(), &headers::ENDPOINT);
+        let counting = ConnectorMetrics::start(endpoint.and_then(|e| e.parse().ok()));
+        let response = self.forward(request, frames).await;
+        self.metrics.count(counting, &response);
+        response
     }
 
     /// Answers the gateway's hello: notes how many worker threads it runs, and says who this
@@ -139,7 +146,7 @@ impl Service {
                 endpoint: endpoint.unwrap_or(0),
             });
             self.log.error(&format!("Message {message_id}: {refusal}"));
-            return refusal_response(&refusal);
+            return refused(refusal, message_id);
         };
         let joined = endpoint_url(base, parts.uri.path(), parts.uri.query());
         drop(endpoints);
@@ -149,7 +156,7 @@ impl Service {
                 let refusal = Refusal::new(channel::refusal::Cause::BadRoute {
                     detail: e.to_string(),
                 });
-                return refusal_response(&refusal);
+                return refused(refusal, message_id);
             }
         };
         let url_text = url.text;
@@ -233,7 +240,7 @@ impl Service {
                     refusal.reason(),
                     refusal.remedy()
                 ));
-                refusal_response(&refusal)
+                refused(refusal, message_id)
             }
         }
     }
@@ -267,6 +274,17 @@ impl Drop for Withdrawn<'_> {
             ));
         }
     }
+}
+
+/// The refusal's response, carrying the refusal itself (in its extensions, which go nowhere)
+/// for the status page's last refusals.
+fn refused(refusal: Refusal, message_id: &str) -> Response<Body> {
+    let mut response = refusal_response(&refusal);
+    response.extensions_mut().insert(crate::metrics::Refused {
+        refusal,
+        message_id: message_id.to_string(),
+    });
+    response
 }
 
 /// Whether `request` is the gateway's own hello. Only it is answered so: a device's request

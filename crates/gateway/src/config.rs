@@ -80,9 +80,22 @@ pub struct GatewayConfig {
     /// Where the log goes: `[log]` file, max_size_kib, console.
     #[serde(default)]
     pub log: logs::logger::LogSettings,
-    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`), loopback only.
+    /// The local admin surface (`GET /status`, `PUT /verbose`, `POST /reload`, `GET /metrics`,
+    /// `/healthz`, `/readyz`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// The connection analyzer, run by the gateway against itself every `interval_secs`
+    /// (`[probe]`: device_cert, device_key, ca, url, endpoints, path, interval_secs,
+    /// timeout_secs); its last result per hop is on `/metrics` and the status page. Takes
+    /// effect at the next start.
+    #[serde(default)]
+    pub probe: Option<crate::checks::ProbeSettings>,
+    /// Endpoint ids the admin surface's `GET /readyz` waits for: ready (200) once a channel
+    /// serves each of them; without this key, once any channel is held. Applies on reload.
+    /// Not written when empty, so a file written for a lab still loads in builds before the
+    /// key (`bench compare --baseline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ready_endpoints: Vec<u64>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
     /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared
     /// with other busy processes fewer are cheaper per request.
@@ -315,6 +328,8 @@ impl GatewayConfig {
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
+            probe: None,
+            ready_endpoints: Vec::new(),
             worker_threads: None,
             verify_client_revocation: false,
             crls: Vec::new(),
@@ -368,6 +383,11 @@ impl GatewayConfig {
         self.connector_roots = self.connector_roots.iter().map(resolve).collect();
         self.log.file = self.log.file.as_ref().map(resolve);
         self.crls = self.crls.iter().map(resolve).collect();
+        if let Some(probe) = &mut self.probe {
+            probe.device_cert = resolve(&probe.device_cert);
+            probe.device_key = resolve(&probe.device_key);
+            probe.ca = probe.ca.iter().map(resolve).collect();
+        }
         if let Some(tokens) = &mut self.tokens {
             tokens.keys = tokens.keys.iter().map(resolve).collect();
             tokens.revoked = tokens.revoked.as_ref().map(resolve);
@@ -405,6 +425,9 @@ impl GatewayConfig {
                 "tokens.keys",
                 "list at least one site public key (PEM) to check tokens with",
             ));
+        }
+        if let Some((key, reason)) = cfg.probe.as_ref().and_then(|p| p.problem()) {
+            return Err(invalid(key, &reason));
         }
         if let Err(reason) = cfg.tls.check() {
             return Err(invalid("tls", &reason));

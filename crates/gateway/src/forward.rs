@@ -67,6 +67,7 @@ pub(crate) async fn handle(
     shared: &Shared,
     device: &Arc<Device>,
 ) -> Response<Body> {
+    let counting = crate::metrics::GatewayMetrics::start(request.uri());
     // The body is held apart from the head: should the request be refused before the body
     // goes on a channel, what the device still sends of it is read here (`refused`).
     let (parts, body) = request.into_parts();
@@ -76,10 +77,22 @@ pub(crate) async fn handle(
         watch: None,
         version: parts.version,
     };
-    match route_request(Request::from_parts(parts, ()), &mut pending, shared, device).await {
-        Ok(response) => response,
-        Err(refusal) => refused::answer(refusal, pending, shared, device).await,
-    }
+    let (response, refusal) =
+        match route_request(Request::from_parts(parts, ()), &mut pending, shared, device).await {
+            Ok(response) => (response, None),
+            Err(refusal) => (
+                refused::answer(refusal.clone(), pending, shared, device).await,
+                Some(refusal),
+            ),
+        };
+    (shared.metrics).count(
+        counting,
+        &response,
+        refusal.as_ref(),
+        &shared.registry,
+        device.addr,
+    );
+    response
 }
 
 /// A device's request, checked and parsed, in three steps: [`authenticate`] (who the device

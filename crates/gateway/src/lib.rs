@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use pki::RootSet;
 use runtime::shards::{ShardCounts, Shards};
-use time::OffsetDateTime;
 
 mod accept;
 pub mod channels;
+mod checks;
 mod config;
 mod connectors;
+mod control;
 mod device;
 pub mod device_auth;
 mod forward;
@@ -27,15 +28,18 @@ mod idle;
 mod limits;
 mod message_id;
 mod metadata;
+mod metrics;
 mod refused;
 mod tls;
 pub mod token;
 
 use arc_swap::ArcSwap;
 use channels::Registry;
+pub use checks::ProbeSettings;
 use config::client_cert_header;
 pub use config::{AllowedConnector, BoundConnector, GatewayConfig};
 use connectors::{load_connector_roots, Connectors};
+pub use control::GatewayControl;
 use device_auth::DeviceAuth;
 use message_id::MessageIds;
 use tls::server_tls;
@@ -65,6 +69,8 @@ pub struct RunningGateway {
     shared: Arc<Shared>,
     /// `channel_listen`'s listener, and its own room for channels' handshakes.
     channel_listening: Option<(runtime::listener::Listening, Arc<limits::Limits>)>,
+    /// What reloads, the status and the admin surface use.
+    handle: control::Handle,
 }
 
 impl RunningGateway {
@@ -125,88 +131,31 @@ impl RunningGateway {
 
     /// Each shard's device connections and channels now, for the admin surface's status.
     pub fn shards_status(&self) -> serde_json::Value {
-        let devices = self.connections_per_shard();
-        let shards: Vec<serde_json::Value> = devices
-            .iter()
-            .enumerate()
-            .map(|(shard, devices)| {
-                serde_json::json!({
-                    "devices": devices,
-                    "channels": self.registry.channels_on(shard),
-                })
-            })
-            .collect();
-        serde_json::Value::Array(shards)
+        self.handle.shards_status()
     }
 
     /// Device connections against their caps, and the refusals and closes since start
     /// (handshake, first-request and idle deadlines), for the admin surface's status.
     pub fn connections_status(&self) -> serde_json::Value {
-        let mut status = self.shared.limits.status();
-        if let (Some((listening, limits)), Some(all)) =
-            (&self.channel_listening, status.as_object_mut())
-        {
-            let mut channels = limits.status();
-            if let Some(channels) = channels.as_object_mut() {
-                channels.insert("address".into(), listening.addr.to_string().into());
-            }
-            all.insert("channel_listen".into(), channels);
-        }
-        status
+        self.handle.connections_status()
     }
 
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
     /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
-    /// revoked token ids). Open connections are judged again on their next request. Says what
-    /// applies now; on an error nothing changes.
+    /// revoked token ids), the connectors allowed, the server certificate, `ready_endpoints`.
+    /// Open connections are judged again on their next request. Says what applies now; on an
+    /// error nothing changes.
     pub fn reload(&self, config: &GatewayConfig) -> Result<String, GatewayError> {
-        let generation = self.shared.auth.load().generation + 1;
-        // Everything that can fail is done before anything is swapped in.
-        let connector_roots = load_connector_roots(config)?;
-        let auth = load_device_auth(config, generation, &connector_roots, &self.shared.log)?;
-        let connectors = Connectors::load(config, connector_roots, &auth)?;
-        let (tls, certificate) = server_tls(
-            config,
-            &auth,
-            &connectors.roots,
-            Some(&self.shared.tls.load()),
-        )?;
-        let described = auth.describe();
-        // Before the new generation: connections judged again under it make their header
-        // with this name.
-        self.shared
-            .cert_header
-            .store(client_cert_header(config).map(Arc::new));
-        self.shared.auth.store(Arc::new(auth));
-        self.shared.tls.store(Arc::new(tls));
-        // Channels of connectors no longer allowed (or trusted) are closed now.
-        let now = OffsetDateTime::now_utc();
-        let mut closed = Vec::new();
-        for channel in self.registry.all() {
-            let judged = connectors
-                .judge(Some(&channel.peer_cert), now)
-                .and_then(|cert| connectors.admits(&cert, &channel.hello));
-            if let Err(why) = judged {
-                channel.close(&why.to_string());
-                self.shared.log.warn(&format!(
-                    "Closed channel {} of connector {}: {why}",
-                    channel.id, channel.hello.connector_id
-                ));
-                closed.push(channel.id);
-            }
+        self.handle.reload(config)
+    }
+
+    /// The admin surface's view of this gateway (`runtime::admin::serve` serves it), which
+    /// reloads from the configuration file at `path`.
+    pub fn control(&self, path: std::path::PathBuf) -> GatewayControl {
+        GatewayControl {
+            path,
+            gateway: self.handle.clone(),
         }
-        self.shared.connectors.store(Arc::new(connectors));
-        let was = self.shared.log.set_verbose(config.verbose);
-        Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen, the connection caps and timeouts take effect at the next start)",
-            if config.verbose { "on" } else { "off" },
-            if was == config.verbose { "" } else { " (changed)" },
-            if closed.is_empty() {
-                "every open channel still allowed".to_string()
-            } else {
-                format!("{} channel(s) closed, no longer allowed", closed.len())
-            },
-        ))
     }
 }
 
@@ -253,6 +202,10 @@ struct Shared {
     /// When the gateway started: what a device's HTTP/2 stream ends are timed from
     /// (milliseconds, in an atomic), and the start of `startup_grace`.
     epoch: tokio::time::Instant,
+    /// The Prometheus series and what `/readyz` reads (`metrics`).
+    metrics: metrics::GatewayMetrics,
+    /// The continuous analyzer's last results (`[probe]`; None without it).
+    checks: Option<checks::Checks>,
 }
 
 /// Starts a gateway on the runtime it is called on.
@@ -274,6 +227,11 @@ pub async fn start_on(
     log.info(&format!("Devices: {}", auth.describe()));
     let connectors = Connectors::load(&config, connector_roots, &auth)?;
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
+    let gateway_metrics = metrics::GatewayMetrics::new(
+        shards.len(),
+        config.ready_endpoints.clone(),
+        control::certificates(&config, &auth, &connectors),
+    );
     let registry = Arc::new(Registry::default());
     registry.set_max_queued(config.max_queued_requests);
     let channel_settings = channels::Settings {
@@ -317,6 +275,8 @@ pub async fn start_on(
             .then(|| Duration::from_secs(config.http2_keepalive_secs)),
         channel_settings,
         epoch: tokio::time::Instant::now(),
+        metrics: gateway_metrics,
+        checks: config.probe.as_ref().map(|_| checks::Checks::default()),
     });
     let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;
     shared.log.info(&format!(
@@ -339,13 +299,43 @@ pub async fn start_on(
         }
         None => None,
     };
+    upkeep(&shared);
+    if let Some(probe) = config.probe.clone() {
+        checks::start(probe, listening.addr, Arc::downgrade(&shared));
+    }
+    let handle = control::Handle {
+        addr: listening.addr,
+        shared: shared.clone(),
+        registry: registry.clone(),
+        open: listening.open_counts(),
+        channel_listen: channel_listening
+            .as_ref()
+            .map(|(l, limits)| (l.addr, limits.clone())),
+    };
     Ok(RunningGateway {
         addr: listening.addr,
         registry,
         listening,
         shared,
         channel_listening,
+        handle,
     })
+}
+
+/// Folds the request histograms' samples into buckets every few seconds on the first shard,
+/// for as long as the gateway is there (a scrape does it too).
+fn upkeep(shared: &Arc<Shared>) {
+    let shared = Arc::downgrade(shared);
+    let task = async move {
+        loop {
+            tokio::time::sleep(runtime::metrics::UPKEEP_EVERY).await;
+            match shared.upgrade() {
+                Some(shared) => shared.metrics.upkeep(),
+                None => return,
+            }
+        }
+    };
+    tokio::spawn(task);
 }
 
 /// Accepts on `addr` on every shard: each connection takes a slot of `limits` before any TLS

@@ -107,6 +107,16 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.log.max_size_kib = 2048;
     config.log.console = ConsoleSetting::Off;
     config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.ready_endpoints = vec![3456];
+    let mut probe = gateway::ProbeSettings::new(
+        "probe/device.crt".into(),
+        "probe/device.key".into(),
+        vec!["ca/root.crt".into()],
+    );
+    probe.url = Some("https://cmg.contoso.com".into());
+    probe.endpoints = vec![3456];
+    probe.interval_secs = 30;
+    config.probe = Some(probe);
     config.worker_threads = Some(3);
     config.verify_client_revocation = true;
     config.crls = vec!["ca/root.crl".into()];
@@ -160,6 +170,12 @@ fn the_lab_gateway_writes_only_what_it_sets() {
     // Options left out are not written (TOML has no null), enums in the file's spelling.
     assert!(
         !text.contains("tokens") && !text.contains("admin_listen"),
+        "{text}"
+    );
+    // Keys added since, left at their defaults, are not written: a lab file still loads in
+    // an earlier build (bench compare --baseline runs one on it).
+    assert!(
+        !text.contains("ready_endpoints") && !text.contains("probe"),
         "{text}"
     );
     assert!(text.contains("crl_policy = \"refuse\""), "{text}");

@@ -117,6 +117,17 @@ impl Logger {
         }
     }
 
+    /// Lines its file lost (see [`RollingFile::lines_lost`]); console and test sinks lose none.
+    pub fn lines_lost(&self) -> u64 {
+        self.sinks
+            .iter()
+            .map(|sink| match sink {
+                Sink::File(file) => file.lines_lost(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Writes every line given so far to its file: before the component stops.
     pub fn flush(&self) {
         for sink in &self.sinks {

@@ -75,6 +75,9 @@ struct Queue {
     failure: Option<String>,
     /// Appends refused while the held lines were at the hold limit.
     lost: u64,
+    /// Every append lost since the file was opened (`lost` starts again at each gap line):
+    /// what `portcullis_log_lines_lost_total` says.
+    lost_total: u64,
 }
 
 impl Queue {
@@ -84,6 +87,7 @@ impl Queue {
     fn push(&mut self, text: &str, hold_limit: usize) -> bool {
         if self.failure.is_some() && (self.lost > 0 || self.bytes.len() + text.len() > hold_limit) {
             self.lost += 1;
+            self.lost_total += 1;
             return false;
         }
         self.bytes.extend_from_slice(text.as_bytes());
@@ -247,6 +251,12 @@ impl RollingFile {
     }
 
     /// Writes everything queued so far before returning.
+    /// Lines lost since the file was opened: appends refused while the disk was full and
+    /// the held lines at their limit.
+    pub fn lines_lost(&self) -> u64 {
+        lock(&self.inner.queue).lost_total
+    }
+
     pub fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }

@@ -482,3 +482,25 @@ fn stalls_cut_after_the_answer_began() {
         report.findings[1].cause
     );
 }
+
+/// The line a component writes where its log lost lines (a full disk) names its own finding.
+#[test]
+fn lost_log_lines_are_a_finding() {
+    let message = logs::logger::lost_lines(42, "No space left on device (os error 28)");
+    let report = diagnose(&[(
+        "SMS_Cloud_ProxyGateway.log",
+        cm(&message, "SMS_CLOUD_PROXY_GATEWAY", 2),
+    )]);
+    assert_eq!(ids(&report), ["log-lines-lost"], "{report:#?}");
+    let finding = &report.findings[0];
+    assert!(
+        finding.title.starts_with("42 log line(s) were lost"),
+        "{}",
+        finding.title
+    );
+    assert!(
+        finding.cause.contains("No space left on device"),
+        "{}",
+        finding.cause
+    );
+}

@@ -273,6 +273,8 @@ fn a_full_disk_loses_no_held_line_and_counts_the_lost_ones() {
     // Refused (lines before it were lost) but its write goes through, with the held lines.
     assert!(file.append("after\n").is_err());
     file.append("final\n").unwrap();
+    // The running total (portcullis_log_lines_lost_total) stays after the gap line is due.
+    let counted = file.lines_lost();
     drop(file);
 
     let text = std::fs::read_to_string(&path).unwrap();
@@ -290,6 +292,7 @@ fn a_full_disk_loses_no_held_line_and_counts_the_lost_ones() {
         "nothing was lost: the hold limit was never reached"
     );
     let lost = 200 - kept + 1;
+    assert_eq!(counted, lost as u64, "lines_lost counts each line lost");
     assert!(
         lines[kept + 1].starts_with(&format!("GAP {lost} (")),
         "{:?}",

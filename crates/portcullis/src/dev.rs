@@ -18,7 +18,7 @@ use pki::lab::layout;
 
 use crate::analyze_cmd::AnalyzeConfig;
 use crate::pki_cmd;
-use crate::serve_cmd::{admin, ConnectorControl, GatewayControl};
+use crate::serve_cmd::admin;
 
 /// The endpoint id of the lab's management point, in Configuration Manager's style.
 pub const DEV_ENDPOINT: u64 = 72057594037927939;
@@ -143,17 +143,12 @@ async fn serve(
     let config = GatewayConfig::load(&gateway_config)?;
     let gateway_logger = config.log.logger("SMS_CLOUD_PROXY_GATEWAY")?.into_log();
     let admin_listen = config.admin_listen;
-    let gateway = Arc::new(
-        gateway::start_on(config, gateway_logger.clone(), gateway_shards)
-            .await
-            .with_context(|| {
-                format!("starting the gateway (another program on port {port}? try --port 0)")
-            })?,
-    );
-    let gateway_control = Arc::new(GatewayControl {
-        path: gateway_config.clone(),
-        running: gateway.clone(),
-    });
+    let gateway = gateway::start_on(config, gateway_logger.clone(), gateway_shards)
+        .await
+        .with_context(|| {
+            format!("starting the gateway (another program on port {port}? try --port 0)")
+        })?;
+    let gateway_control = Arc::new(gateway.control(gateway_config.clone()));
     let gateway_admin = admin(admin_listen, gateway_control.clone()).await?;
 
     let mut config = ConnectorConfig::lab(
@@ -176,13 +171,9 @@ async fn serve(
     let config = ConnectorConfig::load(&connector_config)?;
     let connector_logger = config.log.logger("SMS_CLOUD_PROXYCONNECTOR")?.into_log();
     let admin_listen = config.admin_listen;
-    let connector = Arc::new(
-        connector::run::start_on(config, connector_logger.clone(), connector_shards).await?,
-    );
-    let connector_control = Arc::new(ConnectorControl {
-        path: connector_config.clone(),
-        running: connector.clone(),
-    });
+    let connector =
+        connector::run::start_on(config, connector_logger.clone(), connector_shards).await?;
+    let connector_control = Arc::new(connector.control(connector_config.clone()));
     let connector_admin = admin(admin_listen, connector_control.clone()).await?;
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -216,13 +207,21 @@ async fn serve(
         mp.addr.port(),
         shown("logs/u_ex.log")
     );
+    let page = |admin: &Option<runtime::listener::Listening>| {
+        admin
+            .as_ref()
+            .map(|a| format!("; status page http://{}/", a.addr))
+            .unwrap_or_default()
+    };
     println!(
-        "Gateway:   https://localhost:{g} (log {})",
-        shown("logs/SMS_Cloud_ProxyGateway.log")
+        "Gateway:   https://localhost:{g} (log {}{})",
+        shown("logs/SMS_Cloud_ProxyGateway.log"),
+        page(&gateway_admin)
     );
     println!(
-        "Connector: {channels} channel(s) to the gateway (log {})",
-        connector_log.display()
+        "Connector: {channels} channel(s) to the gateway (log {}{})",
+        connector_log.display(),
+        page(&connector_admin)
     );
     if channels == 0 {
         println!("warning: no channel came up within 10 s; read the connector's log");
@@ -278,12 +277,8 @@ async fn serve(
         admin.stop().await;
     }
     drop((gateway_control, connector_control));
-    if let Ok(connector) = Arc::try_unwrap(connector) {
-        connector.stop().await;
-    }
-    if let Ok(gateway) = Arc::try_unwrap(gateway) {
-        gateway.stop().await;
-    }
+    connector.stop().await;
+    gateway.stop().await;
     mp.stop().await;
     gateway_logger.flush();
     connector_logger.flush();

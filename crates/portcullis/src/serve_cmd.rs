@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use logs::logger::{ConsoleSetting, LogSettings};
 use logs::{Log, Logger};
-use runtime::admin::{Control, ReloadError};
+use runtime::admin::Control;
 use runtime::shards::{ShardThreads, Shards};
 
 /// Run a gateway instance.
@@ -43,6 +43,8 @@ use runtime::shards::{ShardThreads, Shards};
 ///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
+///   ready_endpoints = [3456]                 # optional: GET /readyz is 200 once a channel
+///                                            # serves each (default: once any channel is held)
 ///   worker_threads = 2                       # optional; default one per CPU
 ///   client_cert_header = "X-ARR-ClientCert"  # optional: endpoints get the trusted device
 ///                                            # certificate (DER, base64), as IIS ARR sends it
@@ -59,6 +61,17 @@ use runtime::shards::{ShardThreads, Shards};
 ///   revoked = "site/revoked-tokens.txt"      # optional: token ids, one per line
 ///   leeway_secs = 60
 ///   registration_paths = ["ccm_system_tokenauth/request"]   # where bulk tokens enrol
+///
+///   [probe]                                  # optional: the connection analyzer, run by the
+///                                            # gateway against itself on a schedule
+///   device_cert = "probe/device.crt"         # a device certificate trusted_roots trust
+///   device_key = "probe/device.key"
+///   ca = ["ca/root.crt"]                     # roots the server certificate chains to
+///   url = "https://cmg.contoso.com"          # optional; default https://localhost:<port>
+///   endpoints = [3456]                       # optional; default every announced endpoint
+///   path = "SMS_MP/.sms_aut?MPLIST"          # the real request's path (the default)
+///   interval_secs = 60                       # 10 to 86400
+///   timeout_secs = 10
 ///
 ///   [tls]                                    # optional
 ///   min_version = "1.2"                      # or "1.3"
@@ -100,7 +113,10 @@ use runtime::shards::{ShardThreads, Shards};
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and
 /// channels), PUT /verbose with body on|off (as JSON or with no Content-Type), POST /reload,
 /// e.g. curl -X PUT -H 'Content-Type: application/json' --data '"on"' http://127.0.0.1:9441/verbose
-/// (loopback Host only; a call with an Origin header or a form's content type is refused)
+/// (loopback Host only; a call with an Origin header or a form's content type is refused);
+/// GET /metrics (Prometheus text: portcullis_gateway_requests_total, ..._channels,
+/// portcullis_certificate_expiry_timestamp_seconds ...), GET /healthz (200 while serving),
+/// GET /readyz (200, or 503 with the endpoints missing a channel, as JSON).
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct GatewayArgs {
@@ -176,7 +192,10 @@ pub struct GatewayArgs {
 /// Admin surface (admin_listen): GET /status (the client certificate presented, and
 /// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
 /// body on|off as JSON or with no Content-Type (turning it on logs the filter trail of the
-/// current choice), POST /reload.
+/// current choice), POST /reload; GET /metrics (Prometheus text:
+/// portcullis_connector_requests_total, ..._channels, ..._client_certificate_selected ...),
+/// GET /healthz, GET /readyz (503 until a channel is held to every gateway and, with HTTPS
+/// endpoints, a client certificate is selected; the JSON says what is missing).
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {
@@ -214,94 +233,6 @@ pub fn logger(
     })
 }
 
-/// Reloads a gateway's configuration file on SIGHUP or `POST /reload`.
-pub struct GatewayControl {
-    pub path: PathBuf,
-    pub running: Arc<gateway::RunningGateway>,
-}
-
-impl Control for GatewayControl {
-    fn log(&self) -> &Log {
-        self.running.log()
-    }
-
-    fn reload(&self) -> Result<String, ReloadError> {
-        let loaded = gateway::GatewayConfig::load(&self.path)
-            .map_err(ReloadError::from)
-            .and_then(|c| {
-                self.running
-                    .reload(&c)
-                    .map_err(|e| ReloadError::Refused(Box::new(e)))
-            });
-        reloaded(self.log(), &self.path, loaded)
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "shards": self.running.shards_status(),
-            "connections": self.running.connections_status(),
-        })
-    }
-}
-
-/// Reloads a connector's configuration file on SIGHUP or `POST /reload`; turning verbose on
-/// replays the certificate filter trail of the current choice.
-pub struct ConnectorControl {
-    pub path: PathBuf,
-    pub running: Arc<connector::run::RunningConnector>,
-}
-
-impl Control for ConnectorControl {
-    fn log(&self) -> &Log {
-        self.running.log()
-    }
-
-    fn reload(&self) -> Result<String, ReloadError> {
-        let loaded = connector::run::ConnectorConfig::load(&self.path)
-            .map_err(ReloadError::from)
-            .and_then(|c| {
-                self.running
-                    .reload(&c)
-                    .map_err(|e| ReloadError::Refused(Box::new(e)))
-            });
-        reloaded(self.log(), &self.path, loaded)
-    }
-
-    fn verbose_turned_on(&self) {
-        self.running.log_trail();
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "client_certificate": self.running.client_certificate(),
-            "channels_kept": self.running.dial_loops(),
-        })
-    }
-}
-
-/// Logs a reload's outcome; a refused reload keeps the running settings.
-fn reloaded(
-    log: &Log,
-    path: &Path,
-    outcome: Result<String, ReloadError>,
-) -> Result<String, ReloadError> {
-    match outcome {
-        Ok(summary) => {
-            log.info(&format!(
-                "Configuration reloaded from {}: {summary}",
-                path.display()
-            ));
-            Ok(summary)
-        }
-        Err(why) => {
-            log.error(&format!(
-                "Configuration reload refused, the running settings stay: {why}"
-            ));
-            Err(why)
-        }
-    }
-}
-
 /// Serves the admin surface when the configuration asks for one, and says where.
 pub async fn admin(
     addr: Option<SocketAddr>,
@@ -314,7 +245,7 @@ pub async fn admin(
         .await
         .with_context(|| format!("admin_listen {addr}: cannot listen"))?;
     control.log().info(&format!(
-        "Admin surface on http://{}: GET /status, PUT /verbose (on|off), POST /reload",
+        "Admin surface on http://{0}: the status page http://{0}/, GET /status, /metrics, /healthz, /readyz, PUT /verbose (on|off), POST /reload",
         listening.addr
     ));
     Ok(Some(listening))
@@ -334,12 +265,12 @@ pub async fn serve_until_stopped(
     Ok(())
 }
 
-/// Serves until stopped (see [`serve_until_stopped`]), then stops the component once the
-/// control has let go of it and writes out its log.
+/// Serves until stopped (see [`serve_until_stopped`]), then stops the component and writes
+/// out its log.
 async fn serve_then_stop<R, F>(
     admin_listen: Option<SocketAddr>,
     control: Arc<dyn Control>,
-    running: Arc<R>,
+    running: R,
     log: &Log,
     stop: impl FnOnce(R) -> F,
 ) -> anyhow::Result<ExitCode>
@@ -347,9 +278,7 @@ where
     F: std::future::Future<Output = ()>,
 {
     let served = serve_until_stopped(admin_listen, control).await;
-    if let Ok(running) = Arc::try_unwrap(running) {
-        stop(running).await;
-    }
+    stop(running).await;
     log.flush();
     served.map(|()| ExitCode::SUCCESS)
 }
@@ -426,11 +355,8 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
                 config.max_connections, config.reserved_for_channels
             ));
         }
-        let running = Arc::new(gateway::start_on(config, log.clone(), shards).await?);
-        let control = GatewayControl {
-            path: args.config.clone(),
-            running: running.clone(),
-        };
+        let running = gateway::start_on(config, log.clone(), shards).await?;
+        let control = running.control(args.config.clone());
         serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
             r.stop_gracefully(STOP_DRAIN)
         })
@@ -453,11 +379,8 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let admin_listen = config.admin_listen;
         let log = log.into_log();
-        let running = Arc::new(connector::run::start_on(config, log.clone(), shards).await?);
-        let control = ConnectorControl {
-            path: args.config.clone(),
-            running: running.clone(),
-        };
+        let running = connector::run::start_on(config, log.clone(), shards).await?;
+        let control = running.control(args.config.clone());
         serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
             r.stop_gracefully(STOP_DRAIN)
         })

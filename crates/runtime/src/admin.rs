@@ -5,6 +5,10 @@
 //! | `GET /status` | the component, its verbose setting and what the component adds (JSON) |
 //! | `PUT /verbose` with body `on` or `off` | verbose logging on or off, at once, no restart |
 //! | `POST /reload` | re-read the configuration file, as SIGHUP does |
+//! | `GET /metrics` | Prometheus text: the component's series and [`crate::metrics::common`]'s |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when the component can serve, else 503; JSON saying what is missing |
+//! | `GET /` | the status page ([`crate::page`]): HTML, no script, refreshing itself |
 //!
 //! It has no authentication of its own, so it listens on loopback only: whoever can reach it
 //! is already on the machine (config loading refuses any other address). A web page open in a
@@ -26,6 +30,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use logs::Log;
 
 use crate::listener::{self, Listening};
+use crate::metrics::{Expiry, Readiness};
+use crate::page::Page;
 
 /// Why a reload was refused; the running settings stay. It reads as the error inside it: the
 /// admin sees that text in the log and in the answer to `POST /reload`.
@@ -68,6 +74,55 @@ pub trait Control: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value {
         serde_json::json!({})
     }
+
+    /// The component's own series for `GET /metrics` (Prometheus text); the admin surface
+    /// adds the certificates', the log's and the build's ([`crate::metrics::common`]).
+    fn metrics(&self) -> String {
+        String::new()
+    }
+
+    /// The certificates and CRLs the component uses or trusts, with their ends.
+    fn certificates(&self) -> Vec<Expiry> {
+        Vec::new()
+    }
+
+    /// What `GET /readyz` answers; ready unless the component says what is missing.
+    fn readiness(&self) -> Readiness {
+        Readiness::default()
+    }
+
+    /// What the status page at `/` shows; by default its readiness and certificates.
+    fn page(&self) -> Page {
+        Page {
+            component: self.log().component().to_string(),
+            readiness: self.readiness(),
+            certificates: self.certificates(),
+            ..Page::default()
+        }
+    }
+}
+
+/// Logs a reload's outcome (a refused reload keeps the running settings) and hands it on.
+pub fn reloaded(
+    log: &Log,
+    path: &std::path::Path,
+    outcome: Result<String, ReloadError>,
+) -> Result<String, ReloadError> {
+    match outcome {
+        Ok(summary) => {
+            log.info(&format!(
+                "Configuration reloaded from {}: {summary}",
+                path.display()
+            ));
+            Ok(summary)
+        }
+        Err(why) => {
+            log.error(&format!(
+                "Configuration reload refused, the running settings stay: {why}"
+            ));
+            Err(why)
+        }
+    }
 }
 
 /// Is `addr` one the admin surface may listen on?
@@ -105,6 +160,30 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
     }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(control)),
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            let mut text = control.metrics();
+            text.push_str(&crate::metrics::common(
+                &control.certificates(),
+                control.log(),
+            ));
+            let mut response = plain(StatusCode::OK, &text);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => plain(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/") => page(&control.page()),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            let readiness = control.readiness();
+            let status = if readiness.is_ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(status, &readiness.body())
+        }
         (&Method::PUT | &Method::POST, "/verbose") => {
             // The body is one word; anything longer is not a setting.
             let limited = http_body_util::Limited::new(body, 64);
@@ -138,7 +217,9 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
             Ok(summary) => plain(StatusCode::OK, &format!("{summary}\n")),
             Err(why) => plain(StatusCode::UNPROCESSABLE_ENTITY, &format!("{why}\n")),
         },
-        (_, "/status" | "/verbose" | "/reload") => plain(StatusCode::METHOD_NOT_ALLOWED, USAGE),
+        (_, "/" | "/status" | "/verbose" | "/reload" | "/metrics" | "/healthz" | "/readyz") => {
+            plain(StatusCode::METHOD_NOT_ALLOWED, USAGE)
+        }
         _ => plain(StatusCode::NOT_FOUND, USAGE),
     }
 }
@@ -237,7 +318,7 @@ fn is_port(port: Option<&str>) -> bool {
 }
 
 const USAGE: &str =
-    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload\n";
+    "GET /status, PUT /verbose (on|off, as JSON or with no Content-Type), POST /reload, GET /metrics, GET /healthz, GET /readyz, GET / (the status page)\n";
 
 fn status(control: &dyn Control) -> serde_json::Value {
     let mut value = serde_json::json!({
@@ -259,6 +340,29 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// The status page, with headers that keep it to itself: nothing loaded from anywhere, no
+/// script, not framed, not cached.
+fn page(page: &Page) -> Response<Body> {
+    use hyper::header::{self, HeaderValue};
+    let html = crate::page::render(page, time::OffsetDateTime::now_utc());
+    let mut response = Response::new(full(html));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     response
 }
 

@@ -29,6 +29,8 @@ pub struct System {
     gateway_config: GatewayConfig,
     /// The gateway's and the connector's shards, when they run on their own.
     shard_threads: Vec<ShardThreads>,
+    /// The gateway's and the connector's admin surfaces, once [`System::admin`] started them.
+    admin: Option<[runtime::listener::Listening; 2]>,
 }
 
 /// Asserts that a recorded log has a line containing `text` (the whole log shown if not).
@@ -229,6 +231,40 @@ impl System {
             gateway_log,
             gateway_config,
             shard_threads,
+            admin: None,
+        }
+    }
+
+    /// The gateway's and the connector's admin surfaces (`GET /metrics`, `/readyz`, `/` ...)
+    /// on free loopback ports, as `admin_listen` serves them, reloading from the lab's
+    /// `gateway.toml` and `connector.toml`; started on the first call. Their addresses.
+    pub fn admin(&mut self) -> [SocketAddr; 2] {
+        if self.admin.is_none() {
+            let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+            let gateway = self
+                .gateway
+                .as_ref()
+                .expect("the gateway runs")
+                .control(self.path("gateway.toml"));
+            let connector = self
+                .connector
+                .as_ref()
+                .expect("the connector runs")
+                .control(self.path("connector.toml"));
+            self.admin = Some(self.runtime.block_on(async {
+                [
+                    runtime::admin::serve(loopback, Arc::new(gateway))
+                        .await
+                        .unwrap(),
+                    runtime::admin::serve(loopback, Arc::new(connector))
+                        .await
+                        .unwrap(),
+                ]
+            }));
+        }
+        match &self.admin {
+            Some([gateway, connector]) => [gateway.addr, connector.addr],
+            None => unreachable!("started above"),
         }
     }
 
@@ -384,6 +420,9 @@ impl System {
 
     pub fn stop(mut self) {
         self.runtime.block_on(async {
+            for admin in self.admin.take().into_iter().flatten() {
+                admin.stop().await;
+            }
             if let Some(c) = self.connector.take() {
                 c.stop().await;
             }
@@ -397,6 +436,49 @@ impl System {
         // The shards' threads end (and are waited for) as they are dropped.
         self.shard_threads.clear();
     }
+}
+
+/// `GET path` over HTTP/1.1 on loopback `addr` (an admin surface), with `Host: 127.0.0.1`:
+/// the status and the body (chunks joined). Bounded: 10 s for the whole answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+        addr.port()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer)
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    if !chunked {
+        return (status, body.to_string());
+    }
+    // Chunks: a hex size line, the data, CR LF; a size of 0 ends them.
+    let (mut rest, mut whole) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|_| panic!("a bad chunk size in {body:?}"));
+        if size == 0 || after.len() < size {
+            break;
+        }
+        whole.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    (status, whole)
 }
 
 pub fn curl(system: &System, path: &str, extra: &[&str]) -> std::process::Output {

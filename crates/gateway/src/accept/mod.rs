@@ -81,7 +81,7 @@ pub(crate) async fn connection(
         let start = match tokio::time::timeout_at(hello_deadline, hello).await {
             Ok(Ok(start)) => start,
             // Failed handshakes are the client's business (and very common on the internet).
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => return shared.metrics.handshake(false),
             Err(_) => {
                 match (over, &slot) {
                     (Some(cap), Some(slot)) => slot.refused(cap, peer, &shared.log),
@@ -165,8 +165,11 @@ async fn handshake_and_serve(
     // in place, the box's memory would stay allocated until this fn returns, that is for as
     // long as the device stays.
     let tls = match tokio::time::timeout_at(deadline, unbox(start).into_stream(config)).await {
-        Ok(Ok(tls)) => Box::new(tls),
-        Ok(Err(_)) => return,
+        Ok(Ok(tls)) => {
+            shared.metrics.handshake(true);
+            Box::new(tls)
+        }
+        Ok(Err(_)) => return shared.metrics.handshake(false),
         Err(_) => {
             shared
                 .limits

@@ -149,6 +149,14 @@ impl Registry {
         }
     }
 
+    /// Whether some connector has announced `endpoint` since start.
+    pub fn is_known(&self, endpoint: u64) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&endpoint)
+    }
+
     /// Every endpoint announced since start, whether a channel serves it now, and how many.
     pub fn endpoints(&self) -> Vec<(u64, String, usize)> {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());

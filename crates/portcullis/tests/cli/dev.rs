@@ -62,6 +62,29 @@ fn dev_brings_the_whole_system_up_and_its_lines_work_when_pasted() {
             text(&run)
         );
     }
+    // Each component's status page, at the address printed beside it.
+    let pages: Vec<&str> = shown
+        .lines()
+        .filter_map(|l| l.split("status page ").nth(1))
+        .map(|rest| rest.trim_end_matches(')'))
+        .collect();
+    assert_eq!(pages.len(), 2, "{shown}");
+    for (url, component) in pages.into_iter().zip(["gateway", "connector"]) {
+        assert!(
+            url.starts_with("http://127.0.0.1:") && url.ends_with('/'),
+            "{url}"
+        );
+        let run = Command::new("curl")
+            .args(["-sS", "--max-time", "10", url])
+            .output()
+            .unwrap();
+        let page = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            page.contains(&format!("<title>Portcullis {component}</title>")),
+            "{url}: {}",
+            text(&run)
+        );
+    }
     drop(child);
     let root = std::fs::read(tmp.path().join("portcullis-dev/ca/root.crt")).unwrap();
     let (child, shown) = start_dev(tmp.path(), &[]);
