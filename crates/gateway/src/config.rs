@@ -316,7 +316,13 @@ impl GatewayConfig {
     }
 
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let mut cfg: GatewayConfig = config::load_toml(path)?;
+        GatewayConfig::parse(&config::read_text(path)?, path)
+    }
+
+    /// What [`GatewayConfig::load`] does with the file's text once read: parsed and checked, its
+    /// relative paths taken from `path`'s directory, and `path` named in every error.
+    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let mut cfg: GatewayConfig = config::parse_toml(text, path)?;
         cfg.resolve_paths(config::dir_of(path));
         let invalid = |key, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),

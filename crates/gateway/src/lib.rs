@@ -23,6 +23,8 @@ mod connectors;
 mod device;
 pub mod device_auth;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod idle;
 mod limits;
 mod message_id;

@@ -15,6 +15,7 @@ mod accept;
 mod registry;
 mod send;
 
+pub(crate) use accept::parse_hello;
 pub use accept::{accept, AcceptError, HelloError};
 pub use registry::{Queue, Registry, DEFAULT_MAX_QUEUED_REQUESTS};
 pub use send::ChannelBody;
