@@ -353,6 +353,16 @@ impl GatewayConfig {
                 "list at least one site public key (PEM) to check tokens with",
             ));
         }
+        if cfg
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.leeway_secs > token::MAX_LEEWAY_SECS)
+        {
+            return Err(invalid(
+                "tokens.leeway_secs",
+                &format!("must be between 0 and {}", token::MAX_LEEWAY_SECS),
+            ));
+        }
         if let Err(reason) = cfg.tls.check() {
             return Err(invalid("tls", &reason));
         }
