@@ -9,7 +9,8 @@
 # are on. Each target starts from its seeds in fuzz/corpus/TARGET (read only) and keeps what
 # it finds in fuzz/target/corpus/TARGET; a crash or a timeout (over 10 s on one input) is
 # saved in fuzz/artifacts/TARGET/. Exits non-zero if any target crashed or timed out. Set
-# FUZZ_JOBS to run that many targets at once, FUZZ_RUNS to stop each after that many inputs.
+# FUZZ_JOBS to run that many targets at once, FUZZ_RUNS to stop each after that many inputs,
+# FUZZ_ARGS for more libFuzzer options (e.g. -max_len=1024).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
@@ -62,7 +63,7 @@ run() {
   local log=target/fuzz-$t.log
   local status=0
   "$bin/$t" "target/corpus/$t" "corpus/$t" -max_total_time="$seconds" -runs="${FUZZ_RUNS:--1}" -timeout=10 \
-    -print_final_stats=1 -artifact_prefix="artifacts/$t/" > "$log" 2>&1 || status=$?
+    -print_final_stats=1 -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-} > "$log" 2>&1 || status=$?
   local done_line runs
   done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
