@@ -12,7 +12,8 @@
 //!
 //! Device authentication is checked without reaching any endpoint: the gateway judges the
 //! device before it looks for a channel, so a request for endpoint 0 (never announced) comes
-//! back `404 CMGService_Unknownendpoint` exactly when the device passed.
+//! back `404 CMGService_Unknownendpoint` (or, in a gateway's first seconds, `503
+//! CMGService_Gatewaystarting`) exactly when the device passed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -458,10 +459,19 @@ async fn device_auth(options: &AnalyzeOptions, request: ProbeOptions) -> Checked
         )
     })?;
     match &report.outcome {
-        Outcome::HttpError { status: 404, text } if text == "CMGService_Unknownendpoint" => Ok((
+        // A gateway in its first seconds (startup_grace_secs) says so for an endpoint nobody
+        // announced; it too has judged the device first.
+        Outcome::HttpError { status, text }
+            if matches!(
+                (*status, text.as_str()),
+                (404, "CMGService_Unknownendpoint") | (503, "CMGService_Gatewaystarting")
+            ) =>
+        {
+            Ok((
             (),
             "the gateway accepted the device's certificate on CCM_PROXY_MUTUALAUTH".into(),
-        )),
+            ))
+        }
         Outcome::HttpError { status, text } if text.starts_with("CMGService_") => {
             let (cause, remedy) = refusal_words(*status, text, &report.body);
             Err((cause, remedy))

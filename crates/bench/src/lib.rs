@@ -1,7 +1,9 @@
 //! `portcullis bench`: the load generator ([`load`]), the idle-connection bench
-//! ([`connections`]) and the side-by-side comparison ([`compare`]).
+//! ([`connections`]), the side-by-side comparison ([`compare`]) and the fault drill
+//! ([`faults`]).
 
 pub mod compare;
 pub mod connections;
+pub mod faults;
 pub mod load;
 pub mod procstat;

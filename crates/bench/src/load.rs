@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -129,14 +129,57 @@ impl LoadReport {
     }
 }
 
-/// What every worker shares.
-struct Shared {
+/// A server devices call: where it is and how a device's TLS reaches it. The load generator
+/// and the fault drill (`crate::faults`) connect through it.
+pub struct Target {
     tls: tokio_rustls::TlsConnector,
     name: ServerName<'static>,
     host: String,
     port: u16,
+    /// The `Host` header: `host` or `host:port`.
+    pub authority: String,
+}
+
+impl Target {
+    /// The server of `url` (`https://host:port/...`), reached with `tls`.
+    pub fn new(url: &str, tls: rustls::ClientConfig) -> Result<Target, LoadError> {
+        let (name, host, port) = probe::server_name_of(url)?;
+        Ok(Target {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            name,
+            authority: if port == 443 {
+                host.clone()
+            } else {
+                format!("{host}:{port}")
+            },
+            host,
+            port,
+        })
+    }
+
+    /// A new kept-alive HTTP/1.1 connection: TCP, the device's TLS handshake, HTTP.
+    pub async fn connect(&self) -> Result<Sender, String> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connect: {}", e.kind()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+}
+
+/// What every worker shares.
+struct Shared {
+    target: Target,
     path: String,
-    authority: String,
     deadline: Option<Instant>,
     /// Requests started so far, against `requests`.
     started: AtomicU64,
@@ -215,7 +258,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     if options.mode == Mode::Handshake && !options.tls_resumption {
         tls.resumption = rustls::client::Resumption::disabled();
     }
-    let (name, host, port) = probe::server_name_of(&options.url)?;
+    let target = Target::new(&options.url, tls)?;
     let uri: hyper::Uri = options
         .url
         .parse()
@@ -226,15 +269,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         .unwrap_or_else(|| "/".into());
     let started_at = Instant::now();
     let shared = Arc::new(Shared {
-        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        name,
-        authority: if port == 443 {
-            host.clone()
-        } else {
-            format!("{host}:{port}")
-        },
-        host,
-        port,
+        target,
         path,
         deadline: duration.map(|d| started_at + d),
         started: AtomicU64::new(0),
@@ -346,36 +381,34 @@ async fn progress_line(shared: Arc<Shared>, started: Instant) {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+/// A device's kept-alive connection.
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(shared: &Shared) -> Result<Sender, String> {
-    let tcp = TcpStream::connect((shared.host.as_str(), shared.port))
-        .await
-        .map_err(|e| format!("connect: {}", e.kind()))?;
-    let _ = tcp.set_nodelay(true);
-    let tls = shared
-        .tls
-        .connect(shared.name.clone(), tcp)
-        .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| format!("http: {e}"))?;
-    tokio::spawn(connection);
-    Ok(sender)
+/// An answer as a device sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// The status line's text (the reason phrase) when not 2xx: a Portcullis status text such
+    /// as `CMGService_Noconnectorchannel`, or the standard reason.
+    pub text: String,
+    /// Bytes of body read (all of it).
+    pub body_bytes: u64,
 }
 
-/// One request on `sender`: the status and its text, and the body's length.
-async fn exchange(shared: &Shared, sender: &mut Sender) -> Result<(u16, String, u64), String> {
+/// One request on `sender`, its answer's body read to the end.
+pub async fn exchange(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+) -> Result<Answer, String> {
     sender
         .ready()
         .await
         .map_err(|e| format!("connection: {e}"))?;
-    let request = Request::get(shared.path.as_str())
-        .header(hyper::header::HOST, shared.authority.as_str())
-        .header(hyper::header::USER_AGENT, "SMS CCM 5.0")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
+    send(sender, request).await
+}
+
+/// `request` on a `sender` that is ready, its answer's body read to the end.
+pub async fn send(sender: &mut Sender, request: Request<Full<Bytes>>) -> Result<Answer, String> {
     let response = sender
         .send_request(request)
         .await
@@ -397,14 +430,27 @@ async fn exchange(shared: &Shared, sender: &mut Sender) -> Result<(u16, String, 
             })
     };
     let mut body = response.into_body();
-    let mut bytes = 0u64;
+    let mut body_bytes = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("body: {e}"))?;
         if let Some(data) = frame.data_ref() {
-            bytes += data.len() as u64;
+            body_bytes += data.len() as u64;
         }
     }
-    Ok((status, text, bytes))
+    Ok(Answer {
+        status,
+        text,
+        body_bytes,
+    })
+}
+
+/// The load generator's request: a GET of the URL's path, as a device's client sends it.
+fn get(shared: &Shared) -> Result<Request<Full<Bytes>>, String> {
+    Request::get(shared.path.as_str())
+        .header(hyper::header::HOST, shared.target.authority.as_str())
+        .header(hyper::header::USER_AGENT, "SMS CCM 5.0")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("request: {e}"))
 }
 
 async fn worker(
@@ -438,13 +484,13 @@ async fn worker(
             let was_reused = reused.is_some();
             let mut current = match reused {
                 Some(current) => current,
-                None => connect(shared).await?,
+                None => shared.target.connect().await?,
             };
-            let answer = match exchange(shared, &mut current).await {
+            let answer = match exchange(&mut current, get(shared)?).await {
                 Ok(answer) => answer,
                 Err(_) if was_reused => {
-                    current = connect(shared).await?;
-                    exchange(shared, &mut current).await?
+                    current = shared.target.connect().await?;
+                    exchange(&mut current, get(shared)?).await?
                 }
                 Err(e) => return Err(e),
             };
@@ -461,9 +507,13 @@ async fn worker(
         let took = from.elapsed();
         shared.done.fetch_add(1, Ordering::Relaxed);
         match outcome {
-            Ok((status, text, bytes)) => {
+            Ok(Answer {
+                status,
+                text,
+                body_bytes,
+            }) => {
                 let _ = tally.histogram.record((took.as_micros() as u64).max(1));
-                tally.bytes += bytes;
+                tally.bytes += body_bytes;
                 if (200..300).contains(&status) {
                     tally.ok += 1;
                 } else {

@@ -53,6 +53,24 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Resident set size now in KiB (`VmRSS`); `None` when it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Open file descriptors (`/proc/<pid>/fd`); `None` when it is gone.
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
 /// Every process whose parent chain reaches one of `roots` (not the roots themselves).
 pub fn descendants(roots: &[u32]) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(Path::new("/proc")) else {
@@ -86,6 +104,8 @@ mod tests {
         assert!(cpu_seconds(me).is_some());
         assert!(peak_rss_kib(me).is_some_and(|k| k > 0));
         assert!(start_time(me).is_some());
+        assert!(rss_kib(me).is_some_and(|k| k > 0));
+        assert!(open_fds(me).is_some_and(|n| n >= 3));
         assert!(cpu_seconds(u32::MAX).is_none());
     }
 

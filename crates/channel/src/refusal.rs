@@ -92,6 +92,14 @@ pub enum Cause {
     NoChannel {
         endpoint: u64,
     },
+    /// The gateway started moments ago and no connector has announced the endpoint yet: the
+    /// connectors may still be redialling (`startup_grace_secs`).
+    GatewayStarting {
+        endpoint: u64,
+        /// Seconds since the gateway started, and its grace period.
+        since_secs: u64,
+        grace_secs: u64,
+    },
     ConnectorTimeout {
         endpoint: u64,
         seconds: u64,
@@ -102,6 +110,12 @@ pub enum Cause {
     /// Every channel for the endpoint is full and the queue of requests waiting for one is too.
     ChannelsBusy {
         endpoint: u64,
+    },
+    /// Every channel for the endpoint has left the gateway's keep-alive PING unanswered for
+    /// longer than `channel_unresponsive_after_ms`: its connector is frozen or cut off.
+    ConnectorUnresponsive {
+        endpoint: u64,
+        silent_ms: u64,
     },
     /// The connector's answer broke a rule of the channel (its header block too large, a
     /// pushed stream): it is not passed on.
@@ -215,6 +229,9 @@ impl Refusal {
                 503,
                 "CMGService_Noconnectorchannel",
             ),
+            Cause::GatewayStarting { .. } => {
+                (Hop::GatewayToConnector, 503, "CMGService_Gatewaystarting")
+            }
             Cause::ConnectorTimeout { .. } => {
                 (Hop::GatewayToConnector, 504, "CMGService_Connectortimeout")
             }
@@ -222,6 +239,11 @@ impl Refusal {
                 (Hop::GatewayToConnector, 502, "CMGService_Channelbroken")
             }
             Cause::ChannelsBusy { .. } => (Hop::GatewayToConnector, 503, "CMGService_Channelbusy"),
+            Cause::ConnectorUnresponsive { .. } => (
+                Hop::GatewayToConnector,
+                503,
+                "CMGService_Connectorunresponsive",
+            ),
             Cause::BadConnectorAnswer { .. } => (
                 Hop::GatewayToConnector,
                 502,
@@ -303,11 +325,15 @@ impl Refusal {
             Cause::NoChannel { endpoint } => {
                 format!("no connector holds a channel to this gateway for endpoint {endpoint}")
             }
+            Cause::GatewayStarting { endpoint, since_secs, grace_secs } => format!(
+                "the gateway started {since_secs} s ago and no connector has announced endpoint {endpoint} yet; connectors may still be reconnecting (for the first {grace_secs} s after a start, startup_grace_secs)"
+            ),
             Cause::ConnectorTimeout { endpoint, seconds } => {
-                format!("the connector did not answer for endpoint {endpoint} within {seconds} s")
+                format!("the connector did not answer for endpoint {endpoint} within {seconds} s (the gateway's request_timeout_secs)")
             }
             Cause::ChannelBroken { detail } => format!("the channel to the connector broke: {detail}"),
             Cause::ChannelsBusy { endpoint } => format!("every channel for endpoint {endpoint} is full and so is the queue of requests waiting for one"),
+            Cause::ConnectorUnresponsive { endpoint, silent_ms } => format!("every channel for endpoint {endpoint} has left the gateway's keep-alive PING unanswered, the longest silent for {}.{:03} s", silent_ms / 1000, silent_ms % 1000),
             Cause::BadConnectorAnswer { detail } => format!("the connector's answer was refused: {detail}"),
             Cause::ConnectorStalled { seconds } => format!("the connector started its answer and then sent nothing for {seconds} s"),
             Cause::EndpointNeedsClientCertificate { url, presented: false } => format!(
@@ -326,7 +352,7 @@ impl Refusal {
             Cause::EndpointFailed { url, status } => format!("{url} failed with {status}"),
             Cause::EndpointUnreachable { url, detail } => format!("cannot reach {url}: {detail}"),
             Cause::EndpointTlsFailed { url, detail } => format!("TLS with {url} failed: {detail}"),
-            Cause::EndpointTimeout { url, seconds } => format!("{url} did not answer within {seconds} s"),
+            Cause::EndpointTimeout { url, seconds } => format!("{url} did not answer within {seconds} s (the connector's endpoint_timeout_secs)"),
         }
     }
 
@@ -349,8 +375,11 @@ impl Refusal {
             Cause::DeviceStalled { .. } => "Check the device's network; the gateway gives up on a stream whose device neither sends nor reads within device_idle_timeout_secs.",
             Cause::UnknownEndpoint { .. } => "Check the endpoint id in the URL against the connector's endpoint table (see ServiceMetadata).",
             Cause::NoChannel { .. } => "Start the connector serving this endpoint and check it can reach this gateway (its log says \"Maintaining connections...\").",
-            Cause::ConnectorTimeout { .. } | Cause::ChannelBroken { .. } => "Check the connector's log and its network path to the gateway.",
+            Cause::GatewayStarting { .. } => "Retry in a few seconds (the answer's Retry-After says when the grace period ends); if the endpoint is still unknown after it, check the endpoint id against the connector's endpoint table and that the connector reaches this gateway.",
+            Cause::ConnectorTimeout { .. } => "Check the connector's log for the message and its network path to the gateway; keep the gateway's request_timeout_secs above the connector's endpoint_timeout_secs, so that a slow endpoint is named by the connector (504 CMGConnector_Endpointtimeout).",
+            Cause::ChannelBroken { .. } => "Check the connector's log and its network path to the gateway.",
             Cause::ChannelsBusy { .. } => "Retry later; if the load is legitimate raise the connector's channels_per_gateway or the gateway's max_queued_requests.",
+            Cause::ConnectorUnresponsive { .. } => "Check the connector's host (a hung or overloaded process, a paused machine) and the network between it and the gateway; the gateway's log names the connector and drops its channels if the silence lasts (channel_keepalive_timeout_secs).",
             Cause::BadConnectorAnswer { .. } => "Check the connector's version and the endpoint's answer (its headers must fit max_response_header_bytes).",
             Cause::ConnectorStalled { .. } => "Check the endpoint behind the connector: it started an answer and stopped sending it.",
             Cause::EndpointNeedsClientCertificate { .. } => "Give the connector a client authentication certificate: run `portcullis doctor certs` on its store and apply the fix it names.",
@@ -359,7 +388,7 @@ impl Refusal {
             Cause::EndpointFailed { .. } => "Check the endpoint's own logs (IIS W3C and the role's log).",
             Cause::EndpointUnreachable { .. } => "Check the endpoint URL in the connector's configuration, name resolution and the firewall from the connector to the endpoint.",
             Cause::EndpointTlsFailed { .. } => "Make the connector trust the endpoint's server certificate and check that its name matches the URL.",
-            Cause::EndpointTimeout { .. } => "Check the endpoint's load and health.",
+            Cause::EndpointTimeout { .. } => "Check the endpoint's load and health; the connector waits endpoint_timeout_secs for its answer.",
         }
     }
 
@@ -446,9 +475,11 @@ impl Cause {
             Cause::DeviceStalled { .. } => "The device stopped sending its request body, or stopped reading the answer, for too long.",
             Cause::UnknownEndpoint { .. } => "No connector has announced the endpoint id in the URL.",
             Cause::NoChannel { .. } => "The endpoint is known, but no connector serving it holds a channel to this gateway now.",
+            Cause::GatewayStarting { .. } => "The gateway has just started (within startup_grace_secs) and no connector has announced the endpoint yet: the connectors may still be reconnecting.",
             Cause::ConnectorTimeout { .. } => "The connector did not answer within the gateway's request timeout.",
             Cause::ChannelBroken { .. } => "The channel to the connector broke while the request was on it.",
             Cause::ChannelsBusy { .. } => "Every channel for the endpoint is full, and so is the queue of requests waiting for one.",
+            Cause::ConnectorUnresponsive { .. } => "Every channel for the endpoint belongs to a connector that has stopped answering the gateway's keep-alive PINGs (frozen, overloaded or cut off), so no request is sent to wait on it.",
             Cause::BadConnectorAnswer { .. } => "The connector's answer broke a rule of the channel (a header block too large, a pushed stream), so it is not passed on.",
             Cause::ConnectorStalled { .. } => "The connector started its answer and then sent nothing for too long.",
             Cause::EndpointNeedsClientCertificate { .. } => "The endpoint demanded a client certificate (IIS 403.7) that the connector did not have or could not present.",
@@ -510,6 +541,11 @@ impl Cause {
             },
             Cause::UnknownEndpoint { endpoint: 3456 },
             Cause::NoChannel { endpoint: 3456 },
+            Cause::GatewayStarting {
+                endpoint: 3456,
+                since_secs: 1,
+                grace_secs: 35,
+            },
             Cause::ConnectorTimeout {
                 endpoint: 3456,
                 seconds: 30,
@@ -518,6 +554,10 @@ impl Cause {
                 detail: "stream reset".into(),
             },
             Cause::ChannelsBusy { endpoint: 3456 },
+            Cause::ConnectorUnresponsive {
+                endpoint: 3456,
+                silent_ms: 1250,
+            },
             Cause::BadConnectorAnswer {
                 detail: "its header block is over 65536 bytes".into(),
             },
@@ -566,9 +606,11 @@ impl Cause {
                 | Cause::DeviceStalled { .. }
                 | Cause::UnknownEndpoint { .. }
                 | Cause::NoChannel { .. }
+                | Cause::GatewayStarting { .. }
                 | Cause::ConnectorTimeout { .. }
                 | Cause::ChannelBroken { .. }
                 | Cause::ChannelsBusy { .. }
+                | Cause::ConnectorUnresponsive { .. }
                 | Cause::BadConnectorAnswer { .. }
                 | Cause::ConnectorStalled { .. }
                 | Cause::EndpointNeedsClientCertificate { .. }
@@ -585,68 +627,5 @@ impl Cause {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_refusal_has_a_status_text_in_the_original_style_and_a_remedy() {
-        let all = Cause::examples();
-        let mut texts = std::collections::HashSet::new();
-        let count = all.len();
-        for cause in all {
-            let r = Refusal::new(cause);
-            assert!(
-                r.text.starts_with("CMGService_") || r.text.starts_with("CMGConnector_"),
-                "{r}"
-            );
-            assert!(
-                r.text
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-                "a reason phrase: {r}"
-            );
-            assert!((400..600).contains(&r.status));
-            assert!(r.remedy().ends_with('.') && !r.reason().is_empty());
-            texts.insert(r.text);
-        }
-        assert_eq!(texts.len(), count, "each cause has its own status text");
-    }
-
-    /// README's status-text table: a row per example, in order, five cells each, every
-    /// summary a sentence of its own.
-    #[test]
-    fn the_status_text_table_has_a_row_per_cause() {
-        let table = status_text_table();
-        let rows: Vec<&str> = table.lines().collect();
-        let all = Cause::examples();
-        assert_eq!(rows.len(), all.len() + 2, "{table}");
-        assert_eq!(
-            rows[0],
-            "| status | status text | hop | when | what to do |"
-        );
-        for (row, cause) in rows[2..].iter().zip(all) {
-            let r = Refusal::new(cause);
-            assert!(
-                row.starts_with(&format!(
-                    "| {} | `{}` | {} | ",
-                    r.status,
-                    r.text,
-                    r.hop.describe()
-                )),
-                "{row}"
-            );
-            let remedy = r.remedy().replace('|', "\\|").replace('<', "&lt;");
-            assert!(row.ends_with(&format!(" | {remedy} |")), "{row}");
-            let summary = r.cause.summary();
-            assert!(
-                summary.ends_with('.') && !summary.contains('\n'),
-                "{summary}"
-            );
-            assert_eq!(
-                row.matches(" | ").count() - row.matches("\\|").count(),
-                4,
-                "{row}"
-            );
-        }
-    }
-}
+#[path = "refusal_tests.rs"]
+mod tests;

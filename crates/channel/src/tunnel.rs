@@ -68,6 +68,8 @@ pub mod headers {
     /// On the hello request: how many worker threads (shards) the gateway runs, so that the
     /// connector can open a channel for each and no gateway thread sends through another's.
     pub const GATEWAY_THREADS: HeaderName = HeaderName::from_static("x-portcullis-gateway-threads");
+    /// On the hello request: the gateway's id for the channel, so both logs name it alike.
+    pub const CHANNEL_ID: HeaderName = HeaderName::from_static("x-portcullis-channel");
     /// The device's address, for endpoints, set by the gateway (the device's own dropped).
     pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -205,9 +207,16 @@ pub struct Hello {
     /// whatever its own budget. Absent from older connectors: the gateway's budget alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_header_bytes: Option<u32>,
+    /// How long the connector waits for an endpoint's answer (its `endpoint_timeout_secs`):
+    /// the gateway warns when its own `request_timeout_secs` is not above it, as its devices
+    /// would then get the gateway's 504 rather than the connector's, which names the endpoint.
+    /// Absent from older connectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_timeout_secs: Option<u64>,
 }
 
-/// How long a channel may stay silent before a PING must be answered.
+/// How long a channel may stay silent before the connector PINGs its gateway, and how long the
+/// answer may take (the gateway watches its end more closely: `gateway::channels::KeepAlive`).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -81,3 +81,67 @@ where
     let _ = connection.await;
     Ok(Served::Drained)
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// A channel that breaks the peer's HTTP/2 rules ends with GOAWAY ENHANCE_YOUR_CALM, and
+    /// each end's log says so by name, with who sent it: hyper alone said "http2 error". Made
+    /// real: a gateway end (h2's client) sends more empty DATA frames than h2 takes (100),
+    /// so the connector's hyper server says GOAWAY `too_many_data_frames`.
+    #[tokio::test]
+    async fn a_goaway_enhance_your_calm_is_told_by_name_at_both_ends() {
+        let (gateway_end, connector_end) = tokio::io::duplex(1024 * 1024);
+        let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
+            // Never answers: the body's frames are what is judged.
+            std::future::pending::<Result<Response<Body>, std::convert::Infallible>>().await
+        });
+        let connector = tokio::spawn(serve(
+            connector_end,
+            service,
+            std::future::pending(),
+            64 * 1024,
+        ));
+        let (sender, connection) = h2::client::handshake(gateway_end).await.expect("h2");
+        let gateway = tokio::spawn(connection);
+        let mut sender = sender.ready().await.expect("ready");
+        let request = hyper::Request::post("/upload").body(()).expect("request");
+        let (_response, mut body) = sender.send_request(request, false).expect("sent");
+        for _ in 0..150 {
+            if body.send_data(Bytes::new(), false).is_err() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let limit = std::time::Duration::from_secs(10);
+        let connector_ended = tokio::time::timeout(limit, connector)
+            .await
+            .expect("the connector's end closes")
+            .expect("no panic");
+        let hyper_error = connector_ended.expect_err("a GOAWAY is an error");
+        assert_eq!(
+            hyper_error.to_string(),
+            "http2 error",
+            "what hyper says alone"
+        );
+        let connector_says =
+            channel::ended::error_text(&hyper_error, "the gateway", "this connector");
+        assert_eq!(
+            connector_says,
+            "this connector's HTTP/2 sent GOAWAY ENHANCE_YOUR_CALM (detected excessive load generating behavior) to the gateway, which broke its rules: too many small DATA frames, stream resets or refused streams"
+        );
+        let gateway_ended = tokio::time::timeout(limit, gateway)
+            .await
+            .expect("the gateway's end closes")
+            .expect("no panic");
+        let h2_error = gateway_ended.expect_err("a GOAWAY is an error");
+        let gateway_says = channel::ended::h2_error_text(&h2_error, "the connector", "the gateway");
+        assert_eq!(
+            gateway_says,
+            "the connector sent GOAWAY ENHANCE_YOUR_CALM (detected excessive load generating behavior): too many small DATA frames, stream resets or refused streams, debug data \"too_many_data_frames\""
+        );
+    }
+}

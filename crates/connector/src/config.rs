@@ -61,7 +61,11 @@ pub struct ConnectorConfig {
     #[serde(default)]
     pub endpoint_crl_policy: CrlPolicy,
     pub endpoints: Vec<EndpointConfig>,
-    /// Seconds an endpoint may take to answer.
+    /// Seconds the connector waits for an endpoint's answer to begin, its connection and TLS
+    /// handshake included (default 60): past it the device gets 504
+    /// `CMGConnector_Endpointtimeout`. Announced to the gateways in the hello: keep it below
+    /// their `request_timeout_secs` (120 by default), which would otherwise strike first with
+    /// the gateway's 504 `CMGService_Connectortimeout` (the gateway warns when a channel opens).
     #[serde(default = "default_endpoint_timeout")]
     pub endpoint_timeout_secs: u64,
     /// The largest request header block a channel takes from a gateway, counted as HPACK
@@ -296,20 +300,6 @@ mod tests {
     use super::*;
     use logs::logger::ConsoleSetting;
 
-    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
-    /// alone would not notice the writer dropping or misspelling it.
-    fn unchanged_keys(config: &ConnectorConfig, base: &ConnectorConfig) -> Vec<String> {
-        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
-        let (config, base) = (json(config), json(base));
-        let base = base.as_object().expect("a table");
-        let config = config.as_object().expect("a table");
-        config
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
     fn mp_endpoint() -> EndpointConfig {
         EndpointConfig {
             id: 72057594037927939,
@@ -350,7 +340,7 @@ mod tests {
         config.log.console = ConsoleSetting::Json;
         config.admin_listen = Some("[::1]:0".parse().unwrap());
         config.worker_threads = Some(2);
-        let unchanged = unchanged_keys(&config, &lab);
+        let unchanged = config::keys_with_equal_values(&config, &lab);
         assert!(
             unchanged.is_empty(),
             "set these keys too, so that the round trip covers them: {unchanged:?}"

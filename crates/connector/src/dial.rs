@@ -114,6 +114,46 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A channel that lived this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// A channel counts as back once it has lasted this long after the gateway asked for its hello
+/// (a gateway that refuses the hello's endpoints closes the channel at once).
+const BACK_AFTER: Duration = Duration::from_secs(1);
+
+/// A channel to a gateway down: since when, and how many dials have failed since.
+struct Outage {
+    since: Instant,
+    failed: u32,
+}
+
+/// How one dial went.
+struct Outcome {
+    ended: Result<Served, ChannelError>,
+    /// The gateway's id for the channel, once it asked for the hello (0: it did not say).
+    greeted: Option<u64>,
+    /// Whether the channel lasted [`BACK_AFTER`] past its hello.
+    settled: bool,
+}
+
+/// The longest a dial loop can wait before it dials a gateway again, once that gateway is back
+/// after refusing connections for `outage`: the backoff it can have reached by then (each
+/// failed dial waits at least half its backoff), doubled once more for a loop whose last
+/// channel had not lived [`HEALTHY_AFTER`] (its backoff was not reset), at most
+/// [`BACKOFF_MAX`]. The fault drill (`portcullis bench faults`) holds the connector to it.
+pub fn redial_bound(outage: Duration) -> Duration {
+    // The wait under way when the gateway comes back is the last one that started before:
+    // wait i starts at the earliest after the half-backoffs of the waits before it.
+    let mut backoff = BACKOFF_FIRST;
+    let mut started = Duration::ZERO;
+    // Bounded: the backoff stops doubling at BACKOFF_MAX within 8 steps.
+    for _ in 0..1_000 {
+        let next = started + backoff / 2;
+        if next >= outage {
+            break;
+        }
+        started = next;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    (backoff * 2).min(BACKOFF_MAX)
+}
 
 impl Dial {
     pub(crate) fn numbered(&self, number: usize) -> Dial {
@@ -126,32 +166,68 @@ impl Dial {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let random = ring::rand::SystemRandom::new();
         let mut backoff = BACKOFF_FIRST;
+        let mut outage: Option<Outage> = None;
         loop {
             let started = Instant::now();
             // A stop drains the channel (see `once`), and the loop ends.
-            let outcome = self.once(stopped.clone()).await;
+            let outcome = self.once(stopped.clone(), &mut outage).await;
             if *stopped.borrow() {
                 return;
             }
             let gateway = format!("{}:{}", self.host, self.port);
-            match outcome {
+            // The gateway's id for the channel, so that the two logs can be read together.
+            let named = match outcome.greeted {
+                Some(id) if id > 0 => format!(" (its channel {id})"),
+                _ => String::new(),
+            };
+            // Asked for no hello: the gateway closed the channel once it saw who dialled.
+            let unheard = match outcome.greeted {
+                None => ", as a gateway does at once to a connector it does not trust or allow (its log says why: \"Refused a connector channel from ...\")",
+                Some(_) => "",
+            };
+            match outcome.ended {
                 Ok(Served::Drained) => {
                     // Drained to say a new hello: dialled again at once.
                     self.log.info(&format!(
-                        "Channel {} to gateway {gateway} drained to give it the new hello; dialling again",
+                        "Channel {} to gateway {gateway}{named} drained to give it the new hello; dialling again",
                         self.number
                     ));
                     backoff = BACKOFF_FIRST;
                     continue;
                 }
+                Ok(Served::Closed) if outcome.greeted.is_none() => self.log.error(&format!(
+                    "Channel {} to gateway {gateway}: channel lost before the gateway asked for the hello: the gateway closed it{unheard}; retrying",
+                    self.number
+                )),
                 Ok(Served::Closed) => self.log.warn(&format!(
-                    "Channel {} to gateway {gateway} closed; reconnecting",
+                    "Channel {} to gateway {gateway}{named} closed by the gateway; reconnecting",
                     self.number
                 )),
+                Err(ChannelError::Ended(e)) if outcome.greeted.is_none() => {
+                    self.log.error(&format!(
+                        "Channel {} to gateway {gateway}: channel lost before the gateway asked for the hello: {}{unheard}; retrying",
+                        self.number,
+                        ChannelError::text(&e)
+                    ))
+                }
                 Err(why) => self.log.error(&format!(
-                    "Channel {} to gateway {gateway}: {why}; retrying",
+                    "Channel {} to gateway {gateway}{named}: {why}; retrying",
                     self.number
                 )),
+            }
+            if outcome.settled {
+                // It was up: the outage starts now.
+                outage = Some(Outage {
+                    since: Instant::now(),
+                    failed: 0,
+                });
+            } else {
+                outage
+                    .get_or_insert(Outage {
+                        since: started,
+                        failed: 0,
+                    })
+                    .failed += 1;
             }
             if started.elapsed() >= HEALTHY_AFTER {
                 backoff = BACKOFF_FIRST;
@@ -169,8 +245,50 @@ impl Dial {
     }
 
     /// Dials the gateway and serves the channel until it ends, or until it has been drained:
-    /// when the hello changed (its turn come) or when the connector stops.
-    async fn once(&self, mut stopped: watch::Receiver<bool>) -> Result<Served, ChannelError> {
+    /// when the hello changed (its turn come) or when the connector stops. A channel back
+    /// after an `outage` says so in the log once it has lasted [`BACK_AFTER`] past its hello.
+    async fn once(&self, stopped: watch::Receiver<bool>, outage: &mut Option<Outage>) -> Outcome {
+        let (greeted, mut greeting) = watch::channel(None);
+        let serving = self.dial_and_serve(stopped, greeted);
+        tokio::pin!(serving);
+        let settled = async {
+            if greeting.wait_for(Option::is_some).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(BACK_AFTER).await;
+        };
+        let (ended, settled) = tokio::select! {
+            ended = &mut serving => (ended, false),
+            () = settled => {
+                if let Some(outage) = outage.take() {
+                    let id = greeting.borrow().unwrap_or(0);
+                    self.log.info(&format!(
+                        "Channel {} to gateway {}:{}{} back after {} attempt(s) (down for {:.1} s)",
+                        self.number,
+                        self.host,
+                        self.port,
+                        if id > 0 { format!(" (its channel {id})") } else { String::new() },
+                        outage.failed + 1,
+                        outage.since.elapsed().as_secs_f64()
+                    ));
+                }
+                (serving.await, true)
+            }
+        };
+        let greeted = *greeting.borrow();
+        Outcome {
+            ended,
+            greeted,
+            settled,
+        }
+    }
+
+    /// Dials the gateway and serves the channel: see [`Dial::once`].
+    async fn dial_and_serve(
+        &self,
+        mut stopped: watch::Receiver<bool>,
+        greeted: watch::Sender<Option<u64>>,
+    ) -> Result<Served, ChannelError> {
         // Changes of the hello from now on: made before dialling, so none is missed.
         let mut hello_changes = self.service.hello_changes.subscribe();
         let tls = tokio::select! {
@@ -184,6 +302,7 @@ impl Dial {
             announced: self.announced.clone(),
             draining: draining.clone(),
             frames,
+            greeted,
         });
         let hyper_service = hyper::service::service_fn(move |req| {
             let channel = channel.clone();
@@ -257,6 +376,30 @@ pub(crate) enum DialError {
 pub(crate) enum ChannelError {
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error("channel ended: {0}")]
+    #[error("channel lost: {}", ChannelError::text(.0))]
     Ended(hyper::Error),
+}
+
+impl ChannelError {
+    /// Why a channel ended, named (hyper alone says "http2 error").
+    fn text(e: &hyper::Error) -> String {
+        channel::ended::error_text(e, "the gateway", "this connector")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redial_bound_follows_the_backoff_and_stops_at_its_cap() {
+        // No outage: the first step, doubled for a loop not yet healthy.
+        assert_eq!(redial_bound(Duration::ZERO), BACKOFF_FIRST * 2);
+        // 1 s down: dials after at least 0.1, 0.2, 0.4 s (0.7 s), then a wait of up to 1.6 s.
+        assert_eq!(
+            redial_bound(Duration::from_secs(1)),
+            Duration::from_millis(3_200)
+        );
+        assert_eq!(redial_bound(Duration::from_secs(3_600)), BACKOFF_MAX);
+    }
 }

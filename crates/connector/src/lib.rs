@@ -14,6 +14,7 @@ mod channel_server;
 mod client_cert;
 pub mod config;
 mod dial;
+pub use dial::redial_bound;
 pub mod endpoint;
 pub mod run;
 mod service;

@@ -133,10 +133,14 @@ impl RunningConnector {
         let infos = endpoint_infos(config);
         let hello_changed = {
             let mut hello = lock(&self.service.hello);
-            let changed =
-                hello.has_client_certificate != has_certificate || hello.endpoints != infos;
+            let timeout = Some(config.endpoint_timeout_secs);
+            let changed = hello.has_client_certificate != has_certificate
+                || hello.endpoints != infos
+                || hello.endpoint_timeout_secs != timeout;
             hello.has_client_certificate = has_certificate;
             hello.endpoints = infos;
+            // The gateways check their request_timeout_secs against it.
+            hello.endpoint_timeout_secs = timeout;
             changed
         };
         if hello_changed {
@@ -241,6 +245,7 @@ pub async fn start_on(
             endpoints: endpoint_infos(&config),
             has_client_certificate: choice.label.is_some(),
             max_request_header_bytes: Some(config.max_request_header_bytes),
+            endpoint_timeout_secs: Some(config.endpoint_timeout_secs),
         }),
         endpoints: ArcSwap::from_pointee(endpoint_urls(&config)),
         client: ArcSwap::from_pointee(choice.client),

@@ -44,16 +44,27 @@ pub(crate) struct PerChannel {
     /// Set when this channel's turn to drain has come: its answers then say so.
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) frames: Arc<tunnel::SmallFrames>,
+    /// Told once the gateway has asked for the hello: `Some` of the gateway's id for the
+    /// channel (0 from a gateway that does not say it).
+    pub(crate) greeted: watch::Sender<Option<u64>>,
 }
 
 impl PerChannel {
     /// Answers one request from the gateway on this channel, saying on the answer when the
     /// channel is draining.
     pub(crate) async fn answer(&self, request: Request<Incoming>) -> Response<Body> {
+        let hello = is_hello(&request).then(|| {
+            header_text_of(request.headers(), &headers::CHANNEL_ID)
+                .and_then(|id| id.parse::<u64>().ok())
+                .unwrap_or(0)
+        });
         let mut response = self
             .service
             .handle(request, &self.announced, &self.frames)
             .await;
+        if let Some(id) = hello {
+            self.greeted.send_replace(Some(id));
+        }
         if self.draining.load(Ordering::Relaxed) {
             response.headers_mut().insert(
                 headers::DRAINING,
@@ -173,7 +184,17 @@ impl Service {
         }
         let forward = Request::from_parts(parts, tunnel::boxed(body));
         let started = Instant::now();
+        // Dropped with this future when the gateway resets the stream before the endpoint
+        // answers (its device went away, or its request_timeout_secs struck): says so.
+        let withdrawn = Withdrawn {
+            log: &self.log,
+            message_id,
+            url: &url_text,
+            started,
+            armed: true,
+        };
         let outcome = client.forward(forward, &url_text).await;
+        withdrawn.disarm();
         self.log.verbose(|| {
             format!(
                 "Message {message_id}: endpoint call took {} ms",
@@ -214,6 +235,36 @@ impl Service {
                 ));
                 refusal_response(&refusal)
             }
+        }
+    }
+}
+
+/// Logs, when dropped armed, that the gateway withdrew a request before its endpoint answered:
+/// hyper drops a stream's future when the gateway resets the stream, and with it the call to
+/// the endpoint.
+struct Withdrawn<'a> {
+    log: &'a Log,
+    message_id: &'a str,
+    url: &'a str,
+    started: Instant,
+    armed: bool,
+}
+
+impl Withdrawn<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Withdrawn<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.log.warn(&format!(
+                "Message {}: the gateway withdrew the request after {} ms, before {} answered (its device went away, or the gateway's request_timeout_secs struck); the call to the endpoint is abandoned",
+                self.message_id,
+                self.started.elapsed().as_millis(),
+                self.url
+            ));
         }
     }
 }

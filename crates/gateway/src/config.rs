@@ -48,9 +48,31 @@ pub struct GatewayConfig {
     /// endpoint that no entry binds. A hello announcing an endpoint outside this is refused,
     /// its channel closed, and logged with the connector and the endpoint ids.
     pub allowed_connectors: Vec<AllowedConnector>,
-    /// Seconds to wait for a connector's answer to start.
+    /// Seconds to wait for a connector's answer to start (default 120); past it the device
+    /// gets 504 `CMGService_Connectortimeout`. Keep it above the connectors'
+    /// `endpoint_timeout_secs` (60 by default; each announces its own in its hello, and a
+    /// warning is logged when a channel's is not below this), so that a slow endpoint is named
+    /// by the connector's 504 `CMGConnector_Endpointtimeout`.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+    /// Seconds after the gateway starts during which a request for an endpoint no connector
+    /// has announced yet gets 503 `CMGService_Gatewaystarting` (with Retry-After) rather than
+    /// 404 `CMGService_Unknownendpoint`: a connector redials a gateway that went away with a
+    /// backoff of up to 30 s, so after a restart its channels may take that long to come back
+    /// (default 35; 0: none).
+    #[serde(default = "default_startup_grace")]
+    pub startup_grace_secs: u64,
+    /// Bytes of a refused request's body that the gateway reads and throws away, so that the
+    /// device's HTTP/1.1 connection stays usable for its next request (default 1 MiB). A body
+    /// declared larger, or not all sent within `refused_body_drain_timeout_secs`, is answered
+    /// with `Connection: close` (and read on for as long again before the connection closes,
+    /// as nginx's lingering close, so that the device reads its answer rather than a reset).
+    /// HTTP/2 needs none of this: a refused stream is reset with NO_ERROR.
+    #[serde(default = "default_refused_body_drain_bytes")]
+    pub refused_body_drain_bytes: u64,
+    /// Seconds the gateway waits for the rest of a refused request's body (default 5).
+    #[serde(default = "default_refused_body_drain_timeout")]
+    pub refused_body_drain_timeout_secs: u64,
     /// Verbose logging: a line per device request and per channel event. Changes on reload
     /// (SIGHUP) or an admin call, without a restart.
     #[serde(default)]
@@ -140,6 +162,16 @@ pub struct GatewayConfig {
     /// `CMGService_Connectorstalled` (504) logged.
     #[serde(default = "default_stall_timeout")]
     pub connector_idle_timeout_secs: u64,
+    /// Milliseconds a connector may go with nothing read from its channel and a keep-alive
+    /// PING unanswered before no new request goes to that channel (default 1,000); when every
+    /// channel for an endpoint is so, devices get 503 `CMGService_Connectorunresponsive` at
+    /// once rather than wait on a frozen connector.
+    #[serde(default = "default_channel_unresponsive_after_ms")]
+    pub channel_unresponsive_after_ms: u64,
+    /// Seconds of such silence before the channel is dropped (default 5): the requests on it
+    /// get 502 `CMGService_Channelbroken` saying the PINGs went unanswered.
+    #[serde(default = "default_channel_keepalive_timeout_secs")]
+    pub channel_keepalive_timeout_secs: u64,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -189,12 +221,34 @@ fn default_stall_timeout() -> u64 {
     30
 }
 
+fn default_channel_unresponsive_after_ms() -> u64 {
+    crate::channels::DEFAULT_UNRESPONSIVE_AFTER.as_millis() as u64
+}
+
+fn default_channel_keepalive_timeout_secs() -> u64 {
+    crate::channels::DEFAULT_KEEPALIVE_TIMEOUT.as_secs()
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 443))
 }
 
 fn default_timeout() -> u64 {
     120
+}
+
+/// The connectors' longest redial backoff (30 s, `connector::dial`) and a few seconds for
+/// the dial itself.
+fn default_startup_grace() -> u64 {
+    35
+}
+
+fn default_refused_body_drain_bytes() -> u64 {
+    1024 * 1024
+}
+
+fn default_refused_body_drain_timeout() -> u64 {
+    5
 }
 
 fn default_handshake_timeout() -> u64 {
@@ -255,6 +309,9 @@ impl GatewayConfig {
             connector_roots,
             allowed_connectors,
             request_timeout_secs: default_timeout(),
+            startup_grace_secs: default_startup_grace(),
+            refused_body_drain_bytes: default_refused_body_drain_bytes(),
+            refused_body_drain_timeout_secs: default_refused_body_drain_timeout(),
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
@@ -278,6 +335,8 @@ impl GatewayConfig {
             max_queued_requests: default_max_queued_requests(),
             device_idle_timeout_secs: default_stall_timeout(),
             connector_idle_timeout_secs: default_stall_timeout(),
+            channel_unresponsive_after_ms: default_channel_unresponsive_after_ms(),
+            channel_keepalive_timeout_secs: default_channel_keepalive_timeout_secs(),
         }
     }
 
@@ -421,7 +480,24 @@ impl GatewayConfig {
                 "must be between 1 and 3600",
             ));
         }
+        if cfg.startup_grace_secs > 3600 {
+            return Err(invalid(
+                "startup_grace_secs",
+                "must be between 0 (none) and 3600",
+            ));
+        }
+        if cfg.refused_body_drain_bytes > 1024 * 1024 * 1024 {
+            return Err(invalid(
+                "refused_body_drain_bytes",
+                "must be between 0 (a refused body is never read: Connection: close) and 1073741824",
+            ));
+        }
         for (key, value, most) in [
+            (
+                "refused_body_drain_timeout_secs",
+                cfg.refused_body_drain_timeout_secs,
+                300,
+            ),
             ("handshake_timeout_secs", cfg.handshake_timeout_secs, 300),
             (
                 "first_request_timeout_secs",
@@ -492,6 +568,20 @@ impl GatewayConfig {
                 return Err(invalid(key, "must be between 1 and 3600"));
             }
         }
+        if cfg.channel_keepalive_timeout_secs == 0 || cfg.channel_keepalive_timeout_secs > 3600 {
+            return Err(invalid(
+                "channel_keepalive_timeout_secs",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(20..=60_000).contains(&cfg.channel_unresponsive_after_ms)
+            || cfg.channel_unresponsive_after_ms >= cfg.channel_keepalive_timeout_secs * 1000
+        {
+            return Err(invalid(
+                "channel_unresponsive_after_ms",
+                "must be between 20 and 60000, and less than channel_keepalive_timeout_secs",
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -527,133 +617,4 @@ pub(crate) fn client_cert_header(config: &GatewayConfig) -> Option<hyper::header
         .client_cert_header
         .as_deref()
         .and_then(|name| client_cert_header_problem(name).ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use logs::logger::ConsoleSetting;
-    use pki::tls::TlsVersion;
-
-    /// The keys of `config` still at their value in `base`: a round trip that leaves a key
-    /// alone would not notice the writer dropping or misspelling it.
-    fn unchanged_keys(config: &GatewayConfig, base: &GatewayConfig) -> Vec<String> {
-        let json = |c| serde_json::to_value(c).expect("a configuration is JSON");
-        let (config, base) = (json(config), json(base));
-        let base = base.as_object().expect("a table");
-        let config = config.as_object().expect("a table");
-        config
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
-    #[test]
-    fn a_written_configuration_loads_as_it_was_built() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = GatewayConfig::lab();
-        config.listen = "127.0.0.1:8443".parse().unwrap();
-        config.channel_listen = Some("127.0.0.1:8444".parse().unwrap());
-        config.cert = "other/server.crt".into();
-        config.key = "/etc/portcullis/server.key".into();
-        config.trusted_roots.push("ca/second-root.crt".into());
-        config
-            .connector_roots
-            .push("/etc/portcullis/connectors.crt".into());
-        config
-            .allowed_connectors
-            .push(AllowedConnector::Bound(BoundConnector {
-                name: "Branch Connector".into(),
-                endpoints: vec![3456, 72057594037927939],
-            }));
-        config.request_timeout_secs = 30;
-        config.verbose = true;
-        config.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
-        config.log.max_size_kib = 2048;
-        config.log.console = ConsoleSetting::Off;
-        config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
-        config.worker_threads = Some(3);
-        config.verify_client_revocation = true;
-        config.crls = vec!["ca/root.crl".into()];
-        config.crl_policy = CrlPolicy::AllowAndWarn;
-        let mut tokens = token::TokenSettings::new(vec!["site/token.pub".into()]);
-        tokens.revoked = Some("site/revoked.txt".into());
-        tokens.leeway_secs = 5;
-        config.tokens = Some(tokens);
-        config.tls.min_version = TlsVersion::Tls13;
-        config.tls.cipher_suites = vec!["TLS13_AES_256_GCM_SHA384".into()];
-        config.client_cert_header = Some("X-ARR-ClientCert".into());
-        config.handshake_timeout_secs = 5;
-        config.first_request_timeout_secs = 86_400;
-        config.idle_timeout_secs = 600;
-        config.http2_keepalive_secs = 0;
-        config.max_connections = 100;
-        config.max_connections_per_address = 10;
-        config.reserved_for_channels = 8;
-        config.max_request_header_bytes = 16 * 1024;
-        config.max_response_header_bytes = 128 * 1024;
-        config.max_streams_per_device = 4;
-        config.max_queued_requests = 0;
-        config.device_idle_timeout_secs = 5;
-        config.connector_idle_timeout_secs = 7;
-        let unchanged = unchanged_keys(&config, &GatewayConfig::lab());
-        assert!(
-            unchanged.is_empty(),
-            "set these keys too, so that the round trip covers them: {unchanged:?}"
-        );
-
-        let path = dir.path().join("gateway.toml");
-        config.write(&path).unwrap();
-        let loaded = GatewayConfig::load(&path).unwrap();
-        config.resolve_paths(dir.path());
-        assert_eq!(loaded, config);
-        assert!(loaded.log.file.as_ref().unwrap().starts_with(dir.path()));
-        assert_eq!(loaded.key, Path::new("/etc/portcullis/server.key"));
-    }
-
-    #[test]
-    fn the_lab_gateway_writes_only_what_it_sets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.toml");
-        GatewayConfig::lab().write(&path).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        // Options left out are not written (TOML has no null), enums in the file's spelling.
-        assert!(
-            !text.contains("tokens") && !text.contains("admin_listen"),
-            "{text}"
-        );
-        assert!(text.contains("crl_policy = \"refuse\""), "{text}");
-        assert!(text.contains("min_version = \"1.2\""), "{text}");
-        assert!(
-            text.contains("allowed_connectors = [\"Portcullis Connector Channel\"]"),
-            "{text}"
-        );
-        let mut expected = GatewayConfig::lab();
-        expected.resolve_paths(dir.path());
-        assert_eq!(GatewayConfig::load(&path).unwrap(), expected);
-    }
-
-    #[test]
-    fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(
-            &path,
-            "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\n\
-             connector_roots = [\"connectors.crt\"]\nallowed_connectors = [\"Branch\"]\n\
-             \n[tokens]\nkeys = [\"token.pub\"]\n",
-        )
-        .unwrap();
-        let mut built = GatewayConfig::new(
-            "server.crt".into(),
-            "server.key".into(),
-            vec!["root.crt".into()],
-            vec!["connectors.crt".into()],
-            vec![AllowedConnector::Name("Branch".into())],
-        );
-        built.tokens = Some(token::TokenSettings::new(vec!["token.pub".into()]));
-        built.resolve_paths(dir.path());
-        assert_eq!(GatewayConfig::load(&path).unwrap(), built);
-    }
 }

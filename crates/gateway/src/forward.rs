@@ -5,17 +5,16 @@ use std::sync::Arc;
 
 use channel::refusal::{Cause, Refusal};
 use channel::route::{self, Auth, Route};
-use channel::tunnel::{self, headers, refusal_response, Body};
+use channel::tunnel::{self, headers, Body};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
-use logs::cmtrace::Severity;
 use time::OffsetDateTime;
 
 use crate::channels::Channel;
 use crate::device::{header_safe, never_indexed, Device, DeviceState, Identity};
 use crate::metadata::{metadata_view, service_metadata};
-use crate::{idle, Shared};
+use crate::{idle, refused, Shared};
 
 /// The methods the gateway forwards: HTTP's own but CONNECT (a tunnel, which HTTP/2 carries
 /// without a path: the connector refused each such stream, and h2 closes a channel after
@@ -23,7 +22,7 @@ use crate::{idle, Shared};
 /// methods: `CCM_POST` (its clients' requests to a management point) and `BITS_POST` (BITS
 /// uploads), and WebDAV's `PROPFIND` (BITS and distribution points list content with it).
 /// Anything else gets 405 with `Allow`.
-const FORWARDED_METHODS: &str =
+pub(crate) const FORWARDED_METHODS: &str =
     "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CCM_POST, BITS_POST, PROPFIND";
 
 fn is_forwarded(method: &hyper::Method) -> bool {
@@ -52,32 +51,34 @@ fn header_block_size(parts: &hyper::http::request::Parts) -> usize {
     })
 }
 
+/// What a request's refusal needs of it, kept by [`handle`] while the request is routed: its
+/// message id (every log line about the request names it), and its body while the gateway
+/// still holds it, or, once it went on a channel, how it fared there.
+pub(crate) struct Pending {
+    pub(crate) message_id: String,
+    pub(crate) body: Option<Incoming>,
+    pub(crate) watch: Option<Arc<idle::BodyWatch>>,
+    /// The device connection's HTTP version: over HTTP/1.1 a body left unread is drained.
+    pub(crate) version: hyper::Version,
+}
+
 pub(crate) async fn handle(
     request: Request<Incoming>,
     shared: &Shared,
     device: &Arc<Device>,
 ) -> Response<Body> {
-    match route_request(request, shared, device).await {
+    // The body is held apart from the head: should the request be refused before the body
+    // goes on a channel, what the device still sends of it is read here (`refused`).
+    let (parts, body) = request.into_parts();
+    let mut pending = Pending {
+        message_id: shared.message_ids.next(),
+        body: Some(body),
+        watch: None,
+        version: parts.version,
+    };
+    match route_request(Request::from_parts(parts, ()), &mut pending, shared, device).await {
         Ok(response) => response,
-        Err(refusal) => {
-            shared.log.write(
-                if refusal.status >= 500 {
-                    Severity::Error
-                } else {
-                    Severity::Warning
-                },
-                &format!("Refused a request from device {}: {refusal}", device.addr),
-            );
-            let mut response = refusal_response(&refusal);
-            if matches!(refusal.cause, Cause::MethodNotAllowed { .. }) {
-                // RFC 9110 15.5.6: a 405 says what the resource does take.
-                response.headers_mut().insert(
-                    hyper::header::ALLOW,
-                    HeaderValue::from_static(FORWARDED_METHODS),
-                );
-            }
-            response
-        }
+        Err(refusal) => refused::answer(refusal, pending, shared, device).await,
     }
 }
 
@@ -85,7 +86,8 @@ pub(crate) async fn handle(
 /// is), [`rewrite_for_channel`] (the request as it goes on the channel) and [`send`] (on the
 /// channel, within the timeout, and the answer fixed up for the device).
 async fn route_request(
-    request: Request<Incoming>,
+    request: Request<()>,
+    pending: &mut Pending,
     shared: &Shared,
     device: &Arc<Device>,
 ) -> Result<Response<Body>, Refusal> {
@@ -109,11 +111,15 @@ async fn route_request(
     // dropped.
     let in_flight = idle::InFlight::enter(device, shared.max_streams_per_device)?;
     // Picked before the rewrite: the header budget is the channel's connector's too.
-    let channel = shared.registry.pick(endpoint)?;
+    let channel = shared
+        .registry
+        .pick(endpoint)
+        .map_err(|refusal| while_starting(refusal, shared))?;
     let started = std::time::Instant::now();
 
     let forward = rewrite_for_channel(
         request,
+        pending,
         forward_target,
         endpoint,
         &identity,
@@ -124,16 +130,35 @@ async fn route_request(
     shared.log.verbose(|| {
         format!(
             "Message {}: {} {} from device {} ({}) to endpoint {endpoint} over channel {} of connector {}",
-            forward.message_id,
-            forward.request.method(),
-            forward.request.uri(),
+            pending.message_id,
+            forward.method(),
+            forward.uri(),
             device.addr,
             identity,
             channel.id,
             channel.hello.connector_id,
         )
     });
-    send(forward, &channel, endpoint, started, in_flight, shared).await
+    send(
+        forward, &channel, endpoint, started, in_flight, pending, shared, device,
+    )
+    .await
+}
+
+/// An endpoint nobody has announced is [`Cause::GatewayStarting`] rather than
+/// [`Cause::UnknownEndpoint`] for `startup_grace_secs` after the gateway starts: the
+/// connectors may still be redialling it.
+fn while_starting(refusal: Refusal, shared: &Shared) -> Refusal {
+    match refusal.cause {
+        Cause::UnknownEndpoint { endpoint } if shared.epoch.elapsed() < shared.startup_grace => {
+            Refusal::new(Cause::GatewayStarting {
+                endpoint,
+                since_secs: shared.epoch.elapsed().as_secs(),
+                grace_secs: shared.startup_grace.as_secs(),
+            })
+        }
+        _ => refusal,
+    }
 }
 
 /// The request target of a request the gateway takes on (a method it forwards, transfer
@@ -167,7 +192,7 @@ pub(crate) fn parse_route(target: &str) -> Result<Route<'_>, Refusal> {
 /// Who the device is, as the connector will be told: a certificate (its judgement under the
 /// current settings, kept in `state`), or a token's subject.
 fn authenticate<'s>(
-    request: &Request<Incoming>,
+    request: &Request<()>,
     auth: Auth,
     endpoint: u64,
     path: &str,
@@ -210,28 +235,21 @@ fn authenticate<'s>(
     })
 }
 
-/// A device's request as it goes on a channel, with what its answer needs.
-struct OnChannel {
-    request: Request<Body>,
-    message_id: String,
-    /// Set when the device stops sending the request's body (only a request with one).
-    device_stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
-}
-
 /// The request as it goes on `channel`: its head rewritten ([`rewrite_head`]) within the
-/// header budget of the gateway and of the channel's connector, and a body watched for
-/// stalls.
+/// header budget of the gateway and of the channel's connector, and a body watched for stalls
+/// (taken from `pending`, which keeps its watch).
+#[allow(clippy::too_many_arguments)] // each is one thing the request is made of
 fn rewrite_for_channel(
-    request: Request<Incoming>,
+    request: Request<()>,
+    pending: &mut Pending,
     forward_target: &str,
     endpoint: u64,
     identity: &Identity<'_>,
     channel: &Channel,
     shared: &Shared,
     device: &Device,
-) -> Result<OnChannel, Refusal> {
-    let message_id = shared.message_ids.next();
-    let (mut parts, body) = request.into_parts();
+) -> Result<Request<Body>, Refusal> {
+    let (mut parts, ()) = request.into_parts();
     // The connector's own limit, announced in its hello, is the budget when it is the
     // smaller.
     let limit = channel
@@ -245,30 +263,39 @@ fn rewrite_for_channel(
         &Rewrite {
             forward_target,
             endpoint,
-            message_id: &message_id,
+            message_id: &pending.message_id,
             identity,
             device: device.addr,
             cert_header: shared.cert_header.load().as_deref(),
             limit,
         },
     )?;
-    // A body the device stops sending resets its stream after device_idle_timeout_secs. Only
-    // a request with a body pays for the flag.
-    let device_stalled = (!hyper::body::Body::is_end_stream(&body))
-        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
-    let body = match &device_stalled {
-        Some(stalled) => tunnel::boxed(idle::DeviceBody::new(
+    // Checked before the body is taken: a refusal until here still has it to read.
+    let Some(body) = pending.body.take() else {
+        return Err(Refusal::new(Cause::ChannelBroken {
+            detail: "the request's body was already taken".into(),
+        }));
+    };
+    // A body the device stops sending resets its stream after device_idle_timeout_secs, and
+    // a refusal after this learns whether it ended. Only a request with a body pays for the
+    // watch.
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        tunnel::boxed(body)
+    } else {
+        let watch = Arc::new(idle::BodyWatch::default());
+        pending.watch = Some(watch.clone());
+        let drain = (pending.version != hyper::Version::HTTP_2).then_some(idle::Drain {
+            bytes: shared.refused_body_drain_bytes,
+            time: shared.refused_body_drain_time,
+        });
+        tunnel::boxed(idle::DeviceBody::new(
             body,
             shared.device_idle,
-            stalled.clone(),
-        )),
-        None => tunnel::boxed(body),
+            watch,
+            drain,
+        ))
     };
-    Ok(OnChannel {
-        request: Request::from_parts(parts, body),
-        message_id,
-        device_stalled,
-    })
+    Ok(Request::from_parts(parts, body))
 }
 
 /// What [`rewrite_head`] puts in a request's head.
@@ -366,20 +393,18 @@ pub(crate) fn rewrite_head(
 /// Sends the request on `channel` (or, should it have stopped taking requests, the one picked
 /// now), waits `request_timeout_secs` for the answer's head, and makes the answer the
 /// device's: the status text as reason phrase, a body watched for stalls that holds the
-/// device's stream share.
+/// device's stream share. A device that goes away before the answer comes is logged.
+#[allow(clippy::too_many_arguments)] // what the answer and the log need
 async fn send(
-    forward: OnChannel,
+    forward: Request<Body>,
     channel: &Channel,
     endpoint: u64,
     started: std::time::Instant,
     in_flight: idle::InFlight,
+    pending: &mut Pending,
     shared: &Shared,
+    device: &Device,
 ) -> Result<Response<Body>, Refusal> {
-    let OnChannel {
-        request: forward,
-        message_id,
-        device_stalled,
-    } = forward;
     let sent = shared.registry.send(channel, endpoint, forward);
     let stalled_refusal = || {
         Refusal::new(Cause::DeviceStalled {
@@ -387,13 +412,19 @@ async fn send(
             seconds: shared.device_idle.as_secs(),
         })
     };
-    let device_did_stall = || {
-        device_stalled
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    let device_did_stall = || pending.watch.as_ref().is_some_and(|w| w.stalled());
+    // Dropped with this future when the device goes away (its connection closed, its HTTP/2
+    // stream reset) before the answer: says so, with the message id.
+    let abandoned = Abandoned {
+        log: &shared.log,
+        message_id: &pending.message_id,
+        device: device.addr,
+        started,
+        armed: true,
     };
-    let response = tokio::time::timeout(shared.timeout, sent)
-        .await
+    let response = tokio::time::timeout(shared.timeout, sent).await;
+    abandoned.disarm();
+    let response = response
         .map_err(|_| {
             Refusal::new(Cause::ConnectorTimeout {
                 endpoint,
@@ -411,7 +442,8 @@ async fn send(
         })?;
     shared.log.verbose(|| {
         format!(
-            "Message {message_id}: the connector answered {} after {} ms",
+            "Message {}: the connector answered {} after {} ms",
+            pending.message_id,
             response.status().as_u16(),
             started.elapsed().as_millis()
         )
@@ -422,17 +454,67 @@ async fn send(
         if let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(text.as_bytes().to_vec()) {
             parts.extensions.insert(phrase);
         }
+        // The connector's refusal (the endpoint's answer or its own) may come before the
+        // device's body was read; over HTTP/1.1 the rest is drained, and if that does not end
+        // in time the answer says the connection closes.
+        if let (hyper::Version::HTTP_10 | hyper::Version::HTTP_11, Some(watch)) =
+            (pending.version, &pending.watch)
+        {
+            if !watch.wait_ended(shared.refused_body_drain_time).await {
+                let why = refused::not_read_whole(shared);
+                shared.log.warn(&format!(
+                    "Message {}: the connector's answer {} {} to device {} says Connection: close, as {why}",
+                    pending.message_id,
+                    parts.status.as_u16(),
+                    String::from_utf8_lossy(text.as_bytes()),
+                    device.addr,
+                ));
+                parts
+                    .headers
+                    .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
     }
     let body = idle::AnswerBody::new(
         body,
         shared.connector_idle,
         shared.log.clone(),
-        message_id,
+        std::mem::take(&mut pending.message_id),
         in_flight,
-        device_stalled,
+        pending.watch.take(),
         shared.device_idle,
     );
     Ok(Response::from_parts(parts, tunnel::boxed(body)))
+}
+
+/// Logs, when dropped armed, that the device went away before its request was answered: hyper
+/// drops a request's future when its device's connection closes or its HTTP/2 stream is
+/// reset, and the channel stream is reset with it (the connector logs the withdrawal too).
+struct Abandoned<'a> {
+    log: &'a crate::Log,
+    message_id: &'a str,
+    device: std::net::SocketAddr,
+    started: std::time::Instant,
+    armed: bool,
+}
+
+impl Abandoned<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.log.warn(&format!(
+                "Message {}: abandoned by device {} after {} ms, before the connector answered (its connection closed or its stream was reset); the request is withdrawn from its channel",
+                self.message_id,
+                self.device,
+                self.started.elapsed().as_millis()
+            ));
+        }
+    }
 }
 
 /// RFC 9112 6.1: a transfer coding the gateway cannot pass on as it came is refused (501).

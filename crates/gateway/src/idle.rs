@@ -59,29 +59,117 @@ impl std::fmt::Display for BodyStalled {
 
 impl std::error::Error for BodyStalled {}
 
+/// What the request's handler and its answer learn of a device's body on its way to a
+/// channel: whether the device stalled sending it, whether it ended (read whole, by the
+/// channel or drained after it), and whether that is settled (ended, or given up on).
+#[derive(Default)]
+pub struct BodyWatch {
+    stalled: AtomicBool,
+    ended: AtomicBool,
+    settled: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl BodyWatch {
+    /// The device sent nothing of it for the device idle timeout: its stream was reset.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// It was read to its end.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.settle();
+    }
+
+    /// Nothing more will be read of it.
+    pub(crate) fn settle(&self) {
+        self.settled.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits at most `within` for it to be settled; whether it ended.
+    pub(crate) async fn wait_ended(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so that a change between the two is not missed.
+            changed.as_mut().enable();
+            if self.settled.load(Ordering::Acquire) {
+                return self.ended();
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.ended();
+            }
+        }
+    }
+}
+
+/// How much of a body left unread is drained, and for how long (`refused_body_drain_bytes`,
+/// `refused_body_drain_timeout_secs`); see `refused`.
+#[derive(Clone, Copy, Debug)]
+pub struct Drain {
+    pub bytes: u64,
+    pub time: Duration,
+}
+
 pin_project_lite::pin_project! {
     /// A device's request body that ends in an error (and so resets its channel stream) when
-    /// the device sends nothing of it for `limit` while the channel waits for it. `stalled`
-    /// says so to the request's handler and answer.
+    /// the device sends nothing of it for `limit` while the channel waits for it. `watch`
+    /// says so, and when it ends, to the request's handler and answer. Over HTTP/1.1
+    /// (`drain`), what is left of it when it is dropped before its end (the connector answered
+    /// or refused early, the channel failed) is drained, so that the connection serves the
+    /// device's next request (hyper closes one whose body was left unread).
     pub struct DeviceBody {
-        #[pin]
-        inner: Incoming,
+        // Unpinned (an `Incoming` is `Unpin`), to be taken out and drained on drop.
+        inner: Option<Incoming>,
         #[pin]
         idle: Option<Sleep>,
         waiting: bool,
         limit: Duration,
-        stalled: Arc<AtomicBool>,
+        watch: Arc<BodyWatch>,
+        drain: Option<Drain>,
+    }
+
+    impl PinnedDrop for DeviceBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let Some(body) = this.inner.take() else {
+                return;
+            };
+            match *this.drain {
+                Some(drain)
+                    if !this.watch.settled.load(Ordering::Acquire)
+                        && !this.watch.stalled()
+                        && !hyper::body::Body::is_end_stream(&body) =>
+                {
+                    crate::refused::drain_later(body, drain, this.watch.clone());
+                }
+                _ => this.watch.settle(),
+            }
+        }
     }
 }
 
 impl DeviceBody {
-    pub fn new(inner: Incoming, limit: Duration, stalled: Arc<AtomicBool>) -> DeviceBody {
+    pub fn new(
+        inner: Incoming,
+        limit: Duration,
+        watch: Arc<BodyWatch>,
+        drain: Option<Drain>,
+    ) -> DeviceBody {
         DeviceBody {
-            inner,
+            inner: Some(inner),
             idle: None,
             waiting: false,
             limit,
-            stalled,
+            watch,
+            drain,
         }
     }
 }
@@ -95,14 +183,20 @@ impl hyper::body::Body for DeviceBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.waiting = false;
+                if frame.is_none() || inner.is_end_stream() {
+                    this.watch.end();
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
             }
             Poll::Pending => {
                 if waited_too_long(this.idle, this.waiting, *this.limit, cx) {
-                    this.stalled.store(true, Ordering::Relaxed);
+                    this.watch.stalled.store(true, Ordering::Relaxed);
                     return Poll::Ready(Some(Err(Box::new(BodyStalled(*this.limit)))));
                 }
                 Poll::Pending
@@ -111,11 +205,17 @@ impl hyper::body::Body for DeviceBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner
+            .as_ref()
+            .is_none_or(|inner| inner.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or(hyper::body::SizeHint::with_exact(0), |inner| {
+                inner.size_hint()
+            })
     }
 }
 
@@ -158,8 +258,8 @@ pin_project_lite::pin_project! {
         message_id: String,
         // Its `Device` also gives the address for the log.
         in_flight: InFlight,
-        // Set when the device's request body stalled (the channel stream was reset for it).
-        device_stalled: Option<Arc<AtomicBool>>,
+        // Says when the device's request body stalled (the channel stream was reset for it).
+        device_body: Option<Arc<BodyWatch>>,
         device_limit: Duration,
         // The device's HTTP/2 stream, told when the device's turn begins and ends.
         watch: Option<Arc<StreamWatch>>,
@@ -174,7 +274,7 @@ impl AnswerBody {
         log: Log,
         message_id: String,
         in_flight: InFlight,
-        device_stalled: Option<Arc<AtomicBool>>,
+        device_body: Option<Arc<BodyWatch>>,
         device_limit: Duration,
     ) -> AnswerBody {
         // The head is handed over now: the device's turn until hyper asks for the body.
@@ -190,7 +290,7 @@ impl AnswerBody {
             log,
             message_id,
             in_flight,
-            device_stalled,
+            device_body,
             device_limit,
             watch,
         }
@@ -211,11 +311,7 @@ impl hyper::body::Body for AnswerBody {
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Err(e))) => {
-                if this
-                    .device_stalled
-                    .as_ref()
-                    .is_some_and(|s| s.load(Ordering::Relaxed))
-                {
+                if this.device_body.as_ref().is_some_and(|w| w.stalled()) {
                     let refusal = Refusal::new(Cause::DeviceStalled {
                         what: "stopped sending its body".into(),
                         seconds: this.device_limit.as_secs(),

@@ -29,6 +29,7 @@ mod idle;
 mod limits;
 mod message_id;
 mod metadata;
+mod refused;
 mod tls;
 pub mod token;
 
@@ -188,7 +189,7 @@ impl RunningGateway {
                 .judge(Some(&channel.peer_cert), now)
                 .and_then(|cert| connectors.admits(&cert, &channel.hello));
             if let Err(why) = judged {
-                channel.close();
+                channel.close(&why.to_string());
                 self.shared.log.warn(&format!(
                     "Closed channel {} of connector {}: {why}",
                     channel.id, channel.hello.connector_id
@@ -219,10 +220,15 @@ struct Shared {
     cert_header: arc_swap::ArcSwapOption<hyper::header::HeaderName>,
     connectors: ArcSwap<Connectors>,
     registry: Arc<Registry>,
+    /// `request_timeout_secs`.
     timeout: Duration,
-    /// `max_request_header_bytes` and `max_response_header_bytes`.
+    /// `startup_grace_secs`, counted from `epoch`.
+    startup_grace: Duration,
+    /// `refused_body_drain_bytes` and `refused_body_drain_timeout_secs`.
+    refused_body_drain_bytes: u64,
+    refused_body_drain_time: Duration,
+    /// `max_request_header_bytes` (`max_response_header_bytes` is in `channel_settings`).
     max_request_header_bytes: usize,
-    max_response_header_bytes: u32,
     /// `max_streams_per_device`, `device_idle_timeout_secs`, `connector_idle_timeout_secs`.
     max_streams_per_device: usize,
     device_idle: Duration,
@@ -243,7 +249,11 @@ struct Shared {
     idle: Duration,
     /// `http2_keepalive_secs` (None: 0).
     http2_keepalive: Option<Duration>,
-    /// What a device's HTTP/2 stream ends are timed from (milliseconds, in an atomic).
+    /// What every channel runs with (`channel_unresponsive_after_ms`,
+    /// `channel_keepalive_timeout_secs`, ...).
+    channel_settings: channels::Settings,
+    /// When the gateway started: what a device's HTTP/2 stream ends are timed from
+    /// (milliseconds, in an atomic), and the start of `startup_grace`.
     epoch: tokio::time::Instant,
 }
 
@@ -268,6 +278,15 @@ pub async fn start_on(
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
     let registry = Arc::new(Registry::default());
     registry.set_max_queued(config.max_queued_requests);
+    let channel_settings = channels::Settings {
+        gateway_threads: shards.len(),
+        max_response_header_bytes: config.max_response_header_bytes,
+        keepalive: channels::KeepAlive {
+            unresponsive_after: Duration::from_millis(config.channel_unresponsive_after_ms),
+            timeout: Duration::from_secs(config.channel_keepalive_timeout_secs),
+        },
+        log: log.clone(),
+    };
     let shared = Arc::new(Shared {
         tls: ArcSwap::from_pointee(tls),
         auth: ArcSwap::from_pointee(auth),
@@ -275,8 +294,10 @@ pub async fn start_on(
         connectors: ArcSwap::from_pointee(connectors),
         registry: registry.clone(),
         timeout: Duration::from_secs(config.request_timeout_secs),
+        startup_grace: Duration::from_secs(config.startup_grace_secs),
+        refused_body_drain_bytes: config.refused_body_drain_bytes,
+        refused_body_drain_time: Duration::from_secs(config.refused_body_drain_timeout_secs),
         max_request_header_bytes: config.max_request_header_bytes as usize,
-        max_response_header_bytes: config.max_response_header_bytes,
         max_streams_per_device: config.max_streams_per_device,
         device_idle: Duration::from_secs(config.device_idle_timeout_secs),
         connector_idle: Duration::from_secs(config.connector_idle_timeout_secs),
@@ -296,6 +317,7 @@ pub async fn start_on(
         idle: Duration::from_secs(config.idle_timeout_secs),
         http2_keepalive: (config.http2_keepalive_secs > 0)
             .then(|| Duration::from_secs(config.http2_keepalive_secs)),
+        channel_settings,
         epoch: tokio::time::Instant::now(),
     });
     let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;

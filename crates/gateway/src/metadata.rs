@@ -3,7 +3,6 @@
 
 use channel::route::Auth;
 use channel::tunnel::{self, Body};
-use hyper::body::Incoming;
 use hyper::{Request, Response};
 use time::OffsetDateTime;
 
@@ -27,7 +26,7 @@ pub(crate) enum MetadataView {
 /// untrusted certificate, a bad or bulk token) is anonymous, not refused: the service's health
 /// is for anyone.
 pub(crate) fn metadata_view(
-    request: &Request<Incoming>,
+    request: &Request<()>,
     auth: Auth,
     shared: &Shared,
     device: &Device,

@@ -1,6 +1,15 @@
-//! Bad gateway configurations are refused at load, naming the file and the key.
+//! The gateway's configuration file: what the typed builder writes loads back as it was built,
+//! its defaults are the file's, and bad configurations are refused at load, naming the file and
+//! the key.
 
-use gateway::GatewayConfig;
+use std::path::Path;
+
+use gateway::token;
+use gateway::{AllowedConnector, BoundConnector, GatewayConfig};
+use logs::logger::ConsoleSetting;
+use pki::crl::CrlPolicy;
+use pki::tls::TlsVersion;
+use runtime::config;
 
 #[test]
 fn gateway_configuration_errors_name_the_key() {
@@ -14,6 +23,15 @@ fn gateway_configuration_errors_name_the_key() {
     assert_eq!(
         (cfg.max_request_header_bytes, cfg.max_response_header_bytes),
         (32 * 1024, 64 * 1024)
+    );
+    // Above the connectors' 30 s longest redial backoff; a refused body's drain bounds.
+    assert_eq!(cfg.startup_grace_secs, 35);
+    assert_eq!(
+        (
+            cfg.refused_body_drain_bytes,
+            cfg.refused_body_drain_timeout_secs
+        ),
+        (1024 * 1024, 5)
     );
     std::fs::write(&file, format!("{ok}worker_threads = 1\n")).unwrap();
     assert_eq!(GatewayConfig::load(&file).unwrap().worker_threads, Some(1));
@@ -44,6 +62,18 @@ fn gateway_configuration_errors_name_the_key() {
             format!("{ok}max_response_header_bytes = 2000000\n"),
             "key `max_response_header_bytes`: must be between 4096 and 1048576",
         ),
+        (
+            format!("{ok}startup_grace_secs = 3601\n"),
+            "key `startup_grace_secs`: must be between 0 (none) and 3600",
+        ),
+        (
+            format!("{ok}refused_body_drain_bytes = 2000000000\n"),
+            "key `refused_body_drain_bytes`: must be between 0",
+        ),
+        (
+            format!("{ok}refused_body_drain_timeout_secs = 0\n"),
+            "key `refused_body_drain_timeout_secs`: must be between 1 and 300",
+        ),
     ];
     for (text, needle) in cases {
         std::fs::write(&file, &text).unwrap();
@@ -51,4 +81,117 @@ fn gateway_configuration_errors_name_the_key() {
         assert!(err.starts_with(&file.display().to_string()), "{err}");
         assert!(err.contains(needle), "{needle:?} not in {err}");
     }
+}
+
+#[test]
+fn a_written_configuration_loads_as_it_was_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = GatewayConfig::lab();
+    config.listen = "127.0.0.1:8443".parse().unwrap();
+    config.channel_listen = Some("127.0.0.1:8444".parse().unwrap());
+    config.cert = "other/server.crt".into();
+    config.key = "/etc/portcullis/server.key".into();
+    config.trusted_roots.push("ca/second-root.crt".into());
+    config
+        .connector_roots
+        .push("/etc/portcullis/connectors.crt".into());
+    config
+        .allowed_connectors
+        .push(AllowedConnector::Bound(BoundConnector {
+            name: "Branch Connector".into(),
+            endpoints: vec![3456, 72057594037927939],
+        }));
+    config.request_timeout_secs = 30;
+    config.verbose = true;
+    config.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+    config.log.max_size_kib = 2048;
+    config.log.console = ConsoleSetting::Off;
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.worker_threads = Some(3);
+    config.verify_client_revocation = true;
+    config.crls = vec!["ca/root.crl".into()];
+    config.crl_policy = CrlPolicy::AllowAndWarn;
+    let mut tokens = token::TokenSettings::new(vec!["site/token.pub".into()]);
+    tokens.revoked = Some("site/revoked.txt".into());
+    tokens.leeway_secs = 5;
+    config.tokens = Some(tokens);
+    config.tls.min_version = TlsVersion::Tls13;
+    config.tls.cipher_suites = vec!["TLS13_AES_256_GCM_SHA384".into()];
+    config.client_cert_header = Some("X-ARR-ClientCert".into());
+    config.handshake_timeout_secs = 5;
+    config.first_request_timeout_secs = 86_400;
+    config.idle_timeout_secs = 600;
+    config.http2_keepalive_secs = 0;
+    config.max_connections = 100;
+    config.max_connections_per_address = 10;
+    config.reserved_for_channels = 8;
+    config.max_request_header_bytes = 16 * 1024;
+    config.max_response_header_bytes = 128 * 1024;
+    config.max_streams_per_device = 4;
+    config.max_queued_requests = 0;
+    config.device_idle_timeout_secs = 5;
+    config.connector_idle_timeout_secs = 7;
+    config.startup_grace_secs = 0;
+    config.refused_body_drain_bytes = 64 * 1024;
+    config.refused_body_drain_timeout_secs = 2;
+    config.channel_unresponsive_after_ms = 400;
+    config.channel_keepalive_timeout_secs = 3;
+    let unchanged = config::keys_with_equal_values(&config, &GatewayConfig::lab());
+    assert!(
+        unchanged.is_empty(),
+        "set these keys too, so that the round trip covers them: {unchanged:?}"
+    );
+
+    let path = dir.path().join("gateway.toml");
+    config.write(&path).unwrap();
+    let loaded = GatewayConfig::load(&path).unwrap();
+    config.resolve_paths(dir.path());
+    assert_eq!(loaded, config);
+    assert!(loaded.log.file.as_ref().unwrap().starts_with(dir.path()));
+    assert_eq!(loaded.key, Path::new("/etc/portcullis/server.key"));
+}
+
+#[test]
+fn the_lab_gateway_writes_only_what_it_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    GatewayConfig::lab().write(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Options left out are not written (TOML has no null), enums in the file's spelling.
+    assert!(
+        !text.contains("tokens") && !text.contains("admin_listen"),
+        "{text}"
+    );
+    assert!(text.contains("crl_policy = \"refuse\""), "{text}");
+    assert!(text.contains("min_version = \"1.2\""), "{text}");
+    assert!(
+        text.contains("allowed_connectors = [\"Portcullis Connector Channel\"]"),
+        "{text}"
+    );
+    let mut expected = GatewayConfig::lab();
+    expected.resolve_paths(dir.path());
+    assert_eq!(GatewayConfig::load(&path).unwrap(), expected);
+}
+
+#[test]
+fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\n\
+         connector_roots = [\"connectors.crt\"]\nallowed_connectors = [\"Branch\"]\n\
+         \n[tokens]\nkeys = [\"token.pub\"]\n",
+    )
+    .unwrap();
+    let mut built = GatewayConfig::new(
+        "server.crt".into(),
+        "server.key".into(),
+        vec!["root.crt".into()],
+        vec!["connectors.crt".into()],
+        vec![AllowedConnector::Name("Branch".into())],
+    );
+    built.tokens = Some(token::TokenSettings::new(vec!["token.pub".into()]));
+    built.resolve_paths(dir.path());
+    assert_eq!(GatewayConfig::load(&path).unwrap(), built);
 }

@@ -293,6 +293,36 @@ fn connector_channel_failures() {
         .contains("not in allowed_connectors"));
 }
 
+/// Issue 16: a connector that stops answering the gateway's keep-alive PINGs (frozen), as the
+/// gateway's log tells it, is one finding naming the connector; a connector refused after
+/// TLS, as the connector's own log tells it, points at the gateway's reason and joins it.
+#[test]
+fn a_frozen_connector_and_a_channel_closed_before_its_hello() {
+    let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY warning: Connector branch-01 channel 7 from 10.0.0.9:50211: keep-alive PING unanswered for 1.25 s; no new request goes to the channel until it answers\n\
+        2026-11-25T06:30:57.900Z PORTCULLIS_GATEWAY warning: Refused a request from device 203.0.113.7:50123: 503 CMGService_Connectorunresponsive (gateway -> connector): every channel for endpoint 3456 has left the gateway's keep-alive PING unanswered, the longest silent for 1.900 s\n\
+        2026-11-25T06:31:02.123Z PORTCULLIS_GATEWAY warning: Connector branch-01 lost channel 7 from 10.0.0.9:50211: keep-alive PINGs unanswered for 5.01 s (nothing read from the connector meanwhile): the gateway dropped the channel\n";
+    let report = diagnose(&[("gateway.log", gateway.to_string())]);
+    assert_eq!(ids(&report), ["connector-unresponsive"]);
+    assert_eq!(report.findings[0].count, 3);
+    assert!(
+        report.findings[0].cause.contains("branch-01"),
+        "{}",
+        report.findings[0].cause
+    );
+
+    let connector = cm("Channel 1 to gateway cmg.contoso.com:443: channel lost before the gateway asked for the hello: the connection ended without a GOAWAY or TLS close_notify (the gateway stopped, or the network cut it), as a gateway does at once to a connector it does not trust or allow (its log says why: \"Refused a connector channel from ...\"); retrying", "SMS_CLOUD_PROXYCONNECTOR", 3);
+    let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", connector.clone())]);
+    assert_eq!(ids(&report), ["connector-channel-refused-before-hello"]);
+    assert!(report.findings[0].cause.contains("cmg.contoso.com:443"));
+    let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";
+    let report = diagnose(&[
+        ("SMS_Cloud_ProxyConnector.log", connector),
+        ("gateway.log", gateway.to_string()),
+    ]);
+    assert_eq!(ids(&report), ["gateway-refused-connector"]);
+    assert_eq!(report.findings[0].count, 2);
+}
+
 /// The gateway's refusals of a connector for its certificate's usage or for endpoints not
 /// bound to it are named by the same rule, with the gateway's reason.
 #[test]
@@ -401,6 +431,7 @@ mod never_panics {
                     Just("[CCMHTTP] ERROR: URL=".to_string()),
                     Just("Code=12175".to_string()),
                     Just("Refused a request from device ".to_string()),
+                    Just("Refused message 1f3c from device ".to_string()),
                     Just("Filtered cert count with client auth: 0".to_string()),
                     Just("#Fields: sc-status sc-substatus\n".to_string()),
                     Just("403 7\n".to_string()),

@@ -287,6 +287,14 @@ fn outside_text_in_a_genuine_line_does_not_pick_the_doctors_rule() {
             Some("gateway-bad-route"),
         ),
         (
+            "Refused message 1f3c from device 127.0.0.1:5: 404 CMGService_BadRoute (device -> gateway): the request path is not a gateway route: \"CMGConnector_Forbidden\" is not an endpoint id (a decimal number)",
+            Some("gateway-bad-route"),
+        ),
+        (
+            "Message 1f3c: the gateway withdrew the request after 5 ms, before https://mp/SMS_MP/CMGConnector_Forbidden answered (its device went away, or the gateway's request_timeout_secs struck); the call to the endpoint is abandoned",
+            Some("request-abandoned"),
+        ),
+        (
             "Forwarding proxy message 1f3c to URL: https://mp/SMS_MP/CMGConnector_Clientcertificaterequired",
             None,
         ),

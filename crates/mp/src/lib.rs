@@ -398,7 +398,103 @@ fn respond(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> (u16, u1
             .unwrap_or_else(|_| Response::new(full("")));
         return (200, 0, response);
     }
+    // Answers the query string back: a request the W3C log records by its query (the fault
+    // drill's ids), and whose answer shows which request it belongs to.
+    if path == "/portcullis/echo" && req.method() == Method::GET {
+        let response = Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "text/plain")
+            .body(full(query.to_string()))
+            .unwrap_or_else(|_| Response::new(full("")));
+        return (200, 0, response);
+    }
+    // A body that trickles: the head at once, then `chunks` chunks of `bytes` bytes, one every
+    // `every_ms` milliseconds (an endpoint slow to send what it has started).
+    if path == "/portcullis/trickle" && req.method() == Method::GET {
+        if let Some(trickle) = Trickle::of_query(query) {
+            let length = trickle.length();
+            let response = Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+                .header(hyper::header::CONTENT_LENGTH, length)
+                .body(trickle.boxed())
+                .unwrap_or_else(|_| Response::new(full("")));
+            return (200, 0, response);
+        }
+    }
     (404, 0, iis_error(404, 0))
+}
+
+/// The body of `GET /portcullis/trickle?chunks=N&bytes=B&every_ms=M`.
+struct Trickle {
+    left: u32,
+    chunk: Bytes,
+    every: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Trickle {
+    /// The most chunks, bytes per chunk and milliseconds between them a query may ask for:
+    /// one trickle holds the connection for at most 1,000 x 10 s.
+    const MAX_CHUNKS: u32 = 1_000;
+    const MAX_CHUNK_BYTES: usize = 64 * 1024;
+    const MAX_EVERY_MS: u64 = 10_000;
+
+    /// `None` when a value is missing, not a number, or over its bound.
+    fn of_query(query: &str) -> Option<Trickle> {
+        let value = |key: &str| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let chunks = u32::try_from(value("chunks")?)
+            .ok()
+            .filter(|&n| n <= Self::MAX_CHUNKS)?;
+        let bytes = usize::try_from(value("bytes")?)
+            .ok()
+            .filter(|&n| n <= Self::MAX_CHUNK_BYTES)?;
+        let every = value("every_ms").filter(|&ms| ms <= Self::MAX_EVERY_MS)?;
+        let every = std::time::Duration::from_millis(every);
+        Some(Trickle {
+            left: chunks,
+            chunk: Bytes::from(vec![b'.'; bytes]),
+            every,
+            sleep: Box::pin(tokio::time::sleep(every)),
+        })
+    }
+
+    fn length(&self) -> u64 {
+        u64::from(self.left) * self.chunk.len() as u64
+    }
+}
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::future::Future;
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.left -= 1;
+        let next = tokio::time::Instant::now() + self.every;
+        self.sleep.as_mut().reset(next);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.clone()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.length())
+    }
 }
 
 /// An IIS-style error page; the status line's reason is IIS's.
@@ -453,14 +549,7 @@ mod tests {
         config.name = "mp.contoso.com".into();
         config.site_code = "ABC".into();
         // Every key away from the lab's, so that a key the writer dropped would show.
-        let json = |c| serde_json::to_value(c).unwrap();
-        let (built, base) = (json(&config), json(&lab));
-        let unchanged: Vec<_> = built
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter(|(key, value)| base.get(key.as_str()) == Some(value))
-            .collect();
+        let unchanged = config::keys_with_equal_values(&config, &lab);
         assert!(unchanged.is_empty(), "set these keys too: {unchanged:?}");
 
         let path = dir.path().join("mp.toml");

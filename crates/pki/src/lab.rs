@@ -69,28 +69,23 @@ pub struct LabCa {
 impl LabCa {
     /// A self-signed root CA valid for `years`.
     pub fn new_root(common_name: &str, years: i64) -> Result<LabCa> {
-        let key = new_key(common_name)?;
-        let params = ca_params(common_name, years)?;
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| issue_error(common_name, e))?;
-        Ok(LabCa {
-            issued: Issued {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
-                cert_der: cert.der().to_vec(),
-            },
-            issuer: Issuer::new(params, key),
-        })
+        LabCa::new_ca(common_name, years, None)
     }
 
     /// An intermediate CA under this one.
     pub fn new_intermediate(&self, common_name: &str, years: i64) -> Result<LabCa> {
+        LabCa::new_ca(common_name, years, Some(self))
+    }
+
+    /// A CA signed by `parent`, or by itself when there is none.
+    fn new_ca(common_name: &str, years: i64, parent: Option<&LabCa>) -> Result<LabCa> {
         let key = new_key(common_name)?;
         let params = ca_params(common_name, years)?;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| issue_error(common_name, e))?;
+        let cert = match parent {
+            Some(parent) => params.signed_by(&key, &parent.issuer),
+            None => params.self_signed(&key),
+        }
+        .map_err(|e| issue_error(common_name, e))?;
         Ok(LabCa {
             issued: Issued {
                 cert_pem: cert.pem(),

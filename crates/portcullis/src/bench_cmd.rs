@@ -85,6 +85,81 @@ pub enum BenchCommand {
     /// errors, or a requested system was skipped; 2 on bad usage.
     #[command(verbatim_doc_comment)]
     Compare(CompareArgs),
+    /// The fault drill: inject faults into a lab under steady device load, and report what
+    /// devices saw against what the design promises.
+    ///
+    /// Brings up its own lab on loopback, all state in a temporary directory (removed at the
+    /// end unless --keep): a lab PKI, two gateway instances, two connectors each holding 2
+    /// channels to both, the reference management point (its W3C log records every request's
+    /// id), each a process of this binary. --devices devices (each its own certificate and
+    /// kept-alive connection, split over the two gateways, taking the other one when a new
+    /// connection to theirs fails) send --rate requests/s in all: GETs, and POSTs with a body,
+    /// each with a unique id. Then each fault in turn, held --duration seconds:
+    ///
+    ///   kill-connector        kill -9 of one of two connectors (restarted after)
+    ///   kill-all-connectors   kill -9 of both (restarted after)
+    ///   stop-connector        SIGSTOP of one connector past the channel keep-alive bound,
+    ///                         then SIGCONT
+    ///   kill-gateway          kill -9 of one gateway instance (restarted after)
+    ///   endpoint-down         the management point killed (restarted after)
+    ///   endpoint-hang         a quarter of requests to an endpoint that accepts and never
+    ///                         answers
+    ///   endpoint-slow-body    a quarter of requests to a path whose body trickles
+    ///   reload-gateway        SIGHUP of both gateways under load, twice
+    ///   reload-connector      SIGHUP of one connector under load, twice (its hello changes)
+    ///   log-disk-full         gateway-1's log on a full tmpfs (needs mount; else skipped)
+    ///
+    /// For each fault: requests sent, answered 2xx, answered with each status text (named),
+    /// transport errors, hung (no answer within the deadline), duplicated (a POST that reached
+    /// the management point twice), recovery_ms (from the fault, or its repair when it takes
+    /// the whole path down, to the first 2xx after it), the bound the design promises and the
+    /// figure measured against it, and every target missed. Targets: nothing hung, nothing
+    /// duplicated, every failure named and one the fault may cause (transport errors only for
+    /// requests on connections of a process killed), the bound met. --json prints
+    /// {"faults":[{"fault","sent","ok","named":{...},"transport_errors","hung","duplicated",
+    /// "recovery_ms","bound_ms","measured_ms","bound_met","targets_missed":[...]...}]}.
+    ///
+    /// --soak MINUTES runs the load that long with a fault at the start of every minute
+    /// (cycling through --faults; by default every fault but kill-all-connectors, so that
+    /// gateway-1 and connector-1 live throughout), and reads the gateways' and connectors'
+    /// resident memory (VmRSS) and open descriptors after a warm-up (each fault once, then
+    /// --warmup seconds of load) and at the end: a process that lived through it must grow at
+    /// most 5%.
+    ///
+    /// Use a release build for figures (cargo build --release -p portcullis).
+    ///
+    /// Exit status: 0 when every target was met; 1 when one was missed; 2 on bad usage.
+    #[command(verbatim_doc_comment)]
+    Faults(FaultsArgs),
+}
+
+#[derive(Args)]
+pub struct FaultsArgs {
+    /// Faults to inject, in this order, comma-separated (default: all).
+    #[arg(long, value_name = "FAULT[,FAULT...]", value_delimiter = ',')]
+    pub faults: Vec<String>,
+    /// Seconds each fault is held.
+    #[arg(long, short = 'd', value_name = "SECS", default_value_t = 3.0)]
+    pub duration: f64,
+    /// Devices, each with its own connection.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub devices: usize,
+    /// Requests per second over all devices.
+    #[arg(long, value_name = "RPS", default_value_t = 80.0)]
+    pub rate: f64,
+    /// Run for this many minutes, a fault every minute, and check the processes' growth.
+    #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..=1440))]
+    pub soak: Option<u64>,
+    /// Seconds of steady load before the soak's first reading (after each fault once): the
+    /// connectors' memory rises over their first minutes of load before it levels off.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub warmup: f64,
+    /// Keep the temporary directory (configurations, logs, lab PKI) and print where it is.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -187,7 +262,35 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Load(args) => load(args),
         BenchCommand::Connections(args) => connections(args),
         BenchCommand::Compare(args) => compare(args),
+        BenchCommand::Faults(args) => faults(args),
     }
+}
+
+fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
+    use bench::faults::{Fault, FaultsOptions};
+    let mut options = FaultsOptions::new(std::env::current_exe().context("finding this program")?);
+    if !args.faults.is_empty() {
+        options.faults = args
+            .faults
+            .iter()
+            .map(|name| {
+                Fault::from_name(name.trim()).with_context(|| {
+                    let all: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                    format!("--faults: no fault \"{name}\" (faults: {})", all.join(", "))
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    } else if args.soak.is_some() {
+        options.faults.retain(|&f| f != Fault::KillAllConnectors);
+    }
+    options.duration = seconds(args.duration, "--duration")?;
+    options.devices = args.devices;
+    options.rate = args.rate;
+    options.soak = args.soak.map(|m| Duration::from_secs(m * 60));
+    options.warmup = seconds(args.warmup, "--warmup")?;
+    options.keep = args.keep;
+    let report = bench::faults::run(&options)?;
+    show(&report, &report.render_text(), args.json, report.passed())
 }
 
 fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {

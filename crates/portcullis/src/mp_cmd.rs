@@ -11,7 +11,10 @@ use mp::{self, MpConfig};
 ///
 /// An HTTPS endpoint that answers like a Configuration Manager management point behind IIS:
 /// `GET /SMS_MP/.sms_aut?MPLIST` (also MPLIST2, SITESIGNCERT, MPKEYINFORMATION), and
-/// `POST /portcullis/echo`, which streams the request body back. Client certificates follow
+/// `POST /portcullis/echo`, which streams the request body back; `GET /portcullis/echo` answers
+/// its query string back and `GET /portcullis/trickle?chunks=N&bytes=B&every_ms=M` sends a
+/// body a chunk at a time (at most 1,000 chunks of 64 KiB, 10 s apart), for the fault drill.
+/// Client certificates follow
 /// IIS's settings; refusals carry IIS's 403 sub-status (7 none, 16 untrusted, 17 expired), in
 /// the body, in the `x-iis-substatus` header and in the W3C log.
 ///

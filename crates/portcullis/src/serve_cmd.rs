@@ -33,7 +33,12 @@ use runtime::shards::{ShardThreads, Shards};
 ///   verify_client_revocation = false         # check device and connector certificates
 ///                                            # against crls (a connector of unknown status
 ///                                            # is refused)
-///   request_timeout_secs = 120               # optional
+///   request_timeout_secs = 120               # optional; see Timeouts below
+///   startup_grace_secs = 35                  # optional; see Timeouts below
+///   refused_body_drain_bytes = 1048576       # optional: of a refused request's body, what is
+///                                            # read and thrown away so that the device's
+///                                            # HTTP/1.1 connection serves its next request;
+///                                            # a larger body gets Connection: close
 ///   crls = ["ca/root.crl"]                   # re-read on SIGHUP
 ///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
@@ -58,6 +63,29 @@ use runtime::shards::{ShardThreads, Shards};
 ///   [tls]                                    # optional
 ///   min_version = "1.2"                      # or "1.3"
 ///   cipher_suites = []                       # empty: all of rustls' safe suites
+///
+/// Timeouts along a device's request (optional keys, their defaults; what the device sees):
+///   handshake_timeout_secs = 10        the TLS handshake, from accept: connection closed
+///   first_request_timeout_secs = 10    the first request after it: connection closed
+///   idle_timeout_secs = 120            no request under way (HTTP/1.1: at most 30): closed
+///   http2_keepalive_secs = 30          PING a quiet HTTP/2 device (0: none), 20 s to answer
+///   device_idle_timeout_secs = 30      a device sending none of its body or taking none of
+///                                      the answer: 408 CMGService_Devicestalled
+///   refused_body_drain_timeout_secs = 5  the rest of a refused request's body: past it the
+///                                      refusal says Connection: close
+///   startup_grace_secs = 35            after a start, an endpoint no connector has announced
+///                                      yet: 503 CMGService_Gatewaystarting (Retry-After);
+///                                      after it 404 CMGService_Unknownendpoint (0: none)
+///   (connector) endpoint_timeout_secs = 60   the endpoint's answer to begin:
+///                                      504 CMGConnector_Endpointtimeout
+///   request_timeout_secs = 120         the connector's answer to begin:
+///                                      504 CMGService_Connectortimeout
+///   connector_idle_timeout_secs = 30   a connector sending nothing more of an answer it
+///                                      began: the answer is cut, 504 CMGService_Connectorstalled
+///                                      logged
+/// Keep request_timeout_secs above every connector's endpoint_timeout_secs, so that a slow
+/// endpoint is named by the connector; each connector announces its own when its channel
+/// opens, and the log warns when it is not below.
 ///
 /// Signals: SIGHUP re-reads the file and applies at once `verbose` and how devices are judged
 /// (trusted roots, CRLs, token keys, revoked tokens, client_cert_header); open connections
@@ -108,6 +136,16 @@ pub struct GatewayArgs {
 ///   endpoint_roots = ["ca/root.crt"]
 ///   endpoint_crls = ["ca/root.crl"]          # optional: check endpoints' certificates
 ///   endpoint_crl_policy = "refuse"           # or "allow-and-warn" (no current CRL)
+///   endpoint_timeout_secs = 60               # optional: the endpoint's answer to begin
+///                                            # (connection and TLS included); past it the
+///                                            # device gets 504 CMGConnector_Endpointtimeout.
+///                                            # Keep it below the gateways'
+///                                            # request_timeout_secs (120 by default), or the
+///                                            # gateway's 504 CMGService_Connectortimeout comes
+///                                            # first; it is announced to the gateways, which
+///                                            # warn when it is not below theirs
+///   max_request_header_bytes = 65536         # optional: the largest request header block a
+///                                            # channel takes; at least the gateways' own
 ///   verbose = false                          # the whole filter trail, a line per message
 ///   admin_listen = "127.0.0.1:9442"          # optional; loopback only
 ///   worker_threads = 2                       # optional; default one per CPU
@@ -128,6 +166,9 @@ pub struct GatewayArgs {
 /// reopen one at a time, 1 s apart, so that the gateways route the new endpoints and their
 /// ServiceMetadata says so. The reload's log line names changed settings that wait for a
 /// restart (gateways, channel certificate, worker_threads, admin_listen, [log], ...).
+/// A request the gateway withdraws before the endpoint answered (its device went away, or the
+/// gateway's request_timeout_secs struck) is logged with its message id, and the call to the
+/// endpoint abandoned.
 /// Ctrl-C or SIGTERM stops, gracefully: each channel tells its gateway it is draining, takes
 /// no new request and answers those under way (for at most 10 s) before it closes, so a
 /// rolling restart of connectors cuts no request.

@@ -1,4 +1,4 @@
-//! `portcullis bench load`, `bench compare` and `bench connections`, briefly, as processes: they run,
+//! `portcullis bench load`, `bench compare`, `bench connections` and `bench faults`, briefly, as processes: they run,
 //! every request is answered, the JSON has what it promises. No performance assertions.
 
 mod common;
@@ -367,4 +367,70 @@ fn compare_json(systems: &[&str], args: &[&str]) -> (std::process::Output, serde
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
     (out, report)
+}
+
+/// `bench faults`, two faults briefly: the report has each fault's counts, nothing hung, no
+/// POST reached the management point twice, and the hanging endpoint was answered with its
+/// status text. Whether every bound was met is the drill's own verdict (exit 0 or 1), not
+/// asserted here: a noisy machine may miss one.
+#[test]
+fn bench_faults_reports_each_fault_with_nothing_hung_or_duplicated() {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "faults",
+            "--faults",
+            "kill-connector,endpoint-hang",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{said}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {said}"));
+    let faults = report["faults"].as_array().expect("faults");
+    let names: Vec<&str> = faults.iter().filter_map(|f| f["fault"].as_str()).collect();
+    assert_eq!(names, ["kill-connector", "endpoint-hang"], "{said}");
+    for fault in faults {
+        for key in ["sent", "ok", "transport_errors", "hung", "duplicated"] {
+            assert!(fault[key].is_u64(), "{key} in {fault}");
+        }
+        assert!(fault["named"].is_object(), "{fault}");
+        assert!(fault.get("recovery_ms").is_some(), "{fault}");
+        assert!(fault["bound_ms"].is_u64(), "{fault}");
+        assert!(fault["targets_missed"].is_array(), "{fault}");
+        assert!(fault["ok"].as_u64() > Some(0), "{fault}");
+        assert_eq!(fault["hung"], 0, "{fault}");
+        assert_eq!(fault["duplicated"], 0, "{fault}");
+    }
+    assert!(
+        faults[1]["named"]["CMGConnector_Endpointtimeout"].as_u64() > Some(0),
+        "{}",
+        faults[1]
+    );
+    // The exit status follows the verdict.
+    let missed = faults
+        .iter()
+        .any(|f| !f["targets_missed"].as_array().is_some_and(|m| m.is_empty()));
+    assert_eq!(out.status.success(), !missed, "{said}");
+}
+
+#[test]
+fn bench_faults_names_the_faults_when_one_is_unknown() {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "bench",
+            "faults",
+            "--faults",
+            "kill-connector,unplug-the-datacentre",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for needle in ["unplug-the-datacentre", "stop-connector", "log-disk-full"] {
+        assert!(text(&out).contains(needle), "{needle}: {}", text(&out));
+    }
 }

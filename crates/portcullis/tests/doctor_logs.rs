@@ -246,8 +246,13 @@ fn every_status_text_portcullis_sends_is_recognised() {
     let mut ids = std::collections::HashSet::new();
     for cause in Cause::examples() {
         let refusal = Refusal::new(cause);
-        // The gateway's line, the connector's, and the device's, each alone.
+        // The gateway's line (as written now, naming the message, and as before), the
+        // connector's, and the device's, each alone.
         let lines = [
+            (
+                "gateway.log",
+                format!("Refused message 5f3a9c0e0000000000000001 from device 203.0.113.7:50123: {refusal}"),
+            ),
             (
                 "gateway.log",
                 format!("Refused a request from device 203.0.113.7:50123: {refusal}"),

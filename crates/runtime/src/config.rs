@@ -33,6 +33,21 @@ pub enum ConfigError {
     Serialize { path: PathBuf, message: String },
 }
 
+/// The top-level keys two configurations give the same value (compared as they serialize).
+/// A write-then-load test sets every key away from its starting value and expects none here:
+/// a key the writer dropped or misspelled would otherwise round-trip unnoticed.
+pub fn keys_with_equal_values<T: Serialize>(a: &T, b: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter(|(key, value)| b.get(key.as_str()) == Some(value))
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
 /// Configuration files are small; refuse anything that is clearly not one.
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 

@@ -55,6 +55,7 @@ pub struct SystemBuilder {
     connector: Box<ConnectorChange>,
     prepare: Box<dyn FnOnce(&Path)>,
     shards: Option<usize>,
+    hold_connector: bool,
 }
 
 /// A change to the connector's configuration, given the lab directory (to start an endpoint
@@ -106,17 +107,27 @@ impl SystemBuilder {
         self
     }
 
+    /// Writes the connector's configuration but does not start it: the test starts it with
+    /// [`System::start_connector`] (a gateway that starts before its connectors).
+    pub fn hold_connector(mut self) -> Self {
+        self.hold_connector = true;
+        self
+    }
+
     pub fn start(self) -> System {
         System::launch(self)
     }
 }
 
 impl System {
-    /// The usual system, to be changed before it starts.
+    /// The usual system, to be changed before it starts. Its gateway has no startup grace (an
+    /// endpoint nobody announced is 404 at once; see `startup_grace_secs`), and waits 20 s for
+    /// the connector, which waits 15 s for its endpoints.
     pub fn builder() -> SystemBuilder {
         let mut gateway = GatewayConfig::lab();
         gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         gateway.request_timeout_secs = 20;
+        gateway.startup_grace_secs = 0;
         SystemBuilder {
             store: "connector/store".into(),
             allowed_roots: vec![layout::ROOT_CERT.into()],
@@ -124,6 +135,7 @@ impl System {
             connector: Box::new(|_, _| {}),
             prepare: Box::new(|_| {}),
             shards: None,
+            hold_connector: false,
         }
     }
 
@@ -189,12 +201,14 @@ impl System {
         connector_config.client_cert_store = setup.store.into();
         connector_config.allowed_roots = setup.allowed_roots;
         connector_config.verbose = true;
+        // Below the gateway's request_timeout_secs, as they should be.
+        connector_config.endpoint_timeout_secs = 15;
         (setup.connector)(&mut connector_config, dir.path());
         connector_config.write(&p("connector.toml")).unwrap();
         (setup.prepare)(dir.path());
         let connector_log = Arc::new(Mutex::new(Vec::new()));
-        let connector = runtime
-            .block_on(async {
+        let connector = (!setup.hold_connector).then(|| {
+            runtime.block_on(async {
                 let shards = connector_shards.unwrap_or_else(Shards::current);
                 conn::start_on(
                     ConnectorConfig::load(&p("connector.toml")).unwrap(),
@@ -202,14 +216,15 @@ impl System {
                     shards,
                 )
                 .await
+                .unwrap()
             })
-            .unwrap();
+        });
         System {
             dir,
             runtime,
             mp: Some(mp),
             gateway: Some(gateway),
-            connector: Some(connector),
+            connector,
             connector_log,
             gateway_log,
             gateway_config,

@@ -533,7 +533,7 @@ fn write(path: &Path, contents: &str) -> Result<(), CompareError> {
 }
 
 /// Free TCP ports on 127.0.0.1, all different (each listener is held until all are chosen).
-fn free_ports(n: usize) -> Result<Vec<u16>, CompareError> {
+pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>, CompareError> {
     let listeners = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
@@ -546,7 +546,7 @@ fn free_ports(n: usize) -> Result<Vec<u16>, CompareError> {
 }
 
 mod measure;
-mod procs;
+pub(crate) mod procs;
 mod report;
 mod systems;
 mod tools;

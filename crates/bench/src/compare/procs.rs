@@ -5,17 +5,17 @@ use super::*;
 
 /// A child process that is stopped when dropped: SIGTERM, a bounded wait, then SIGKILL for
 /// it and for every descendant it had (nginx's workers).
-pub(super) struct Proc {
-    pub(super) name: String,
-    pub(super) child: Child,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
     /// Its standard output and error.
-    pub(super) output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Other logs worth showing when it fails (nginx's error log).
-    pub(super) logs: Vec<PathBuf>,
+    pub(crate) logs: Vec<PathBuf>,
 }
 
 impl Proc {
-    pub(super) fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         mut command: Command,
         dir: &Path,
@@ -42,12 +42,12 @@ impl Proc {
         })
     }
 
-    pub(super) fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// `Some(why)` when it has exited.
-    pub(super) fn exited(&mut self) -> Option<String> {
+    pub(crate) fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(format!("{} exited ({status})", self.name)),
             Ok(None) => None,
@@ -56,7 +56,7 @@ impl Proc {
     }
 
     /// The last lines of its output and logs.
-    pub(super) fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         let mut out = String::new();
         for file in std::iter::once(&self.output).chain(&self.logs) {
             let text = tail_of(file, 20);
@@ -72,7 +72,20 @@ impl Proc {
         out
     }
 
-    pub(super) fn stop(&mut self) {
+    /// Sends `signal` to it (SIGSTOP, SIGCONT, SIGHUP), unless it has exited.
+    pub(crate) fn signal(&mut self, signal: rustix::process::Signal) {
+        if self.exited().is_none() {
+            self::signal(self.pid(), signal);
+        }
+    }
+
+    /// `kill -9`, and waits for it to be gone: no graceful stop, as a crash or an OOM kill.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub(crate) fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
@@ -80,6 +93,8 @@ impl Proc {
             .into_iter()
             .map(|pid| (pid, procstat::start_time(pid)))
             .collect();
+        // A stopped process (SIGSTOP) would hold SIGTERM until it ran again.
+        signal(self.pid(), rustix::process::Signal::CONT);
         signal(self.pid(), rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
@@ -105,7 +120,7 @@ impl Drop for Proc {
     }
 }
 
-pub(super) fn signal(pid: u32, signal: rustix::process::Signal) {
+pub(crate) fn signal(pid: u32, signal: rustix::process::Signal) {
     if let Some(pid) = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
@@ -115,7 +130,7 @@ pub(super) fn signal(pid: u32, signal: rustix::process::Signal) {
 }
 
 /// The last `lines` lines of a file (from at most its last 16 KiB).
-pub(super) fn tail_of(path: &Path, lines: usize) -> String {
+pub(crate) fn tail_of(path: &Path, lines: usize) -> String {
     let Ok(mut file) = File::open(path) else {
         return String::new();
     };

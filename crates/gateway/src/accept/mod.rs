@@ -193,13 +193,16 @@ async fn handshake_and_serve(
                 return;
             }
         };
+        let dialled = channels::Dialled {
+            peer: cert.label(),
+            peer_cert: leaf.unwrap_or_default(),
+            addr: peer,
+        };
         let accepted = channels::accept(
             tls,
-            cert.label(),
-            leaf.unwrap_or_default(),
+            dialled,
             shared.registry.clone(),
-            shared.shards.len(),
-            shared.max_response_header_bytes,
+            &shared.channel_settings,
             |hello| shared.connectors.load().admits(&cert, hello),
         )
         .await;
@@ -214,6 +217,13 @@ async fn handshake_and_serve(
                 shared.log.info(&opened);
                 if let Some(warning) = smaller_budget {
                     shared.log.warn(&warning);
+                }
+                let ours = shared.timeout.as_secs();
+                if let Some(theirs) = ch.hello.endpoint_timeout_secs.filter(|&t| t >= ours) {
+                    shared.log.warn(&format!(
+                        "Connector {} waits up to {theirs} s for its endpoints (endpoint_timeout_secs), and this gateway waits {ours} s for the connector (request_timeout_secs): a slow endpoint gets devices this gateway's 504 CMGService_Connectortimeout instead of the connector's 504 CMGConnector_Endpointtimeout, which names the endpoint; raise request_timeout_secs above {theirs} or lower the connector's endpoint_timeout_secs",
+                        ch.hello.connector_id
+                    ));
                 }
             }
             Err(channels::AcceptError::Refused(why)) => shared

@@ -12,11 +12,13 @@ use bytes::Bytes;
 use channel::tunnel::{Hello, SmallFrames};
 
 mod accept;
+mod health;
 mod registry;
 mod send;
 
 pub(crate) use accept::parse_hello;
-pub use accept::{accept, AcceptError, HelloError};
+pub use accept::{accept, AcceptError, Dialled, HelloError, Settings};
+pub use health::{KeepAlive, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_UNRESPONSIVE_AFTER};
 pub use registry::{Queue, Registry, DEFAULT_MAX_QUEUED_REQUESTS};
 pub use send::ChannelBody;
 
@@ -43,12 +45,17 @@ pub struct Channel {
     /// (at most [`CHANNEL_MAX_STREAMS`](channel::tunnel::CHANNEL_MAX_STREAMS)); a request takes one before its stream is opened and
     /// holds it until its answer's body is dropped. Closed when the channel ends.
     slots: Arc<tokio::sync::Semaphore>,
+    /// Its connector's signs of life (`pick` passes by a channel gone silent), and why it was
+    /// dropped.
+    health: Arc<health::Health>,
 }
 
 impl Channel {
-    /// Closes the channel now (its connector is no longer allowed): what was on it fails, and
-    /// it leaves the registry.
-    pub fn close(&self) {
+    /// Closes the channel now (its connector is no longer allowed: `why`): what was on it
+    /// fails, told `why`, and it leaves the registry.
+    pub fn close(&self, why: &str) {
+        self.health
+            .set_lost(format!("the gateway closed the channel: {why}"));
         self.closing.store(true, Ordering::Relaxed);
         // A permit is kept if the driver is not waiting at this moment.
         self.close.notify_one();
@@ -57,6 +64,12 @@ impl Channel {
     /// Whether the channel has refused a new request (see `send::SendError::Closing`).
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// How long its connector has left a keep-alive PING unanswered, in milliseconds, once
+    /// that is over `channel_unresponsive_after_ms` (`None`: it answers).
+    pub fn silent_ms(&self) -> Option<u64> {
+        self.health.silent()
     }
 
     pub fn outstanding(&self) -> usize {

@@ -84,34 +84,49 @@ impl Registry {
             .push(channel);
     }
 
-    pub(super) fn remove(&self, id: u64) {
-        self.channels
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|c| c.id != id);
+    /// Takes the channel out, if it was in.
+    pub(super) fn remove(&self, id: u64) -> Option<Arc<Channel>> {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let at = channels.iter().position(|c| c.id == id)?;
+        Some(channels.remove(at))
     }
 
     /// The channel for `endpoint` with the fewest requests in flight, among those driven by
-    /// the calling shard if it has any (a request then wakes no other thread).
+    /// the calling shard if it has any (a request then wakes no other thread). A channel whose
+    /// connector has left a keep-alive PING unanswered too long is passed by: when every
+    /// channel for the endpoint is so, the refusal says that the connector is unresponsive.
     pub fn pick(&self, endpoint: u64) -> Result<Arc<Channel>, Refusal> {
         let here = Shards::here();
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let mut silent_ms = None;
         let best = channels
             .iter()
             .filter(|c| !c.is_closing() && c.hello.endpoints.iter().any(|e| e.id == endpoint))
+            .filter(|c| match c.silent_ms() {
+                Some(ms) => {
+                    silent_ms = silent_ms.max(Some(ms));
+                    false
+                }
+                None => true,
+            })
             .min_by_key(|c| (c.shard != here, c.outstanding()))
             .cloned();
-        match best {
-            Some(channel) => Ok(channel),
-            None if self
-                .known
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&endpoint) =>
+        match (best, silent_ms) {
+            (Some(channel), _) => Ok(channel),
+            (None, Some(silent_ms)) => Err(Refusal::new(Cause::ConnectorUnresponsive {
+                endpoint,
+                silent_ms,
+            })),
+            (None, None)
+                if self
+                    .known
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&endpoint) =>
             {
                 Err(Refusal::new(Cause::NoChannel { endpoint }))
             }
-            None => Err(Refusal::new(Cause::UnknownEndpoint { endpoint })),
+            (None, None) => Err(Refusal::new(Cause::UnknownEndpoint { endpoint })),
         }
     }
 

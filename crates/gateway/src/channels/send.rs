@@ -83,6 +83,7 @@ impl Channel {
             // For this gateway, not for the device.
             if response.headers_mut().remove(&headers::DRAINING).is_some() {
                 self.closing.store(true, Ordering::Relaxed);
+                self.health.set_drained();
             }
         }
         answered.map_err(|e| match e {
@@ -90,7 +91,19 @@ impl Channel {
                 self.closing.store(true, Ordering::Relaxed);
                 SendError::Closing(request)
             }
-            SendOnError::Failed(e) => SendError::Refused(Refusal::new(refused_answer(&e))),
+            SendOnError::Failed(e) => SendError::Refused(Refusal::new(
+                // The gateway dropped the channel (its connector silent, or no longer
+                // allowed): that is why, whatever h2 says of the connection it lost.
+                match self.health.lost() {
+                    Some(why) => Cause::ChannelBroken {
+                        detail: format!(
+                            "{why} (connector {}, channel {})",
+                            self.hello.connector_id, self.id
+                        ),
+                    },
+                    None => refused_answer(&e),
+                },
+            )),
         })
     }
 }
@@ -118,7 +131,7 @@ fn refused_answer(e: &h2::Error) -> Cause {
             }
         }
         _ => Cause::ChannelBroken {
-            detail: e.to_string(),
+            detail: channel::ended::h2_error_text(e, "the connector", "the gateway"),
         },
     }
 }
@@ -185,7 +198,17 @@ pub(super) async fn send_on(
 /// a stream's final frame), not an empty frame after it.
 async fn stream_body(body: Body, mut stream: h2::SendStream<Bytes>, frames: Arc<SmallFrames>) {
     let mut body = Coalesced::new(body, frames);
-    while let Some(frame) = body.frame().await {
+    loop {
+        // The connector may reset the stream while the device is slow to send (it answered
+        // or refused early): then the body is let go at once (the device's connection drains
+        // what is left of it, see `idle::DeviceBody`).
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(_) => {
@@ -321,6 +344,7 @@ mod tests {
                     }],
                     has_client_certificate: true,
                     max_request_header_bytes: None,
+                    endpoint_timeout_secs: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).expect("json"));
                 let mut stream = respond
@@ -330,15 +354,20 @@ mod tests {
             }
         });
         let registry = Arc::new(Registry::default());
-        let channel = accept(
-            gateway_end,
-            "c".into(),
-            Vec::new(),
-            registry.clone(),
-            1,
-            64 * 1024,
-            |_| Ok::<(), std::convert::Infallible>(()),
-        )
+        let settings = super::super::Settings {
+            gateway_threads: 1,
+            max_response_header_bytes: 64 * 1024,
+            keepalive: super::super::KeepAlive::default(),
+            log: logs::Logger::new("TEST").into_log(),
+        };
+        let dialled = super::super::Dialled {
+            peer: "c".into(),
+            peer_cert: Vec::new(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        };
+        let channel = accept(gateway_end, dialled, registry.clone(), &settings, |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
         .await
         .expect("channel");
         let request = Request::get("/SMS_MP/.sms_aut?MPLIST")

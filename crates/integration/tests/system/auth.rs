@@ -480,7 +480,8 @@ fn a_device_presenting_a_server_certificate_is_refused_for_its_usage() {
     assert!(wait_logged(
         &system,
         &[
-            "Refused a request from device ",
+            "Refused message ",
+            " from device ",
             "403 CMGService_Clientcertificatewrongusage",
             "1.3.6.1.5.5.7.3.1 (Server Authentication) without Client Authentication",
         ]

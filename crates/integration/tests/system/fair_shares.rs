@@ -444,6 +444,7 @@ fn fake_connector(system: &System) {
                     }],
                     has_client_certificate: true,
                     max_request_header_bytes: None,
+                    endpoint_timeout_secs: None,
                 };
                 let mut stream = respond
                     .send_response(hyper::Response::new(()), false)

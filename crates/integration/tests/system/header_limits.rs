@@ -241,6 +241,7 @@ async fn fake_connector(
                     }],
                     has_client_certificate: true,
                     max_request_header_bytes: None,
+                    endpoint_timeout_secs: None,
                 };
                 let body = Bytes::from(serde_json::to_vec(&hello).unwrap());
                 if let Ok(mut stream) = respond.send_response(hyper::Response::new(()), false) {

@@ -3,12 +3,14 @@
 //! binary, so the whole system is linked once.
 
 mod auth;
+mod channel_health;
 mod connection_limits;
 mod connector_trust;
 mod device_input;
 mod device_probe;
 mod drain;
 mod fair_shares;
+mod faults;
 mod header_limits;
 mod management_point;
 mod path;

@@ -210,6 +210,59 @@ fn a_large_body_streams_back_byte_for_byte() {
     );
 }
 
+/// The fault drill's paths: a GET of /portcullis/echo answers its query back (and the W3C log
+/// records the query, the drill's id); /portcullis/trickle sends its body a chunk at a time,
+/// all of it, and refuses (404) values over its bounds.
+#[test]
+fn echo_answers_a_get_with_its_query_and_trickle_sends_its_whole_body_slowly() {
+    let lab = Lab::new();
+    let device = (
+        lab.path("devices/device-001.crt"),
+        lab.path("devices/device-001.key"),
+    );
+    let log = lab.path("w3c/u_ex.log");
+    let w3c = log.clone();
+    with_mp(
+        &lab,
+        move |c| c.w3c_log = Some(w3c),
+        |base| {
+            let w = ["-w", "\n%{http_code}"];
+            let get = |path: &str| {
+                status_and_body(&curl(
+                    &lab,
+                    &format!("{base}{path}"),
+                    Some((&device.0, &device.1)),
+                    &w,
+                ))
+            };
+            assert_eq!(
+                get("/portcullis/echo?drill=42"),
+                ("200".into(), "drill=42".into())
+            );
+            let started = std::time::Instant::now();
+            let (status, body) =
+                get("/portcullis/trickle?chunks=3&bytes=100&every_ms=200&drill=43");
+            assert_eq!((status.as_str(), body.len()), ("200", 300), "{body}");
+            // Three chunks 200 ms apart: not all at once (a generous lower bound).
+            assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+            for over in [
+                "chunks=1001&bytes=1&every_ms=1",
+                "chunks=1&bytes=65537&every_ms=1",
+                "chunks=1&bytes=1&every_ms=10001",
+                "chunks=1&bytes=1",
+            ] {
+                let (status, _) = get(&format!("/portcullis/trickle?{over}"));
+                assert_eq!(status, "404", "{over}");
+            }
+        },
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(" GET /portcullis/echo drill=42 "),
+        "{logged}"
+    );
+}
+
 #[test]
 fn bad_configuration_names_the_file_and_the_key() {
     let lab = Lab::new();

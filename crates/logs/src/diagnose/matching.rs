@@ -98,6 +98,11 @@ static OWN_LINES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
             "Refused a request from device ",
             r"^(?P<own>Refused a request from device \S+: \d{3} \S+ \([^)]*\): ).+$",
         ),
+        // The same since it names the message.
+        (
+            "Refused message ",
+            r"^(?P<own>Refused message \S+ from device \S+: \d{3} \S+ \([^)]*\): ).+$",
+        ),
         // The connector's per-request lines: the URL ends with the device's path.
         (
             "Forwarding proxy message ",
@@ -112,6 +117,11 @@ static OWN_LINES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
         (
             "Message ",
             r"^(?P<own>Message \S+: )(?:[A-Z]+ \S+ from device |device ).*$",
+        ),
+        // The connector's line for a request the gateway withdrew: the URL, as above.
+        (
+            "Message ",
+            r"^(?P<own>Message \S+: the gateway withdrew the request after \d+ ms, before )\S+(?P<tail> answered .*)$",
         ),
     ]
     .into_iter()

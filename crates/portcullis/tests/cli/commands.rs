@@ -35,6 +35,49 @@ fn every_command_has_help() {
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.contains(needle), "{args:?}: {help}");
     }
+    // The timeouts along a request, each with its default as the configuration has it, in
+    // both components' help.
+    let gateway = serde_json::to_value(gateway::GatewayConfig::lab()).expect("JSON");
+    let connector = serde_json::to_value(connector::run::ConnectorConfig::lab(
+        "c",
+        Vec::new(),
+        Vec::new(),
+    ))
+    .expect("JSON");
+    let gateway_keys = [
+        "handshake_timeout_secs",
+        "first_request_timeout_secs",
+        "idle_timeout_secs",
+        "http2_keepalive_secs",
+        "device_idle_timeout_secs",
+        "refused_body_drain_timeout_secs",
+        "refused_body_drain_bytes",
+        "startup_grace_secs",
+        "request_timeout_secs",
+        "connector_idle_timeout_secs",
+    ];
+    let gateway_help =
+        String::from_utf8_lossy(&portcullis(&["gateway", "--help"]).stdout).into_owned();
+    let connector_help =
+        String::from_utf8_lossy(&portcullis(&["connector", "--help"]).stdout).into_owned();
+    let endpoint_timeout = format!(
+        "endpoint_timeout_secs = {}",
+        connector["endpoint_timeout_secs"]
+    );
+    for key in gateway_keys {
+        let line = format!("{key} = {}", gateway[key]);
+        assert!(
+            gateway_help.contains(&line),
+            "gateway --help lacks {line}: {gateway_help}"
+        );
+    }
+    for (help, line) in [
+        (&gateway_help, &endpoint_timeout),
+        (&connector_help, &endpoint_timeout),
+        (&connector_help, &"request_timeout_secs".to_string()),
+    ] {
+        assert!(help.contains(line.as_str()), "{line}: {help}");
+    }
 }
 
 /// The token commands: a key pair, then a token the gateway's checks accept (ES256 and

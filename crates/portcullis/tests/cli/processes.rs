@@ -260,9 +260,15 @@ fn verbose_logging_changes_while_the_connector_runs() {
 }
 
 /// A connector that stops answering without closing anything (frozen with SIGSTOP, as a hung
-/// host or a silently dropped network path looks) is noticed by the gateway's PINGs: its
-/// channels leave the registry within the keepalive bound (5 s interval + 5 s timeout), and
-/// once it runs again it dials back in.
+/// host or a silently dropped network path looks) is noticed by the gateway's PINGs: once one
+/// is overdue (`channel_unresponsive_after_ms`) the gateway says so in its log, naming the
+/// connector, and a device gets 503 `CMGService_Connectorunresponsive` at once rather than
+/// wait on it; its channels leave the registry within the keep-alive bound
+/// (`channel_keepalive_timeout_secs`, 5 s of silence), the log naming the cause, and once
+/// it runs again it dials back in and says so.
+///
+/// Before (issue 16 item 3): the channels left 5-10 s after the freeze with no line in the
+/// gateway's log, and a request meanwhile waited on the frozen connector.
 #[test]
 fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     let tmp = tempfile::tempdir().unwrap();
@@ -270,7 +276,12 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     let (_mp, mp_port) = spawn_mp(&lab);
     let port = free_port();
     let config = gateway_config(&lab, port, |_| {});
-    let _gateway = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening").0;
+    let gateway_log = tmp.path().join("gateway.log");
+    let _gateway = spawn_until(
+        &["gateway", "--config", p(&config), "--log", p(&gateway_log)],
+        "Gateway listening",
+    )
+    .0;
     connector_config(
         &lab.join("connector.toml"),
         &[port],
@@ -278,8 +289,15 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
         "connector/store",
         |_| {},
     );
+    let connector_log = tmp.path().join("SMS_Cloud_ProxyConnector.log");
     let connector = spawn_until(
-        &["connector", "--config", p(&lab.join("connector.toml"))],
+        &[
+            "connector",
+            "--config",
+            p(&lab.join("connector.toml")),
+            "--log",
+            p(&connector_log),
+        ],
         "Maintaining connections...",
     )
     .0;
@@ -292,6 +310,41 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     };
     signal(libc::SIGSTOP);
     let frozen = std::time::Instant::now();
+    // One line per channel (2).
+    let overdue = wait_for_text(&gateway_log, "keep-alive PING unanswered for", 2);
+    if overdue.matches("keep-alive PING unanswered for").count() < 2 {
+        signal(libc::SIGCONT);
+        panic!("no line said the PINGs went unanswered:\n{overdue}");
+    }
+    assert!(overdue.contains("Connector c1 channel "), "{overdue}");
+    eprintln!(
+        "both channels unresponsive {:?} after the freeze",
+        frozen.elapsed()
+    );
+    // Nothing waits on the frozen connector: refused at once, named (unless its channels are
+    // already gone, on a slow machine).
+    let url = format!("https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/SMS_MP/.sms_aut?MPLIST");
+    let root = lab.join("ca/root.crt");
+    let cert = lab.join("devices/device-001.crt");
+    let key = lab.join("devices/device-001.key");
+    let probed = portcullis(&[
+        "probe",
+        &url,
+        "--ca",
+        p(&root),
+        "--cert",
+        p(&cert),
+        "--key",
+        p(&key),
+    ]);
+    let said = String::from_utf8_lossy(&probed.stdout).into_owned()
+        + &String::from_utf8_lossy(&probed.stderr);
+    if !said.contains("CMGService_Noconnectorchannel") {
+        assert!(
+            said.contains("StatusCode= 503 StatusText= CMGService_Connectorunresponsive"),
+            "{said}"
+        );
+    }
     let deadline = frozen + std::time::Duration::from_secs(25);
     while channels_at(&lab, port) > 0 {
         if std::time::Instant::now() > deadline {
@@ -302,12 +355,24 @@ fn a_frozen_connector_leaves_the_gateway_by_its_pings_and_comes_back() {
     }
     let gone_after = frozen.elapsed();
     signal(libc::SIGCONT);
+    eprintln!("channels gone {gone_after:?} after the freeze");
     assert!(
         gone_after >= std::time::Duration::from_secs(4),
-        "channels left after {gone_after:?}, before any PING could have gone unanswered"
+        "channels left after {gone_after:?}, before the keep-alive timeout could have struck"
     );
+    let lost = wait_for_text(&gateway_log, "keep-alive PINGs unanswered for", 2);
+    let lost_lines: Vec<&str> = lost
+        .lines()
+        .filter(|l| {
+            l.contains("Connector c1 lost channel ")
+                && l.contains("keep-alive PINGs unanswered for")
+        })
+        .collect();
+    assert!(lost_lines.len() >= 2, "{lost}");
     assert!(
         wait_for_channels(&lab, port, 2),
         "the connector did not dial back in after it ran again"
     );
+    let back = wait_for_text(&connector_log, " back after ", 2);
+    assert!(back.matches(" back after ").count() >= 2, "{back}");
 }
