@@ -193,7 +193,13 @@ impl ConnectorConfig {
     }
 
     pub fn load(path: &Path) -> Result<ConnectorConfig, ConfigError> {
-        let mut cfg: ConnectorConfig = config::load_toml(path)?;
+        ConnectorConfig::parse(&config::read_text(path)?, path)
+    }
+
+    /// What [`ConnectorConfig::load`] does with the file's text once read: parsed and checked, its
+    /// relative paths taken from `path`'s directory, and `path` named in every error.
+    pub fn parse(text: &str, path: &Path) -> Result<ConnectorConfig, ConfigError> {
+        let mut cfg: ConnectorConfig = config::parse_toml(text, path)?;
         cfg.resolve_paths(config::dir_of(path));
         let invalid = |key, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -395,7 +395,13 @@ impl GatewayConfig {
     }
 
     pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-        let mut cfg: GatewayConfig = config::load_toml(path)?;
+        GatewayConfig::parse(&config::read_text(path)?, path)
+    }
+
+    /// What [`GatewayConfig::load`] does with the file's text once read: parsed and checked, its
+    /// relative paths taken from `path`'s directory, and `path` named in every error.
+    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+        let mut cfg: GatewayConfig = config::parse_toml(text, path)?;
         cfg.resolve_paths(config::dir_of(path));
         let invalid = |key, reason: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -428,6 +434,16 @@ impl GatewayConfig {
         }
         if let Some((key, reason)) = cfg.probe.as_ref().and_then(|p| p.problem()) {
             return Err(invalid(key, &reason));
+        }
+        if cfg
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.leeway_secs > token::MAX_LEEWAY_SECS)
+        {
+            return Err(invalid(
+                "tokens.leeway_secs",
+                &format!("must be between 0 and {}", token::MAX_LEEWAY_SECS),
+            ));
         }
         if let Err(reason) = cfg.tls.check() {
             return Err(invalid("tls", &reason));

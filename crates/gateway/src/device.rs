@@ -106,7 +106,7 @@ impl std::fmt::Display for Identity<'_> {
 }
 
 /// Standard base64 with padding (RFC 4648), as IIS ARR sends a client certificate.
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -126,7 +126,7 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// A header value for text that may hold anything (subjects): made visible ASCII.
-fn header_value(text: &str) -> HeaderValue {
+pub(crate) fn header_value(text: &str) -> HeaderValue {
     HeaderValue::try_from(header_safe(text)).unwrap_or_else(|_| HeaderValue::from_static("?"))
 }
 

@@ -104,26 +104,8 @@ async fn route_request(
     shared: &Shared,
     device: &Arc<Device>,
 ) -> Result<Response<Body>, Refusal> {
-    // First: a CONNECT in authority form has no path to route by, and is still a CONNECT.
-    if !is_forwarded(request.method()) {
-        return Err(Refusal::new(Cause::MethodNotAllowed {
-            method: header_safe(request.method().as_str()),
-        }));
-    }
-    refuse_transfer_codings(request.headers())?;
-    // Copied, to outlive the request's taking apart below. (A clone of the PathAndQuery, which
-    // shares its bytes, measured no better.)
-    let target = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let route = route::parse(&target).map_err(|e| {
-        Refusal::new(Cause::BadRoute {
-            detail: e.to_string(),
-        })
-    })?;
-    let (auth, endpoint, path, forward_target) = match route {
+    let target = checked_target(&request)?;
+    let (auth, endpoint, path, forward_target) = match parse_route(&target)? {
         Route::ServiceMetadata { auth } => {
             let view = metadata_view(&request, auth, shared, device);
             return Ok(service_metadata(shared, view));
@@ -192,6 +174,34 @@ fn while_starting(refusal: Refusal, shared: &Shared) -> Refusal {
     }
 }
 
+/// The request target of a request the gateway takes on (a method it forwards, transfer
+/// codings it can pass on): the first checks, before the route and anyone's authentication.
+pub(crate) fn checked_target<B>(request: &Request<B>) -> Result<String, Refusal> {
+    // First: a CONNECT in authority form has no path to route by, and is still a CONNECT.
+    if !is_forwarded(request.method()) {
+        return Err(Refusal::new(Cause::MethodNotAllowed {
+            method: header_safe(request.method().as_str()),
+        }));
+    }
+    refuse_transfer_codings(request.headers())?;
+    // Copied, to outlive the request's taking apart. (A clone of the PathAndQuery, which
+    // shares its bytes, measured no better.)
+    Ok(request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into()))
+}
+
+/// The route of a request target, or the refusal a device gets for it.
+pub(crate) fn parse_route(target: &str) -> Result<Route<'_>, Refusal> {
+    route::parse(target).map_err(|e| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })
+}
+
 /// Who the device is, as the connector will be told: a certificate (its judgement under the
 /// current settings, kept in `state`), or a token's subject.
 fn authenticate<'s>(
@@ -238,10 +248,9 @@ fn authenticate<'s>(
     })
 }
 
-/// The request as it goes on `channel`: the path after the endpoint id, the device's headers
-/// less what it may not send, the metadata (message id, endpoint, device) and forwarded
-/// headers, within the header budget, and a body watched for stalls (taken from `pending`,
-/// which keeps its watch).
+/// The request as it goes on `channel`: its head rewritten ([`rewrite_head`]) within the
+/// header budget of the gateway and of the channel's connector, and a body watched for stalls
+/// (taken from `pending`, which keeps its watch).
 #[allow(clippy::too_many_arguments)] // each is one thing the request is made of
 fn rewrite_for_channel(
     request: Request<()>,
@@ -253,78 +262,27 @@ fn rewrite_for_channel(
     shared: &Shared,
     device: &Device,
 ) -> Result<Request<Body>, Refusal> {
-    let message_id = &pending.message_id;
-    // The path and query as the device sent them after the endpoint id, as they are: no
-    // formatting (a cost on every request), only for a bare `?query` or nothing.
-    let uri = if forward_target.starts_with('/') {
-        hyper::Uri::try_from(forward_target)
-    } else {
-        hyper::Uri::try_from(format!("/{forward_target}"))
-    };
     let (mut parts, ()) = request.into_parts();
-    parts.uri = uri.map_err(|e: hyper::http::uri::InvalidUri| {
-        Refusal::new(Cause::BadRoute {
-            detail: e.to_string(),
-        })
-    })?;
-    // The device's own headers go on as they are, minus hop-by-hop ones, any claim to be
-    // Portcullis metadata and any header an endpoint may trust to say who called (set below);
-    // the map is edited in place rather than rebuilt.
-    headers::strip_device(&mut parts.headers);
-    // What the device's own connection carried (HTTP/2 stream state, upgrades) stays here.
-    parts.version = hyper::Version::HTTP_11;
-    parts.extensions = hyper::http::Extensions::new();
-    let map = &mut parts.headers;
-    // The message id, unique to the request, is sent never-indexed so it does not churn the
-    // channel's HPACK table; the device line, the same for a connection's every request, is
-    // indexed and goes as a table index (the connector decodes every header of every
-    // request). Hex digits only: a valid header value as it is, with no sanitising copy.
-    let mut id_header =
-        HeaderValue::from_str(message_id).unwrap_or_else(|_| never_indexed(message_id));
-    id_header.set_sensitive(true);
-    map.insert(headers::MESSAGE_ID, id_header);
-    map.insert(headers::ENDPOINT, HeaderValue::from(endpoint));
-    let device_header = match identity {
-        Identity::Certificate { header, .. } => (*header).clone(),
-        // A token's id differs from token to token: not worth a table entry.
-        Identity::Token { subject, id } => {
-            never_indexed(&format!("{subject} (token {id}) from {}", device.addr))
-        }
-    };
-    // Who called, and from where: the connector gives the endpoint `X-Forwarded-For` and
-    // `Forwarded` from this line's address (two more headers on the channel cost both ends'
-    // HPACK more than the connector's making them).
-    map.insert(headers::DEVICE, device_header);
-    match identity {
-        Identity::Certificate {
-            cert_header: Some(cert_header),
-            ..
-        } => {
-            map.insert(cert_header.0.clone(), cert_header.1.clone());
-        }
-        // Not configured when the judgement was made.
-        Identity::Certificate { .. } => {}
-        // A name of the operator's choosing may be outside what strip_device drops.
-        Identity::Token { .. } => {
-            if let Some(name) = &*shared.cert_header.load() {
-                map.remove(&**name);
-            }
-        }
-    }
-    // One budget along the path: what goes on the channel, metadata included, fits what the
-    // connector's h2 takes, which would otherwise refuse it (and past four times its limit
-    // close the channel, cutting every other device's request on it). The connector's own
-    // limit, announced in its hello, is the budget when it is the smaller.
+    // The connector's own limit, announced in its hello, is the budget when it is the
+    // smaller.
     let limit = channel
         .hello
         .max_request_header_bytes
         .map_or(shared.max_request_header_bytes, |theirs| {
             shared.max_request_header_bytes.min(theirs as usize)
         });
-    let size = header_block_size(&parts);
-    if size > limit {
-        return Err(Refusal::new(Cause::HeadersTooLarge { size, limit }));
-    }
+    rewrite_head(
+        &mut parts,
+        &Rewrite {
+            forward_target,
+            endpoint,
+            message_id: &pending.message_id,
+            identity,
+            device: device.addr,
+            cert_header: shared.cert_header.load().as_deref(),
+            limit,
+        },
+    )?;
     // Checked before the body is taken: a refusal until here still has it to read.
     let Some(body) = pending.body.take() else {
         return Err(Refusal::new(Cause::ChannelBroken {
@@ -351,6 +309,98 @@ fn rewrite_for_channel(
         ))
     };
     Ok(Request::from_parts(parts, body))
+}
+
+/// What [`rewrite_head`] puts in a request's head.
+pub(crate) struct Rewrite<'a> {
+    /// The path and query after the endpoint id, as the device sent them.
+    pub(crate) forward_target: &'a str,
+    pub(crate) endpoint: u64,
+    pub(crate) message_id: &'a str,
+    pub(crate) identity: &'a Identity<'a>,
+    pub(crate) device: std::net::SocketAddr,
+    /// `client_cert_header`, when configured.
+    pub(crate) cert_header: Option<&'a hyper::header::HeaderName>,
+    /// The header budget: what goes on the channel, metadata included.
+    pub(crate) limit: usize,
+}
+
+/// A device's request head as it goes on a channel: the path after the endpoint id, the
+/// device's headers less what it may not send, the metadata (message id, endpoint, device)
+/// and forwarded headers, within the header budget (else 431).
+pub(crate) fn rewrite_head(
+    parts: &mut hyper::http::request::Parts,
+    rewrite: &Rewrite<'_>,
+) -> Result<(), Refusal> {
+    let forward_target = rewrite.forward_target;
+    // The path and query as the device sent them after the endpoint id, as they are: no
+    // formatting (a cost on every request), only for a bare `?query` or nothing.
+    let uri = if forward_target.starts_with('/') {
+        hyper::Uri::try_from(forward_target)
+    } else {
+        hyper::Uri::try_from(format!("/{forward_target}"))
+    };
+    parts.uri = uri.map_err(|e: hyper::http::uri::InvalidUri| {
+        Refusal::new(Cause::BadRoute {
+            detail: e.to_string(),
+        })
+    })?;
+    // The device's own headers go on as they are, minus hop-by-hop ones, any claim to be
+    // Portcullis metadata and any header an endpoint may trust to say who called (set below);
+    // the map is edited in place rather than rebuilt.
+    headers::strip_device(&mut parts.headers);
+    // What the device's own connection carried (HTTP/2 stream state, upgrades) stays here.
+    parts.version = hyper::Version::HTTP_11;
+    parts.extensions = hyper::http::Extensions::new();
+    let map = &mut parts.headers;
+    // The message id, unique to the request, is sent never-indexed so it does not churn the
+    // channel's HPACK table; the device line, the same for a connection's every request, is
+    // indexed and goes as a table index (the connector decodes every header of every
+    // request). Hex digits only: a valid header value as it is, with no sanitising copy.
+    let message_id = rewrite.message_id;
+    let mut id_header =
+        HeaderValue::from_str(message_id).unwrap_or_else(|_| never_indexed(message_id));
+    id_header.set_sensitive(true);
+    map.insert(headers::MESSAGE_ID, id_header);
+    map.insert(headers::ENDPOINT, HeaderValue::from(rewrite.endpoint));
+    let device_header = match rewrite.identity {
+        Identity::Certificate { header, .. } => (*header).clone(),
+        // A token's id differs from token to token: not worth a table entry.
+        Identity::Token { subject, id } => {
+            never_indexed(&format!("{subject} (token {id}) from {}", rewrite.device))
+        }
+    };
+    // Who called, and from where: the connector gives the endpoint `X-Forwarded-For` and
+    // `Forwarded` from this line's address (two more headers on the channel cost both ends'
+    // HPACK more than the connector's making them).
+    map.insert(headers::DEVICE, device_header);
+    match rewrite.identity {
+        Identity::Certificate {
+            cert_header: Some(cert_header),
+            ..
+        } => {
+            map.insert(cert_header.0.clone(), cert_header.1.clone());
+        }
+        // Not configured when the judgement was made.
+        Identity::Certificate { .. } => {}
+        // A name of the operator's choosing may be outside what strip_device drops.
+        Identity::Token { .. } => {
+            if let Some(name) = rewrite.cert_header {
+                map.remove(name);
+            }
+        }
+    }
+    // One budget along the path: what goes on the channel, metadata included, fits what the
+    // connector's h2 takes, which would otherwise refuse it (and past four times its limit
+    // close the channel, cutting every other device's request on it).
+    let size = header_block_size(parts);
+    if size > rewrite.limit {
+        return Err(Refusal::new(Cause::HeadersTooLarge {
+            size,
+            limit: rewrite.limit,
+        }));
+    }
+    Ok(())
 }
 
 /// Sends the request on `channel` (or, should it have stopped taking requests, the one picked

@@ -24,6 +24,8 @@ mod control;
 mod device;
 pub mod device_auth;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod idle;
 mod limits;
 mod message_id;

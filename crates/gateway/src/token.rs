@@ -58,7 +58,7 @@ pub struct TokenSettings {
     /// A file of revoked token ids, one per line (`#` starts a comment).
     #[serde(default)]
     pub revoked: Option<PathBuf>,
-    /// Clock skew allowed on expiry and not-before, in seconds.
+    /// Clock skew allowed on expiry and not-before, in seconds (at most a day).
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
     /// Endpoint paths (after the endpoint id) where a bulk registration token is accepted.
@@ -90,6 +90,9 @@ pub fn default_audience() -> String {
 fn default_leeway() -> u64 {
     60
 }
+
+/// The most clock skew `leeway_secs` may allow: a day.
+pub const MAX_LEEWAY_SECS: u64 = 86_400;
 fn default_registration_paths() -> Vec<String> {
     vec!["ccm_system_tokenauth/request".into()]
 }
@@ -294,13 +297,14 @@ impl TokenPolicy {
         };
         match claims.exp {
             None => return Err("the token has no expiry (exp)".into()),
-            Some(exp) if exp + self.leeway < now => {
+            // Saturating: the times are the signer's, anywhere on the clock.
+            Some(exp) if exp.saturating_add(self.leeway) < now => {
                 return Err(format!("the token expired at {}", at(exp)))
             }
             _ => {}
         }
         if let Some(nbf) = claims.nbf {
-            if nbf - self.leeway > now {
+            if nbf.saturating_sub(self.leeway) > now {
                 return Err(format!("the token is not valid before {}", at(nbf)));
             }
         }
@@ -408,4 +412,94 @@ pub fn issue(
     let token = jsonwebtoken::encode(&Header::new(algorithm), &claims, &key)
         .map_err(|e| TokenError::Sign(e.to_string()))?;
     Ok((token, jti))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A policy checking with a new Ed25519 site key, and that key to sign with.
+    fn lab_policy(leeway_secs: u64) -> (TokenPolicy, EncodingKey, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (key, public) = pki::lab::token_key_pair(true).expect("a key pair");
+        let path = dir.path().join("site.pub");
+        std::fs::write(&path, public).expect("the public key written");
+        let mut settings = TokenSettings::new(vec![path]);
+        settings.leeway_secs = leeway_secs;
+        let policy = TokenPolicy::load(&settings).expect("the policy");
+        let key = EncodingKey::from_ed_pem(key.as_bytes()).expect("the signing key");
+        (policy, key, dir)
+    }
+
+    fn check(
+        policy: &TokenPolicy,
+        key: &EncodingKey,
+        exp: i64,
+        nbf: Option<i64>,
+    ) -> Result<Claims, String> {
+        let claims = Claims {
+            iss: Some(default_issuer()),
+            aud: Some(default_audience()),
+            sub: Some("DEVICE-001".into()),
+            exp: Some(exp),
+            nbf,
+            iat: None,
+            jti: Some("1".into()),
+            endpoints: vec![],
+            kind: TokenKind::Device,
+        };
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, key).expect("signed");
+        policy.check(
+            Some(&format!("Bearer {token}")),
+            3456,
+            "/SMS_MP/.sms_aut",
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    /// Seen while writing the `token` fuzz target (its signed-claims mode reaches these
+    /// checks): the expiry and not-before checks added and took the leeway with overflow, so a
+    /// signed token with an expiry near the end of time (or a not-before near its start)
+    /// panicked the check in a debug build and, wrapped in a release build, read as expired;
+    /// so did every token under a leeway over i64::MAX - now.
+    #[test]
+    fn times_at_the_ends_of_the_clock_are_compared_without_overflow() {
+        let (policy, key, _dir) = lab_policy(60);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!(check(&policy, &key, i64::MAX, None).is_ok());
+        assert!(check(&policy, &key, now + 600, Some(i64::MIN)).is_ok());
+        let expired = check(&policy, &key, i64::MIN, None).unwrap_err();
+        assert!(expired.starts_with("the token expired at"), "{expired}");
+        let early = check(&policy, &key, i64::MAX, Some(i64::MAX)).unwrap_err();
+        assert!(
+            early.starts_with("the token is not valid before"),
+            "{early}"
+        );
+        // The largest leeway the configuration takes: a token an hour old is still good.
+        let (policy, key, _dir) = lab_policy(MAX_LEEWAY_SECS);
+        assert!(check(&policy, &key, now - 3600, Some(now + 3600)).is_ok());
+    }
+
+    /// `leeway_secs` is clock skew: a day at most, named with its key when over.
+    #[test]
+    fn a_leeway_over_a_day_is_refused_with_its_key() {
+        let text = |leeway: u64| {
+            format!(
+                "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\n\
+                 connector_roots = [\"connectors.crt\"]\nallowed_connectors = [\"Branch\"]\n\
+                 [tokens]\nkeys = [\"token.pub\"]\nleeway_secs = {leeway}\n"
+            )
+        };
+        let path = Path::new("/etc/portcullis/gateway.toml");
+        let loaded = crate::GatewayConfig::parse(&text(MAX_LEEWAY_SECS), path).unwrap();
+        assert_eq!(loaded.tokens.unwrap().leeway_secs, MAX_LEEWAY_SECS);
+        let refused = crate::GatewayConfig::parse(&text(MAX_LEEWAY_SECS + 1), path)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            refused,
+            "/etc/portcullis/gateway.toml: key `tokens.leeway_secs`: must be between 0 and 86400"
+        );
+    }
 }

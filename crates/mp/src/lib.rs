@@ -129,7 +129,13 @@ impl MpConfig {
 
     /// Reads and validates the file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<MpConfig, ConfigError> {
-        let mut cfg: MpConfig = config::load_toml(path)?;
+        MpConfig::parse(&config::read_text(path)?, path)
+    }
+
+    /// What [`MpConfig::load`] does with the file's text once read: parsed and checked, its
+    /// relative paths taken from `path`'s directory, and `path` named in every error.
+    pub fn parse(text: &str, path: &Path) -> Result<MpConfig, ConfigError> {
+        let mut cfg: MpConfig = config::parse_toml(text, path)?;
         cfg.resolve_paths(config::dir_of(path));
         if cfg.client_certificates != ClientCertMode::Ignore && cfg.trusted_roots.is_empty() {
             return Err(ConfigError::Invalid {

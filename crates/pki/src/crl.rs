@@ -43,7 +43,12 @@ impl RevocationList {
     /// Reads a CRL and verifies its signature with the CA in `issuers` that issued it: a CRL
     /// nobody trusted signed would let anyone revoke (or un-revoke) anything.
     pub fn load(path: &Path, issuers: &RootSet) -> Result<RevocationList> {
-        let bytes = read_limited(path)?;
+        RevocationList::from_bytes(path, read_limited(path)?, issuers)
+    }
+
+    /// What [`RevocationList::load`] makes of the bytes of the file at `path` (named in
+    /// errors).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>, issuers: &RootSet) -> Result<RevocationList> {
         let der =
             if bytes.starts_with(b"-----BEGIN") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
                 <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(&bytes)

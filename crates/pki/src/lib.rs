@@ -20,6 +20,6 @@ pub mod tls;
 pub use cert::Certificate;
 pub use error::PkiError;
 pub use filter::{select_client_cert, Fate, Rejection, Selection, Stage, TrailLine};
-pub use load::{Pkcs12Password, MAX_FILE_BYTES};
+pub use load::{key_spki, read_bytes, FileItems, Pkcs12Password, MAX_FILE_BYTES};
 pub use roots::RootSet;
 pub use store::{CertStore, KeyState, StoreEntry};

@@ -14,7 +14,7 @@ pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What one file held, in file order.
 #[derive(Debug, Default)]
-pub(crate) struct FileItems {
+pub struct FileItems {
     pub certs: Vec<Certificate>,
     pub keys: Vec<PrivateKeyDer<'static>>,
 }
@@ -90,11 +90,16 @@ pub(crate) fn extension(path: &Path) -> Option<String> {
 
 /// Reads a file as PKCS#12 (by its extension) or as PEM/DER.
 pub(crate) fn read_file(path: &Path, password: &Pkcs12Password) -> Result<FileItems> {
-    let bytes = read_limited(path)?;
+    read_bytes(path, &read_limited(path)?, password)
+}
+
+/// What [`read_file`] makes of the bytes of the file at `path` (its extension picks PKCS#12 or
+/// PEM/DER; it is named in errors): every certificate and store is read through here.
+pub fn read_bytes(path: &Path, bytes: &[u8], password: &Pkcs12Password) -> Result<FileItems> {
     if is_pkcs12_name(path) {
-        parse_pkcs12(path, &bytes, password)
+        parse_pkcs12(path, bytes, password)
     } else {
-        parse_pem_or_der(path, &bytes)
+        parse_pem_or_der(path, bytes)
     }
 }
 
@@ -280,7 +285,7 @@ pub(crate) fn parse_pkcs12(
 
 /// The SubjectPublicKeyInfo of a private key, as rustls (which will sign with it) sees it.
 /// An error means rustls cannot use the key at all.
-pub(crate) fn key_spki(key: &PrivateKeyDer<'_>) -> std::result::Result<Vec<u8>, String> {
+pub fn key_spki(key: &PrivateKeyDer<'_>) -> std::result::Result<Vec<u8>, String> {
     let signing = rustls::crypto::ring::sign::any_supported_type(key).map_err(|e| match e {
         rustls::Error::General(msg) => msg,
         other => other.to_string(),

@@ -59,7 +59,7 @@ use runtime::shards::{ShardThreads, Shards};
 ///   issuer = "portcullis-site"               # the defaults
 ///   audience = "portcullis-gateway"
 ///   revoked = "site/revoked-tokens.txt"      # optional: token ids, one per line
-///   leeway_secs = 60
+///   leeway_secs = 60                         # clock skew allowed, at most 86400
 ///   registration_paths = ["ccm_system_tokenauth/request"]   # where bulk tokens enrol
 ///
 ///   [probe]                                  # optional: the connection analyzer, run by the

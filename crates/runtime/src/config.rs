@@ -52,6 +52,11 @@ pub fn keys_with_equal_values<T: Serialize>(a: &T, b: &T) -> Vec<String> {
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    parse_toml(&read_text(path)?, path)
+}
+
+/// The text of the configuration file at `path`: a regular file of at most a megabyte.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
     let read_err = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -65,8 +70,13 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
             ),
         });
     }
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Parses `text`, the configuration file at `path` (named in errors): what [`load_toml`] does
+/// once the file is read.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', "\n  "),
     })

@@ -215,27 +215,11 @@ async fn handshake_and_serve(
         drop(slot);
         match accepted {
             Ok(ch) => {
-                let endpoints: Vec<String> = ch
-                    .hello
-                    .endpoints
-                    .iter()
-                    .map(|e| format!("{} ({})", e.id, e.name))
-                    .collect();
-                shared.log.info(&format!(
-                    "Connector {} opened channel {} from {peer}, serving endpoints {}",
-                    ch.hello.connector_id,
-                    ch.id,
-                    endpoints.join(", ")
-                ));
-                if let Some(theirs) = ch
-                    .hello
-                    .max_request_header_bytes
-                    .filter(|&theirs| (theirs as usize) < shared.max_request_header_bytes)
-                {
-                    shared.log.warn(&format!(
-                        "Connector {} takes request headers up to {theirs} bytes, less than this gateway's max_request_header_bytes ({}): devices get 431 over {theirs} on its channels; raise the connector's max_request_header_bytes to match",
-                        ch.hello.connector_id, shared.max_request_header_bytes
-                    ));
+                let (opened, smaller_budget) =
+                    channel_opened(&ch.hello, ch.id, peer, shared.max_request_header_bytes);
+                shared.log.info(&opened);
+                if let Some(warning) = smaller_budget {
+                    shared.log.warn(&warning);
                 }
                 let ours = shared.timeout.as_secs();
                 if let Some(theirs) = ch.hello.endpoint_timeout_secs.filter(|&t| t >= ours) {
@@ -364,18 +348,7 @@ async fn handshake_and_serve(
         };
         Drainable::new(served, drain_shared.clone(), |idle| idle.shut()).await;
     } else {
-        // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its
-        // request headers (slow-loris). Its timer starts when the connection turns idle, so
-        // it also closes a kept-alive connection with no request: idle_timeout_secs, when
-        // that is shorter.
-        // The read buffer holds a request's head whole: hyper's default (~400 KiB) took heads
-        // far over what the channel carries. Room for the budget and a body's reads beyond it;
-        // a head over that gets hyper's own 431, one under it `route_request`'s.
-        let buffer = (drain_shared.max_request_header_bytes + H1_BODY_READ).max(8192);
-        let served = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(drain_shared.idle.min(HEADER_TIME))
-            .max_buf_size(buffer)
+        let served = device_http1(drain_shared.max_request_header_bytes, drain_shared.idle)
             .serve_connection(TokioIo::new(tls), service);
         let counts = drain_shared.limits.clone();
         let served = Drainable::new(served, drain_shared.clone(), |served| {
@@ -401,6 +374,56 @@ async fn handshake_and_serve(
             "Cut the connection of device {peer}: {refusal}; its requests' channel streams are reset"
         ));
     }
+}
+
+/// What the log says of a channel opened with `hello`: the connector, where from and the
+/// endpoints it serves; and a warning when it takes smaller request headers than the gateway's
+/// `max_request_header_bytes`.
+pub(crate) fn channel_opened(
+    hello: &tunnel::Hello,
+    id: u64,
+    peer: SocketAddr,
+    max_request_header_bytes: usize,
+) -> (String, Option<String>) {
+    let endpoints: Vec<String> = hello
+        .endpoints
+        .iter()
+        .map(|e| format!("{} ({})", e.id, e.name))
+        .collect();
+    let opened = format!(
+        "Connector {} opened channel {id} from {peer}, serving endpoints {}",
+        hello.connector_id,
+        endpoints.join(", ")
+    );
+    let smaller_budget = hello
+        .max_request_header_bytes
+        .filter(|&theirs| (theirs as usize) < max_request_header_bytes)
+        .map(|theirs| format!(
+            "Connector {} takes request headers up to {theirs} bytes, less than this gateway's max_request_header_bytes ({max_request_header_bytes}): devices get 431 over {theirs} on its channels; raise the connector's max_request_header_bytes to match",
+            hello.connector_id
+        ));
+    (opened, smaller_budget)
+}
+
+/// hyper's HTTP/1.1 server as a device connection gets it.
+pub(crate) fn device_http1(
+    max_request_header_bytes: usize,
+    idle: Duration,
+) -> hyper::server::conn::http1::Builder {
+    // With a timer, hyper drops an HTTP/1.1 client that takes over 30 s to send its request
+    // headers (slow-loris). Its timer starts when the connection turns idle, so it also
+    // closes a kept-alive connection with no request: idle_timeout_secs, when that is
+    // shorter.
+    // The read buffer holds a request's head whole: hyper's default (~400 KiB) took heads far
+    // over what the channel carries. Room for the budget and a body's reads beyond it; a head
+    // over that gets hyper's own 431, one under it `route_request`'s.
+    let buffer = (max_request_header_bytes + H1_BODY_READ).max(8192);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle.min(HEADER_TIME))
+        .max_buf_size(buffer);
+    builder
 }
 
 #[cfg(test)]

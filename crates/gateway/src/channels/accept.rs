@@ -186,7 +186,7 @@ where
             .await
             .map_err(HelloError::Read)?
             .to_bytes();
-        serde_json::from_slice::<Hello>(&body).map_err(HelloError::NotAHello)
+        parse_hello(&body)
     };
     let hello = tokio::time::timeout(Duration::from_secs(10), hello)
         .await
@@ -228,6 +228,11 @@ where
         registry.remove(id);
     }
     Ok(channel)
+}
+
+/// The connector's hello, from the body of its answer to the hello request.
+pub(crate) fn parse_hello(body: &[u8]) -> Result<Hello, HelloError> {
+    serde_json::from_slice::<Hello>(body).map_err(HelloError::NotAHello)
 }
 
 /// How a channel's driver ended.

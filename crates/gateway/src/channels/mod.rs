@@ -16,6 +16,7 @@ mod health;
 mod registry;
 mod send;
 
+pub(crate) use accept::parse_hello;
 pub use accept::{accept, AcceptError, Dialled, HelloError, Settings};
 pub use health::{KeepAlive, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_UNRESPONSIVE_AFTER};
 pub use registry::{Queue, Registry, DEFAULT_MAX_QUEUED_REQUESTS};

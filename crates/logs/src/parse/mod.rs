@@ -163,6 +163,18 @@ pub fn read_path(path: &Path, on_record: impl FnMut(Record)) -> Result<Stats, Pa
 
 /// Reads a log from any reader; `name` is only used in errors.
 pub fn read_from(
+    reader: impl Read,
+    name: &Path,
+    on_record: impl FnMut(Record),
+) -> Result<Stats, ParseError> {
+    read_as(None, reader, name, on_record)
+}
+
+/// [`read_from`], read as `format` when one is given instead of the format the first bytes
+/// tell (the encoding is still sniffed): how the fuzz targets reach each format's parser with
+/// any input.
+pub fn read_as(
+    format: Option<Format>,
     mut reader: impl Read,
     name: &Path,
     mut on_record: impl FnMut(Record),
@@ -181,10 +193,10 @@ pub fn read_from(
         path: name.to_path_buf(),
         why,
     })?;
-    let format = if head.is_empty() {
-        Format::Empty
-    } else {
-        detect(&decode::decode_head(encoding, &head[bom..]))
+    let format = match format {
+        Some(format) => format,
+        None if head.is_empty() => Format::Empty,
+        None => detect(&decode::decode_head(encoding, &head[bom..])),
     };
     let mut stats = Stats {
         format,
