@@ -60,3 +60,18 @@ pub fn use_certificate(cert: &Certificate) {
     logged(&pki::chain::build(cert, &pool).describe());
     let _ = serde_json::to_string(cert);
 }
+
+/// `doctor logs` reading `data` as `format`, whatever is in it (the encoding is still
+/// sniffed): records come in file order, and the count the parser reports is the count it gave.
+pub fn read_log_as(format: logs::parse::Format, data: &[u8]) {
+    let mut records = 0u64;
+    let mut last = 0;
+    let read = logs::parse::read_as(Some(format), data, Path::new("fuzz.log"), |r| {
+        assert!(r.line >= last, "records in file order");
+        last = r.line;
+        records += 1;
+    });
+    if let Ok(stats) = read {
+        assert_eq!(stats.records, records);
+    }
+}
