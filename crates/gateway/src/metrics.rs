@@ -246,11 +246,7 @@ impl GatewayMetrics {
 
     /// Requests by status and status text since start.
     pub(crate) fn rate_totals(&self) -> std::collections::HashMap<RateKey, u64> {
-        let mut totals = std::collections::HashMap::new();
-        for (key, n) in self.requests.totals() {
-            *totals.entry((key.status, key.text)).or_default() += n;
-        }
-        totals
+        runtime::activity::totals_by_status(self.requests.totals(), |k| (k.status, k.text))
     }
 
     /// The series, as scraped now: `devices` device connections open, `handshake_timeouts`

@@ -50,6 +50,19 @@ pub struct Rate {
     pub since_start: u64,
 }
 
+/// Totals by status and status text, summed over whatever else a tally's keys hold: what
+/// [`History::sample`] keeps.
+pub fn totals_by_status<K>(
+    totals: Vec<(K, u64)>,
+    key: impl Fn(&K) -> RateKey,
+) -> HashMap<RateKey, u64> {
+    let mut by_status = HashMap::new();
+    for (k, n) in totals {
+        *by_status.entry(key(&k)).or_default() += n;
+    }
+    by_status
+}
+
 impl History {
     /// Keeps `totals` as the totals of now.
     pub fn sample(&self, totals: HashMap<RateKey, u64>) {
