@@ -1,8 +1,8 @@
 //! The token hop (`--token`, `--token-command`, `[probe] token`/`token_command`): where a
-//! device presents a site token on `CCM_PROXY_SERVERAUTH` instead of a certificate. The token
-//! is read locally first (three base64url parts, JSON header and payload) and its deciding
-//! claims shown as the token states them, unverified: only the gateway's answer says whether
-//! it is good.
+//! device presents a token (the site's, or an OpenID Connect provider's) on
+//! `CCM_PROXY_SERVERAUTH` instead of a certificate. The token is read locally first (three
+//! base64url parts, JSON header and payload) and its deciding claims shown as the token states
+//! them, unverified: only the gateway's answer says whether it is good.
 
 use std::time::Duration;
 
@@ -335,13 +335,33 @@ mod tests {
             let error = read(&token).unwrap_err();
             assert!(error.contains(expected), "{token}: {error}");
         }
-        let read = read(&format!("{header}.{payload}.{sig}")).unwrap();
+        let stated = read(&format!("{header}.{payload}.{sig}")).unwrap();
         let now = OffsetDateTime::from_unix_timestamp(3601).unwrap();
-        let shown = read.describe(now);
+        let shown = stated.describe(now);
         assert!(shown.contains("alg \"ES256\", kid \"site-1\""), "{shown}");
         assert!(shown.contains("sub \"DEVICE-001\", tid -"), "{shown}");
         assert!(shown.contains("(1 h 0 min ago)"), "{shown}");
         assert!(shown.contains("unverified"), "{shown}");
+        // An Entra ID token's shape: an audience list, a tenant, a key id; text from the
+        // token escaped like any other outside text.
+        let header = encode(r#"{"alg":"RS256","kid":"nOo3ZDrODXEK1jKWhXslHR_KXEg"}"#);
+        let payload = encode(
+            r#"{"iss":"https://login.microsoftonline.com/t/v2.0","aud":["api://cmg","x"],"tid":"72f988bf","sub":"dev\nice","exp":"soon"}"#,
+        );
+        let shown = read(&format!("{header}.{payload}.{sig}"))
+            .unwrap()
+            .describe(now);
+        assert!(
+            shown.contains("kid \"nOo3ZDrODXEK1jKWhXslHR_KXEg\""),
+            "{shown}"
+        );
+        assert!(shown.contains("aud [\"api://cmg\",\"x\"]"), "{shown}");
+        assert!(shown.contains("tid \"72f988bf\""), "{shown}");
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(
+            shown.contains("exp \"soon\" (not a number of seconds)"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// channel for the endpoint, 7 the connector's client certificate, 8 a real request to the
 /// endpoint. Each prints PASS or FAIL and its time; a failure prints its cause and its fix.
 ///
-/// With --token or --token-command the device presents a site token on CCM_PROXY_SERVERAUTH
+/// With --token or --token-command the device presents a token on CCM_PROXY_SERVERAUTH
 /// instead of a certificate (the file's device_cert and device_key are then not used): step 4
 /// is the token, checked with the real request to the endpoint; it shows the gateway's answer
 /// (401 CMGService_Invalid_Token names the check that failed) and the claims that decide it
