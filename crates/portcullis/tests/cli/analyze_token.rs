@@ -194,3 +194,74 @@ fn analyze_with_a_token_checks_it_on_serverauth_and_names_the_gateways_reason() 
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+/// The probe with a token, added to a running `portcullis gateway` process by SIGHUP: its
+/// token hop shows on `/metrics` with no restart, and leaves when `[probe]` goes again.
+#[test]
+fn sighup_starts_and_stops_the_gateways_token_probe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    let (_mp, mp_port) = spawn_mp(&lab);
+    let port = free_port();
+    let admin = free_port();
+    let write = |probe: Option<gateway::ProbeSettings>| {
+        gateway_config(&lab, port, |g| {
+            g.admin_listen = Some(loopback(admin));
+            g.log.file = Some("logs/SMS_Cloud_ProxyGateway.log".into());
+            g.tokens = Some(gateway::token::TokenSettings::new(vec![
+                "site/token.pub".into()
+            ]));
+            g.probe = probe;
+        })
+    };
+    let config = write(None);
+    let (gateway, _) = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening");
+    connector_config(
+        &lab.join("connector.toml"),
+        &[port],
+        &mp_port,
+        "connector/store",
+        |_| {},
+    );
+    let _connector = spawn_until(
+        &["connector", "--config", p(&lab.join("connector.toml"))],
+        "Maintaining connections...",
+    )
+    .0;
+    assert!(wait_for_channels(&lab, port, 2));
+    let token_file = lab.join("probe-token.txt");
+    std::fs::write(&token_file, token(&lab, time::OffsetDateTime::now_utc())).unwrap();
+    let mut probe = gateway::ProbeSettings::with_token(String::new(), vec!["ca/root.crt".into()]);
+    probe.token = None;
+    probe.token_command = Some(format!("cat {}", p(&token_file)));
+    probe.interval_secs = 10;
+    let hup = || {
+        // The shell's own kill: no procps needed.
+        let pid = gateway.0.id();
+        let sent = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -HUP {pid}")])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let metrics = || admin_call("GET", &format!("http://127.0.0.1:{admin}/metrics"), None).0;
+    let line = "portcullis_probe_success{endpoint=\"7\",hop=\"token\"} 1";
+    assert!(!metrics().contains("portcullis_probe_"));
+    write(Some(probe));
+    hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !metrics().contains(line) {
+        assert!(std::time::Instant::now() < deadline, "{}", metrics());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let log = lab.join("logs/SMS_Cloud_ProxyGateway.log");
+    let text = wait_for_text(&log, "Continuous analysis ([probe]) started", 1);
+    assert!(
+        text.contains("with a token from `cat "),
+        "the log names the credentials, not the token: {text}"
+    );
+    write(None);
+    hup();
+    wait_for_text(&log, "Continuous analysis ([probe]) stopped", 1);
+    assert!(!metrics().contains("portcullis_probe_"), "{}", metrics());
+}
