@@ -4,7 +4,7 @@
 //! 1. name resolution of the gateway;
 //! 2. TCP;
 //! 3. TLS with the gateway's server certificate (chain, name, expiry);
-//! 4. device authentication;
+//! 4. device authentication (or, with a token, the token: see [`token`]);
 //! 5. ServiceMetadata;
 //! 6. a live channel for the endpoint;
 //! 7. the connector's certificate choice;
@@ -13,19 +13,48 @@
 //! Device authentication is checked without reaching any endpoint: the gateway judges the
 //! device before it looks for a channel, so a request for endpoint 0 (never announced) comes
 //! back `404 CMGService_Unknownendpoint` (or, in a gateway's first seconds, `503
-//! CMGService_Gatewaystarting`) exactly when the device passed.
+//! CMGService_Gatewaystarting`) exactly when the device passed. A token is checked with the
+//! real request on `CCM_PROXY_SERVERAUTH` instead, and ServiceMetadata and the last request
+//! take that route with the token too.
 
-use std::net::SocketAddr;
+mod network;
+pub mod token;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pki::RootSet;
-use rustls_pki_types::ServerName;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use network::{connect, handshake, resolve};
 use probe::{Outcome, ProbeOptions};
+pub use token::TokenSource;
+
+/// Each step's short name (the `hop` label of `portcullis_probe_*`), with a certificate.
+pub const CERTIFICATE_HOPS: [&str; STEPS] = [
+    "dns",
+    "tcp",
+    "tls",
+    "device_auth",
+    "service_metadata",
+    "channel",
+    "connector_certificate",
+    "request",
+];
+
+/// Each step's short name with a token: step 4 is the token's.
+pub const TOKEN_HOPS: [&str; STEPS] = [
+    "dns",
+    "tcp",
+    "tls",
+    "token",
+    "service_metadata",
+    "channel",
+    "connector_certificate",
+    "request",
+];
 
 /// What to analyze (`analyze.toml`).
 #[derive(Debug, Clone)]
@@ -39,6 +68,9 @@ pub struct AnalyzeOptions {
     pub path: String,
     pub device_cert: Option<PathBuf>,
     pub device_key: Option<PathBuf>,
+    /// A site token instead of the device certificate: step 4 checks it on
+    /// `CCM_PROXY_SERVERAUTH`, and the later requests present it there.
+    pub token: Option<TokenSource>,
     pub timeout: Duration,
     /// The connector's store, checked here too when the analyzer runs beside the connector.
     pub connector_store: Option<LocalStore>,
@@ -54,6 +86,8 @@ pub struct LocalStore {
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub number: usize,
+    /// The step's short name: one of [`CERTIFICATE_HOPS`] or [`TOKEN_HOPS`].
+    pub hop: &'static str,
     pub name: String,
     pub passed: bool,
     pub millis: f64,
@@ -72,6 +106,9 @@ pub struct Analysis {
     pub steps: Vec<Step>,
     /// The number of steps there are; fewer ran when one failed.
     pub total: usize,
+    /// The short names of all the steps, run or not.
+    #[serde(skip)]
+    pub hops: [&'static str; STEPS],
 }
 
 impl Analysis {
@@ -115,12 +152,13 @@ impl Analysis {
 }
 
 /// A step's outcome: what was found, or why it failed and the fix.
-type Checked<T> = Result<(T, String), (String, String)>;
+pub(crate) type Checked<T> = Result<(T, String), (String, String)>;
 
-const STEPS: usize = 8;
+pub const STEPS: usize = 8;
 
 struct Run {
     steps: Vec<Step>,
+    hops: [&'static str; STEPS],
 }
 
 impl Run {
@@ -134,11 +172,13 @@ impl Run {
         let outcome = check.await;
         let millis = started.elapsed().as_secs_f64() * 1000.0;
         let number = self.steps.len() + 1;
+        let hop = self.hops.get(number - 1).copied().unwrap_or("");
         let (value, step) = match outcome {
             Ok((value, detail)) => (
                 Some(value),
                 Step {
                     number,
+                    hop,
                     name,
                     passed: true,
                     millis,
@@ -151,6 +191,7 @@ impl Run {
                 None,
                 Step {
                     number,
+                    hop,
                     name,
                     passed: false,
                     millis,
@@ -181,12 +222,21 @@ pub async fn analyze(options: &AnalyzeOptions) -> Result<Analysis, AnalyzeError>
         .ok_or_else(|| AnalyzeError::Gateway(options.gateway.clone()))?;
     let roots = RootSet::load(&options.ca)?;
     let tls = Arc::new(pki::tls::client_config(&roots)?.with_no_client_auth());
-    let mut run = Run { steps: Vec::new() };
+    let hops = if options.token.is_some() {
+        TOKEN_HOPS
+    } else {
+        CERTIFICATE_HOPS
+    };
+    let mut run = Run {
+        steps: Vec::new(),
+        hops,
+    };
     let analysis = |run: Run| Analysis {
         gateway: options.gateway.clone(),
         endpoint: options.endpoint,
         steps: run.steps,
         total: STEPS,
+        hops,
     };
     let timeout = options.timeout;
 
@@ -219,33 +269,72 @@ pub async fn analyze(options: &AnalyzeOptions) -> Result<Analysis, AnalyzeError>
         return Ok(analysis(run));
     }
     let base = format!("https://{}", authority(&host, port));
+    let path = options.path.trim_start_matches('/');
+    let endpoint_path = format!("{}/{path}", options.endpoint);
+    // With a token: its route, the token presented, no certificate.
+    let mut token = None;
+    if let Some(source) = &options.token {
+        let mut stated = String::new();
+        let checked = token::token_auth(source, timeout, &mut stated, |token| ProbeOptions {
+            url: format!("{base}/CCM_PROXY_SERVERAUTH/{endpoint_path}"),
+            ca: options.ca.clone(),
+            cert: None,
+            key: None,
+            token: Some(token.to_string()),
+            timeout,
+            http2: false,
+            keep_body: probe::DEFAULT_KEPT_BODY,
+        });
+        token = run
+            .step(
+                format!("Device token (request to endpoint {})", options.endpoint),
+                checked,
+            )
+            .await;
+        if token.is_none() {
+            // A failed step shows what the token states next to the gateway's answer.
+            if let Some(step) = run.steps.last_mut() {
+                step.detail = stated;
+            }
+            return Ok(analysis(run));
+        }
+    }
+    let route = if token.is_some() {
+        "CCM_PROXY_SERVERAUTH"
+    } else {
+        "CCM_PROXY_MUTUALAUTH"
+    };
     let request = |path: String| ProbeOptions {
-        url: format!("{base}{path}"),
+        url: format!("{base}/{route}/{path}"),
         ca: options.ca.clone(),
-        cert: options.device_cert.clone(),
-        key: options.device_key.clone(),
-        token: None,
+        cert: token
+            .is_none()
+            .then(|| options.device_cert.clone())
+            .flatten(),
+        key: token
+            .is_none()
+            .then(|| options.device_key.clone())
+            .flatten(),
+        token: token.clone(),
         timeout,
         http2: false,
         keep_body: probe::DEFAULT_KEPT_BODY,
     };
-    if run
-        .step(
-            "Device authentication".into(),
-            device_auth(
-                options,
-                request("/CCM_PROXY_MUTUALAUTH/0/portcullis-analyze".into()),
-            ),
-        )
-        .await
-        .is_none()
+    if token.is_none()
+        && run
+            .step(
+                "Device authentication".into(),
+                device_auth(options, request("0/portcullis-analyze".into())),
+            )
+            .await
+            .is_none()
     {
         return Ok(analysis(run));
     }
     let Some(metadata) = run
         .step(
             "ServiceMetadata".into(),
-            service_metadata(request("/CCM_PROXY_MUTUALAUTH/ServiceMetadata".into())),
+            service_metadata(request("ServiceMetadata".into())),
         )
         .await
     else {
@@ -270,13 +359,9 @@ pub async fn analyze(options: &AnalyzeOptions) -> Result<Analysis, AnalyzeError>
     {
         return Ok(analysis(run));
     }
-    let path = options.path.trim_start_matches('/');
     run.step(
         format!("A request to the endpoint ({path})"),
-        endpoint_request(request(format!(
-            "/CCM_PROXY_MUTUALAUTH/{}/{path}",
-            options.endpoint
-        ))),
+        endpoint_request(request(endpoint_path)),
     )
     .await;
     Ok(analysis(run))
@@ -304,131 +389,8 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
-async fn resolve(host: &str, port: u16, timeout: Duration) -> Checked<Vec<SocketAddr>> {
-    let fix = || {
-        format!("Check the DNS record (or hosts file entry) for {host}: devices must resolve the gateway's name to its public address.")
-    };
-    match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
-        Err(_) => Err((
-            format!("resolving {host} took longer than {timeout:?}"),
-            fix(),
-        )),
-        Ok(Err(e)) => Err((format!("{host} does not resolve: {e}"), fix())),
-        Ok(Ok(found)) => {
-            let addresses: Vec<SocketAddr> = found.collect();
-            if addresses.is_empty() {
-                return Err((format!("{host} resolves to no address"), fix()));
-            }
-            let shown: Vec<String> = addresses.iter().map(|a| a.ip().to_string()).collect();
-            Ok((addresses, format!("{host} -> {}", shown.join(", "))))
-        }
-    }
-}
-
-async fn connect(addresses: &[SocketAddr], timeout: Duration) -> Checked<tokio::net::TcpStream> {
-    let mut failures = Vec::new();
-    for addr in addresses {
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => return Ok((tcp, format!("connected to {addr}"))),
-            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-            Err(_) => failures.push(format!("{addr}: no answer within {timeout:?}")),
-        }
-    }
-    Err((
-        format!("cannot connect: {}", failures.join("; ")),
-        "Check that the gateway is running and listening on this port, and that firewalls and load balancers pass TCP to it.".into(),
-    ))
-}
-
-async fn handshake(
-    tcp: tokio::net::TcpStream,
-    host: &str,
-    tls: Arc<rustls::ClientConfig>,
-    timeout: Duration,
-) -> Checked<()> {
-    let name = ServerName::try_from(host.to_string()).map_err(|_| {
-        (
-            format!("\"{host}\" is not a valid server name"),
-            "Use the gateway's DNS name or IP address.".to_string(),
-        )
-    })?;
-    let connecting = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
-    let stream = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => {
-            return Err((
-                format!("the TLS handshake took longer than {timeout:?}"),
-                "Check that the port serves TLS (not plain HTTP) and nothing in between holds the handshake.".into(),
-            ))
-        }
-        Ok(Err(e)) => return Err(tls_failure(host, &e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let (_, session) = stream.get_ref();
-    let leaf = session
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| pki::cert::Certificate::from_der(c.as_ref()).ok());
-    let version = match session.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2",
-        _ => "TLS",
-    };
-    let Some(leaf) = leaf else {
-        return Ok(((), format!("{version}, server certificate not readable")));
-    };
-    let days = (leaf.not_after - OffsetDateTime::now_utc()).whole_days();
-    let mut detail = format!(
-        "{version}; {} (expires {}, in {days} days)",
-        leaf.label(),
-        pki::filter::date_text(leaf.not_after)
-    );
-    if days < 30 {
-        detail.push_str(" - renew it soon");
-    }
-    Ok(((), detail))
-}
-
-/// The cause and fix for a failed handshake, named by the WinHTTP secure-failure flag a
-/// device would log for it.
-fn tls_failure(host: &str, error: &std::io::Error) -> (String, String) {
-    let flag = probe::secure_failure_flag(error);
-    let (what, fix) = match flag.name {
-        "INVALID_CA" => (
-            "the gateway's server certificate does not chain to a trusted root".to_string(),
-            "Give devices (and this analyzer's `ca`) the root CA that issued the gateway's certificate, or reissue it from a CA they trust; send the intermediates with the certificate.".to_string(),
-        ),
-        "CERT_CN_INVALID" => (
-            format!("the gateway's server certificate does not name {host}"),
-            format!("Reissue the gateway's certificate with {host} in its subject alternative names, or use the name it carries."),
-        ),
-        "CERT_DATE_INVALID" => (
-            "the gateway's server certificate is not valid now".to_string(),
-            "Renew the gateway's server certificate (and check the clocks).".to_string(),
-        ),
-        "CERT_REVOKED" => (
-            "the gateway's server certificate is revoked".to_string(),
-            "Issue the gateway a new server certificate.".to_string(),
-        ),
-        "CERT_REV_FAILED" => (
-            "the revocation status of the gateway's server certificate cannot be checked".to_string(),
-            "Publish a current CRL where devices can fetch it.".to_string(),
-        ),
-        _ => (
-            "the TLS handshake failed".to_string(),
-            "Check that the port serves TLS 1.2 or 1.3 with a server certificate devices trust.".to_string(),
-        ),
-    };
-    (
-        format!(
-            "{what} (WinHTTP 0x80072f8f, WINHTTP_CALLBACK_STATUS_FLAG_{}): {error}",
-            flag.name
-        ),
-        fix,
-    )
-}
-
 /// The gateway's status text and the reason and remedy lines of its explaining body.
-fn refusal_words(status: u16, text: &str, body: &[u8]) -> (String, String) {
+pub(crate) fn refusal_words(status: u16, text: &str, body: &[u8]) -> (String, String) {
     let body = String::from_utf8_lossy(body);
     let field = |name: &str| {
         body.lines()
@@ -448,8 +410,8 @@ fn refusal_words(status: u16, text: &str, body: &[u8]) -> (String, String) {
 async fn device_auth(options: &AnalyzeOptions, request: ProbeOptions) -> Checked<()> {
     if options.device_cert.is_none() {
         return Err((
-            "no device certificate configured (device_cert, device_key)".into(),
-            "Name a device's client authentication certificate and key in the analyzer's configuration.".into(),
+            "no device certificate configured (device_cert, device_key), and no token".into(),
+            "Name a device's client authentication certificate and key in the analyzer's configuration, or give a device token (--token, --token-command).".into(),
         ));
     }
     let report = probe::probe(&request).await.map_err(|e| {
@@ -491,7 +453,7 @@ async fn device_auth(options: &AnalyzeOptions, request: ProbeOptions) -> Checked
     }
 }
 
-fn transport_cause(lines: &[(logs::cmtrace::Severity, String)]) -> String {
+pub(crate) fn transport_cause(lines: &[(logs::cmtrace::Severity, String)]) -> String {
     lines
         .iter()
         .rev()
@@ -509,11 +471,15 @@ async fn service_metadata(request: ProbeOptions) -> Checked<serde_json::Value> {
         Outcome::Success { .. } => {
             let value: serde_json::Value = serde_json::from_slice(&report.body)
                 .map_err(|e| (format!("ServiceMetadata is not JSON: {e}"), fix.to_string()))?;
+            // A token for some endpoints only is shown those endpoints, not the channel count.
+            let channels = match value["channels"].as_u64() {
+                Some(n) => format!("{n} channel(s)"),
+                None => "channels not shown to this token".into(),
+            };
             let detail = format!(
-                "{} {}, {} channel(s), {} endpoint(s) known",
+                "{} {}, {channels}, {} endpoint(s) known",
                 value["service"].as_str().unwrap_or("?"),
                 value["version"].as_str().unwrap_or("?"),
-                value["channels"].as_u64().unwrap_or(0),
                 value["endpoints"].as_array().map_or(0, Vec::len),
             );
             Ok((value, detail))
@@ -594,10 +560,14 @@ fn connector_certificate(metadata: &serde_json::Value, local: Option<&LocalStore
         };
         return Ok(((), format!("the store selects {}", chosen.cert.label())));
     }
-    let connectors = metadata["connectors"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let Some(connectors) = metadata["connectors"].as_array().cloned() else {
+        // What a token for some endpoints only is shown: the request in the next step tells.
+        return Ok((
+            (),
+            "not shown to a token for some endpoints only; the request to the endpoint tells"
+                .into(),
+        ));
+    };
     let without: Vec<&str> = connectors
         .iter()
         .filter(|c| c["has_client_certificate"].as_bool() != Some(true))

@@ -384,8 +384,8 @@ impl GatewayConfig {
         self.log.file = self.log.file.as_ref().map(resolve);
         self.crls = self.crls.iter().map(resolve).collect();
         if let Some(probe) = &mut self.probe {
-            probe.device_cert = resolve(&probe.device_cert);
-            probe.device_key = resolve(&probe.device_key);
+            probe.device_cert = probe.device_cert.as_ref().map(resolve);
+            probe.device_key = probe.device_key.as_ref().map(resolve);
             probe.ca = probe.ca.iter().map(resolve).collect();
         }
         if let Some(tokens) = &mut self.tokens {

@@ -77,8 +77,14 @@ impl Handle {
             .metrics
             .reloaded(config.ready_endpoints.clone(), certificates);
         let was = self.shared.log.set_verbose(config.verbose);
+        let probe = self
+            .shared
+            .checks
+            .apply(config.probe.as_ref(), self.addr, &self.shared)
+            .map(|said| format!("; probe: {said}"))
+            .unwrap_or_default();
         Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen, the connection caps and timeouts take effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {}{probe} (listen, the connection caps and timeouts take effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
             if closed.is_empty() {
@@ -135,9 +141,9 @@ impl Handle {
             handshake_timeouts,
             &self.registry,
         );
-        if let Some(checks) = &self.shared.checks {
+        {
             let now = runtime::metrics::Registry::new(&[]);
-            checks.render(&now);
+            self.shared.checks.render(&now);
             text.push_str(&now.render());
         }
         text
@@ -256,7 +262,7 @@ impl Handle {
             readiness: metrics.readiness(&self.registry),
             sections: [connectors, channels, endpoints]
                 .into_iter()
-                .chain(self.shared.checks.as_ref().map(|c| c.section()))
+                .chain(self.shared.checks.section())
                 .collect(),
             rates: metrics.history.rates(&totals),
             certificates: metrics.certificates(),

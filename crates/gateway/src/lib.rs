@@ -144,7 +144,8 @@ impl RunningGateway {
 
     /// Applies what can change while running from a freshly loaded configuration: `verbose`,
     /// and how devices are judged (trusted roots, CRLs and their policy, token keys and
-    /// revoked token ids), the connectors allowed, the server certificate, `ready_endpoints`.
+    /// revoked token ids), the connectors allowed, the server certificate, `ready_endpoints`,
+    /// `[probe]` (its schedule started, changed or stopped).
     /// Open connections are judged again on their next request. Says what applies now; on an
     /// error nothing changes.
     pub fn reload(&self, config: &GatewayConfig) -> Result<String, GatewayError> {
@@ -206,8 +207,8 @@ struct Shared {
     epoch: tokio::time::Instant,
     /// The Prometheus series and what `/readyz` reads (`metrics`).
     metrics: metrics::GatewayMetrics,
-    /// The continuous analyzer's last results (`[probe]`; None without it).
-    checks: Option<checks::Checks>,
+    /// The continuous analyzer: its schedule (`[probe]`) and last results.
+    checks: checks::Checks,
 }
 
 /// Starts a gateway on the runtime it is called on.
@@ -278,7 +279,7 @@ pub async fn start_on(
         channel_settings,
         epoch: tokio::time::Instant::now(),
         metrics: gateway_metrics,
-        checks: config.probe.as_ref().map(|_| checks::Checks::default()),
+        checks: checks::Checks::new(),
     });
     let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;
     shared.log.info(&format!(
@@ -302,9 +303,9 @@ pub async fn start_on(
         None => None,
     };
     upkeep(&shared);
-    if let Some(probe) = config.probe.clone() {
-        checks::start(probe, listening.addr, Arc::downgrade(&shared));
-    }
+    shared
+        .checks
+        .apply(config.probe.as_ref(), listening.addr, &shared);
     let handle = control::Handle {
         addr: listening.addr,
         shared: shared.clone(),

@@ -211,3 +211,62 @@ fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
     built.resolve_paths(dir.path());
     assert_eq!(GatewayConfig::load(&path).unwrap(), built);
 }
+
+/// `[probe]` presents a device certificate (`device_cert` and `device_key`) or a token
+/// (`token` or `token_command`): one of them, named when both or neither are given.
+#[test]
+fn probe_credentials_are_a_certificate_or_a_token_never_both_nor_neither() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let ok = "cert = \"g.crt\"\nkey = \"g.key\"\ntrusted_roots = [\"r.crt\"]\nconnector_roots = [\"c.crt\"]\nallowed_connectors = [\"Portcullis Connector Channel\"]\n[probe]\nca = [\"r.crt\"]\n";
+    let cert = "device_cert = \"d.crt\"\ndevice_key = \"d.key\"\n";
+    let load = |probe: &str| {
+        std::fs::write(&file, format!("{ok}{probe}")).unwrap();
+        GatewayConfig::load(&file)
+    };
+    let probe = load(cert).unwrap().probe.unwrap();
+    assert_eq!(probe.device_cert, Some(dir.path().join("d.crt")));
+    let probe = load("token = \"a.b.c\"\n").unwrap().probe.unwrap();
+    assert_eq!(probe.token.as_deref(), Some("a.b.c"));
+    assert_eq!(probe.device_cert, None);
+    let probe = load("token_command = \"vault read -field=token x\"\n")
+        .unwrap()
+        .probe
+        .unwrap();
+    assert_eq!(
+        probe.token_command.as_deref(),
+        Some("vault read -field=token x")
+    );
+    // The token never shows in the settings' Debug form.
+    let probe = load("token = \"secret.secret.secret\"\n")
+        .unwrap()
+        .probe
+        .unwrap();
+    assert!(!format!("{probe:?}").contains("secret"), "{probe:?}");
+    for (probe, needle) in [
+        (
+            format!("{cert}token = \"a.b.c\"\n"),
+            "key `probe.token`: give device_cert and device_key, or token or token_command, not both",
+        ),
+        (
+            "device_key = \"d.key\"\ntoken_command = \"true\"\n".to_string(),
+            "key `probe.token`: give device_cert and device_key, or token or token_command, not both",
+        ),
+        (
+            String::new(),
+            "key `probe.device_cert`: give device_cert and device_key (a device certificate), or token or token_command (a device token)",
+        ),
+        (
+            "device_cert = \"d.crt\"\n".to_string(),
+            "key `probe.device_key`: device_cert and device_key go together",
+        ),
+        (
+            "token = \"a.b.c\"\ntoken_command = \"true\"\n".to_string(),
+            "key `probe.token_command`: give token or token_command, not both",
+        ),
+        ("token = \" \"\n".to_string(), "key `probe.token`: is empty"),
+    ] {
+        let err = load(&probe).unwrap_err().to_string();
+        assert!(err.contains(needle), "{probe:?}: {needle:?} not in {err}");
+    }
+}

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use analyzer::{AnalyzeOptions, LocalStore};
+use analyzer::{AnalyzeOptions, LocalStore, TokenSource};
 use anyhow::Context;
 use clap::Args;
 use runtime::config::{self, ConfigError};
@@ -16,6 +16,15 @@ use serde::{Deserialize, Serialize};
 /// certificate (chain, name, expiry), 4 device authentication, 5 ServiceMetadata, 6 a live
 /// channel for the endpoint, 7 the connector's client certificate, 8 a real request to the
 /// endpoint. Each prints PASS or FAIL and its time; a failure prints its cause and its fix.
+///
+/// With --token or --token-command the device presents a token on CCM_PROXY_SERVERAUTH
+/// instead of a certificate (the file's device_cert and device_key are then not used): step 4
+/// is the token, checked with the real request to the endpoint; it shows the gateway's answer
+/// (401 CMGService_Invalid_Token names the check that failed) and the claims that decide it
+/// (alg, kid, iss, aud, sub, tid, exp and nbf with the time left) as the token states them,
+/// unverified. A token that is not a JWT (not three parts, not base64url, not JSON) fails
+/// step 4 naming what is wrong, without being sent. ServiceMetadata and the last request take
+/// the token's route too.
 ///
 /// Configuration (TOML; paths relative to the file; `portcullis dev` writes one):
 ///
@@ -38,6 +47,14 @@ pub struct AnalyzeArgs {
     /// Print the steps as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// A device token (JWT) to present on CCM_PROXY_SERVERAUTH instead of the certificate.
+    /// Visible to other users in the process list: prefer --token-command.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_command")]
+    pub token: Option<String>,
+    /// A command (run with sh -c) printing the device token on standard output; its output
+    /// is trimmed. It must finish within timeout_secs, exit 0 and print something.
+    #[arg(long, value_name = "CMD")]
+    pub token_command: Option<String>,
 }
 
 /// The file `analyze --config` reads (see [`AnalyzeArgs`]); `portcullis dev` writes one.
@@ -88,7 +105,7 @@ fn default_timeout() -> u64 {
     10
 }
 
-fn load(path: &Path) -> Result<AnalyzeOptions, ConfigError> {
+fn load(path: &Path, token: Option<TokenSource>) -> Result<AnalyzeOptions, ConfigError> {
     let cfg: AnalyzeConfig = config::load_toml(path)?;
     let invalid = |key, reason: &str| ConfigError::Invalid {
         path: path.to_path_buf(),
@@ -136,13 +153,19 @@ fn load(path: &Path) -> Result<AnalyzeOptions, ConfigError> {
         path: cfg.path,
         device_cert: cfg.device_cert.as_ref().map(resolve),
         device_key: cfg.device_key.as_ref().map(resolve),
+        token,
         timeout: Duration::from_secs(cfg.timeout_secs),
         connector_store,
     })
 }
 
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<ExitCode> {
-    let options = load(&args.config)?;
+    let token = match (args.token, args.token_command) {
+        (Some(token), _) => Some(TokenSource::Value(token)),
+        (None, Some(command)) => Some(TokenSource::Command(command)),
+        (None, None) => None,
+    };
+    let options = load(&args.config, token)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let analysis = runtime.block_on(analyzer::analyze(&options))?;
     if args.json {

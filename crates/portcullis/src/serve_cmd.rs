@@ -66,6 +66,9 @@ use runtime::shards::{ShardThreads, Shards};
 ///                                            # gateway against itself on a schedule
 ///   device_cert = "probe/device.crt"         # a device certificate trusted_roots trust
 ///   device_key = "probe/device.key"
+///   # or, instead of device_cert and device_key, a device token on CCM_PROXY_SERVERAUTH:
+///   # token = "eyJ..."                       # the token itself, or
+///   # token_command = "cat /run/secrets/probe-token"   # sh -c, prints it (each run)
 ///   ca = ["ca/root.crt"]                     # roots the server certificate chains to
 ///   url = "https://cmg.contoso.com"          # optional; default https://localhost:<port>
 ///   endpoints = [3456]                       # optional; default every announced endpoint
@@ -107,7 +110,8 @@ use runtime::shards::{ShardThreads, Shards};
 /// running one kept.
 /// allowed_connectors and connector_roots apply at once: the channels of a connector no
 /// longer allowed, or announcing an endpoint no longer bound to it, are closed, and its
-/// redials refused.
+/// redials refused. [probe] starts, changes or stops its schedule at once (the log says
+/// what changed); its series leave /metrics when it is removed.
 /// Ctrl-C or SIGTERM stops, gracefully: no new connection is taken, each device connection
 /// answers the request under way (for at most 10 s) and closes, idle ones at once.
 /// Admin surface (admin_listen): GET /status (with each worker thread's device connections and

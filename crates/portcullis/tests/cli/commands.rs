@@ -25,6 +25,7 @@ fn every_command_has_help() {
         (vec!["gateway", "--help"], "[tokens]"),
         (vec!["connector", "--help"], "admin_listen"),
         (vec!["analyze", "--help"], "connector_config"),
+        (vec!["analyze", "--help"], "--token-command <CMD>"),
         (vec!["mp", "--help"], "client_certificates"),
         (vec!["probe", "--help"], "Exit status"),
         (vec!["token", "issue", "--help"], "--subject"),

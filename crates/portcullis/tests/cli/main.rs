@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod analyze_token;
 mod commands;
 mod dev;
 mod diagnosis;
