@@ -118,7 +118,11 @@ impl ProbeSettings {
         match (&self.device_cert, &self.token, &self.token_command) {
             (Some(cert), ..) => format!("device certificate {}", cert.display()),
             (None, Some(_), _) => "a token (token)".into(),
-            (None, None, Some(command)) => format!("a token from `{command}` (token_command)"),
+            // The program only: an argument may be a secret (a client secret on the command line).
+            (None, None, Some(command)) => format!(
+                "a token from the command `{}` (token_command; its arguments are not logged)",
+                command.split_whitespace().next().unwrap_or_default()
+            ),
             (None, None, None) => "nothing".into(),
         }
     }
