@@ -27,8 +27,15 @@ pub struct EndpointConfig {
 pub struct ConnectorConfig {
     /// Names this connector in the gateway's logs and ServiceMetadata.
     pub connector_id: String,
-    /// Every gateway instance, as "host:port"; the connector holds channels to each.
+    /// Every gateway, as "host:port"; the connector holds channels to each instance. A host
+    /// that is a DNS name stands for every address it resolves to (an instance set, such as
+    /// a Kubernetes headless Service), resolved again every `gateway_resolve_secs`.
     pub gateways: Vec<String>,
+    /// Seconds between resolutions of the `gateways` entries that are names (default 60, 1 to
+    /// 3600); also the longest one resolution may take. A new instance gets its channels
+    /// within this; one gone from the answer is let go (its channels drained).
+    #[serde(default = "default_resolve_secs")]
+    pub gateway_resolve_secs: u64,
     /// The name the gateways' server certificate must carry (default: each gateway's host).
     #[serde(default)]
     pub gateway_server_name: Option<String>,
@@ -96,6 +103,9 @@ pub struct ConnectorConfig {
 fn default_channels() -> usize {
     2
 }
+fn default_resolve_secs() -> u64 {
+    60
+}
 fn default_true() -> bool {
     true
 }
@@ -129,6 +139,7 @@ impl ConnectorConfig {
         ConnectorConfig {
             connector_id,
             gateways,
+            gateway_resolve_secs: default_resolve_secs(),
             gateway_server_name: None,
             gateway_roots,
             channels_per_gateway: default_channels(),
@@ -232,6 +243,12 @@ impl ConnectorConfig {
                 return Err(invalid("gateways", format!("\"{g}\" is not \"host:port\"")));
             }
         }
+        if !(1..=3600).contains(&cfg.gateway_resolve_secs) {
+            return Err(invalid(
+                "gateway_resolve_secs",
+                "must be between 1 and 3600".into(),
+            ));
+        }
         if cfg.channels_per_gateway == 0 || cfg.channels_per_gateway > 64 {
             return Err(invalid(
                 "channels_per_gateway",
@@ -317,6 +334,7 @@ mod tests {
         config.connector_id = "branch-connector".into();
         config.gateways.push("[::1]:8443".into());
         config.gateway_server_name = Some("cmg.contoso.com".into());
+        config.gateway_resolve_secs = 30;
         config.gateway_roots = vec!["/etc/portcullis/gateway-root.crt".into()];
         config.channels_per_gateway = 4;
         config.channels_follow_gateway_threads = false;

@@ -7,6 +7,7 @@ mod common;
 mod commands;
 mod dev;
 mod diagnosis;
+mod instance_sets;
 mod pki_and_certs;
 mod processes;
 mod support;
