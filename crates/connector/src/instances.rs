@@ -35,12 +35,13 @@ pub(crate) struct Instance {
 
 impl Instance {
     /// How logs and the readiness name it: the entry alone when it is the address, else the
-    /// entry and the address ("gw.contoso.com:443 (10.0.0.5)").
+    /// entry and the address ("gw.contoso.com:443@10.0.0.5"): one word, as the doctor's rules
+    /// read the "Channel N to gateway G: ..." lines.
     pub(crate) fn label(&self) -> String {
         if self.literal {
             self.gateway.clone()
         } else {
-            format!("{} ({})", self.gateway, self.address.ip())
+            format!("{}@{}", self.gateway, self.address.ip())
         }
     }
 

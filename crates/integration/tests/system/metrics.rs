@@ -359,7 +359,11 @@ fn a_connector_without_a_client_certificate_or_a_gateway_is_not_ready_and_says_w
     // listens on.
     let mut system = System::builder()
         .store("gateway")
-        .connector(|c, _| c.gateways.push("127.0.0.1:9".into()))
+        .connector(|c, _| {
+            c.gateways.push("127.0.0.1:9".into());
+            // A name that resolves to nothing: no instance of it is known.
+            c.gateways.push("nowhere.invalid:9".into());
+        })
         .start();
     assert!(system.wait_for_channels(2));
     let [gateway, connector] = system.admin();
@@ -368,6 +372,10 @@ fn a_connector_without_a_client_certificate_or_a_gateway_is_not_ready_and_says_w
     let missing = body["missing"].to_string();
     assert!(
         missing.contains("gateway 127.0.0.1:9: no channel held"),
+        "{body}"
+    );
+    assert!(
+        missing.contains("gateway nowhere.invalid:9: no instance known"),
         "{body}"
     );
     assert!(

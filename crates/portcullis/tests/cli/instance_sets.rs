@@ -312,7 +312,7 @@ fn a_connector_holds_channels_to_every_instance_behind_a_name_and_follows_the_se
     let log = connector.log();
     assert!(
         log.lines().any(|l| l.contains(&format!(
-            "to gateway {NAME}:{port} (127.0.0.4) let go: drained"
+            "to gateway {NAME}:{port}@127.0.0.4 let go: drained"
         ))),
         "{log}"
     );
