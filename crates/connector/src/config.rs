@@ -420,3 +420,43 @@ mod tests {
         assert_eq!(ConnectorConfig::load(&path).unwrap(), built);
     }
 }
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    /// `gateway_resolve_secs` outside 1..=3600 is refused at load, naming the key; 60 by default.
+    #[test]
+    fn the_resolve_interval_has_a_default_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("connector.toml");
+        let mut config = ConnectorConfig::lab(
+            "c",
+            vec!["gw.contoso.com:443".into()],
+            vec![EndpointConfig {
+                id: 7,
+                name: "SMS_MP".into(),
+                url: "https://localhost:8443".into(),
+            }],
+        );
+        assert_eq!(config.gateway_resolve_secs, 60);
+        for (secs, accepted) in [(0, false), (1, true), (3600, true), (3601, false)] {
+            config.gateway_resolve_secs = secs;
+            config.write(&path).unwrap();
+            match ConnectorConfig::load(&path) {
+                Ok(loaded) => {
+                    assert!(accepted, "{secs} accepted");
+                    assert_eq!(loaded.gateway_resolve_secs, secs);
+                }
+                Err(e) => {
+                    assert!(!accepted, "{secs}: {e}");
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("gateway_resolve_secs") && text.contains("1 and 3600"),
+                        "{text}"
+                    );
+                }
+            }
+        }
+    }
+}
