@@ -27,8 +27,15 @@ pub struct EndpointConfig {
 pub struct ConnectorConfig {
     /// Names this connector in the gateway's logs and ServiceMetadata.
     pub connector_id: String,
-    /// Every gateway instance, as "host:port"; the connector holds channels to each.
+    /// Every gateway, as "host:port"; the connector holds channels to each instance. A host
+    /// that is a DNS name stands for every address it resolves to (an instance set, such as
+    /// a Kubernetes headless Service), resolved again every `gateway_resolve_secs`.
     pub gateways: Vec<String>,
+    /// Seconds between resolutions of the `gateways` entries that are names (default 60, 1 to
+    /// 3600); also the longest one resolution may take. A new instance gets its channels
+    /// within this; one gone from the answer is let go (its channels drained).
+    #[serde(default = "default_resolve_secs")]
+    pub gateway_resolve_secs: u64,
     /// The name the gateways' server certificate must carry (default: each gateway's host).
     #[serde(default)]
     pub gateway_server_name: Option<String>,
@@ -96,6 +103,9 @@ pub struct ConnectorConfig {
 fn default_channels() -> usize {
     2
 }
+fn default_resolve_secs() -> u64 {
+    60
+}
 fn default_true() -> bool {
     true
 }
@@ -129,6 +139,7 @@ impl ConnectorConfig {
         ConnectorConfig {
             connector_id,
             gateways,
+            gateway_resolve_secs: default_resolve_secs(),
             gateway_server_name: None,
             gateway_roots,
             channels_per_gateway: default_channels(),
@@ -232,6 +243,12 @@ impl ConnectorConfig {
                 return Err(invalid("gateways", format!("\"{g}\" is not \"host:port\"")));
             }
         }
+        if !(1..=3600).contains(&cfg.gateway_resolve_secs) {
+            return Err(invalid(
+                "gateway_resolve_secs",
+                "must be between 1 and 3600".into(),
+            ));
+        }
         if cfg.channels_per_gateway == 0 || cfg.channels_per_gateway > 64 {
             return Err(invalid(
                 "channels_per_gateway",
@@ -317,6 +334,7 @@ mod tests {
         config.connector_id = "branch-connector".into();
         config.gateways.push("[::1]:8443".into());
         config.gateway_server_name = Some("cmg.contoso.com".into());
+        config.gateway_resolve_secs = 30;
         config.gateway_roots = vec!["/etc/portcullis/gateway-root.crt".into()];
         config.channels_per_gateway = 4;
         config.channels_follow_gateway_threads = false;
@@ -400,5 +418,45 @@ mod tests {
         );
         built.resolve_paths(dir.path());
         assert_eq!(ConnectorConfig::load(&path).unwrap(), built);
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    /// `gateway_resolve_secs` outside 1..=3600 is refused at load, naming the key; 60 by default.
+    #[test]
+    fn the_resolve_interval_has_a_default_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("connector.toml");
+        let mut config = ConnectorConfig::lab(
+            "c",
+            vec!["gw.contoso.com:443".into()],
+            vec![EndpointConfig {
+                id: 7,
+                name: "SMS_MP".into(),
+                url: "https://localhost:8443".into(),
+            }],
+        );
+        assert_eq!(config.gateway_resolve_secs, 60);
+        for (secs, accepted) in [(0, false), (1, true), (3600, true), (3601, false)] {
+            config.gateway_resolve_secs = secs;
+            config.write(&path).unwrap();
+            match ConnectorConfig::load(&path) {
+                Ok(loaded) => {
+                    assert!(accepted, "{secs} accepted");
+                    assert_eq!(loaded.gateway_resolve_secs, secs);
+                }
+                Err(e) => {
+                    assert!(!accepted, "{secs}: {e}");
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("gateway_resolve_secs") && text.contains("1 and 3600"),
+                        "{text}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -56,7 +56,8 @@ impl Control for ConnectorControl {
     fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "client_certificate": self.client_certificate(),
-            "channels_kept": lock(&self.tasks).dials,
+            "channels_kept": lock(&self.tasks).live.load(std::sync::atomic::Ordering::Relaxed),
+            "instances": crate::metrics::instances_json(&self.service.metrics.channels()),
         })
     }
 
@@ -74,19 +75,36 @@ impl Control for ConnectorControl {
         let metrics = &self.service.metrics;
         let certificate = self.client_certificate();
         let channels = metrics.channels();
-        let held: usize = channels.iter().map(|(_, n)| n).sum();
+        let held: usize = channels
+            .iter()
+            .flat_map(|e| &e.instances)
+            .map(|i| i.channels)
+            .sum();
+        let mut rows = Vec::new();
+        for entry in channels {
+            if let Some(why) = &entry.unresolved {
+                rows.push(vec![
+                    Cell::new(entry.gateway.clone()),
+                    Cell::toned(format!("none known: {why}"), Tone::Bad),
+                    Cell::toned("0", Tone::Bad),
+                ]);
+            }
+            for instance in entry.instances {
+                let n = instance.channels;
+                let tone = if n > 0 { Tone::Good } else { Tone::Bad };
+                rows.push(vec![
+                    Cell::new(entry.gateway.clone()),
+                    Cell::new(instance.address.to_string()),
+                    Cell::toned(n.to_string(), tone),
+                ]);
+            }
+        }
         let gateways = Section {
             id: "channels",
             title: "Channels per gateway instance".into(),
-            note: "Each gateway in the configuration and the channels held to it now (the log's \"Channel N to gateway\" lines say why one is missing).".into(),
-            head: vec!["gateway", "channels"],
-            rows: channels
-                .into_iter()
-                .map(|(gateway, n)| {
-                    let tone = if n > 0 { Tone::Good } else { Tone::Bad };
-                    vec![Cell::new(gateway), Cell::toned(n.to_string(), tone)]
-                })
-                .collect(),
+            note: "Each gateway instance: the entry in the configuration, the address (a name stands for every address it resolves to, resolved again every gateway_resolve_secs) and the channels held to it now (the log's \"Channel N to gateway\" and \"Cannot resolve gateway\" lines say why one is missing).".into(),
+            head: vec!["gateway", "address", "channels"],
+            rows,
             empty: "No gateway is configured.".into(),
         };
         let mut endpoints: Vec<(u64, String)> = self

@@ -1,7 +1,9 @@
 //! The dialler: N channels to each gateway, each in a loop that dials, serves the channel until
 //! it ends or is drained, and dials again with backoff and jitter; more channels when a
-//! gateway's hello says it runs more worker threads.
+//! gateway's hello says it runs more worker threads. Each loop serves one gateway instance
+//! (`crate::instances`) and ends when the connector stops or the instance is let go.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
 use crate::channel_server::{self, Served};
+use crate::instances::Instance;
 use crate::lock;
 use crate::run::Log;
 use crate::service::{PerChannel, Service};
@@ -31,16 +34,49 @@ pub(crate) struct Dialer {
 pub(crate) struct Tasks {
     /// Dial loops started so far: the next goes to the shard after the last one's.
     pub(crate) dials: usize,
+    /// Dial loops running now (each holds or dials one channel).
+    pub(crate) live: Arc<AtomicUsize>,
     pub(crate) handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Tasks {
+    /// Keeps the handles of the tasks still running (a let-go instance's end), so that the
+    /// list stays as long as what runs.
+    fn prune(&mut self) {
+        self.handles.retain(|h| !h.is_finished());
+    }
+}
+
+/// A running dial loop, counted in [`Tasks::live`] until dropped (also when aborted).
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Dialer {
     pub(crate) fn start(&self, dial: Dial) {
         let mut tasks = lock(&self.tasks);
+        tasks.prune();
         let shard = tasks.dials;
         tasks.dials += 1;
-        let handle = self.shards.spawn_on(shard, dial.run(self.stopped.clone()));
+        tasks.live.fetch_add(1, Ordering::Relaxed);
+        let live = Live(tasks.live.clone());
+        let stopped = self.stopped.clone();
+        let handle = self.shards.spawn_on(shard, async move {
+            let _live = live;
+            dial.run(stopped).await;
+        });
         tasks.handles.push(handle);
+    }
+
+    /// Runs `task` on the current runtime until the connector stops (it must end then).
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = lock(&self.tasks);
+        tasks.prune();
+        tasks.handles.push(tokio::spawn(task));
     }
 }
 
@@ -54,7 +90,10 @@ pub(crate) async fn widen(
     mut open: usize,
     mut announced: watch::Receiver<usize>,
 ) {
-    let mut stopped = dialer.stopped.clone();
+    let mut ending = Ending {
+        stopped: dialer.stopped.clone(),
+        released: first.released.clone(),
+    };
     loop {
         tokio::select! {
             changed = announced.changed() => {
@@ -62,7 +101,7 @@ pub(crate) async fn widen(
                     return;
                 }
             }
-            _ = stopped.changed() => return,
+            () = ending.requested() => return,
         }
         let threads = *announced.borrow_and_update();
         let wanted = threads.min(MAX_CHANNELS_PER_GATEWAY);
@@ -70,9 +109,8 @@ pub(crate) async fn widen(
             continue;
         }
         first.log.info(&format!(
-            "Gateway {}:{} runs {threads} worker threads: opening {} more channel(s) to it, {wanted} in all",
-            first.host,
-            first.port,
+            "Gateway {} runs {threads} worker threads: opening {} more channel(s) to it, {wanted} in all",
+            first.instance.label(),
             wanted - open
         ));
         while open < wanted {
@@ -84,8 +122,12 @@ pub(crate) async fn widen(
 
 #[derive(Clone)]
 pub(crate) struct Dial {
-    pub(crate) host: String,
-    pub(crate) port: u16,
+    /// The gateway instance dialled, and its channels' count.
+    pub(crate) instance: Arc<Instance>,
+    /// Becomes true when the instance is let go (gone from its name's answer): the channel
+    /// drains as at a stop and the loop ends.
+    pub(crate) released: watch::Receiver<bool>,
+    /// The name the gateway's certificate must carry.
     pub(crate) server_name: String,
     pub(crate) tls: Arc<rustls::ClientConfig>,
     pub(crate) service: Arc<Service>,
@@ -101,10 +143,41 @@ pub(crate) struct Dial {
 /// hello changed, so that the gateway always holds the others meanwhile.
 pub(crate) const REOPEN_STAGGER: Duration = Duration::from_secs(1);
 
-/// Resolves once the connector is stopping (or gone).
-async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
+/// When a dial loop ends: the connector stops, or its instance is let go.
+#[derive(Clone)]
+pub(crate) struct Ending {
+    stopped: watch::Receiver<bool>,
+    released: watch::Receiver<bool>,
 }
+
+impl Ending {
+    /// Resolves once the connector is stopping (or gone) or the instance is let go.
+    async fn requested(&mut self) {
+        let Ending { stopped, released } = self;
+        let let_go = async {
+            // The instance's keeper gone without letting it go: the stop ends the loop.
+            if released.wait_for(|gone| *gone).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => {}
+            () = let_go => {}
+        }
+    }
+
+    fn now(&self) -> bool {
+        *self.stopped.borrow() || *self.released.borrow()
+    }
+
+    fn let_go(&self) -> bool {
+        *self.released.borrow() && !*self.stopped.borrow()
+    }
+}
+
+/// The longest a let-go instance's channel answers the requests under way after its drain
+/// notice before it is closed (as at a stop, `portcullis connector`'s 10 s).
+pub(crate) const LET_GO_LIMIT: Duration = Duration::from_secs(10);
 
 /// How long a channel's answers say it is draining before its GOAWAY.
 pub(crate) const DRAIN_NOTICE: Duration = Duration::from_millis(300);
@@ -163,18 +236,34 @@ impl Dial {
         }
     }
 
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
+    async fn run(self, stopped: watch::Receiver<bool>) {
+        let mut ending = Ending {
+            stopped,
+            released: self.released.clone(),
+        };
         let random = ring::rand::SystemRandom::new();
         let mut backoff = BACKOFF_FIRST;
         let mut outage: Option<Outage> = None;
+        let gateway = self.instance.label();
         loop {
             let started = Instant::now();
-            // A stop drains the channel (see `once`), and the loop ends.
-            let outcome = self.once(stopped.clone(), &mut outage).await;
-            if *stopped.borrow() {
+            // A stop or a let-go drains the channel (see `once`), and the loop ends.
+            let outcome = self.once(ending.clone(), &mut outage).await;
+            if ending.let_go() {
+                let how = match &outcome.ended {
+                    Ok(Served::Drained) => "drained".to_string(),
+                    Ok(Served::Closed) => "closed by the gateway".to_string(),
+                    Err(why) => why.to_string(),
+                };
+                self.log.info(&format!(
+                    "Channel {} to gateway {gateway} let go: {how}",
+                    self.number
+                ));
                 return;
             }
-            let gateway = format!("{}:{}", self.host, self.port);
+            if ending.now() {
+                return;
+            }
             // The gateway's id for the channel, so that the two logs can be read together.
             let named = match outcome.greeted {
                 Some(id) if id > 0 => format!(" (its channel {id})"),
@@ -238,7 +327,7 @@ impl Dial {
             let wait = backoff / 2 + backoff.mul_f64(f64::from(byte[0]) / 510.0);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                () = stop_requested(&mut stopped) => return,
+                () = ending.requested() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -247,9 +336,9 @@ impl Dial {
     /// Dials the gateway and serves the channel until it ends, or until it has been drained:
     /// when the hello changed (its turn come) or when the connector stops. A channel back
     /// after an `outage` says so in the log once it has lasted [`BACK_AFTER`] past its hello.
-    async fn once(&self, stopped: watch::Receiver<bool>, outage: &mut Option<Outage>) -> Outcome {
+    async fn once(&self, ending: Ending, outage: &mut Option<Outage>) -> Outcome {
         let (greeted, mut greeting) = watch::channel(None);
-        let serving = self.dial_and_serve(stopped, greeted);
+        let serving = self.dial_and_serve(ending, greeted);
         tokio::pin!(serving);
         let settled = async {
             if greeting.wait_for(Option::is_some).await.is_err() {
@@ -263,10 +352,9 @@ impl Dial {
                 if let Some(outage) = outage.take() {
                     let id = greeting.borrow().unwrap_or(0);
                     self.log.info(&format!(
-                        "Channel {} to gateway {}:{}{} back after {} attempt(s) (down for {:.1} s)",
+                        "Channel {} to gateway {}{} back after {} attempt(s) (down for {:.1} s)",
                         self.number,
-                        self.host,
-                        self.port,
+                        self.instance.label(),
                         if id > 0 { format!(" (its channel {id})") } else { String::new() },
                         outage.failed + 1,
                         outage.since.elapsed().as_secs_f64()
@@ -286,16 +374,17 @@ impl Dial {
     /// Dials the gateway and serves the channel: see [`Dial::once`].
     async fn dial_and_serve(
         &self,
-        mut stopped: watch::Receiver<bool>,
+        mut ending: Ending,
         greeted: watch::Sender<Option<u64>>,
     ) -> Result<Served, ChannelError> {
         // Changes of the hello from now on: made before dialling, so none is missed.
         let mut hello_changes = self.service.hello_changes.subscribe();
         let tls = tokio::select! {
             tls = self.connect() => tls?,
-            () = stop_requested(&mut stopped) => return Ok(Served::Drained),
+            () = ending.requested() => return Ok(Served::Drained),
         };
-        let _held = self.service.metrics.held(&self.host, self.port);
+        let _held = self.instance.held();
+        let mut let_go = ending.clone();
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let frames = Arc::new(tunnel::SmallFrames::default());
         let channel = Arc::new(PerChannel {
@@ -322,14 +411,26 @@ impl Dial {
             };
             tokio::select! {
                 () = hello_changed => {}
-                () = stop_requested(&mut stopped) => {}
+                () = ending.requested() => {}
             }
             draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(DRAIN_NOTICE).await;
         };
-        channel_server::serve(tls, hyper_service, drain, self.max_request_header_bytes)
-            .await
-            .map_err(ChannelError::Ended)
+        let serving =
+            channel_server::serve(tls, hyper_service, drain, self.max_request_header_bytes);
+        // A let-go instance's channel answers what it took for at most LET_GO_LIMIT (a stop
+        // has its own limit, in `RunningConnector::stop_gracefully`).
+        let cut = async {
+            let_go.requested().await;
+            if !let_go.let_go() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(DRAIN_NOTICE + LET_GO_LIMIT).await;
+        };
+        tokio::select! {
+            served = serving => served.map_err(ChannelError::Ended),
+            () = cut => Err(ChannelError::Cut),
+        }
     }
 
     async fn connect(
@@ -337,7 +438,7 @@ impl Dial {
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, DialError> {
         let tcp = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+            tokio::net::TcpStream::connect(self.instance.address),
         )
         .await
         .map_err(|_| DialError::TcpTimeout)?
@@ -356,7 +457,7 @@ impl Dial {
 }
 
 /// Why a channel to a gateway could not be opened: the text after "Channel {n} to gateway
-/// {host}:{port}: " in the log.
+/// {instance}: " in the log.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {
     #[error("TCP connect timed out")]
@@ -379,6 +480,9 @@ pub(crate) enum ChannelError {
     Dial(#[from] DialError),
     #[error("channel lost: {}", ChannelError::text(.0))]
     Ended(hyper::Error),
+    /// A let-go instance's channel still had requests under way after [`LET_GO_LIMIT`].
+    #[error("requests still under way after {} s were cut", LET_GO_LIMIT.as_secs())]
+    Cut,
 }
 
 impl ChannelError {

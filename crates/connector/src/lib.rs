@@ -5,7 +5,8 @@
 //! - [`config`]: the configuration file and its validation.
 //! - [`run`]: start, reload and stop.
 //! - `client_cert`: the client certificate the filter chain chooses.
-//! - `dial`: the dial loops that hold the channels to each gateway.
+//! - `instances`: each `gateways` entry's instances (a DNS name: every address, re-resolved).
+//! - `dial`: the dial loops that hold the channels to each gateway instance.
 //! - `channel_server`: the HTTP/2 server on a dialled channel.
 //! - `service`: the hello, and forwarding each request to its endpoint.
 //! - `metrics`: the Prometheus series and readiness; [`control`]: the admin surface's view.
@@ -18,6 +19,7 @@ pub mod control;
 mod dial;
 pub use dial::redial_bound;
 pub mod endpoint;
+mod instances;
 mod metrics;
 pub mod run;
 mod service;

@@ -1,11 +1,10 @@
 //! The connector's Prometheus series (see `runtime::metrics` for the crate and the costs):
 //! requests by endpoint, status and status text with the endpoint's time, channels held per
-//! gateway, whether a client certificate is selected; and what `GET /readyz` says.
+//! gateway instance, whether a client certificate is selected; and what `GET /readyz` says.
 //!
 //! A request is counted once, in `Service::handle`, when its answer's head (the endpoint's or
 //! the refusal) is known.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::Instant;
 
@@ -15,7 +14,8 @@ use hyper::Response;
 use runtime::activity::{History, RateKey, Recent, RecentRefusal};
 use runtime::metrics::{Expiry, Readiness, Registry, StatusText, Tally};
 
-use crate::config::{split_host_port, ConnectorConfig};
+use crate::config::ConnectorConfig;
+use crate::instances::{Entries, EntryNow};
 
 const REQUESTS: &str = "portcullis_connector_requests_total";
 const DURATION: &str = "portcullis_connector_endpoint_duration_seconds";
@@ -57,19 +57,11 @@ pub(crate) struct Counting {
     started: Instant,
 }
 
-/// One configured gateway and the channels held to it now.
-struct Gateway {
-    host: String,
-    port: u16,
-    /// As the configuration names it: the `gateway` label.
-    label: String,
-    held: AtomicUsize,
-}
-
 pub(crate) struct ConnectorMetrics {
     registry: Registry,
     requests: Tally<RequestKey>,
-    gateways: Vec<Gateway>,
+    /// Each `gateways` entry and its instances now (`crate::instances`).
+    pub(crate) entries: Entries,
     /// The client certificate, the roots, the CRLs, the channel certificate; swapped on reload.
     certificates: RwLock<Vec<Expiry>>,
     /// For the status page: totals by status text over the last minutes, the last refusals.
@@ -77,34 +69,12 @@ pub(crate) struct ConnectorMetrics {
     pub(crate) recent: Recent,
 }
 
-/// A channel held to a gateway, counted until dropped.
-pub(crate) struct Held<'a>(Option<&'a AtomicUsize>);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        if let Some(held) = self.0 {
-            held.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
 impl ConnectorMetrics {
     pub(crate) fn new(shards: usize, config: &ConnectorConfig) -> ConnectorMetrics {
         ConnectorMetrics {
             registry: Registry::new(&[DURATION]),
             requests: Tally::new(shards),
-            gateways: config
-                .gateways
-                .iter()
-                .filter_map(|g| {
-                    split_host_port(g).map(|(host, port)| Gateway {
-                        host,
-                        port,
-                        label: g.clone(),
-                        held: AtomicUsize::new(0),
-                    })
-                })
-                .collect(),
+            entries: Entries::new(config),
             certificates: RwLock::new(Vec::new()),
             history: History::default(),
             recent: Recent::default(),
@@ -134,19 +104,6 @@ impl ConnectorMetrics {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// A channel to `host`:`port` is up until the returned guard is dropped.
-    pub(crate) fn held(&self, host: &str, port: u16) -> Held<'_> {
-        let gateway = self
-            .gateways
-            .iter()
-            .find(|g| g.port == port && g.host == host)
-            .map(|g| &g.held);
-        if let Some(held) = gateway {
-            held.fetch_add(1, Ordering::Relaxed);
-        }
-        Held(gateway)
     }
 
     /// A request for `endpoint` (the id the gateway sent) has come.
@@ -214,12 +171,9 @@ impl ConnectorMetrics {
         runtime::activity::totals_by_status(self.requests.totals(), |k| (k.status, k.text))
     }
 
-    /// Channels held to each configured gateway now, by its name in the configuration.
-    pub(crate) fn channels(&self) -> Vec<(String, usize)> {
-        self.gateways
-            .iter()
-            .map(|g| (g.label.clone(), g.held.load(Ordering::Relaxed)))
-            .collect()
+    /// Each configured gateway now: its instances and the channels held to each.
+    pub(crate) fn channels(&self) -> Vec<EntryNow> {
+        self.entries.now()
     }
 
     /// The series, as scraped now; `has_client_certificate`: whether the filter chain chose one.
@@ -239,13 +193,25 @@ impl ConnectorMetrics {
         }
         let mut text = self.registry.render();
         let now = Registry::new(&[]);
-        for (gateway, held) in self.channels() {
+        // Built anew at each scrape: a vanished instance's series goes with it.
+        for entry in self.channels() {
             now.gauge(
-                "portcullis_connector_channels",
-                "Channels held now, by gateway as the configuration names it.",
-                &[("gateway", &gateway)],
+                "portcullis_connector_gateway_instances",
+                "Instances each gateway entry stands for now (a name: the addresses it resolves to, the last known while resolving fails).",
+                &[("gateway", &entry.gateway)],
             )
-            .set(held as f64);
+            .set(entry.instances.len() as f64);
+            for instance in entry.instances {
+                now.gauge(
+                    "portcullis_connector_channels",
+                    "Channels held now, by gateway as the configuration names it and instance address.",
+                    &[
+                        ("gateway", &entry.gateway),
+                        ("address", &instance.address.to_string()),
+                    ],
+                )
+                .set(instance.channels as f64);
+            }
         }
         now.gauge(
             "portcullis_connector_client_certificate_selected",
@@ -257,7 +223,8 @@ impl ConnectorMetrics {
         text
     }
 
-    /// Ready when a channel is held to every gateway and, where an endpoint is called over
+    /// Ready when a channel is held to every gateway instance (each entry resolved) and,
+    /// where an endpoint is called over
     /// HTTPS (SPEC: such endpoints require the connector's client certificate), a client
     /// certificate is selected.
     pub(crate) fn readiness(
@@ -267,8 +234,15 @@ impl ConnectorMetrics {
     ) -> Readiness {
         let mut missing = Vec::new();
         let channels = self.channels();
-        for (gateway, held) in &channels {
-            if *held == 0 {
+        for entry in &channels {
+            if let Some(why) = &entry.unresolved {
+                missing.push(format!(
+                    "gateway {}: no instance known: {why} (the log's \"Cannot resolve gateway\" lines say more)",
+                    entry.gateway
+                ));
+            }
+            for instance in entry.instances.iter().filter(|i| i.channels == 0) {
+                let gateway = &instance.label;
                 missing.push(format!(
                     "gateway {gateway}: no channel held (the log's \"Channel N to gateway {gateway}\" lines say why)"
                 ));
@@ -280,14 +254,7 @@ impl ConnectorMetrics {
             ));
         }
         let mut detail = serde_json::Map::new();
-        detail.insert(
-            "channels".into(),
-            channels
-                .iter()
-                .map(|(gateway, held)| serde_json::json!({"gateway": gateway, "channels": held}))
-                .collect::<Vec<_>>()
-                .into(),
-        );
+        detail.insert("channels".into(), instances_json(&channels).into());
         detail.insert("client_certificate".into(), client_certificate.into());
         Readiness { missing, detail }
     }
@@ -295,3 +262,24 @@ impl ConnectorMetrics {
 
 /// What the connector answers for an endpoint id it does not serve.
 const UNKNOWN_ENDPOINT: &str = "CMGService_Unknownendpoint";
+
+/// Each instance as `/status` and `/readyz` list it: the entry, the address, the channels
+/// held; an entry with no instance known as the entry and why.
+pub(crate) fn instances_json(entries: &[EntryNow]) -> Vec<serde_json::Value> {
+    let mut listed = Vec::new();
+    for entry in entries {
+        if let Some(why) = &entry.unresolved {
+            listed.push(serde_json::json!({
+                "gateway": entry.gateway, "address": null, "channels": 0, "unresolved": why,
+            }));
+        }
+        for instance in &entry.instances {
+            listed.push(serde_json::json!({
+                "gateway": entry.gateway,
+                "address": instance.address.to_string(),
+                "channels": instance.channels,
+            }));
+        }
+    }
+    listed
+}

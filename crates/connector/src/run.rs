@@ -14,9 +14,9 @@ use runtime::shards::Shards;
 use tokio::sync::watch;
 
 use crate::client_cert::choose_client_certificate;
-use crate::config::split_host_port;
 pub use crate::config::{ConnectorConfig, EndpointConfig};
-use crate::dial::{widen, Dial, Dialer, Tasks, DRAIN_NOTICE, REOPEN_STAGGER};
+use crate::dial::{Dialer, Tasks, DRAIN_NOTICE, REOPEN_STAGGER};
+use crate::instances::Kit;
 use crate::lock;
 use crate::service::Service;
 
@@ -86,9 +86,12 @@ impl RunningConnector {
         }
     }
 
-    /// Channels being dialled or held, over all gateways (each dial loop holds at most one).
+    /// Channels being dialled or held, over all gateway instances (each dial loop holds at
+    /// most one).
     pub fn dial_loops(&self) -> usize {
-        lock(&self.dialer.tasks).dials
+        lock(&self.dialer.tasks)
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn log(&self) -> &Log {
@@ -237,6 +240,7 @@ fn restart_only_changes(running: &ConnectorConfig, loaded: &ConnectorConfig) -> 
     differing! {
         "connector_id": connector_id;
         "gateways": gateways;
+        "gateway_resolve_secs": gateway_resolve_secs;
         "gateway_server_name": gateway_server_name;
         "gateway_roots": gateway_roots;
         "channels_per_gateway": channels_per_gateway;
@@ -296,39 +300,21 @@ pub async fn start_on(
         tasks: Arc::new(Mutex::new(Tasks::default())),
         stopped: stopped.clone(),
     };
-    for gateway in &config.gateways {
-        let Some((host, port)) = split_host_port(gateway) else {
-            continue;
-        };
-        let name = config
-            .gateway_server_name
-            .clone()
-            .unwrap_or_else(|| host.clone());
-        let (announced, announcements) = watch::channel(config.channels_per_gateway);
-        // The template each channel's dial loop is numbered from.
-        let first = Dial {
-            host: host.clone(),
-            port,
-            server_name: name.clone(),
-            tls: tls.clone(),
-            service: service.clone(),
-            announced: Arc::new(announced),
-            log: log.clone(),
-            number: 1,
-            max_request_header_bytes: config.max_request_header_bytes,
-        };
-        for n in 1..=config.channels_per_gateway {
-            dialer.start(first.numbered(n));
-        }
-        if config.channels_follow_gateway_threads {
-            let widening = widen(
-                dialer.clone(),
-                first,
-                config.channels_per_gateway,
-                announcements,
-            );
-            lock(&dialer.tasks).handles.push(tokio::spawn(widening));
-        }
+    // Each entry's instances: its address, or every address its name resolves to, kept by a
+    // task of its own (`instances::keep`).
+    let kit = Kit {
+        dialer: dialer.clone(),
+        server_name: config.gateway_server_name.clone(),
+        tls,
+        service: service.clone(),
+        log: log.clone(),
+        channels: config.channels_per_gateway,
+        follow_threads: config.channels_follow_gateway_threads,
+        max_request_header_bytes: config.max_request_header_bytes,
+        every: Duration::from_secs(config.gateway_resolve_secs),
+    };
+    for entry in &service.metrics.entries.0 {
+        dialer.spawn(crate::instances::keep(kit.clone(), entry.clone()));
     }
     Ok(RunningConnector {
         stop,

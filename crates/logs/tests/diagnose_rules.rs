@@ -268,7 +268,7 @@ fn other_status_texts_of_the_original() {
 fn connector_channel_failures() {
     let connector = cm("Maintaining connections...", "SMS_CLOUD_PROXYCONNECTOR", 1)
         + &cm("Channel 1 to gateway cmg.contoso.com:443: TLS failed: invalid peer certificate: UnknownIssuer; retrying", "SMS_CLOUD_PROXYCONNECTOR", 3)
-        + &cm("Channel 2 to gateway cmg2.contoso.com:443: cannot connect: Connection refused (os error 111); retrying", "SMS_CLOUD_PROXYCONNECTOR", 3);
+        + &cm("Channel 2 to gateway cmg2.contoso.com:443@10.0.0.6: cannot connect: Connection refused (os error 111); retrying", "SMS_CLOUD_PROXYCONNECTOR", 3);
     let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", connector.clone())]);
     assert_eq!(
         ids(&report),
@@ -277,6 +277,10 @@ fn connector_channel_failures() {
     assert!(report.findings[0].cause.contains("cmg.contoso.com:443"));
     assert!(report.findings[0].cause.contains("UnknownIssuer"));
     assert!(report.findings[1].cause.contains("Connection refused"));
+    // An instance of a name entry (connector::instances) is named NAME:PORT@IP.
+    assert!(report.findings[1]
+        .cause
+        .contains("cmg2.contoso.com:443@10.0.0.6"));
 
     let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";
     let report = diagnose(&[

@@ -151,9 +151,11 @@ async fn serve(
     let gateway_control = Arc::new(gateway.control(gateway_config.clone()));
     let gateway_admin = admin(admin_listen, gateway_control.clone()).await?;
 
+    // The address the gateway listens on, not "localhost": a name stands for every address it
+    // resolves to, and where localhost is ::1 too that would be an instance nobody serves.
     let mut config = ConnectorConfig::lab(
         "dev-connector",
-        vec![format!("localhost:{}", gateway.addr.port())],
+        vec![gateway.addr.to_string()],
         vec![EndpointConfig {
             id: DEV_ENDPOINT,
             name: "SMS_MP".into(),
@@ -161,6 +163,7 @@ async fn serve(
         }],
     );
     config.client_cert_store = store.into();
+    config.gateway_server_name = Some("localhost".into());
     config.verbose = true;
     config.admin_listen = Some(loopback(0));
     config.log.file = Some("logs/SMS_Cloud_ProxyConnector.log".into());

@@ -142,7 +142,12 @@ pub struct GatewayArgs {
 /// Configuration (TOML; paths relative to the file):
 ///
 ///   connector_id = "connector-1"
-///   gateways = ["cmg.contoso.com:443"]
+///   gateways = ["cmg.contoso.com:443"]         # a name stands for every address it
+///                                            # resolves to (an instance set): channels to
+///                                            # each, the certificate checked against the name
+///   gateway_resolve_secs = 60                # optional, 1 to 3600: names resolved again;
+///                                            # new instances get channels, vanished ones
+///                                            # drain; a failed lookup keeps the last set
 ///   channels_per_gateway = 2                 # optional; 2 by default, 1 to 64; raised (to
 ///                                            # 64 at most) to a gateway's worker_threads, told
 ///                                            # in its hello, so each of its threads drives a
@@ -193,12 +198,13 @@ pub struct GatewayArgs {
 /// no new request and answers those under way (for at most 10 s) before it closes, so a
 /// rolling restart of connectors cuts no request.
 ///
-/// Admin surface (admin_listen): GET /status (the client certificate presented, and
-/// channels_kept: channels held or being redialled, over all gateways), PUT /verbose with
+/// Admin surface (admin_listen): GET /status (the client certificate presented,
+/// channels_kept: channels held or being redialled, and instances: each gateway instance,
+/// its address and channels), PUT /verbose with
 /// body on|off as JSON or with no Content-Type (turning it on logs the filter trail of the
 /// current choice), POST /reload; GET /metrics (Prometheus text:
 /// portcullis_connector_requests_total, ..._channels, ..._client_certificate_selected ...),
-/// GET /healthz, GET /readyz (503 until a channel is held to every gateway and, with HTTPS
+/// GET /healthz, GET /readyz (503 until a channel is held to every gateway instance and, with HTTPS
 /// endpoints, a client certificate is selected; the JSON says what is missing).
 #[derive(Args)]
 #[command(verbatim_doc_comment)]

@@ -191,9 +191,12 @@ impl System {
             .unwrap();
         // Reloads write the same settings with the port the gateway got.
         gateway_config.listen = gateway.addr;
+        // The gateway by the address it listens on (a name stands for every address it
+        // resolves to: where localhost is ::1 too, that would be an instance nobody serves),
+        // its certificate checked against "localhost".
         let mut connector_config = ConnectorConfig::lab(
             "lab-connector",
-            vec![format!("localhost:{}", gateway.addr.port())],
+            vec![gateway.addr.to_string()],
             vec![EndpointConfig {
                 id: ENDPOINT,
                 name: "SMS_MP".into(),
@@ -201,6 +204,7 @@ impl System {
             }],
         );
         connector_config.client_cert_store = setup.store.into();
+        connector_config.gateway_server_name = Some("localhost".into());
         connector_config.allowed_roots = setup.allowed_roots;
         connector_config.verbose = true;
         // Below the gateway's request_timeout_secs, as they should be.

@@ -269,7 +269,7 @@ fn a_channel_closed_and_back_is_told_at_both_ends() {
     let lost = wait_for_line(
         &system.connector_log,
         &[
-            "Channel 1 to gateway localhost:",
+            "Channel 1 to gateway 127.0.0.1:",
             &format!("(its channel {first}) closed by the gateway; reconnecting"),
         ],
         Duration::from_secs(10),
@@ -279,7 +279,7 @@ fn a_channel_closed_and_back_is_told_at_both_ends() {
     let refused = wait_for_line(
         &system.connector_log,
         &[
-            "Channel 1 to gateway localhost:",
+            "Channel 1 to gateway 127.0.0.1:",
             ": channel lost before the gateway asked for the hello: ",
         ],
         Duration::from_secs(10),
@@ -297,7 +297,7 @@ fn a_channel_closed_and_back_is_told_at_both_ends() {
     system.reload_gateway(|_| {}).unwrap();
     let back = wait_for_line(
         &system.connector_log,
-        &["Channel 1 to gateway localhost:", " back after "],
+        &["Channel 1 to gateway 127.0.0.1:", " back after "],
         Duration::from_secs(40),
     );
     assert!(

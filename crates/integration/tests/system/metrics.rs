@@ -246,7 +246,7 @@ fn both_components_expose_every_series_with_bounded_labels_that_promtool_accepts
         ) >= Some(1.0),
         "{text}"
     );
-    let gateway_name = format!("gateway=\"localhost:{}\"", system.gateway_port());
+    let gateway_name = format!("gateway=\"127.0.0.1:{}\"", system.gateway_port());
     assert!(
         value(&text, "portcullis_connector_channels", &[&gateway_name]) >= Some(2.0),
         "{text}"
@@ -359,7 +359,11 @@ fn a_connector_without_a_client_certificate_or_a_gateway_is_not_ready_and_says_w
     // listens on.
     let mut system = System::builder()
         .store("gateway")
-        .connector(|c, _| c.gateways.push("127.0.0.1:9".into()))
+        .connector(|c, _| {
+            c.gateways.push("127.0.0.1:9".into());
+            // A name that resolves to nothing: no instance of it is known.
+            c.gateways.push("nowhere.invalid:9".into());
+        })
         .start();
     assert!(system.wait_for_channels(2));
     let [gateway, connector] = system.admin();
@@ -371,12 +375,16 @@ fn a_connector_without_a_client_certificate_or_a_gateway_is_not_ready_and_says_w
         "{body}"
     );
     assert!(
+        missing.contains("gateway nowhere.invalid:9: no instance known"),
+        "{body}"
+    );
+    assert!(
         missing.contains("CMGConnector_Clientcertificaterequired")
             && missing.contains("portcullis doctor certs"),
         "{body}"
     );
     assert!(
-        !missing.contains(&format!("localhost:{}", system.gateway_port())),
+        !missing.contains(&format!("127.0.0.1:{}", system.gateway_port())),
         "{body}"
     );
     let (_, text) = http_get(connector, "/metrics");

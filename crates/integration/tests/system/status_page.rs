@@ -203,10 +203,11 @@ fn the_status_page_shows_channels_and_a_refusal_explained_in_a_real_browser() {
     );
     let dom = String::from_utf8_lossy(&out.stdout).to_string();
     let gateways = table(&dom, "channels");
+    // Each instance: the entry, the address (here the entry is the address), the channels.
+    let port = system.gateway_port();
     assert!(
         gateways.contains(&format!(
-            "<td>localhost:{}</td><td class=\"good\">",
-            system.gateway_port()
+            "<td>127.0.0.1:{port}</td><td>127.0.0.1:{port}</td><td class=\"good\">"
         )),
         "{gateways}"
     );

@@ -8,6 +8,7 @@ mod analyze_token;
 mod commands;
 mod dev;
 mod diagnosis;
+mod instance_sets;
 mod pki_and_certs;
 mod processes;
 mod support;
