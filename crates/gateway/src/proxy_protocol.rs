@@ -93,10 +93,10 @@ impl ProxyProtocol {
                 return Some(("proxy_protocol.proxies", reason));
             }
         }
-        if self.header_timeout_secs == 0 {
+        if !(1..=60).contains(&self.header_timeout_secs) {
             return Some((
                 "proxy_protocol.header_timeout_secs",
-                "must be at least 1".into(),
+                "must be between 1 and 60".into(),
             ));
         }
         let most = V2_FIXED + usize::from(u16::MAX);
@@ -498,7 +498,7 @@ mod tests {
             "proxy_protocol.max_header_bytes"
         );
         settings.max_header_bytes = 512;
-        settings.header_timeout_secs = 0;
+        settings.header_timeout_secs = 61;
         assert_eq!(
             settings.problem().unwrap().0,
             "proxy_protocol.header_timeout_secs"
