@@ -78,7 +78,7 @@ impl Handle {
             .reloaded(config.ready_endpoints.clone(), certificates);
         let was = self.shared.log.set_verbose(config.verbose);
         Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen, the connection caps and timeouts take effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {} (listen, proxy_protocol, the connection caps and timeouts take effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
             if closed.is_empty() {
