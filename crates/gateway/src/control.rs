@@ -116,6 +116,9 @@ impl Handle {
             }
             all.insert("channel_listen".into(), channels);
         }
+        if let (Some(proxies), Some(all)) = (&self.shared.proxies, status.as_object_mut()) {
+            all.insert("proxy_protocol".into(), proxies.status());
+        }
         status
     }
 

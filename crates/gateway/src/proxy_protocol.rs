@@ -158,6 +158,8 @@ pub(crate) struct Proxies {
     max_header_bytes: usize,
     /// One line a second at most: refused from an unlisted address, refused from a proxy.
     logged: [LogEvery; 2],
+    /// Refusals since start, for `/status`: the same two kinds.
+    refused: [std::sync::atomic::AtomicU64; 2],
 }
 
 impl Proxies {
@@ -174,6 +176,7 @@ impl Proxies {
             header_time: Duration::from_secs(settings.header_timeout_secs),
             max_header_bytes: settings.max_header_bytes,
             logged: Default::default(),
+            refused: Default::default(),
         }
     }
 
@@ -202,8 +205,19 @@ impl Proxies {
         )
     }
 
+    /// For `/status`: connections refused for a PROXY header from an address not listed, and
+    /// from a listed proxy for no valid header.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let n = |i: usize| self.refused[i].load(std::sync::atomic::Ordering::Relaxed);
+        serde_json::json!({
+            "refused_header_from_unlisted_address": n(0),
+            "refused_no_valid_header_from_proxy": n(1),
+        })
+    }
+
     /// Logs a connection from `peer`, not a proxy, refused for opening with a PROXY header.
     pub(crate) fn refused_unlisted(&self, peer: SocketAddr, log: &logs::Log) {
+        self.refused[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(more) = self.logged[0].due() {
             log.warn(&format!(
                 "Refused a connection from {peer}: it sent a PROXY protocol header, and {} is not in proxy_protocol.proxies (only the load balancers listed there may say where a device is){}",
@@ -231,6 +245,7 @@ impl Proxies {
                 self.header_time.as_secs()
             ),
         };
+        self.refused[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(more) = self.logged[1].due() {
             log.warn(&format!(
                 "Refused a connection from load balancer {peer} (in proxy_protocol.proxies): {why}{}",

@@ -254,6 +254,44 @@ fn a_proxy_header_from_an_address_not_configured_is_refused() {
         &system.gateway_log,
         "it sent a PROXY protocol header, and 127.0.0.6 is not in proxy_protocol.proxies",
     );
+    let status = system.gateway.as_ref().unwrap().connections_status();
+    assert!(
+        status["proxy_protocol"]["refused_header_from_unlisted_address"].as_u64() >= Some(1),
+        "{status}"
+    );
+    // `portcullis doctor logs` explains the line.
+    let line = system
+        .gateway_log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("Refused a connection from 127.0.0.6:"))
+        .cloned()
+        .unwrap();
+    let record = logs::cmtrace::Line {
+        message: &line,
+        component: "SMS_CLOUD_PROXY_GATEWAY",
+        severity: logs::cmtrace::Severity::Warning,
+        thread: 1,
+        at: time::OffsetDateTime::now_utc(),
+    }
+    .format()
+        + "\r\n";
+    let rules = logs::diagnose::Rules::builtin().unwrap();
+    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
+    diagnosis
+        .read_from(record.as_bytes(), "gateway.log")
+        .unwrap();
+    let findings = diagnosis.finish().findings;
+    assert_eq!(findings.len(), 1, "{line}");
+    assert_eq!(findings[0].id, "proxy-protocol-refused");
+    assert!(
+        findings[0]
+            .cause
+            .contains("127.0.0.6 is not in proxy_protocol.proxies"),
+        "{}",
+        findings[0].cause
+    );
     drop(haproxy);
     system.stop();
 }
@@ -284,6 +322,11 @@ fn a_proxy_address_without_a_header_is_refused_and_a_stalled_header_cut() {
     assert_logged(
         &system.gateway_log,
         "it sent no PROXY header but a TLS handshake",
+    );
+    let status = system.gateway.as_ref().unwrap().connections_status();
+    assert!(
+        status["proxy_protocol"]["refused_no_valid_header_from_proxy"].as_u64() >= Some(1),
+        "{status}"
     );
     // A header begun and never ended: cut after header_timeout_secs (1 s; 10 s is "no hang").
     std::thread::sleep(Duration::from_millis(1100));
