@@ -185,6 +185,11 @@ pub struct GatewayConfig {
     /// get 502 `CMGService_Channelbroken` saying the PINGs went unanswered.
     #[serde(default = "default_channel_keepalive_timeout_secs")]
     pub channel_keepalive_timeout_secs: u64,
+    /// The PROXY protocol on `listen`, for devices behind an L4 load balancer (`[proxy_protocol]`:
+    /// version, proxies, header_timeout_secs, max_header_bytes); off without it. Takes
+    /// effect at the next start. See `proxy_protocol`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<crate::ProxyProtocol>,
 }
 
 /// One entry of `allowed_connectors`: a name or thumbprint, or one bound to endpoints.
@@ -352,6 +357,7 @@ impl GatewayConfig {
             connector_idle_timeout_secs: default_stall_timeout(),
             channel_unresponsive_after_ms: default_channel_unresponsive_after_ms(),
             channel_keepalive_timeout_secs: default_channel_keepalive_timeout_secs(),
+            proxy_protocol: None,
         }
     }
 
@@ -433,6 +439,9 @@ impl GatewayConfig {
             ));
         }
         if let Some((key, reason)) = cfg.probe.as_ref().and_then(|p| p.problem()) {
+            return Err(invalid(key, &reason));
+        }
+        if let Some((key, reason)) = cfg.proxy_protocol.as_ref().and_then(|p| p.problem()) {
             return Err(invalid(key, &reason));
         }
         if cfg

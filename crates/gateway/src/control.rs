@@ -84,7 +84,7 @@ impl Handle {
             .map(|said| format!("; probe: {said}"))
             .unwrap_or_default();
         Ok(format!(
-            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {}{probe} (listen, the connection caps and timeouts take effect at the next start)",
+            "verbose {}{}; devices: {described}; server certificate for new connections: {certificate}; connectors: {}{probe} (listen, proxy_protocol, the connection caps and timeouts take effect at the next start)",
             if config.verbose { "on" } else { "off" },
             if was == config.verbose { "" } else { " (changed)" },
             if closed.is_empty() {
@@ -121,6 +121,9 @@ impl Handle {
                 channels.insert("address".into(), addr.to_string().into());
             }
             all.insert("channel_listen".into(), channels);
+        }
+        if let (Some(proxies), Some(all)) = (&self.shared.proxies, status.as_object_mut()) {
+            all.insert("proxy_protocol".into(), proxies.status());
         }
         status
     }

@@ -31,6 +31,7 @@ mod limits;
 mod message_id;
 mod metadata;
 mod metrics;
+mod proxy_protocol;
 mod refused;
 mod tls;
 pub mod token;
@@ -44,6 +45,7 @@ use connectors::{load_connector_roots, Connectors};
 pub use control::GatewayControl;
 use device_auth::DeviceAuth;
 use message_id::MessageIds;
+pub use proxy_protocol::{ProxyProtocol, ProxyVersion};
 use tls::server_tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +211,8 @@ struct Shared {
     metrics: metrics::GatewayMetrics,
     /// The continuous analyzer: its schedule (`[probe]`) and last results.
     checks: checks::Checks,
+    /// `[proxy_protocol]`: the load balancers whose PROXY headers `listen` takes.
+    proxies: Option<proxy_protocol::Proxies>,
 }
 
 /// Starts a gateway on the runtime it is called on.
@@ -280,20 +284,29 @@ pub async fn start_on(
         epoch: tokio::time::Instant::now(),
         metrics: gateway_metrics,
         checks: checks::Checks::new(),
+        proxies: config
+            .proxy_protocol
+            .as_ref()
+            .map(proxy_protocol::Proxies::new),
     });
-    let listening = listen(config.listen, &shards, &shared, shared.limits.clone()).await?;
+    let listening = listen(config.listen, &shards, &shared, shared.limits.clone(), true).await?;
     shared.log.info(&format!(
         "Gateway listening on {} for devices and connector channels ({} worker thread{})",
         listening.addr,
         shards.len(),
         if shards.len() == 1 { "" } else { "s" }
     ));
+    if let Some(proxies) = &shared.proxies {
+        shared
+            .log
+            .info(&format!("On {}: {}", listening.addr, proxies.describe()));
+    }
     let channel_listening = match config.channel_listen {
         Some(addr) => {
             // Every connection here is let in only to show a channel's ClientHello: its
             // room is this listener's own, out of reach of the devices on `listen`.
             let limits = Arc::new(limits::Limits::channels_only(config.reserved_for_channels));
-            let listening = listen(addr, &shards, &shared, limits.clone()).await?;
+            let listening = listen(addr, &shards, &shared, limits.clone(), false).await?;
             shared.log.info(&format!(
                 "Gateway listening on {} for connector channels only",
                 listening.addr
@@ -343,17 +356,27 @@ fn upkeep(shared: &Arc<Shared>) {
 
 /// Accepts on `addr` on every shard: each connection takes a slot of `limits` before any TLS
 /// (over the caps it is closed at once, see `limits`), then is served with the TLS
-/// configuration of that moment (a reload swaps in a new server certificate).
+/// configuration of that moment (a reload swaps in a new server certificate). With `proxied`
+/// and `[proxy_protocol]`, a load balancer's connection takes its slot once its PROXY header
+/// has named the device (`proxy_protocol`).
 async fn listen(
     addr: SocketAddr,
     shards: &Shards,
     shared: &Arc<Shared>,
     limits: Arc<limits::Limits>,
+    proxied: bool,
 ) -> Result<runtime::listener::Listening, GatewayError> {
     let shared = shared.clone();
     runtime::listener::listen_on(addr, shards, move |tcp, peer| {
-        let slot = limits.admit(peer, &shared.log);
-        accept::connection(shared.tls.load_full(), tcp, peer, shared.clone(), slot)
+        let proxies = shared.proxies.as_ref().filter(|_| proxied);
+        let arrival = match proxies {
+            Some(proxies) if proxies.trusts(peer.ip()) => accept::Arrival::Proxied(limits.clone()),
+            _ => accept::Arrival::Direct {
+                slot: limits.admit(peer, &shared.log),
+                refuse_proxy_header: proxies.is_some(),
+            },
+        };
+        accept::connection(shared.tls.load_full(), tcp, peer, shared.clone(), arrival)
     })
     .await
     .map_err(|source| GatewayError::Listen { addr, source })

@@ -71,6 +71,26 @@ fn gateway_configuration_errors_name_the_key() {
             "key `refused_body_drain_bytes`: must be between 0",
         ),
         (
+            format!("{ok}[proxy_protocol]\nproxies = []\n"),
+            "key `proxy_protocol.proxies`: list the load balancers' addresses",
+        ),
+        (
+            format!("{ok}[proxy_protocol]\nproxies = [\"10.0.0.0/33\"]\n"),
+            "key `proxy_protocol.proxies`: \"10.0.0.0/33\" is not an address or range",
+        ),
+        (
+            format!("{ok}[proxy_protocol]\nversion = \"v3\"\nproxies = [\"10.0.0.1\"]\n"),
+            "unknown variant `v3`, expected one of `v1`, `v2`, `any`",
+        ),
+        (
+            format!("{ok}[proxy_protocol]\nproxies = [\"10.0.0.1\"]\nheader_timeout_secs = 0\n"),
+            "key `proxy_protocol.header_timeout_secs`: must be between 1 and 60",
+        ),
+        (
+            format!("{ok}[proxy_protocol]\nproxies = [\"10.0.0.1\"]\nmax_header_bytes = 64\n"),
+            "key `proxy_protocol.max_header_bytes`: must be between 107",
+        ),
+        (
             format!("{ok}refused_body_drain_timeout_secs = 0\n"),
             "key `refused_body_drain_timeout_secs`: must be between 1 and 300",
         ),
@@ -146,6 +166,13 @@ fn a_written_configuration_loads_as_it_was_built() {
     config.refused_body_drain_timeout_secs = 2;
     config.channel_unresponsive_after_ms = 400;
     config.channel_keepalive_timeout_secs = 3;
+    let mut proxy = gateway::ProxyProtocol::new(
+        gateway::ProxyVersion::Any,
+        vec!["10.0.0.0/8".into(), "fd00::1".into()],
+    );
+    proxy.header_timeout_secs = 2;
+    proxy.max_header_bytes = 4096;
+    config.proxy_protocol = Some(proxy);
     let unchanged = config::keys_with_equal_values(&config, &GatewayConfig::lab());
     assert!(
         unchanged.is_empty(),
@@ -197,7 +224,7 @@ fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
         &path,
         "cert = \"server.crt\"\nkey = \"server.key\"\ntrusted_roots = [\"root.crt\"]\n\
          connector_roots = [\"connectors.crt\"]\nallowed_connectors = [\"Branch\"]\n\
-         \n[tokens]\nkeys = [\"token.pub\"]\n",
+         \n[tokens]\nkeys = [\"token.pub\"]\n\n[proxy_protocol]\nproxies = [\"10.0.0.5\"]\n",
     )
     .unwrap();
     let mut built = GatewayConfig::new(
@@ -208,6 +235,10 @@ fn new_has_the_defaults_of_a_file_with_only_the_required_keys() {
         vec![AllowedConnector::Name("Branch".into())],
     );
     built.tokens = Some(token::TokenSettings::new(vec!["token.pub".into()]));
+    built.proxy_protocol = Some(gateway::ProxyProtocol::new(
+        gateway::ProxyVersion::V2,
+        vec!["10.0.0.5".into()],
+    ));
     built.resolve_paths(dir.path());
     assert_eq!(GatewayConfig::load(&path).unwrap(), built);
 }

@@ -59,6 +59,11 @@ pub struct MpConfig {
     pub crls: Vec<PathBuf>,
     /// IIS-style W3C log file; none when absent.
     pub w3c_log: Option<PathBuf>,
+    /// The W3C log's c-ip from the last address of `X-Forwarded-For` when a request has one
+    /// (the device's, as the connector sends it; IIS logs it so as a custom field), else the
+    /// connection's (the default, as IIS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub w3c_client_ip_forwarded: bool,
     /// The management point's name in its answers.
     #[serde(default = "default_name")]
     pub name: String,
@@ -93,6 +98,7 @@ impl MpConfig {
             trusted_roots,
             crls: Vec::new(),
             w3c_log: None,
+            w3c_client_ip_forwarded: false,
             name: default_name(),
             site_code: default_site_code(),
         }
@@ -306,6 +312,14 @@ async fn handle(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> Res
         .get(hyper::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let forwarded = shared
+        .config
+        .w3c_client_ip_forwarded
+        .then(|| req.headers().get("x-forwarded-for"))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse::<std::net::IpAddr>().ok());
     let request_length = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
@@ -327,7 +341,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared, conn: &ConnInfo) -> Res
             server_port: conn.local.port(),
             // IIS logs a user only when a certificate is mapped to an account; none is here.
             username: None,
-            client_ip: conn.peer.ip(),
+            client_ip: forwarded.unwrap_or(conn.peer.ip()),
             user_agent: user_agent.as_deref(),
             referer: None,
             status,

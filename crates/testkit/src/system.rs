@@ -171,6 +171,8 @@ impl System {
         let p = |rel: &str| dir.path().join(rel);
         let mut mp_config = MpConfig::lab();
         mp_config.w3c_log = Some("logs/u_ex.log".into());
+        // c-ip is the device's, as the connector forwards it.
+        mp_config.w3c_client_ip_forwarded = true;
         mp_config.write(&p("mp.toml")).unwrap();
         let mp = runtime
             .block_on(mp::start(MpConfig::load(&p("mp.toml")).unwrap()))

@@ -54,13 +54,42 @@ impl Shared {
     }
 }
 
+/// How a connection came to the listener.
+pub(crate) enum Arrival {
+    /// From the device (or connector) itself, its slot taken at accept (None: over the caps
+    /// with no room left). With `refuse_proxy_header`, one opening with a PROXY header is
+    /// refused: its address is not a configured proxy's.
+    Direct {
+        slot: Option<limits::Slot>,
+        refuse_proxy_header: bool,
+    },
+    /// From a configured load balancer: its PROXY header names the device, whose slot of
+    /// these limits it then takes.
+    Proxied(Arc<limits::Limits>),
+}
+
 pub(crate) async fn connection(
     tls: Arc<rustls::ServerConfig>,
-    tcp: tokio::net::TcpStream,
+    mut tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    slot: Option<limits::Slot>,
+    arrival: Arrival,
 ) {
+    let (peer, slot, refuse_proxy_header) = match arrival {
+        Arrival::Direct {
+            slot,
+            refuse_proxy_header,
+        } => (peer, slot, refuse_proxy_header),
+        Arrival::Proxied(limits) => {
+            let Some(proxies) = &shared.proxies else {
+                return;
+            };
+            let Some(device) = proxies.read(&mut tcp, peer, &shared.log).await else {
+                return;
+            };
+            (device, limits.admit(device, &shared.log), false)
+        }
+    };
     // Over the caps with no room left: closed now, refusal logged by `admit`. (Kept as the
     // Option it came as: a binding of its own would be one more copy in this future.)
     let Some(over) = slot.as_ref().map(limits::Slot::over) else {
@@ -77,6 +106,12 @@ pub(crate) async fn connection(
             Some(_) => deadline.min(now + limits::ROOM_HELLO_TIME),
             None => deadline,
         };
+        if refuse_proxy_header && sent_proxy_header(&tcp, hello_deadline).await {
+            if let Some(proxies) = &shared.proxies {
+                proxies.refused_unlisted(peer, &shared.log);
+            }
+            return;
+        }
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
         let start = match tokio::time::timeout_at(hello_deadline, hello).await {
             Ok(Ok(start)) => start,
@@ -133,6 +168,16 @@ pub(crate) async fn connection(
         (Box::new(start), placed)
     };
     handshake_and_serve(start, tls, deadline, peer, shared, placed, slot).await
+}
+
+/// Whether a direct connection opens with a PROXY header, as far as its first bytes within
+/// `deadline` tell (none in time: no; the handshake's deadline then closes it).
+async fn sent_proxy_header(tcp: &tokio::net::TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 12];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => crate::proxy_protocol::looks_like_header(&first[..n]),
+        _ => false,
+    }
 }
 
 /// The value, its box freed on return.

@@ -17,6 +17,7 @@ mod management_point;
 mod metrics;
 mod path;
 mod prometheus;
+mod proxy_protocol;
 mod reload;
 mod shards;
 mod small_pieces_and_methods;
