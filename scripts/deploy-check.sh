@@ -13,7 +13,7 @@
 #   verify wants ExecStart's program to exist: the units are checked with PORTCULLIS_BINARY
 #   (default target/debug/portcullis, else /bin/true) in its place.
 # The configurations in the ConfigMaps are parsed by portcullis itself in
-# crates/portcullis/tests/deploy.rs (cargo test -p portcullis --test deploy).
+# crates/portcullis/tests/cli/deploy.rs (cargo test -p portcullis --test cli deploy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

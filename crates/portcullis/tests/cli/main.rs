@@ -5,6 +5,7 @@
 mod common;
 
 mod commands;
+mod deploy;
 mod dev;
 mod diagnosis;
 mod pki_and_certs;
