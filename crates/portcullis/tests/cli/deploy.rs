@@ -40,9 +40,10 @@ fn block(yaml: &str, key: &str) -> String {
     text
 }
 
-/// The `mountPath`s of a manifest's containers.
+/// The `mountPath`s of a manifest's containers (not its init and sidecar containers').
 fn mount_paths(yaml: &str) -> Vec<String> {
     yaml.lines()
+        .skip_while(|l| l.trim() != "containers:")
         .filter_map(|l| {
             l.trim()
                 .strip_prefix("- mountPath: ")
@@ -190,16 +191,11 @@ fn admin_proxy(dir: &Path, port: u16, admin: u16) -> Child {
         .replace(&proxied_admin().to_string(), &format!("127.0.0.1:{admin}"));
     let file = dir.join("nginx.conf");
     std::fs::write(&file, conf).unwrap();
-    // As root, nginx's workers would run as nobody, who cannot enter the test's directory.
-    // SAFETY: geteuid reads the process's user id and cannot fail.
-    let global = if unsafe { libc::geteuid() } == 0 {
-        "daemon off; user root;"
-    } else {
-        "daemon off;"
-    };
     Child(
         Command::new(nginx)
-            .args(["-e", "stderr", "-p", p(dir), "-c", p(&file), "-g", global])
+            // One process, which Child's drop ends (a master killed leaves its workers).
+            .args(["-e", "stderr", "-p", p(dir), "-c", p(&file)])
+            .args(["-g", "daemon off; master_process off;"])
             .stdout(Stdio::null())
             .spawn()
             .expect("nginx starts"),
@@ -256,8 +252,16 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
         &format!("localhost,127.0.0.1,{CHANNELS_NAME}"),
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
     let root = tmp.path().join("pod");
     for (dir, name, from) in SECRETS {
+        let made = format!("--from-file={name}=site/{from}");
+        assert!(
+            readme.contains(&made),
+            "README.md's Deploy section makes no secret with {made}"
+        );
         let dir = root.join("etc/portcullis").join(dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(lab.join(from), dir.join(name)).unwrap();
@@ -316,9 +320,13 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
         connector_proxy,
         connector_admin,
     );
-    let (mut gateway, _) = spawn_until(
+    let (mut gateway, started) = spawn_until(
         &["gateway", "--config", p(&gateway_toml)],
         "Admin surface on",
+    );
+    assert!(
+        !started.is_empty(),
+        "the gateway did not start: its error is above"
     );
     let gateway_url = |path: &str| format!("http://127.0.0.1:{gateway_proxy}{path}");
 
@@ -334,9 +342,13 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
     let (body, code) = admin_call("POST", &gateway_url("/readyz"), None);
     assert_eq!(code, "403", "{body}");
 
-    let (mut connector, _) = spawn_until(
+    let (mut connector, started) = spawn_until(
         &["connector", "--config", p(&connector_toml)],
         "Admin surface on",
+    );
+    assert!(
+        !started.is_empty(),
+        "the connector did not start: its error is above"
     );
     let (body, code) = wait_for(&gateway_url("/readyz"), "200");
     assert_eq!(
