@@ -6,6 +6,7 @@ mod common;
 
 mod analyze_token;
 mod commands;
+mod deploy;
 mod dev;
 mod diagnosis;
 mod instance_sets;
