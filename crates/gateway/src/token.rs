@@ -367,6 +367,7 @@ impl TokenPolicy {
                 .check(authorization, endpoint, path, now)
                 .map_err(|check| Cause::InvalidToken { check });
         };
+        issuer.ensure_started();
         let mut result = issuer.verify(token, &header, self.leeway, now);
         if matches!(
             result,

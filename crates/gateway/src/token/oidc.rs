@@ -222,13 +222,22 @@ impl Issuer {
     /// Starts fetching the keys now and every `refresh_secs` (every `min_refresh_secs` while
     /// none were ever fetched), for as long as a policy holds this issuer. Once per issuer.
     pub fn start(self: &Arc<Self>, log: &Log) {
-        if self.started.swap(true, Ordering::SeqCst) {
+        let _ = self.log.set(log.clone());
+        self.ensure_started();
+    }
+
+    /// [`Issuer::start`] once it can: a policy loaded outside the runtime (a reload from a
+    /// plain thread) starts on its first token.
+    pub fn ensure_started(self: &Arc<Self>) {
+        if self.started.load(Ordering::Relaxed) || self.log.get().is_none() {
             return;
         }
-        let _ = self.log.set(log.clone());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if self.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let issuer = Arc::downgrade(self);
         runtime.spawn(async move {
             loop {

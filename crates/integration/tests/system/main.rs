@@ -14,6 +14,7 @@ mod fair_shares;
 mod faults;
 mod header_limits;
 mod management_point;
+mod oidc;
 mod metrics;
 mod path;
 mod prometheus;
