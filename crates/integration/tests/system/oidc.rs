@@ -269,7 +269,47 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
         &["OIDC issuer", &issuer, "is unreachable", "keep working"]
     ));
     assert_accepted(&system, &second);
+
+    // `portcullis doctor logs` on the gateway's log names each failure with its fix.
+    let findings = doctor(&system);
+    let ids: Vec<&str> = findings.iter().map(|f| f.id.as_str()).collect();
+    for id in [
+        "token-oidc-wrong-audience",
+        "token-oidc-wrong-tenant",
+        "token-oidc-missing-claim",
+        "token-oidc-expired",
+        "token-oidc-wrong-issuer",
+        "token-oidc-bad-signature",
+        "token-oidc-algorithm",
+        "token-oidc-unknown-key",
+        "oidc-issuer-unreachable",
+    ] {
+        assert!(ids.contains(&id), "{id} not in {ids:?}: {:?}", system.gateway_log.lock().unwrap().iter().filter(|l| l.contains("Refused")).collect::<Vec<_>>());
+    }
+    let audience = findings
+        .iter()
+        .find(|f| f.id == "token-oidc-wrong-audience")
+        .unwrap();
+    assert!(
+        audience.cause.contains(OTHER_AUDIENCE) && audience.cause.contains(AUDIENCE),
+        "{}",
+        audience.cause
+    );
+    assert!(
+        audience.resolution.contains("app registration"),
+        "{}",
+        audience.resolution
+    );
     system.stop();
+}
+
+/// What `portcullis doctor logs` finds in the gateway's log lines so far.
+fn doctor(system: &System) -> Vec<logs::diagnose::Finding> {
+    let rules = logs::diagnose::Rules::builtin().unwrap();
+    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
+    let log = system.gateway_log.lock().unwrap().join("\r\n") + "\r\n";
+    diagnosis.read_from(log.as_bytes(), "gateway.log").unwrap();
+    diagnosis.finish().findings
 }
 
 /// The start of a JWT whose header is `{"alg":"<alg>",...`: the provider signs with `alg`.
@@ -314,6 +354,8 @@ fn a_provider_down_at_start_gives_503_with_our_status_text_until_its_keys_can_be
     let token = provider.token("device-001", AUDIENCE);
     let (status, body) = until_status(&system, &token, 200, Duration::from_secs(30));
     assert_eq!(status, 200, "{body}");
+    let ids: Vec<String> = doctor(&system).into_iter().map(|f| f.id).collect();
+    assert!(ids.contains(&"token-keys-unavailable".to_string()), "{ids:?}");
     provider.stop();
     system.stop();
 }
