@@ -521,3 +521,7 @@ impl Issuer {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "oidc_tests.rs"]
+mod tests;
