@@ -202,11 +202,9 @@ impl Refusal {
                 "CMGService_Revocationcheckfailed",
             ),
             Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
-            Cause::TokenKeysUnavailable { .. } => (
-                Hop::DeviceToGateway,
-                503,
-                "CMGService_Tokenkeysunavailable",
-            ),
+            Cause::TokenKeysUnavailable { .. } => {
+                (Hop::DeviceToGateway, 503, "CMGService_Tokenkeysunavailable")
+            }
             Cause::DeviceCertificateWrongUsage { .. } => (
                 Hop::DeviceToGateway,
                 403,

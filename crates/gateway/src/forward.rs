@@ -252,8 +252,8 @@ fn authenticate<'s>(
             }
         }
         Some(claims) => Identity::Token {
-                subject: claims.sub.unwrap_or_default(),
-                id: claims.jti.unwrap_or_default(),
+            subject: claims.sub.unwrap_or_default(),
+            id: claims.jti.unwrap_or_default(),
         },
     })
 }

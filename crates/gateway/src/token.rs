@@ -16,13 +16,14 @@
 mod fetch;
 mod jwks;
 pub mod oidc;
+mod route;
+
+pub use route::oidc_problem;
+use route::Route;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use base64::Engine as _;
-use channel::refusal::Cause;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rustls_pki_types::pem::{PemObject, SectionKind};
@@ -108,28 +109,6 @@ fn default_leeway() -> u64 {
     60
 }
 
-/// What is wrong with the `[[tokens.oidc]]` tables, as the key and why.
-pub fn oidc_problem(settings: &TokenSettings) -> Option<(&'static str, String)> {
-    for (i, issuer) in settings.oidc.iter().enumerate() {
-        if let Some(problem) = issuer.problem() {
-            return Some(problem);
-        }
-        if settings.oidc[..i].iter().any(|o| o.issuer == issuer.issuer) {
-            return Some((
-                "tokens.oidc.issuer",
-                format!("{:?} has two [[tokens.oidc]] tables: merge them (audience takes a list)", issuer.issuer),
-            ));
-        }
-        if !settings.keys.is_empty() && issuer.issuer == settings.issuer {
-            return Some((
-                "tokens.oidc.issuer",
-                format!("{:?} is also the site tokens' issuer (tokens.issuer): a token must say which it is", issuer.issuer),
-            ));
-        }
-    }
-    None
-}
-
 /// The most clock skew `leeway_secs` may allow: a day.
 pub const MAX_LEEWAY_SECS: u64 = 86_400;
 fn default_registration_paths() -> Vec<String> {
@@ -169,25 +148,6 @@ pub struct TokenPolicy {
     registration_paths: Vec<String>,
     /// The `[[tokens.oidc]]` issuers, kept across reloads that leave them as they were.
     issuers: Vec<Arc<oidc::Issuer>>,
-}
-
-/// Which check a token goes to, from its (unverified) header and issuer.
-enum Route<'p, 't> {
-    Site,
-    Oidc(&'p Arc<oidc::Issuer>, &'t str, serde_json::Map<String, serde_json::Value>),
-    Refused(String),
-}
-
-/// A JWT's header and payload as JSON objects, before any signature is checked.
-fn peek(token: &str) -> Option<[serde_json::Map<String, serde_json::Value>; 2]> {
-    let mut parts = token.split('.');
-    let mut part = || -> Option<serde_json::Map<String, serde_json::Value>> {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(parts.next()?)
-            .ok()?;
-        serde_json::from_slice(&bytes).ok()
-    };
-    Some([part()?, part()?])
 }
 
 /// The cap on key and revocation files: they are small; anything big is a mistake.
@@ -278,12 +238,12 @@ impl TokenPolicy {
                 .oidc
                 .iter()
                 .map(|o| {
-                    oidc::Issuer::new(o.clone()).map(Arc::new).map_err(|reason| {
-                        TokenError::Oidc {
+                    oidc::Issuer::new(o.clone())
+                        .map(Arc::new)
+                        .map_err(|reason| TokenError::Oidc {
                             issuer: o.issuer.clone(),
                             reason,
-                        }
-                    })
+                        })
                 })
                 .collect::<Result<_, _>>()?,
             registration_paths: settings
@@ -296,94 +256,6 @@ impl TokenPolicy {
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
-    }
-
-    /// Takes over `previous`'s OIDC issuers (their cached keys and their refresh) where the
-    /// table is the same, so a reload neither forgets keys nor fetches them again.
-    pub fn adopt(&mut self, previous: &TokenPolicy) {
-        for issuer in &mut self.issuers {
-            if let Some(kept) = previous
-                .issuers
-                .iter()
-                .find(|p| p.settings == issuer.settings)
-            {
-                *issuer = kept.clone();
-            }
-        }
-    }
-
-    /// Starts fetching the OIDC issuers' keys (the ones not already at it), logging to `log`.
-    pub fn start(&self, log: &logs::Log) {
-        for issuer in &self.issuers {
-            issuer.start(log);
-        }
-    }
-
-    fn route<'p, 't>(&'p self, token: &'t str) -> Route<'p, 't> {
-        if self.issuers.is_empty() {
-            return Route::Site;
-        }
-        let Some([header, payload]) = peek(token) else {
-            return match self.keys.is_empty() {
-                false => Route::Site,
-                true => Route::Refused("the token is not a JWT".into()),
-            };
-        };
-        let iss = payload.get("iss").and_then(|i| i.as_str()).unwrap_or("");
-        if let Some(issuer) = self.issuers.iter().find(|i| i.settings.issuer == iss) {
-            return Route::Oidc(issuer, token, header);
-        }
-        if !self.keys.is_empty() && iss == self.issuer {
-            return Route::Site;
-        }
-        let mut accepted: Vec<String> = self
-            .issuers
-            .iter()
-            .map(|i| format!("{:?}", i.settings.issuer))
-            .collect();
-        if !self.keys.is_empty() {
-            accepted.insert(0, format!("{:?}", self.issuer));
-        }
-        Route::Refused(format!(
-            "wrong issuer: the token was issued by {:?}; the gateway accepts {}",
-            oidc::shown(iss),
-            accepted.join(", ")
-        ))
-    }
-
-    /// [`TokenPolicy::check`] for a request: a token from an OIDC issuer naming a key the
-    /// cache does not hold (or before any key was fetched) waits for the issuer's keys to be
-    /// fetched again (at most once per `min_refresh_secs`). Gives the claims or the refusal.
-    pub async fn authorize(
-        &self,
-        authorization: Option<&str>,
-        endpoint: u64,
-        path: &str,
-        now: OffsetDateTime,
-    ) -> Result<Claims, Cause> {
-        let token = bearer(authorization).map_err(|check| Cause::InvalidToken { check })?;
-        let Route::Oidc(issuer, token, header) = self.route(token) else {
-            return self
-                .check(authorization, endpoint, path, now)
-                .map_err(|check| Cause::InvalidToken { check });
-        };
-        issuer.ensure_started();
-        let mut result = issuer.verify(token, &header, self.leeway, now);
-        if matches!(
-            result,
-            Err(oidc::Failure::UnknownKey(_) | oidc::Failure::NoKeys { .. })
-        ) {
-            issuer.refresh().await;
-            result = issuer.verify(token, &header, self.leeway, OffsetDateTime::now_utc());
-        }
-        result.map_err(|failure| match failure {
-            oidc::Failure::Invalid(check) | oidc::Failure::UnknownKey(check) => {
-                Cause::InvalidToken { check }
-            }
-            oidc::Failure::NoKeys { issuer, detail } => {
-                Cause::TokenKeysUnavailable { issuer, detail }
-            }
-        })
     }
 
     /// Checks the `Authorization` header's token for a request to `endpoint` at `path`
@@ -426,9 +298,9 @@ impl TokenPolicy {
                     .verify(token, &header, self.leeway, now)
                     .map_err(|failure| match failure {
                         oidc::Failure::Invalid(check) | oidc::Failure::UnknownKey(check) => check,
-                        oidc::Failure::NoKeys { issuer, detail } => format!(
-                            "the gateway has no signing keys from {issuer} yet: {detail}"
-                        ),
+                        oidc::Failure::NoKeys { issuer, detail } => {
+                            format!("the gateway has no signing keys from {issuer} yet: {detail}")
+                        }
                     })
             }
             Route::Refused(check) => return Err(check),
@@ -520,7 +392,13 @@ impl TokenPolicy {
         let oidc: Vec<String> = self
             .issuers
             .iter()
-            .map(|i| format!("{} (audience {})", i.settings.issuer, i.settings.audience.join(" ")))
+            .map(|i| {
+                format!(
+                    "{} (audience {})",
+                    i.settings.issuer,
+                    i.settings.audience.join(" ")
+                )
+            })
             .collect();
         format!(
             "{} key(s) [{}], issuer \"{}\", audience \"{}\", {} revoked token id(s){}",

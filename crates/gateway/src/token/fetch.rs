@@ -19,7 +19,10 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// GETs `url` (https only) and reads its answer as a JSON object.
-    pub async fn json(&self, url: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    pub async fn json(
+        &self,
+        url: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
         let seconds = self.timeout.as_secs();
         match tokio::time::timeout(self.timeout, self.get(url)).await {
             Ok(Ok(bytes)) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -41,7 +44,10 @@ impl Fetcher {
         }
         let host = uri.host().ok_or("no host in the URL")?;
         let port = uri.port_u16().unwrap_or(443);
-        let name = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let name = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let server_name =
             ServerName::try_from(name.clone()).map_err(|e| format!("host {name}: {e}"))?;
         let tcp = tokio::net::TcpStream::connect((name.as_str(), port))

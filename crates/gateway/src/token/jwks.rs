@@ -66,7 +66,12 @@ impl KeySet {
         let kids: Vec<String> = self
             .keys
             .iter()
-            .map(|k| format!("{:?}", super::oidc::shown(k.kid.as_deref().unwrap_or("(none)"))))
+            .map(|k| {
+                format!(
+                    "{:?}",
+                    super::oidc::shown(k.kid.as_deref().unwrap_or("(none)"))
+                )
+            })
             .collect();
         kids.join(", ")
     }
@@ -85,8 +90,7 @@ fn read_key(entry: &serde_json::Value) -> Option<Key> {
             Some(KeyAlgorithm::PS256) => vec![Algorithm::PS256],
             Some(_) => return None,
         },
-        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => match stated
-        {
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => match stated {
             None | Some(KeyAlgorithm::ES256) => vec![Algorithm::ES256],
             Some(_) => return None,
         },

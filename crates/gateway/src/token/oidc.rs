@@ -158,7 +158,10 @@ impl OidcSettings {
         if self.min_refresh_secs > self.refresh_secs {
             return Some((
                 "tokens.oidc.min_refresh_secs",
-                format!("{this}: must not be over refresh_secs ({})", self.refresh_secs),
+                format!(
+                    "{this}: must not be over refresh_secs ({})",
+                    self.refresh_secs
+                ),
             ));
         }
         None
@@ -342,7 +345,10 @@ impl Issuer {
     ) -> Result<super::Claims, Failure> {
         let issuer = &self.settings.issuer;
         let invalid = |text: String| Err(Failure::Invalid(text));
-        let alg = header.get("alg").and_then(|a| a.as_str()).unwrap_or("(none)");
+        let alg = header
+            .get("alg")
+            .and_then(|a| a.as_str())
+            .unwrap_or("(none)");
         let algorithm = match alg.parse::<Algorithm>() {
             Ok(a) if ALLOWED.contains(&a) => a,
             _ => {
@@ -386,7 +392,9 @@ impl Issuer {
         let mut claims = None;
         for key in candidates {
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-                token, &key.key, &validation,
+                token,
+                &key.key,
+                &validation,
             ) {
                 Ok(data) => {
                     claims = Some(data.claims);
@@ -447,10 +455,15 @@ impl Issuer {
         }
         let audiences: Vec<&str> = match claims.get("aud") {
             Some(serde_json::Value::String(one)) => vec![one.as_str()],
-            Some(serde_json::Value::Array(many)) => many.iter().filter_map(|a| a.as_str()).collect(),
+            Some(serde_json::Value::Array(many)) => {
+                many.iter().filter_map(|a| a.as_str()).collect()
+            }
             _ => Vec::new(),
         };
-        let Some(audience) = audiences.iter().find(|a| s.audience.iter().any(|b| b == *a)) else {
+        let Some(audience) = audiences
+            .iter()
+            .find(|a| s.audience.iter().any(|b| b == *a))
+        else {
             return Err(format!(
                 "wrong audience: the token was issued for audience {:?}; the gateway expects {:?} for issuer {issuer}: check the app registration the device asks its token for",
                 shown(&audiences.join(" ")),
@@ -478,7 +491,9 @@ impl Issuer {
         for (name, want) in &s.required_claims {
             let matches = |v: &serde_json::Value| match v {
                 serde_json::Value::String(t) => t == want,
-                serde_json::Value::Number(_) | serde_json::Value::Bool(_) => v.to_string() == *want,
+                serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                    want.parse::<serde_json::Value>().is_ok_and(|w| w == *v)
+                }
                 _ => false,
             };
             match claims.get(name) {

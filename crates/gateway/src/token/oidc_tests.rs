@@ -55,15 +55,18 @@ async fn test_issuer(mode: Mode) -> TestIssuer {
     let identity =
         pki::tls::Identity::load(&dir.path().join("leaf.crt"), &dir.path().join("leaf.key"))
             .unwrap();
-    let tls = pki::tls::server_config(identity, &pki::RootSet::default(), false, &[b"http/1.1"])
-        .unwrap();
+    let tls =
+        pki::tls::server_config(identity, &pki::RootSet::default(), false, &[b"http/1.1"]).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let issuer = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let issuer = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
 
     let (private, public) = pki::lab::token_key_pair(false).unwrap();
-    let spki = rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(public.as_bytes())
-        .unwrap();
+    let spki =
+        rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(public.as_bytes()).unwrap();
     let point = &spki.as_ref()[spki.as_ref().len() - 64..];
     let jwks = serde_json::json!({"keys": [
         {"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "alg": "ES256",
@@ -85,7 +88,8 @@ async fn test_issuer(mode: Mode) -> TestIssuer {
             };
             let acceptor = acceptor.clone();
             let counted = counted.clone();
-            let (said_issuer, jwks_uri, jwks) = (said_issuer.clone(), jwks_uri.clone(), jwks.clone());
+            let (said_issuer, jwks_uri, jwks) =
+                (said_issuer.clone(), jwks_uri.clone(), jwks.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
@@ -106,8 +110,7 @@ async fn test_issuer(mode: Mode) -> TestIssuer {
                         return;
                     }
                     _ if text.starts_with("GET /.well-known/openid-configuration ") => {
-                        serde_json::json!({"issuer": said_issuer, "jwks_uri": jwks_uri})
-                            .to_string()
+                        serde_json::json!({"issuer": said_issuer, "jwks_uri": jwks_uri}).to_string()
                     }
                     Mode::Big(size) => {
                         let mut body = jwks.to_string();
@@ -218,7 +221,9 @@ async fn each_check_is_named() {
     let issuer = test_issuer(Mode::Normal).await;
     let mut settings = issuer.settings();
     settings.tenants = vec!["t1".into()];
-    settings.required_claims.insert("roles".into(), "Device".into());
+    settings
+        .required_claims
+        .insert("roles".into(), "Device".into());
     settings.identity_claim = "oid".into();
     let policy = issuer.policy(settings);
     let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -230,7 +235,9 @@ async fn each_check_is_named() {
         }
         issuer.token("k1", claims)
     };
-    let claims = authorize(&policy, &with(serde_json::json!({}))).await.unwrap();
+    let claims = authorize(&policy, &with(serde_json::json!({})))
+        .await
+        .unwrap();
     assert_eq!(claims.sub.as_deref(), Some("object-1"));
     for (change, start) in [
         (serde_json::json!({"aud": ["api://x", "api://y"]}), "wrong audience: the token was issued for audience \"api://x api://y\"; the gateway expects \"api://gateway\""),
@@ -249,12 +256,24 @@ async fn each_check_is_named() {
     // A token signed with the published HMAC key's secret, or unsigned: never accepted.
     let good = with(serde_json::json!({}));
     let payload = good.split('.').nth(1).unwrap();
-    for header in [r#"{"alg":"HS256","kid":"hmac"}"#, r#"{"alg":"none"}"#, r#"{"alg":"EdDSA","kid":"k1"}"#] {
+    for header in [
+        r#"{"alg":"HS256","kid":"hmac"}"#,
+        r#"{"alg":"none"}"#,
+        r#"{"alg":"EdDSA","kid":"k1"}"#,
+    ] {
         let forged = format!("{}.{payload}.c2ln", b64(header.as_bytes()));
         let check = refused(authorize(&policy, &forged).await);
-        assert!(check.starts_with("algorithm not allowed"), "{header}: {check}");
+        assert!(
+            check.starts_with("algorithm not allowed"),
+            "{header}: {check}"
+        );
     }
-    let altered = format!("{}.{}.{}", good.split('.').next().unwrap(), b64(br#"{"iss":"x"}"#), good.split('.').nth(2).unwrap());
+    let altered = format!(
+        "{}.{}.{}",
+        good.split('.').next().unwrap(),
+        b64(br#"{"iss":"x"}"#),
+        good.split('.').nth(2).unwrap()
+    );
     assert!(refused(authorize(&policy, &altered).await).starts_with("wrong issuer"));
 }
 
@@ -267,9 +286,15 @@ async fn an_issuer_that_never_answers_is_given_up_on_after_fetch_timeout_secs() 
     // Generous: the bound is 2 s; the machine is shared.
     assert!(started.elapsed() < Duration::from_secs(30));
     match result {
-        Err(Cause::TokenKeysUnavailable { issuer: named, detail }) => {
+        Err(Cause::TokenKeysUnavailable {
+            issuer: named,
+            detail,
+        }) => {
             assert_eq!(named, issuer.issuer);
-            assert!(detail.contains("within 2 s (fetch_timeout_secs)"), "{detail}");
+            assert!(
+                detail.contains("within 2 s (fetch_timeout_secs)"),
+                "{detail}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -283,7 +308,10 @@ async fn a_jwks_over_max_document_bytes_is_not_read() {
     let policy = issuer.policy(settings);
     match authorize(&policy, &issuer.token("k1", serde_json::json!({}))).await {
         Err(Cause::TokenKeysUnavailable { detail, .. }) => {
-            assert!(detail.contains("over 2048 bytes (max_document_bytes)"), "{detail}")
+            assert!(
+                detail.contains("over 2048 bytes (max_document_bytes)"),
+                "{detail}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -291,7 +319,11 @@ async fn a_jwks_over_max_document_bytes_is_not_read() {
     let mut settings = issuer.settings();
     settings.max_document_bytes = 8192;
     let policy = issuer.policy(settings);
-    assert!(authorize(&policy, &issuer.token("k1", serde_json::json!({}))).await.is_ok());
+    assert!(
+        authorize(&policy, &issuer.token("k1", serde_json::json!({})))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
@@ -300,7 +332,10 @@ async fn a_discovery_document_for_another_issuer_gives_no_keys() {
     let policy = issuer.policy(issuer.settings());
     match authorize(&policy, &issuer.token("k1", serde_json::json!({}))).await {
         Err(Cause::TokenKeysUnavailable { detail, .. }) => {
-            assert!(detail.contains("names issuer \"https://other.example\""), "{detail}")
+            assert!(
+                detail.contains("names issuer \"https://other.example\""),
+                "{detail}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -321,9 +356,15 @@ fn oidc_tables_are_read_and_each_problem_named_with_its_key() {
     assert_eq!(oidc.identity_claim, "sub");
     assert_eq!(oidc.ca, [Path::new("/etc/portcullis/entra.pem")]);
     assert_eq!((oidc.refresh_secs, oidc.min_refresh_secs), (3600, 60));
-    assert_eq!((oidc.fetch_timeout_secs, oidc.max_document_bytes), (10, 256 * 1024));
+    assert_eq!(
+        (oidc.fetch_timeout_secs, oidc.max_document_bytes),
+        (10, 256 * 1024)
+    );
     let two = "[[tokens.oidc]]\nissuer = \"https://idp.example\"\naudience = [\"a\", \"b\"]\n";
-    assert_eq!(parse(two).unwrap().tokens.unwrap().oidc[0].audience, ["a", "b"]);
+    assert_eq!(
+        parse(two).unwrap().tokens.unwrap().oidc[0].audience,
+        ["a", "b"]
+    );
     for (table, key) in [
         ("", "tokens.keys"),
         ("[[tokens.oidc]]\nissuer = \"http://idp.example\"\naudience = \"a\"\n", "tokens.oidc.issuer"),

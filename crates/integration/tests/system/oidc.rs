@@ -120,7 +120,11 @@ impl Drop for Provider {
 fn provider_certificates(dir: &Path) {
     let root = LabCa::new_root("Portcullis Test OIDC Provider Root", 1).unwrap();
     let leaf = root
-        .issue(&LeafSpec::server_auth("127.0.0.1", &["127.0.0.1".into()], 30))
+        .issue(&LeafSpec::server_auth(
+            "127.0.0.1",
+            &["127.0.0.1".into()],
+            30,
+        ))
         .unwrap();
     std::fs::write(dir.join("root.crt"), &root.cert().cert_pem).unwrap();
     std::fs::write(dir.join("provider.crt"), &leaf.cert_pem).unwrap();
@@ -192,7 +196,8 @@ fn until_status(system: &System, token: &str, status: u16, limit: Duration) -> (
 fn tampered(token: &str, part: usize, change: impl FnOnce(&mut serde_json::Value)) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
-    let mut json: serde_json::Value = serde_json::from_slice(&b64.decode(&parts[part]).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&b64.decode(&parts[part]).unwrap()).unwrap();
     change(&mut json);
     parts[part] = b64.encode(json.to_string());
     parts.join(".")
@@ -214,7 +219,10 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
     // The happy path: the device is named to the connector by its sub.
     let first = provider.token("device-001", AUDIENCE);
     assert_accepted(&system, &first);
-    assert!(wait_logged(&system, &["OIDC issuer", &issuer, "key ids \"ec-1\""]));
+    assert!(wait_logged(
+        &system,
+        &["OIDC issuer", &issuer, "key ids \"ec-1\""]
+    ));
     assert!(
         system
             .connector_log
@@ -228,18 +236,34 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
 
     // Every check, named: from the provider itself where it can make the token.
     let other_app = provider.token("device-001", OTHER_AUDIENCE);
-    assert_refused(&system, &other_app, &["wrong audience", OTHER_AUDIENCE, AUDIENCE]);
+    assert_refused(
+        &system,
+        &other_app,
+        &["wrong audience", OTHER_AUDIENCE, AUDIENCE],
+    );
     let other_tenant = provider.token("other-tenant", AUDIENCE);
-    assert_refused(&system, &other_tenant, &["wrong tenant", "tenant-b", "tenant-a"]);
+    assert_refused(
+        &system,
+        &other_tenant,
+        &["wrong tenant", "tenant-b", "tenant-a"],
+    );
     let no_role = provider.token("no-role", AUDIENCE);
-    assert_refused(&system, &no_role, &["missing claim", "\"roles\"", "Portcullis.Device"]);
+    assert_refused(
+        &system,
+        &no_role,
+        &["missing claim", "\"roles\"", "Portcullis.Device"],
+    );
     let short = provider.token("short-lived", AUDIENCE);
     let (status, body) = until_status(&system, &short, 401, Duration::from_secs(20));
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("expired: the token expired at"), "{body}");
     // ... and by changing one of its tokens.
     let elsewhere = tampered(&first, 1, |p| p["iss"] = "https://evil.example/".into());
-    assert_refused(&system, &elsewhere, &["wrong issuer", "https://evil.example/", &issuer]);
+    assert_refused(
+        &system,
+        &elsewhere,
+        &["wrong issuer", "https://evil.example/", &issuer],
+    );
     let altered = tampered(&first, 1, |p| p["sub"] = "device-999".into());
     assert_refused(&system, &altered, &["bad signature", "ec-1"]);
     for alg in ["none", "HS256"] {
@@ -251,7 +275,10 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
     provider.stop();
     let provider = Provider::start(dir.path(), port, "rsa-2,ec-1");
     let second = provider.token("device-001", AUDIENCE);
-    assert!(second.starts_with(&tampered_header_prefix("RS256")), "{second}");
+    assert!(
+        second.starts_with(&tampered_header_prefix("RS256")),
+        "{second}"
+    );
     assert_accepted(&system, &second);
     assert_accepted(&system, &first);
     // The old key leaves: its tokens are refused once the gateway fetched the keys again.
@@ -259,7 +286,10 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
     let provider = Provider::start(dir.path(), port, "rsa-2");
     let (status, body) = until_status(&system, &first, 401, Duration::from_secs(30));
     assert_eq!(status, 401, "{body}");
-    assert!(body.contains("unknown key") && body.contains("ec-1"), "{body}");
+    assert!(
+        body.contains("unknown key") && body.contains("ec-1"),
+        "{body}"
+    );
     assert_accepted(&system, &second);
 
     // The provider goes away: the cached keys keep working, and the log says so.
@@ -284,7 +314,17 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
         "token-oidc-unknown-key",
         "oidc-issuer-unreachable",
     ] {
-        assert!(ids.contains(&id), "{id} not in {ids:?}: {:?}", system.gateway_log.lock().unwrap().iter().filter(|l| l.contains("Refused")).collect::<Vec<_>>());
+        assert!(
+            ids.contains(&id),
+            "{id} not in {ids:?}: {:?}",
+            system
+                .gateway_log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("Refused"))
+                .collect::<Vec<_>>()
+        );
     }
     let audience = findings
         .iter()
@@ -339,7 +379,9 @@ fn a_provider_down_at_start_gives_503_with_our_status_text_until_its_keys_can_be
     let unsigned = format!(
         "{}.{}.c2ln",
         b64.encode(r#"{"alg":"ES256","kid":"ec-1"}"#),
-        b64.encode(format!(r#"{{"iss":"{issuer}","aud":"{AUDIENCE}","sub":"x","exp":4000000000}}"#))
+        b64.encode(format!(
+            r#"{{"iss":"{issuer}","aud":"{AUDIENCE}","sub":"x","exp":4000000000}}"#
+        ))
     );
     let (status, text, body) = with_token(&system, &unsigned);
     assert_eq!(
@@ -347,15 +389,24 @@ fn a_provider_down_at_start_gives_503_with_our_status_text_until_its_keys_can_be
         (503, "CMGService_Tokenkeysunavailable"),
         "{body}"
     );
-    assert!(body.contains(&issuer) && body.contains("cannot connect"), "{body}");
-    assert!(wait_logged(&system, &["OIDC issuer", &issuer, "no signing keys"]));
+    assert!(
+        body.contains(&issuer) && body.contains("cannot connect"),
+        "{body}"
+    );
+    assert!(wait_logged(
+        &system,
+        &["OIDC issuer", &issuer, "no signing keys"]
+    ));
 
     let provider = Provider::start(dir.path(), port, "ec-1");
     let token = provider.token("device-001", AUDIENCE);
     let (status, body) = until_status(&system, &token, 200, Duration::from_secs(30));
     assert_eq!(status, 200, "{body}");
     let ids: Vec<String> = doctor(&system).into_iter().map(|f| f.id).collect();
-    assert!(ids.contains(&"token-keys-unavailable".to_string()), "{ids:?}");
+    assert!(
+        ids.contains(&"token-keys-unavailable".to_string()),
+        "{ids:?}"
+    );
     provider.stop();
     system.stop();
 }
