@@ -198,6 +198,8 @@ pub struct Issuer {
     refresh: tokio::sync::Mutex<Option<Instant>>,
     log: OnceLock<Log>,
     started: AtomicBool,
+    /// Set while the last fetch failed, so its recovery is logged once.
+    failing: AtomicBool,
 }
 
 impl Issuer {
@@ -215,6 +217,7 @@ impl Issuer {
             refresh: tokio::sync::Mutex::new(None),
             log: OnceLock::new(),
             started: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         })
     }
 
@@ -275,6 +278,13 @@ impl Issuer {
             Ok(set) => {
                 let before = self.keys();
                 let changed = before.as_ref().is_none_or(|b| b.kids() != set.kids());
+                let recovered = self.failing.swap(false, Ordering::Relaxed);
+                if let (true, false, Some(log)) = (recovered, changed, log) {
+                    log.info(&format!(
+                        "OIDC issuer {issuer} is reachable again: its keys are as cached (key ids {})",
+                        set.kids()
+                    ));
+                }
                 if changed {
                     if let Some(log) = log {
                         log.info(&format!(
@@ -292,6 +302,7 @@ impl Issuer {
                 }
             }
             Err(e) => {
+                self.failing.store(true, Ordering::Relaxed);
                 let e = shown(&e);
                 match (self.keys(), log) {
                     (Some(cached), Some(log)) => log.warn(&format!(
