@@ -127,7 +127,7 @@ pub enum TokenError {
     Key { path: PathBuf, reason: String },
     #[error("cannot sign the token: {0}")]
     Sign(String),
-    #[error("oidc: issuer {issuer}: {reason}")]
+    #[error("[[tokens.oidc]] issuer {issuer}: ca: {reason}")]
     Oidc { issuer: String, reason: String },
 }
 

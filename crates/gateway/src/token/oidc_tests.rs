@@ -385,3 +385,17 @@ fn oidc_tables_are_read_and_each_problem_named_with_its_key() {
         .to_string();
     assert!(unknown.contains("algorithms"), "{unknown}");
 }
+
+#[test]
+fn an_unreadable_ca_is_named_when_the_policy_loads() {
+    let mut tokens = TokenSettings::new(Vec::new());
+    let mut oidc = OidcSettings::new("https://idp.example", "a");
+    oidc.ca = vec!["/nonexistent/idp-root.pem".into()];
+    tokens.oidc = vec![oidc];
+    let error = TokenPolicy::load(&tokens).err().unwrap().to_string();
+    assert!(
+        error.starts_with("[[tokens.oidc]] issuer https://idp.example: ca: ")
+            && error.contains("/nonexistent/idp-root.pem"),
+        "{error}"
+    );
+}
