@@ -399,3 +399,24 @@ fn an_unreadable_ca_is_named_when_the_policy_loads() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_with_the_same_table_keeps_the_issuer_and_its_keys() {
+    let issuer = test_issuer(Mode::Normal).await;
+    let good = issuer.token("k1", serde_json::json!({}));
+    let before = issuer.policy(issuer.settings());
+    assert!(authorize(&before, &good).await.is_ok());
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
+    // The same table: the keys are not fetched again.
+    let mut same = issuer.policy(issuer.settings());
+    same.adopt(&before);
+    assert!(authorize(&same, &good).await.is_ok());
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 2);
+    // A changed table is a new issuer: fetched anew.
+    let mut settings = issuer.settings();
+    settings.audience.push("api://more".into());
+    let mut changed = issuer.policy(settings);
+    changed.adopt(&before);
+    assert!(authorize(&changed, &good).await.is_ok());
+    assert_eq!(issuer.requests.load(Ordering::SeqCst), 4);
+}
