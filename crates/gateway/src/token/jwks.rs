@@ -12,6 +12,9 @@ pub const ALLOWED: [Algorithm; 3] = [Algorithm::RS256, Algorithm::PS256, Algorit
 /// The most keys read from one JWKS (providers publish a handful).
 pub const MAX_KEYS: usize = 64;
 
+/// The most key ids named in a message.
+const SHOWN_KIDS: usize = 8;
+
 pub struct Key {
     pub kid: Option<String>,
     pub algorithms: Vec<Algorithm>,
@@ -61,11 +64,13 @@ impl KeySet {
         })
     }
 
-    /// The key ids, for the log and for an unknown key's message.
+    /// The key ids, for the log and for an unknown key's message: the first
+    /// [`SHOWN_KIDS`], each cut to 120 characters.
     pub fn kids(&self) -> String {
-        let kids: Vec<String> = self
+        let mut kids: Vec<String> = self
             .keys
             .iter()
+            .take(SHOWN_KIDS)
             .map(|k| {
                 format!(
                     "{:?}",
@@ -73,6 +78,9 @@ impl KeySet {
                 )
             })
             .collect();
+        if self.keys.len() > SHOWN_KIDS {
+            kids.push(format!("and {} more", self.keys.len() - SHOWN_KIDS));
+        }
         kids.join(", ")
     }
 }

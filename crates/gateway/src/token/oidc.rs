@@ -277,7 +277,12 @@ impl Issuer {
         match result {
             Ok(set) => {
                 let before = self.keys();
-                let changed = before.as_ref().is_none_or(|b| b.kids() != set.kids());
+                let changed = before.as_ref().is_none_or(|b| {
+                    !b.keys
+                        .iter()
+                        .map(|k| &k.kid)
+                        .eq(set.keys.iter().map(|k| &k.kid))
+                });
                 let recovered = self.failing.swap(false, Ordering::Relaxed);
                 if let (true, false, Some(log)) = (recovered, changed, log) {
                     log.info(&format!(
