@@ -275,10 +275,7 @@ fn tokens_of_a_real_oidc_provider_are_checked_and_its_key_rotation_followed_with
     provider.stop();
     let provider = Provider::start(dir.path(), port, "rsa-2,ec-1");
     let second = provider.token("device-001", AUDIENCE);
-    assert!(
-        second.starts_with(&tampered_header_prefix("RS256")),
-        "{second}"
-    );
+    assert!(second.starts_with(&header_prefix("RS256")), "{second}");
     // Fetched again for the new key id (within min_refresh_secs of the last fetch, the
     // token waits for the floor: the device's retry gets in).
     let (status, body) = until_status(&system, &second, 200, Duration::from_secs(20));
@@ -400,7 +397,7 @@ fn doctor(system: &System) -> Vec<logs::diagnose::Finding> {
 }
 
 /// The start of a JWT whose header is `{"alg":"<alg>",...`: the provider signs with `alg`.
-fn tampered_header_prefix(alg: &str) -> String {
+fn header_prefix(alg: &str) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let encoded = b64.encode(format!("{{\"alg\":\"{alg}\""));
     // The last character may carry bits of the next one.
@@ -445,8 +442,10 @@ fn a_provider_down_at_start_gives_503_with_our_status_text_until_its_keys_can_be
         &["OIDC issuer", &issuer, "no signing keys"]
     ));
 
-    let provider = Provider::start(dir.path(), port, "ec-1");
+    // This time the provider signs with PS256 (RSA-PSS).
+    let provider = Provider::start(dir.path(), port, "ps-1");
     let token = provider.token("device-001", AUDIENCE);
+    assert!(token.starts_with(&header_prefix("PS256")), "{token}");
     let (status, body) = until_status(&system, &token, 200, Duration::from_secs(30));
     assert_eq!(status, 200, "{body}");
     let ids: Vec<String> = doctor(&system).into_iter().map(|f| f.id).collect();
