@@ -53,6 +53,12 @@ pub enum Cause {
     InvalidToken {
         check: String,
     },
+    /// The token is from an OpenID Connect issuer whose signing keys the gateway has never
+    /// been able to fetch (`[[tokens.oidc]]`).
+    TokenKeysUnavailable {
+        issuer: String,
+        detail: String,
+    },
     /// A certificate that chains but is not for client authentication (no clientAuth EKU).
     DeviceCertificateWrongUsage {
         detail: String,
@@ -196,6 +202,9 @@ impl Refusal {
                 "CMGService_Revocationcheckfailed",
             ),
             Cause::InvalidToken { .. } => (Hop::DeviceToGateway, 401, "CMGService_Invalid_Token"),
+            Cause::TokenKeysUnavailable { .. } => {
+                (Hop::DeviceToGateway, 503, "CMGService_Tokenkeysunavailable")
+            }
             Cause::DeviceCertificateWrongUsage { .. } => (
                 Hop::DeviceToGateway,
                 403,
@@ -312,6 +321,7 @@ impl Refusal {
                 format!("the revocation status of the device's certificate cannot be checked: {detail}")
             }
             Cause::InvalidToken { check } => format!("the device's token was refused: {check}"),
+            Cause::TokenKeysUnavailable { issuer, detail } => format!("the gateway has no signing keys from token issuer {issuer}: none could be fetched yet ({detail})"),
             Cause::DeviceCertificateWrongUsage { detail } => format!("the device's certificate is not for client authentication: {detail}"),
             Cause::HeadersTooLarge { size, limit } => format!("the request's headers are {size} bytes, over the gateway's limit of {limit}"),
             Cause::MethodNotAllowed { method } => format!("the gateway does not forward {method} requests"),
@@ -366,6 +376,7 @@ impl Refusal {
             Cause::DeviceCertificateRevoked { .. } => "Issue the device a new certificate; the revoked one stays refused.",
             Cause::DeviceRevocationUnknown { .. } => "Publish a current CRL from the device certificate's issuer and list it in the gateway's crls (reload with SIGHUP), or set crl_policy = \"allow-and-warn\".",
             Cause::InvalidToken { .. } => "Get the device a new token from the site; check the gateway's token keys, issuer and audience.",
+            Cause::TokenKeysUnavailable { .. } => "Let the gateway reach the issuer's discovery document and JWKS over HTTPS (its log names the error: name resolution, firewall, proxy, or a [[tokens.oidc]] ca without the issuer's root); it retries every min_refresh_secs and accepts the tokens as soon as it has the keys.",
             Cause::DeviceCertificateWrongUsage { .. } => "Give the device a certificate whose extended key usage includes Client Authentication (1.3.6.1.5.5.7.3.2).",
             Cause::HeadersTooLarge { .. } => "Send fewer or smaller headers (cookies, tokens), or raise the gateway's max_request_header_bytes and the connector's to match.",
             Cause::MethodNotAllowed { .. } => "Use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS or Configuration Manager's CCM_POST, BITS_POST and PROPFIND (the response's Allow header lists them); the gateway forwards no tunnels (CONNECT), TRACE or other methods.",
@@ -466,6 +477,7 @@ impl Cause {
             Cause::DeviceCertificateRevoked { .. } => "The device's client certificate is revoked by a CRL the gateway holds.",
             Cause::DeviceRevocationUnknown { .. } => "The gateway checks revocation and has no current CRL from the device certificate's issuer.",
             Cause::InvalidToken { .. } => "The device's token on a CCM_PROXY_SERVERAUTH route was refused: missing, not a JWT, a bad signature, expired, or for another issuer, audience or endpoint.",
+            Cause::TokenKeysUnavailable { .. } => "The device's token is from an OpenID Connect issuer ([[tokens.oidc]]) whose signing keys the gateway has not been able to fetch since it started.",
             Cause::DeviceCertificateWrongUsage { .. } => "The device's certificate chains to a trusted root but is not for client authentication (no Client Authentication extended key usage).",
             Cause::HeadersTooLarge { .. } => "The request's header block is larger than every hop of the path can carry.",
             Cause::MethodNotAllowed { .. } => "The request's method is one the gateway does not forward (CONNECT, TRACE, or not a valid method).",
@@ -516,6 +528,10 @@ impl Cause {
             },
             Cause::InvalidToken {
                 check: "expired".into(),
+            },
+            Cause::TokenKeysUnavailable {
+                issuer: "https://login.microsoftonline.com/contoso.onmicrosoft.com/v2.0".into(),
+                detail: "connection refused".into(),
             },
             Cause::DeviceCertificateWrongUsage {
                 detail: "its extended key usage is Server Authentication only".into(),
@@ -597,6 +613,7 @@ impl Cause {
                 | Cause::DeviceCertificateRevoked { .. }
                 | Cause::DeviceRevocationUnknown { .. }
                 | Cause::InvalidToken { .. }
+                | Cause::TokenKeysUnavailable { .. }
                 | Cause::DeviceCertificateWrongUsage { .. }
                 | Cause::HeadersTooLarge { .. }
                 | Cause::MethodNotAllowed { .. }

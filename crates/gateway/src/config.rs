@@ -397,6 +397,9 @@ impl GatewayConfig {
         if let Some(tokens) = &mut self.tokens {
             tokens.keys = tokens.keys.iter().map(resolve).collect();
             tokens.revoked = tokens.revoked.as_ref().map(resolve);
+            for issuer in &mut tokens.oidc {
+                issuer.ca = issuer.ca.iter().map(resolve).collect();
+            }
         }
     }
 
@@ -432,11 +435,18 @@ impl GatewayConfig {
                 "verify_client_revocation is on: list the CRL file(s) of the device certificates' issuers",
             ));
         }
-        if cfg.tokens.as_ref().is_some_and(|t| t.keys.is_empty()) {
+        if cfg
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.keys.is_empty() && t.oidc.is_empty())
+        {
             return Err(invalid(
                 "tokens.keys",
-                "list at least one site public key (PEM) to check tokens with",
+                "list at least one site public key (PEM) to check tokens with, or an OIDC issuer ([[tokens.oidc]])",
             ));
+        }
+        if let Some((key, reason)) = cfg.tokens.as_ref().and_then(token::oidc_problem) {
+            return Err(invalid(key, &reason));
         }
         if let Some((key, reason)) = cfg.probe.as_ref().and_then(|p| p.problem()) {
             return Err(invalid(key, &reason));

@@ -39,7 +39,13 @@ impl Handle {
         let generation = self.shared.auth.load().generation + 1;
         // Everything that can fail is done before anything is swapped in.
         let connector_roots = load_connector_roots(config)?;
-        let auth = load_device_auth(config, generation, &connector_roots, &self.shared.log)?;
+        let auth = load_device_auth(
+            config,
+            generation,
+            &connector_roots,
+            &self.shared.log,
+            Some(&self.shared.auth.load()),
+        )?;
         let connectors = Connectors::load(config, connector_roots, &auth)?;
         let (tls, certificate) = server_tls(
             config,

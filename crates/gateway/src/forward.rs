@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use crate::channels::Channel;
 use crate::device::{header_safe, never_indexed, Device, DeviceState, Identity};
 use crate::metadata::{metadata_view, service_metadata};
-use crate::{idle, refused, Shared};
+use crate::{idle, refused, token, Shared};
 
 /// The methods the gateway forwards: HTTP's own but CONNECT (a tunnel, which HTTP/2 carries
 /// without a path: the connector refused each such stream, and h2 closes a channel after
@@ -119,7 +119,11 @@ async fn route_request(
         } => (auth, endpoint, path, target),
     };
     let mut state = None;
-    let identity = authenticate(&request, auth, endpoint, path, shared, device, &mut state)?;
+    let claims = match auth {
+        Auth::Token => Some(token_claims(&request, endpoint, path, shared).await?),
+        Auth::MutualTls => None,
+    };
+    let identity = authenticate(claims, shared, device, &mut state)?;
     // The device connection's share of channel streams; counted until the answer's body is
     // dropped.
     let in_flight = idle::InFlight::enter(device, shared.max_streams_per_device)?;
@@ -202,19 +206,41 @@ pub(crate) fn parse_route(target: &str) -> Result<Route<'_>, Refusal> {
     })
 }
 
-/// Who the device is, as the connector will be told: a certificate (its judgement under the
-/// current settings, kept in `state`), or a token's subject.
-fn authenticate<'s>(
+/// The claims of the request's token, checked for `endpoint` and `path` (an OIDC issuer's
+/// keys may be fetched first: see [`crate::token::TokenPolicy::authorize`]).
+async fn token_claims(
     request: &Request<()>,
-    auth: Auth,
     endpoint: u64,
     path: &str,
+    shared: &Shared,
+) -> Result<token::Claims, Refusal> {
+    let auth = shared.auth.load_full();
+    let Some(tokens) = &auth.tokens else {
+        return Err(Refusal::new(Cause::InvalidToken {
+            check: "token authentication is not configured on this gateway ([tokens] keys)".into(),
+        }));
+    };
+    let authorization = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    tokens
+        .authorize(authorization, endpoint, path, OffsetDateTime::now_utc())
+        .await
+        .map_err(Refusal::new)
+}
+
+/// Who the device is, as the connector will be told: a certificate (its judgement under the
+/// current settings, kept in `state`), or the subject of the token's `claims` (checked, on a
+/// token route).
+fn authenticate<'s>(
+    claims: Option<token::Claims>,
     shared: &Shared,
     device: &Device,
     state: &'s mut Option<Arc<DeviceState>>,
 ) -> Result<Identity<'s>, Refusal> {
-    Ok(match auth {
-        Auth::MutualTls => {
+    Ok(match claims {
+        None => {
             let state: &'s Arc<DeviceState> = state.insert(device.state(shared));
             match &state.judgement.cert {
                 Ok(cert) => Identity::Certificate {
@@ -225,26 +251,10 @@ fn authenticate<'s>(
                 Err(cause) => return Err(Refusal::new(cause.clone())),
             }
         }
-        Auth::Token => {
-            let auth = shared.auth.load();
-            let Some(tokens) = &auth.tokens else {
-                return Err(Refusal::new(Cause::InvalidToken {
-                    check: "token authentication is not configured on this gateway ([tokens] keys)"
-                        .into(),
-                }));
-            };
-            let authorization = request
-                .headers()
-                .get(hyper::header::AUTHORIZATION)
-                .map(|v| v.to_str().unwrap_or("(not text)"));
-            let claims = tokens
-                .check(authorization, endpoint, path, OffsetDateTime::now_utc())
-                .map_err(|check| Refusal::new(Cause::InvalidToken { check }))?;
-            Identity::Token {
-                subject: claims.sub.unwrap_or_default(),
-                id: claims.jti.unwrap_or_default(),
-            }
-        }
+        Some(claims) => Identity::Token {
+            subject: claims.sub.unwrap_or_default(),
+            id: claims.jti.unwrap_or_default(),
+        },
     })
 }
 

@@ -230,7 +230,7 @@ pub async fn start_on(
 ) -> Result<RunningGateway, GatewayError> {
     log.set_verbose(config.verbose);
     let connector_roots = load_connector_roots(&config)?;
-    let auth = load_device_auth(&config, 0, &connector_roots, &log)?;
+    let auth = load_device_auth(&config, 0, &connector_roots, &log, None)?;
     log.info(&format!("Devices: {}", auth.describe()));
     let connectors = Connectors::load(&config, connector_roots, &auth)?;
     let (tls, _) = server_tls(&config, &auth, &connectors.roots, None)?;
@@ -384,14 +384,16 @@ async fn listen(
 
 /// Loads how devices are judged, logging every CRL that cannot be used (the CRL policy then
 /// decides for the devices it would have covered). The CRLs may come from the device roots
-/// or the connector roots: connectors are checked against the same ones.
+/// or the connector roots: connectors are checked against the same ones. OIDC issuers the
+/// `previous` settings had (same table) are kept with their keys; new ones start fetching.
 fn load_device_auth(
     config: &GatewayConfig,
     generation: u64,
     connector_roots: &RootSet,
     log: &Log,
+    previous: Option<&DeviceAuth>,
 ) -> Result<DeviceAuth, GatewayError> {
-    let auth = DeviceAuth::load_with_crl_issuers(
+    let mut auth = DeviceAuth::load_with_crl_issuers(
         generation,
         &config.trusted_roots,
         connector_roots,
@@ -402,6 +404,12 @@ fn load_device_auth(
     )?;
     for problem in auth.revocation.iter().flat_map(|r| &r.unreadable) {
         log.error(&format!("CRL cannot be used: {problem}"));
+    }
+    if let Some(tokens) = &mut auth.tokens {
+        if let Some(before) = previous.and_then(|p| p.tokens.as_ref()) {
+            tokens.adopt(before);
+        }
+        tokens.start(log);
     }
     Ok(auth)
 }

@@ -9,9 +9,21 @@
 //!
 //! Every refusal names the check that failed; the gateway sends it as
 //! `401 CMGService_Invalid_Token`.
+//!
+//! Tokens from OpenID Connect issuers (`[[tokens.oidc]]`, e.g. Entra ID) are told apart by
+//! their `iss` and checked in [`oidc`] with the issuer's published keys.
+
+mod fetch;
+mod jwks;
+pub mod oidc;
+mod route;
+
+pub use route::oidc_problem;
+use route::Route;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rustls_pki_types::pem::{PemObject, SectionKind};
@@ -50,6 +62,8 @@ pub enum TokenKind {
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
     /// The site's public keys (PEM `PUBLIC KEY`, P-256 or Ed25519); several during a rotation.
+    /// May be empty when `[[tokens.oidc]]` issuers are configured.
+    #[serde(default)]
     pub keys: Vec<PathBuf>,
     #[serde(default = "default_issuer")]
     pub issuer: String,
@@ -64,6 +78,9 @@ pub struct TokenSettings {
     /// Endpoint paths (after the endpoint id) where a bulk registration token is accepted.
     #[serde(default = "default_registration_paths")]
     pub registration_paths: Vec<String>,
+    /// OpenID Connect issuers whose tokens are accepted beside the site's (`[[tokens.oidc]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oidc: Vec<oidc::OidcSettings>,
 }
 
 impl TokenSettings {
@@ -77,6 +94,7 @@ impl TokenSettings {
             revoked: None,
             leeway_secs: default_leeway(),
             registration_paths: default_registration_paths(),
+            oidc: Vec::new(),
         }
     }
 }
@@ -109,6 +127,8 @@ pub enum TokenError {
     Key { path: PathBuf, reason: String },
     #[error("cannot sign the token: {0}")]
     Sign(String),
+    #[error("[[tokens.oidc]] issuer {issuer}: ca: {reason}")]
+    Oidc { issuer: String, reason: String },
 }
 
 /// A configured public key and the algorithm it verifies.
@@ -126,6 +146,8 @@ pub struct TokenPolicy {
     revoked: HashSet<String>,
     leeway: i64,
     registration_paths: Vec<String>,
+    /// The `[[tokens.oidc]]` issuers, kept across reloads that leave them as they were.
+    issuers: Vec<Arc<oidc::Issuer>>,
 }
 
 /// The cap on key and revocation files: they are small; anything big is a mistake.
@@ -212,6 +234,18 @@ impl TokenPolicy {
             audience: settings.audience.clone(),
             revoked,
             leeway: i64::try_from(settings.leeway_secs).unwrap_or(i64::MAX),
+            issuers: settings
+                .oidc
+                .iter()
+                .map(|o| {
+                    oidc::Issuer::new(o.clone())
+                        .map(Arc::new)
+                        .map_err(|reason| TokenError::Oidc {
+                            issuer: o.issuer.clone(),
+                            reason,
+                        })
+                })
+                .collect::<Result<_, _>>()?,
             registration_paths: settings
                 .registration_paths
                 .iter()
@@ -257,6 +291,20 @@ impl TokenPolicy {
         now: OffsetDateTime,
     ) -> Result<Claims, String> {
         let token = bearer(authorization)?;
+        match self.route(token) {
+            Route::Site => {}
+            Route::Oidc(issuer, token, header) => {
+                return issuer
+                    .verify(token, &header, self.leeway, now)
+                    .map_err(|failure| match failure {
+                        oidc::Failure::Invalid(check) | oidc::Failure::UnknownKey(check) => check,
+                        oidc::Failure::NoKeys { issuer, detail } => {
+                            format!("the gateway has no signing keys from {issuer} yet: {detail}")
+                        }
+                    })
+            }
+            Route::Refused(check) => return Err(check),
+        }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| format!("the token is not a JWT: {e}"))?;
         if !matches!(header.alg, Algorithm::ES256 | Algorithm::EdDSA) {
@@ -341,13 +389,29 @@ impl TokenPolicy {
             .iter()
             .map(|k| format!("{} ({:?})", k.source.display(), k.algorithm))
             .collect();
+        let oidc: Vec<String> = self
+            .issuers
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} (audience {})",
+                    i.settings.issuer,
+                    i.settings.audience.join(" ")
+                )
+            })
+            .collect();
         format!(
-            "{} key(s) [{}], issuer \"{}\", audience \"{}\", {} revoked token id(s)",
+            "{} key(s) [{}], issuer \"{}\", audience \"{}\", {} revoked token id(s){}",
             self.keys.len(),
             keys.join(", "),
             self.issuer,
             self.audience,
-            self.revoked.len()
+            self.revoked.len(),
+            if oidc.is_empty() {
+                String::new()
+            } else {
+                format!(", OIDC issuer(s) {}", oidc.join(", "))
+            }
         )
     }
 }

@@ -62,6 +62,18 @@ use runtime::shards::{ShardThreads, Shards};
 ///   leeway_secs = 60                         # clock skew allowed, at most 86400
 ///   registration_paths = ["ccm_system_tokenauth/request"]   # where bulk tokens enrol
 ///
+///   [[tokens.oidc]]                          # optional, repeatable: an OpenID Connect issuer
+///   issuer = "https://login.microsoftonline.com/<tenant id>/v2.0"
+///   audience = ["api://portcullis-gateway"]  # one, or a list
+///   tenants = ["<tenant id>"]                # optional: tid allow-list
+///   identity_claim = "sub"                   # names the device to the connector
+///   required_claims = { roles = "Portcullis.Device" }   # optional
+///   ca = ["entra-roots.pem"]                 # optional; the system's roots when left out
+///   refresh_secs = 3600                      # JWKS fetched again (1 to 604800)
+///   min_refresh_secs = 60                    # never more often (1 to 86400)
+///   fetch_timeout_secs = 10                  # 1 to 300
+///   max_document_bytes = 262144              # 1024 to 16777216
+///
 ///   [probe]                                  # optional: the connection analyzer, run by the
 ///                                            # gateway against itself on a schedule
 ///   device_cert = "probe/device.crt"         # a device certificate trusted_roots trust

@@ -15,6 +15,7 @@ mod faults;
 mod header_limits;
 mod management_point;
 mod metrics;
+mod oidc;
 mod path;
 mod prometheus;
 mod proxy_protocol;

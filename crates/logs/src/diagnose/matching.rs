@@ -94,6 +94,11 @@ impl Rules {
 static OWN_LINES: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
     [
         // The gateway's refusals: the status text is ours, the reason may quote the device.
+        // A refused token's check is named by words of ours before the quoted part.
+        (
+            "Refused ",
+            r"^(?P<own>Refused (?:a request|message \S+) from device \S+: 401 CMGService_Invalid_Token \([^)]*\): the device's token was refused: (?:wrong audience|wrong issuer|wrong tenant|expired|not yet valid|unknown key|bad signature|missing claim|mismatched claim|algorithm not allowed): ).+$",
+        ),
         (
             "Refused a request from device ",
             r"^(?P<own>Refused a request from device \S+: \d{3} \S+ \([^)]*\): ).+$",

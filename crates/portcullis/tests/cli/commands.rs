@@ -116,6 +116,7 @@ fn token_keygen_and_issue() {
             revoked: None,
             leeway_secs: 60,
             registration_paths: vec![],
+            oidc: Vec::new(),
         };
         let policy = gateway::token::TokenPolicy::load(&settings).unwrap();
         let bearer = format!("Bearer {token}");
