@@ -26,6 +26,49 @@ fn provider_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc-provider")
 }
 
+/// Installs the pinned oidc-provider (`npm ci`, package-lock.json) unless it is there: the
+/// tests then need nothing but `cargo test` (and the npm registry once). Test processes run
+/// at once take turns on a file lock, so one installs and the others find it done.
+fn install_provider() {
+    let dir = provider_dir();
+    let installed = || dir.join("node_modules/oidc-provider/package.json").exists();
+    if installed() {
+        return;
+    }
+    let lock = std::fs::File::create(dir.join(".install.lock"))
+        .expect("the provider's folder is writable");
+    lock.lock().expect("the install lock is taken");
+    if installed() {
+        return;
+    }
+    eprintln!(
+        "installing the test OpenID provider: npm ci --prefix {}",
+        dir.display()
+    );
+    let mut npm = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("npm runs (node 20 or later and npm are needed for the OIDC tests; .ci/run installs them)");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = npm.try_wait().expect("npm's status") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = npm.kill();
+            panic!("npm ci took over 600 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.success() && installed(),
+        "`npm ci --prefix {}` failed ({status}): install the test OpenID provider by hand (needs node 20 or later and the npm registry)",
+        dir.display()
+    );
+}
+
 /// A running oidc-provider; killed when dropped.
 struct Provider {
     child: Child,
@@ -37,12 +80,7 @@ impl Provider {
     /// Starts the provider on `port` (0: any) signing with the first of `keys` and publishing
     /// all of them (made in `dir`/keys on first use, kept across restarts).
     fn start(dir: &Path, port: u16, keys: &str) -> Provider {
-        let modules = provider_dir().join("node_modules/oidc-provider");
-        assert!(
-            modules.exists(),
-            "{} is missing: install the test OpenID provider with `npm ci --prefix crates/integration/tests/oidc-provider` (as .ci/run does; needs node 20 or later)",
-            modules.display()
-        );
+        install_provider();
         std::fs::create_dir_all(dir.join("keys")).unwrap();
         let mut child = Command::new("node")
             .arg(provider_dir().join("provider.mjs"))
