@@ -282,6 +282,14 @@ fn connector_channel_failures() {
         .cause
         .contains("cmg2.contoso.com:443@10.0.0.6"));
 
+    // A name entry that does not resolve (connector::instances).
+    let unresolved = cm("Cannot resolve gateway gw.contoso.com:443: failed to lookup address information: Name or service not known; keeping the last known 2 instance(s) (10.0.0.5, 10.0.0.6) and their channels; trying again in 60 s", "SMS_CLOUD_PROXYCONNECTOR", 3);
+    let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", unresolved)]);
+    assert_eq!(ids(&report), ["connector-gateway-unresolved"]);
+    assert!(report.findings[0].cause.contains("gw.contoso.com:443"));
+    assert!(report.findings[0].cause.contains("Name or service not known"));
+    assert!(report.findings[0].cause.contains("10.0.0.5, 10.0.0.6"));
+
     let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";
     let report = diagnose(&[
         ("SMS_Cloud_ProxyConnector.log", connector),
@@ -318,6 +326,7 @@ fn a_frozen_connector_and_a_channel_closed_before_its_hello() {
     let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", connector.clone())]);
     assert_eq!(ids(&report), ["connector-channel-refused-before-hello"]);
     assert!(report.findings[0].cause.contains("cmg.contoso.com:443"));
+
     let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";
     let report = diagnose(&[
         ("SMS_Cloud_ProxyConnector.log", connector),
