@@ -287,7 +287,9 @@ fn connector_channel_failures() {
     let report = diagnose(&[("SMS_Cloud_ProxyConnector.log", unresolved)]);
     assert_eq!(ids(&report), ["connector-gateway-unresolved"]);
     assert!(report.findings[0].cause.contains("gw.contoso.com:443"));
-    assert!(report.findings[0].cause.contains("Name or service not known"));
+    assert!(report.findings[0]
+        .cause
+        .contains("Name or service not known"));
     assert!(report.findings[0].cause.contains("10.0.0.5, 10.0.0.6"));
 
     let gateway = "2026-11-25T06:30:57.123Z PORTCULLIS_GATEWAY error: Refused a connector channel from 10.0.0.9:50211: CN=connector.contoso.com is not in allowed_connectors\n";

@@ -28,16 +28,35 @@ fn provider_dir() -> PathBuf {
 
 /// Installs the pinned oidc-provider (`npm ci`, package-lock.json) unless it is there: the
 /// tests then need nothing but `cargo test` (and the npm registry once). Test processes run
-/// at once take turns on a file lock, so one installs and the others find it done.
+/// at once take turns on a lock directory, so one installs and the others find it done.
 fn install_provider() {
     let dir = provider_dir();
     let installed = || dir.join("node_modules/oidc-provider/package.json").exists();
     if installed() {
         return;
     }
-    let lock = std::fs::File::create(dir.join(".install.lock"))
-        .expect("the provider's folder is writable");
-    lock.lock().expect("the install lock is taken");
+    // A directory as the lock (made atomically; File::lock is newer than the workspace's
+    // rust-version). Whoever waits, waits for the install, at most as long as it may take.
+    let lock = dir.join(".install.lock");
+    let deadline = Instant::now() + Duration::from_secs(660);
+    while std::fs::create_dir(&lock).is_err() {
+        if installed() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "another test's npm ci did not finish within 660 s (or left {} behind: remove it)",
+            lock.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    struct Unlock(PathBuf);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unlock = Unlock(lock);
     if installed() {
         return;
     }
