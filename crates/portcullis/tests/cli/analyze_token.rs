@@ -257,7 +257,9 @@ fn sighup_starts_and_stops_the_gateways_token_probe() {
     let log = lab.join("logs/SMS_Cloud_ProxyGateway.log");
     let text = wait_for_text(&log, "Continuous analysis ([probe]) started", 1);
     assert!(
-        text.contains("with a token from the command `cat` (token_command; its arguments are not logged)"),
+        text.contains(
+            "with a token from the command `cat` (token_command; its arguments are not logged)"
+        ),
         "the log names the credentials' program, not the token nor the arguments: {text}"
     );
     write(None);
