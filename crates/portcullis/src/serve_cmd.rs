@@ -299,31 +299,8 @@ pub struct Surfaces {
 }
 
 /// Serves the admin surface and the health and metrics surface (those configured) and reloads
-/// on SIGHUP until Ctrl-C or SIGTERM; the control is dropped when it returns, so the component
-/// can be stopped.
-pub async fn serve_until_stopped(
-    surfaces: Surfaces,
-    control: Arc<dyn Control>,
-) -> anyhow::Result<()> {
-    let admin = admin(surfaces.admin_listen, control.clone()).await?;
-    let metrics = match metrics(surfaces.metrics_listen, control.clone()).await {
-        Ok(metrics) => metrics,
-        Err(why) => {
-            if let Some(admin) = admin {
-                admin.stop().await;
-            }
-            return Err(why);
-        }
-    };
-    until_stopped(&*control).await?;
-    for listening in [admin, metrics].into_iter().flatten() {
-        listening.stop().await;
-    }
-    Ok(())
-}
-
-/// Serves until stopped (see [`serve_until_stopped`]), then stops the component and writes
-/// out its log.
+/// on SIGHUP until Ctrl-C or SIGTERM; then stops the component while both still answer, so the
+/// probes and the scrape see its whole drain, stops them and writes out the log.
 async fn serve_then_stop<R, F>(
     surfaces: Surfaces,
     control: Arc<dyn Control>,
@@ -334,8 +311,17 @@ async fn serve_then_stop<R, F>(
 where
     F: std::future::Future<Output = ()>,
 {
-    let served = serve_until_stopped(surfaces, control).await;
+    let mut listening = Vec::new();
+    let served = async {
+        listening.extend(admin(surfaces.admin_listen, control.clone()).await?);
+        listening.extend(metrics(surfaces.metrics_listen, control.clone()).await?);
+        until_stopped(&*control).await
+    }
+    .await;
     stop(running).await;
+    for surface in listening {
+        surface.stop().await;
+    }
     log.flush();
     served.map(|()| ExitCode::SUCCESS)
 }

@@ -92,7 +92,10 @@ fn metrics_listen_answers_the_probes_and_the_scrape_to_any_host() {
     let (body, code) = call("GET", &url("/metrics"), SERVICE_HOST);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("portcullis_build_info"), "{body}");
-    assert!(body.contains("portcullis_gateway_tls_handshakes_total"), "{body}");
+    assert!(
+        body.contains("portcullis_gateway_tls_handshakes_total"),
+        "{body}"
+    );
 
     connector_config(
         &lab.join("connector.toml"),
@@ -225,5 +228,109 @@ fn metrics_listen_must_be_an_address_of_its_own() {
     assert!(
         error.contains("key `metrics_listen`") && error.contains("is also admin_listen:"),
         "{error}"
+    );
+}
+
+/// SIGTERM: the gateway drains the request under way (at most 10 s), and its health and
+/// metrics surface answers all along, as the probes and the last scrape need (as a sidecar's
+/// would, stopped after the gateway).
+#[test]
+fn metrics_listen_answers_through_the_drain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = new_lab(tmp.path());
+    let (_mp, mp_port) = spawn_mp(&lab);
+    let (port, metrics) = (free_port(), metrics_addr());
+    let config = gateway_config(&lab, port, |g| g.metrics_listen = Some(metrics));
+    let (mut gateway, _) = spawn_until(&["gateway", "--config", p(&config)], "Gateway listening");
+    connector_config(
+        &lab.join("connector.toml"),
+        &[port],
+        &mp_port,
+        "connector/store",
+        |_| {},
+    );
+    let _connector = spawn_until(
+        &["connector", "--config", p(&lab.join("connector.toml"))],
+        "Maintaining connections...",
+    );
+    assert!(wait_for_channels(&lab, port, 2), "no channels");
+    // A device's request whose answer takes 4 s: 20 chunks, 200 ms apart.
+    let mut device = crate::common::Child(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg("--cacert")
+            .arg(lab.join("ca/root.crt"))
+            .arg("--cert")
+            .arg(lab.join("devices/device-001.crt"))
+            .arg("--key")
+            .arg(lab.join("devices/device-001.key"))
+            .arg(format!(
+                "https://localhost:{port}/CCM_PROXY_MUTUALAUTH/7/portcullis/trickle?chunks=20&bytes=100&every_ms=200"
+            ))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl must be installed"),
+    );
+    let url = |path: &str| format!("http://{metrics}{path}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Under way once its answer's head is counted (the body follows for 4 s).
+    let answering = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("portcullis_gateway_requests_total{") && l.contains("endpoint=\"7\"")
+        })
+    };
+    while !answering(&call("GET", &url("/metrics"), SERVICE_HOST).0) {
+        assert!(
+            Instant::now() < deadline,
+            "the device's request never began"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = libc::pid_t::try_from(gateway.0.id()).expect("a pid fits pid_t");
+    // SAFETY: signals a child process this test started and still holds.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
+    // The drain has begun once the device port takes no connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(loopback(port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never stopped accepting"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (body, code) = call("GET", &url("/healthz"), SERVICE_HOST);
+    let (metrics_body, metrics_code) = call("GET", &url("/metrics"), SERVICE_HOST);
+    assert!(
+        gateway.0.try_wait().unwrap().is_none(),
+        "the gateway was to be still draining"
+    );
+    if let Some(ended) = device.0.try_wait().unwrap() {
+        let mut said = String::new();
+        if let Some(mut stdout) = device.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut said).unwrap();
+        }
+        panic!("the device's request was to be still under way: {ended}, {said}");
+    }
+    assert_eq!(code, "200", "/healthz during the drain: {body}");
+    assert_eq!(
+        metrics_code, "200",
+        "/metrics during the drain: {metrics_body}"
+    );
+    // The request is answered whole, and the gateway ends.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gateway.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the gateway did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = std::mem::replace(
+        &mut device.0,
+        Command::new("true").spawn().expect("true runs"),
+    )
+    .wait_with_output()
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the device's answer"
     );
 }
