@@ -5,9 +5,8 @@
 #
 # - deploy/Dockerfile: hadolint (no image is built here: there is no container runtime);
 # - deploy/kubernetes/*.yaml: kubernetes-validate --strict (unknown fields are errors) against
-#   the oldest Kubernetes the manifests need (1.33: native sidecars and the preStop sleep
-#   action on by default) and the newest the installed kubernetes-validate knows;
-# - the admin-proxy's nginx.conf from its ConfigMap: `nginx -t` with Debian's nginx;
+#   the oldest Kubernetes the manifests need (1.33: the preStop sleep action on by default)
+#   and the newest the installed kubernetes-validate knows;
 # - deploy/systemd/*.service: `systemd-analyze verify`, where the machine has it (any message
 #   fails: verify itself exits 0 on an unknown key), and `systemd-analyze security` at most 2.0 (threshold 20: tenths).
 #   verify wants ExecStart's program to exist: the units are checked with PORTCULLIS_BINARY
@@ -29,17 +28,6 @@ for version in "$oldest" "$newest"; do
   echo "kubernetes-validate --strict -k $version deploy/kubernetes/*.yaml"
   kubernetes-validate --strict --quiet -k "$version" deploy/kubernetes/*.yaml
 done
-
-echo "nginx -t: the admin-proxy sidecar's nginx.conf"
-python3 - "$work/nginx.conf" <<'PY'
-import sys, yaml
-with open("deploy/kubernetes/admin-proxy.yaml") as f:
-    maps = [d for d in yaml.safe_load_all(f) if d and d.get("kind") == "ConfigMap"]
-with open(sys.argv[1], "w") as out:
-    out.write(maps[0]["data"]["nginx.conf"])
-PY
-# Its paths are absolute (/tmp) as in the pod; -e for the error log before the file is read.
-/usr/sbin/nginx -t -q -e stderr -p "$work" -c "$work/nginx.conf"
 
 if command -v systemd-analyze >/dev/null 2>&1; then
   binary=${1:-target/debug/portcullis}

@@ -93,6 +93,12 @@ pub struct ConnectorConfig {
     /// `/healthz`, `/readyz`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<std::net::SocketAddr>,
+    /// A second, read-only surface for probes and scrapes from outside the host (the kubelet,
+    /// Prometheus): `GET`/`HEAD` of `/healthz`, `/readyz` and `/metrics` only, with the admin
+    /// surface's answers, to any `Host`. Any address ("0.0.0.0:9100"); none by default. Takes
+    /// effect at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Worker threads (default: one per CPU). Each runs its own single-threaded runtime (a
     /// shard) and keeps the connections it was given; see `runtime::shards`. On a host shared
     /// with other busy processes fewer are cheaper per request.
@@ -158,6 +164,7 @@ impl ConnectorConfig {
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
+            metrics_listen: None,
             worker_threads: None,
         }
     }
@@ -228,6 +235,12 @@ impl ConnectorConfig {
                 "admin_listen",
                 format!("{addr} is not a loopback address; the admin surface has no authentication of its own, so it listens on 127.0.0.1 or ::1 only"),
             ));
+        }
+        if let Some(reason) = runtime::admin::metrics_listen_problem(
+            cfg.metrics_listen,
+            &[("admin_listen", cfg.admin_listen)],
+        ) {
+            return Err(invalid("metrics_listen", reason));
         }
         if let Some(reason) = runtime::config::worker_threads_problem(cfg.worker_threads) {
             return Err(invalid("worker_threads", reason));

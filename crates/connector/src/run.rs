@@ -248,6 +248,7 @@ fn restart_only_changes(running: &ConnectorConfig, loaded: &ConnectorConfig) -> 
         "channel_cert": channel_cert, channel_key;
         "worker_threads": worker_threads;
         "admin_listen": admin_listen;
+        "metrics_listen": metrics_listen;
         "max_request_header_bytes": max_request_header_bytes;
         "[log]": log;
     }

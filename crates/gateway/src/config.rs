@@ -84,6 +84,12 @@ pub struct GatewayConfig {
     /// `/healthz`, `/readyz`), loopback only.
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
+    /// A second, read-only surface for probes and scrapes from outside the host (the kubelet,
+    /// Prometheus): `GET`/`HEAD` of `/healthz`, `/readyz` and `/metrics` only, with the admin
+    /// surface's answers, to any `Host`. Any address ("0.0.0.0:9100"); none by default. Takes
+    /// effect at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The connection analyzer, run by the gateway against itself every `interval_secs`
     /// (`[probe]`: device_cert, device_key, ca, url, endpoints, path, interval_secs,
     /// timeout_secs); its last result per hop is on `/metrics` and the status page. Takes
@@ -333,6 +339,7 @@ impl GatewayConfig {
             verbose: false,
             log: logs::logger::LogSettings::default(),
             admin_listen: None,
+            metrics_listen: None,
             probe: None,
             ready_endpoints: Vec::new(),
             worker_threads: None,
@@ -574,6 +581,16 @@ impl GatewayConfig {
                 "channel_listen",
                 "is the same address as listen: give it a port of its own, or leave it out",
             ));
+        }
+        if let Some(reason) = runtime::admin::metrics_listen_problem(
+            cfg.metrics_listen,
+            &[
+                ("listen", Some(cfg.listen)),
+                ("channel_listen", cfg.channel_listen),
+                ("admin_listen", cfg.admin_listen),
+            ],
+        ) {
+            return Err(invalid("metrics_listen", &reason));
         }
         if cfg.channel_listen.is_some() && cfg.reserved_for_channels == 0 {
             return Err(invalid(

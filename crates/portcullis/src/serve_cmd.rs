@@ -43,6 +43,9 @@ use runtime::shards::{ShardThreads, Shards};
 ///   crl_policy = "refuse"                    # or "allow-and-warn" (no current CRL)
 ///   verbose = false                          # a line per request; SIGHUP or PUT /verbose
 ///   admin_listen = "127.0.0.1:9441"          # optional; loopback only
+///   metrics_listen = "0.0.0.0:9100"          # optional, any address: the read-only health
+///                                            # and metrics surface for probes and scrapes
+///                                            # from outside (the kubelet, Prometheus)
 ///   ready_endpoints = [3456]                 # optional: GET /readyz is 200 once a channel
 ///                                            # serves each (default: once any channel is held)
 ///   worker_threads = 2                       # optional; default one per CPU
@@ -133,6 +136,8 @@ use runtime::shards::{ShardThreads, Shards};
 /// GET /metrics (Prometheus text: portcullis_gateway_requests_total, ..._channels,
 /// portcullis_certificate_expiry_timestamp_seconds ...), GET /healthz (200 while serving),
 /// GET /readyz (200, or 503 with the endpoints missing a channel, as JSON).
+/// Health and metrics surface (metrics_listen): GET or HEAD of /healthz, /readyz and /metrics
+/// only, the admin surface's answers, any Host; anything else 404 or 405. It changes nothing.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct GatewayArgs {
@@ -185,6 +190,9 @@ pub struct GatewayArgs {
 ///                                            # channel takes; at least the gateways' own
 ///   verbose = false                          # the whole filter trail, a line per message
 ///   admin_listen = "127.0.0.1:9442"          # optional; loopback only
+///   metrics_listen = "0.0.0.0:9100"          # optional, any address: the read-only health
+///                                            # and metrics surface for probes and scrapes
+///                                            # from outside (the kubelet, Prometheus)
 ///   worker_threads = 2                       # optional; default one per CPU
 ///
 ///   [log]                                    # optional
@@ -202,7 +210,8 @@ pub struct GatewayArgs {
 /// the endpoints or whether there is a certificate at all change, the channels drain and
 /// reopen one at a time, 1 s apart, so that the gateways route the new endpoints and their
 /// ServiceMetadata says so. The reload's log line names changed settings that wait for a
-/// restart (gateways, channel certificate, worker_threads, admin_listen, [log], ...).
+/// restart (gateways, channel certificate, worker_threads, admin_listen, metrics_listen,
+/// [log], ...).
 /// A request the gateway withdraws before the endpoint answered (its device went away, or the
 /// gateway's request_timeout_secs struck) is logged with its message id, and the call to the
 /// endpoint abandoned.
@@ -218,6 +227,8 @@ pub struct GatewayArgs {
 /// portcullis_connector_requests_total, ..._channels, ..._client_certificate_selected ...),
 /// GET /healthz, GET /readyz (503 until a channel is held to every gateway instance and, with HTTPS
 /// endpoints, a client certificate is selected; the JSON says what is missing).
+/// Health and metrics surface (metrics_listen): GET or HEAD of /healthz, /readyz and /metrics
+/// only, the admin surface's answers, any Host; anything else 404 or 405. It changes nothing.
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct ConnectorArgs {
@@ -273,24 +284,37 @@ pub async fn admin(
     Ok(Some(listening))
 }
 
-/// Serves the admin surface (when configured) and reloads on SIGHUP until Ctrl-C or SIGTERM;
-/// the control is dropped when it returns, so the component can be stopped.
-pub async fn serve_until_stopped(
-    admin_listen: Option<SocketAddr>,
+/// Serves the read-only health and metrics surface when the configuration asks for one
+/// (`metrics_listen`), and says where.
+pub async fn metrics(
+    addr: Option<SocketAddr>,
     control: Arc<dyn Control>,
-) -> anyhow::Result<()> {
-    let admin = admin(admin_listen, control.clone()).await?;
-    until_stopped(&*control).await?;
-    if let Some(admin) = admin {
-        admin.stop().await;
-    }
-    Ok(())
+) -> anyhow::Result<Option<runtime::listener::Listening>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listening = runtime::admin::serve_metrics(addr, control.clone())
+        .await
+        .with_context(|| format!("metrics_listen {addr}: cannot listen"))?;
+    control.log().info(&format!(
+        "Health and metrics surface (read-only, any Host) on http://{}: GET /healthz, /readyz, /metrics",
+        listening.addr
+    ));
+    Ok(Some(listening))
 }
 
-/// Serves until stopped (see [`serve_until_stopped`]), then stops the component and writes
-/// out its log.
+/// Where a component serves its admin surface and its read-only health and metrics surface.
+#[derive(Clone, Copy)]
+pub struct Surfaces {
+    pub admin_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Serves the admin surface and the health and metrics surface (those configured) and reloads
+/// on SIGHUP until Ctrl-C or SIGTERM; then stops the component while both still answer, so the
+/// probes and the scrape see its whole drain, stops them and writes out the log.
 async fn serve_then_stop<R, F>(
-    admin_listen: Option<SocketAddr>,
+    surfaces: Surfaces,
     control: Arc<dyn Control>,
     running: R,
     log: &Log,
@@ -299,8 +323,17 @@ async fn serve_then_stop<R, F>(
 where
     F: std::future::Future<Output = ()>,
 {
-    let served = serve_until_stopped(admin_listen, control).await;
+    let mut listening = Vec::new();
+    let served = async {
+        listening.extend(admin(surfaces.admin_listen, control.clone()).await?);
+        listening.extend(metrics(surfaces.metrics_listen, control.clone()).await?);
+        until_stopped(&*control).await
+    }
+    .await;
     stop(running).await;
+    for surface in listening {
+        surface.stop().await;
+    }
     log.flush();
     served.map(|()| ExitCode::SUCCESS)
 }
@@ -363,7 +396,10 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     )?;
     let (runtime, shards, _threads) = runtimes(config.worker_threads)?;
     runtime.block_on(async {
-        let admin_listen = config.admin_listen;
+        let surfaces = Surfaces {
+            admin_listen: config.admin_listen,
+            metrics_listen: config.metrics_listen,
+        };
         let log = log.into_log();
         let files = runtime::listener::raise_fd_limit();
         log.info(&format!(
@@ -379,7 +415,7 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         }
         let running = gateway::start_on(config, log.clone(), shards).await?;
         let control = running.control(args.config.clone());
-        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
+        serve_then_stop(surfaces, Arc::new(control), running, &log, |r| {
             r.stop_gracefully(STOP_DRAIN)
         })
         .await
@@ -399,11 +435,14 @@ pub fn connector(args: ConnectorArgs) -> anyhow::Result<ExitCode> {
     )?;
     let (runtime, shards, _threads) = runtimes(config.worker_threads)?;
     runtime.block_on(async {
-        let admin_listen = config.admin_listen;
+        let surfaces = Surfaces {
+            admin_listen: config.admin_listen,
+            metrics_listen: config.metrics_listen,
+        };
         let log = log.into_log();
         let running = connector::run::start_on(config, log.clone(), shards).await?;
         let control = running.control(args.config.clone());
-        serve_then_stop(admin_listen, Arc::new(control), running, &log, |r| {
+        serve_then_stop(surfaces, Arc::new(control), running, &log, |r| {
             r.stop_gracefully(STOP_DRAIN)
         })
         .await

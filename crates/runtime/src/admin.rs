@@ -18,6 +18,10 @@
 //! content type a form can send without a preflight (`application/x-www-form-urlencoded`,
 //! `multipart/form-data`, `text/plain`). The `/verbose` body is `on` or `off`, sent with no
 //! content type or as JSON: `curl -X PUT -H 'Content-Type: application/json' --data '"on"'`.
+//!
+//! A second, read-only surface ([`serve_metrics`], `metrics_listen`) answers `GET`/`HEAD` of
+//! `/healthz`, `/readyz` and `/metrics` alone, with the same answers ([`probed`] makes them for
+//! both), on any address and to any `Host`: the kubelet's probes and Prometheus, from outside.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -138,12 +142,57 @@ pub async fn serve(addr: SocketAddr, control: Arc<dyn Control>) -> std::io::Resu
             format!("the admin surface listens on loopback only, not {addr}"),
         ));
     }
+    serve_surface(addr, control, Surface::Admin).await
+}
+
+/// Serves the read-only health and metrics surface on `addr` (any address: `metrics_listen`)
+/// until stopped: `GET`/`HEAD` of `/healthz`, `/readyz` and `/metrics`, answered as the admin
+/// surface answers them, whatever the `Host`; anything else 404 or 405 with the three paths.
+/// It changes nothing and shows nothing more, so the kubelet's probes and Prometheus may reach
+/// it from outside the host. A request's body is never read.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    control: Arc<dyn Control>,
+) -> std::io::Result<Listening> {
+    serve_surface(addr, control, Surface::Metrics).await
+}
+
+/// Is `metrics_listen` one of the component's other addresses (`others`: key and address)?
+/// Then the error's reason; a port 0 is a free port, never the same.
+pub fn metrics_listen_problem(
+    metrics: Option<SocketAddr>,
+    others: &[(&str, Option<SocketAddr>)],
+) -> Option<String> {
+    let metrics = metrics.filter(|m| m.port() != 0)?;
+    let (key, _) = others.iter().find(|(_, other)| *other == Some(metrics))?;
+    Some(format!(
+        "{metrics} is also {key}: the read-only health and metrics surface needs an address of its own"
+    ))
+}
+
+#[derive(Clone, Copy)]
+enum Surface {
+    Admin,
+    Metrics,
+}
+
+/// hyper's defaults (HTTP/1.1 and HTTP/2, their header limits) on `addr`, a task a connection.
+async fn serve_surface(
+    addr: SocketAddr,
+    control: Arc<dyn Control>,
+    surface: Surface,
+) -> std::io::Result<Listening> {
     listener::listen(addr, move |tcp, _peer| {
         let control = control.clone();
         async move {
             let service = hyper::service::service_fn(move |request| {
                 let control = control.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(request, &*control).await) }
+                async move {
+                    Ok::<_, std::convert::Infallible>(match surface {
+                        Surface::Admin => answer(request, &*control).await,
+                        Surface::Metrics => answer_metrics(&request, &*control),
+                    })
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
@@ -158,32 +207,12 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
     if let Err((status, why)) = from_an_admin_tool(&parts) {
         return plain(status, &why);
     }
+    if let Some(response) = probed(&parts.method, parts.uri.path(), control) {
+        return response;
+    }
     match (&parts.method, parts.uri.path()) {
         (&Method::GET, "/status") => json(StatusCode::OK, &status(control)),
-        (&Method::GET | &Method::HEAD, "/metrics") => {
-            let mut text = control.metrics();
-            text.push_str(&crate::metrics::common(
-                &control.certificates(),
-                control.log(),
-            ));
-            let mut response = plain(StatusCode::OK, &text);
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-            );
-            response
-        }
-        (&Method::GET | &Method::HEAD, "/healthz") => plain(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/") => page(&control.page()),
-        (&Method::GET | &Method::HEAD, "/readyz") => {
-            let readiness = control.readiness();
-            let status = if readiness.is_ready() {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json(status, &readiness.body())
-        }
         (&Method::PUT | &Method::POST, "/verbose") => {
             // The body is one word; anything longer is not a setting.
             let limited = http_body_util::Limited::new(body, 64);
@@ -222,6 +251,60 @@ async fn answer(request: Request<Incoming>, control: &dyn Control) -> Response<B
         }
         _ => plain(StatusCode::NOT_FOUND, USAGE),
     }
+}
+
+/// The read-only surface's answer; the request's body stays unread (dropped with it).
+fn answer_metrics(request: &Request<Incoming>, control: &dyn Control) -> Response<Body> {
+    let path = request.uri().path();
+    if let Some(response) = probed(request.method(), path, control) {
+        return response;
+    }
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, METRICS_USAGE);
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return response;
+    }
+    plain(StatusCode::NOT_FOUND, METRICS_USAGE)
+}
+
+const METRICS_USAGE: &str =
+    "the read-only health and metrics surface: GET /healthz, GET /readyz, GET /metrics\n";
+
+/// What both surfaces answer alike, `GET`/`HEAD` of `/metrics`, `/healthz` and `/readyz`;
+/// `None` for any other request.
+fn probed(method: &Method, path: &str, control: &dyn Control) -> Option<Response<Body>> {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return None;
+    }
+    Some(match path {
+        "/metrics" => {
+            let mut text = control.metrics();
+            text.push_str(&crate::metrics::common(
+                &control.certificates(),
+                control.log(),
+            ));
+            let mut response = plain(StatusCode::OK, &text);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        "/healthz" => plain(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let readiness = control.readiness();
+            let status = if readiness.is_ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(status, &readiness.body())
+        }
+        _ => return None,
+    })
 }
 
 /// Refuses what a web page in a browser on this machine could send, as described above.

@@ -24,6 +24,8 @@ fn every_command_has_help() {
     for (args, needle) in [
         (vec!["gateway", "--help"], "[tokens]"),
         (vec!["connector", "--help"], "admin_listen"),
+        (vec!["gateway", "--help"], "metrics_listen"),
+        (vec!["connector", "--help"], "metrics_listen"),
         (vec!["analyze", "--help"], "connector_config"),
         (vec!["analyze", "--help"], "--token-command <CMD>"),
         (vec!["mp", "--help"], "client_certificates"),

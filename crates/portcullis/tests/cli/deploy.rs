@@ -1,12 +1,12 @@
 //! deploy/kubernetes: the configurations in its ConfigMaps are ones portcullis loads, their
 //! paths are where the Deployments mount the Secrets, and, run as processes with the lab PKI's
-//! files laid out as the Secrets put them, they make a working system whose probes pass
-//! through the admin-proxy sidecar's nginx.conf and which stops within the pods' grace period.
+//! files laid out as the Secrets put them, they make a working system whose probes answer on
+//! `metrics_listen` (the port the probes and the Prometheus annotations name) and which stops
+//! within the pods' grace period.
 //! (The manifests' schema is checked by scripts/deploy-check.sh with kubernetes-validate.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use connector::run::ConnectorConfig;
@@ -61,16 +61,37 @@ fn assert_mounted(path: &Path, mounts: &[String], what: &str) {
     );
 }
 
-/// The admin-proxy's upstream, `proxy_pass http://127.0.0.1:PORT;`.
-fn proxied_admin() -> SocketAddr {
-    let conf = block(&manifest("admin-proxy.yaml"), "nginx.conf");
-    let line = conf
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("proxy_pass http://"))
-        .expect("proxy_pass in nginx.conf");
-    line.trim_end_matches(';')
-        .parse()
-        .expect("proxy_pass to an address")
+/// The port the probes (httpGet) and the Prometheus annotation of a manifest name: one, and
+/// the one `metrics_listen` takes on every address of the pod.
+fn probed_port(yaml: &str, metrics_listen: Option<SocketAddr>) -> u16 {
+    let metrics = metrics_listen.expect("metrics_listen: the probes and the scrape reach it");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "metrics_listen {metrics}: the kubelet and Prometheus come to the pod's address"
+    );
+    // Each `httpGet:` block's `port:` (within its path and port lines).
+    let lines: Vec<&str> = yaml.lines().map(str::trim).collect();
+    let ports: Vec<u16> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l == "httpGet:")
+        .filter_map(|(at, _)| {
+            lines[at + 1..]
+                .iter()
+                .take(2)
+                .find_map(|l| l.strip_prefix("port: "))
+        })
+        .map(|port| port.parse().expect("a probe's port is a number"))
+        .collect();
+    assert!(!ports.is_empty(), "no httpGet probe");
+    assert!(
+        ports.iter().all(|&port| port == metrics.port()),
+        "probes on {ports:?}, metrics_listen {metrics}"
+    );
+    assert!(yaml.contains(&format!("prometheus.io/port: \"{}\"", metrics.port())));
+    assert!(yaml.contains(&format!("containerPort: {}", metrics.port())));
+    assert!(!yaml.contains("initContainers"), "no sidecar is needed");
+    metrics.port()
 }
 
 #[test]
@@ -95,11 +116,14 @@ fn the_configmaps_are_configurations_portcullis_loads_with_the_mounted_paths() {
     {
         assert_mounted(path, &mounts, what);
     }
-    // The containerPorts the Services target, and the sidecar's upstream.
+    // The containerPorts the Services target, and the probes' and the scrape's.
     assert!(yaml.contains(&format!("containerPort: {}", gateway.listen.port())));
     let channels = gateway.channel_listen.expect("channel_listen").port();
     assert!(yaml.contains(&format!("containerPort: {channels}")));
-    assert_eq!(gateway.admin_listen, Some(proxied_admin()));
+    probed_port(&yaml, gateway.metrics_listen);
+    // The load balancer's PROXY protocol, taken from the listed range only.
+    let proxy = gateway.proxy_protocol.expect("[proxy_protocol]");
+    assert!(!proxy.proxies.is_empty(), "{proxy:?}");
 
     let yaml = manifest("connector.yaml");
     let connector = ConnectorConfig::parse(
@@ -126,7 +150,7 @@ fn the_configmaps_are_configurations_portcullis_loads_with_the_mounted_paths() {
     {
         assert_mounted(path, &mounts, what);
     }
-    assert_eq!(connector.admin_listen, Some(proxied_admin()));
+    probed_port(&yaml, connector.metrics_listen);
     // The connectors dial the headless Service's port.
     assert_eq!(
         connector.gateways,
@@ -177,32 +201,7 @@ fn in_root(text: &str, root: &Path, ports: &[(&str, String)]) -> String {
     text
 }
 
-/// nginx with the admin-proxy's nginx.conf, listening on `port` and passing to `admin`.
-fn admin_proxy(dir: &Path, port: u16, admin: u16) -> Child {
-    let nginx = Path::new("/usr/sbin/nginx");
-    assert!(
-        nginx.exists(),
-        "Debian's nginx must be installed (apt-get install nginx)"
-    );
-    std::fs::create_dir_all(dir).unwrap();
-    let conf = block(&manifest("admin-proxy.yaml"), "nginx.conf")
-        .replace("/tmp/", &format!("{}/", dir.display()))
-        .replace("listen 9100;", &format!("listen 127.0.0.1:{port};"))
-        .replace(&proxied_admin().to_string(), &format!("127.0.0.1:{admin}"));
-    let file = dir.join("nginx.conf");
-    std::fs::write(&file, conf).unwrap();
-    Child(
-        Command::new(nginx)
-            // One process, which Child's drop ends (a master killed leaves its workers).
-            .args(["-e", "stderr", "-p", p(dir), "-c", p(&file)])
-            .args(["-g", "daemon off; master_process off;"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("nginx starts"),
-    )
-}
-
-/// GET through an admin-proxy until it answers `code` (at most 30 s); the last answer.
+/// GET on a metrics_listen until it answers `code` (at most 30 s); the last answer.
 fn wait_for(url: &str, code: &str) -> (String, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -239,7 +238,7 @@ fn seconds(yaml: &str, key: &str) -> u64 {
 }
 
 #[test]
-fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the_admin_proxy() {
+fn the_manifests_configurations_serve_a_device_and_answer_their_probes_on_metrics_listen() {
     let tmp = tempfile::tempdir().unwrap();
     // `pki init` as README.md's "Deploy" runs it: the channels' name in the server certificate.
     let lab = tmp.path().join("site");
@@ -272,7 +271,8 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
 
     let (devices, channels, gateway_admin, connector_admin) =
         (free_port(), free_port(), free_port(), free_port());
-    let admin = proxied_admin().to_string();
+    let (gateway_metrics, connector_metrics) = (free_port(), free_port());
+    let (admin, metrics) = ("127.0.0.1:9441", "0.0.0.0:9100");
     let gateway_yaml = manifest("gateway.yaml");
     let gateway_toml = root.join("etc/portcullis/config/gateway.toml");
     std::fs::write(
@@ -283,7 +283,8 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
             &[
                 ("0.0.0.0:8443", format!("127.0.0.1:{devices}")),
                 ("0.0.0.0:9443", format!("127.0.0.1:{channels}")),
-                (&admin, format!("127.0.0.1:{gateway_admin}")),
+                (admin, format!("127.0.0.1:{gateway_admin}")),
+                (metrics, format!("127.0.0.1:{gateway_metrics}")),
             ],
         ),
     )
@@ -302,24 +303,14 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
                     &format!("gateways = [\"{CHANNELS_NAME}:9443\"]"),
                     format!("gateways = [\"127.0.0.1:{channels}\"]\ngateway_server_name = \"{CHANNELS_NAME}\""),
                 ),
-                (&admin, format!("127.0.0.1:{connector_admin}")),
+                (admin, format!("127.0.0.1:{connector_admin}")),
+                (metrics, format!("127.0.0.1:{connector_metrics}")),
                 ("https://internalmp.contoso.com", format!("https://localhost:{mp_port}")),
             ],
         ),
     )
     .unwrap();
 
-    let (gateway_proxy, connector_proxy) = (free_port(), free_port());
-    let _gateway_sidecar = admin_proxy(
-        &tmp.path().join("nginx-gateway"),
-        gateway_proxy,
-        gateway_admin,
-    );
-    let _connector_sidecar = admin_proxy(
-        &tmp.path().join("nginx-connector"),
-        connector_proxy,
-        connector_admin,
-    );
     let (mut gateway, started) = spawn_until(
         &["gateway", "--config", p(&gateway_toml)],
         "Admin surface on",
@@ -328,19 +319,21 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
         !started.is_empty(),
         "the gateway did not start: its error is above"
     );
-    let gateway_url = |path: &str| format!("http://127.0.0.1:{gateway_proxy}{path}");
+    let gateway_url = |path: &str| format!("http://127.0.0.1:{gateway_metrics}{path}");
 
     // Alive, and not ready before a connector's channel serves ready_endpoints: the load
     // balancer sends it no device yet.
     let (body, code) = wait_for(&gateway_url("/healthz"), "200");
-    assert_eq!(code, "200", "liveness through the admin-proxy: {body}");
+    assert_eq!(code, "200", "liveness on metrics_listen: {body}");
     let (body, code) = admin_call("GET", &gateway_url("/readyz"), None);
     assert_eq!(code, "503", "readiness with no connector: {body}");
-    // Only the probes' and the scrape's paths pass, and only to read.
+    // Only the probes' and the scrape's paths answer there, and only to read.
     let (body, code) = admin_call("GET", &gateway_url("/status"), None);
     assert_eq!(code, "404", "{body}");
+    let (body, code) = admin_call("POST", &gateway_url("/reload"), None);
+    assert_eq!(code, "404", "{body}");
     let (body, code) = admin_call("POST", &gateway_url("/readyz"), None);
-    assert_eq!(code, "403", "{body}");
+    assert_eq!(code, "405", "{body}");
 
     let (mut connector, started) = spawn_until(
         &["connector", "--config", p(&connector_toml)],
@@ -355,11 +348,21 @@ fn the_manifests_configurations_serve_a_device_and_pass_their_probes_through_the
         code, "200",
         "the gateway's readiness once the connector holds its channels: {body}"
     );
-    let (body, code) = wait_for(&format!("http://127.0.0.1:{connector_proxy}/readyz"), "200");
+    let (body, code) = wait_for(
+        &format!("http://127.0.0.1:{connector_metrics}/readyz"),
+        "200",
+    );
     assert_eq!(code, "200", "the connector's readiness: {body}");
     let (body, code) = admin_call("GET", &gateway_url("/metrics"), None);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("portcullis_gateway_channels"), "{body}");
+    let (body, code) = admin_call(
+        "GET",
+        &format!("http://127.0.0.1:{connector_metrics}/metrics"),
+        None,
+    );
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("portcullis_connector_channels"), "{body}");
 
     // A device's request, end to end, by the configurations of the manifests.
     let out = portcullis(&[

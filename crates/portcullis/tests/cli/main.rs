@@ -10,6 +10,7 @@ mod deploy;
 mod dev;
 mod diagnosis;
 mod instance_sets;
+mod metrics_listen;
 mod pki_and_certs;
 mod processes;
 mod support;
