@@ -170,6 +170,12 @@ pub fn metrics_listen_problem(
     ))
 }
 
+/// Connections the metrics surface serves at once (kubelet probes and a few scrapers need a
+/// handful); more are closed on arrival.
+pub const METRICS_MAX_CONNECTIONS: usize = 64;
+/// How long a connection to the metrics surface is served, idle or not.
+pub const METRICS_CONNECTION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone, Copy)]
 enum Surface {
     Admin,
@@ -182,9 +188,20 @@ async fn serve_surface(
     control: Arc<dyn Control>,
     surface: Surface,
 ) -> std::io::Result<Listening> {
+    // The metrics surface may face a pod network: connections beyond the cap are closed at
+    // once, and each connection ends after a while (a probe or a scrape takes milliseconds;
+    // a scraper whose keep-alive connection is cut just opens another).
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
     listener::listen(addr, move |tcp, _peer| {
         let control = control.clone();
+        let slot = match surface {
+            Surface::Admin => None,
+            Surface::Metrics => Some(slots.clone().try_acquire_owned()),
+        };
         async move {
+            let Ok(_slot) = slot.transpose() else {
+                return;
+            };
             let service = hyper::service::service_fn(move |request| {
                 let control = control.clone();
                 async move {
@@ -194,9 +211,16 @@ async fn serve_surface(
                     })
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let serving = builder.serve_connection(TokioIo::new(tcp), service);
+            match surface {
+                Surface::Admin => {
+                    let _ = serving.await;
+                }
+                Surface::Metrics => {
+                    let _ = tokio::time::timeout(METRICS_CONNECTION_TIME, serving).await;
+                }
+            }
         }
     })
     .await

@@ -212,3 +212,56 @@ fn a_refused_reload_answers_with_its_reason() {
     assert_eq!((code.as_str(), body), ("422", format!("{}\n", invalid())));
     runtime.block_on(listening.stop());
 }
+
+/// The metrics surface may face a pod network: it serves at most METRICS_MAX_CONNECTIONS
+/// connections at once and closes the rest on arrival, so idle connections cannot pile up;
+/// a slot freed is served again.
+#[test]
+fn the_metrics_surface_closes_connections_over_its_cap() {
+    use std::io::Read;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let control = Arc::new(Counting {
+        log: logs::Logger::new("TEST").into_log(),
+        reloads: AtomicUsize::new(0),
+    });
+    let listening = runtime
+        .block_on(admin::serve_metrics(
+            "127.0.0.1:0".parse().unwrap(),
+            control,
+        ))
+        .unwrap();
+    let port = listening.addr.port();
+    let (code, _) = call(port, "GET", "/healthz", &[]);
+    assert_eq!(code, "200");
+    let mut held: Vec<std::net::TcpStream> = (0..admin::METRICS_MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Every slot is taken once the server has accepted them all: the next is closed.
+    let over = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        extra
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        if matches!(extra.read(&mut byte), Ok(0)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < over,
+            "a connection over the cap of {} stayed open",
+            admin::METRICS_MAX_CONNECTIONS
+        );
+    }
+    held.pop();
+    let freed = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while call(port, "GET", "/healthz", &[]).0 != "200" {
+        assert!(
+            std::time::Instant::now() < freed,
+            "a freed slot is never served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(held);
+    runtime.block_on(listening.stop());
+}
