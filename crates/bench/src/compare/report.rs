@@ -8,13 +8,23 @@ impl CompareReport {
         let counts: Vec<String> = self.connections.iter().map(|c| c.to_string()).collect();
         let sweep = self.connections.len() > 1;
         let mut out = format!(
-            "{} connections{}, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
+            "{} {}{}{}, {}, {:.1} s per run after {:.1} s of warm-up; GET {MP_PATH}\n\
              CPU s, CPU us/req (per request answered) and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
             counts.join(", "),
+            if self.fleet {
+                "devices, each with a certificate of its own and one kept-alive connection, connected before the clock starts"
+            } else {
+                "connections of device " 
+            },
+            if self.fleet { String::new() } else { DEVICE.to_string() },
             if sweep {
                 " (a run with each; rows compare with portcullis at the same count)"
             } else {
                 ""
+            },
+            match self.rate {
+                Some(rate) => format!("open loop at {rate} req/s in all (latency from each request's due time)"),
+                None => "closed loop".to_string(),
             },
             self.duration_s,
             self.warmup_s
@@ -40,6 +50,7 @@ impl CompareReport {
             if ranges { "req/s range" } else { "" },
             "p50 ms",
             "p99 ms",
+            "p99.9 ms",
             "CPU s",
             "CPU us/req",
             "peak RSS MiB",
@@ -67,6 +78,7 @@ impl CompareReport {
                 },
                 format!("{:.2}", r.p50_ms),
                 format!("{:.2}", r.p99_ms),
+                format!("{:.2}", r.p999_ms),
                 if proxy {
                     format!("{:.2}", r.cpu_s)
                 } else {
