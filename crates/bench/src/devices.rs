@@ -84,6 +84,9 @@ impl DeviceSet {
                 )
                 .map_err(|e| format!("TLS: {e}"))?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // A device resumes its own session with one gateway: a few tickets, not the
+            // default cache of 256 in each of tens of thousands of configurations.
+            config.resumption = rustls::client::Resumption::in_memory_sessions(4);
             tls.push(tokio_rustls::TlsConnector::from(Arc::new(config)));
         }
         progress(count);

@@ -203,8 +203,10 @@ pub struct ConnectionsArgs {
     /// Seconds to hold them before measuring.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub hold: f64,
-    /// Each connection first makes one keep-alive request (the gateway's ServiceMetadata) and
-    /// then idles, as a device does between polls; without it they idle from the handshake.
+    /// Once all are open, each connection makes one keep-alive request (the gateway's
+    /// ServiceMetadata) and then idles, as a device does between polls; without it they idle
+    /// from the handshake. The gateway closes a kept-alive HTTP/1.1 connection after 30 s
+    /// idle, so --hold less than that.
     #[arg(long)]
     pub request: bool,
     /// Distinct device certificates, used in turn (default: one per connection, as a fleet

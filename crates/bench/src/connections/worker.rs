@@ -8,6 +8,8 @@
 //! worker -> bench   {"phase":"issuing",..} every 1,000 certificates, then {"phase":"ready"}
 //! bench -> worker   open
 //! worker -> bench   {"phase":"opening",..} every second, then {"phase":"opened",..}
+//! bench -> worker   request               (--request) one request on every open connection
+//! worker -> bench   {"phase":"requesting",..} every second, then {"phase":"requested",..}
 //! bench -> worker   report
 //! worker -> bench   {"phase":"held",..}   connections still open, per target, and its RSS
 //! bench -> worker   (end of input)        the worker closes everything and exits
@@ -54,6 +56,8 @@ pub enum Phase {
     Ready,
     Opening,
     Opened,
+    Requesting,
+    Requested,
     Held,
 }
 
@@ -68,6 +72,8 @@ pub struct Status {
     pub failures: BTreeMap<String, usize>,
     /// Seconds from `open` to the last handshake (or failure).
     pub open_s: f64,
+    /// Connections whose request is done (answered or failed), with `--request`.
+    pub requested: usize,
     pub held: usize,
     pub held_per_target: Vec<usize>,
     pub rss_kib: u64,
@@ -141,50 +147,83 @@ pub fn main() -> Result<(), String> {
     Ok(())
 }
 
-/// Opens the job's connections, reports, holds them until told to report again, and ends at
-/// the end of input.
+/// Counters the connections' tasks share.
+#[derive(Default)]
+struct Counts {
+    opened: AtomicUsize,
+    answered: AtomicUsize,
+    failed: AtomicUsize,
+    requested: AtomicUsize,
+    failures: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Counts {
+    fn fail(&self, kind: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    fn status(&self, phase: Phase, issued: usize) -> Status {
+        Status {
+            phase,
+            issued,
+            opened: self.opened.load(Ordering::Relaxed),
+            answered: self.answered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            requested: self.requested.load(Ordering::Relaxed),
+            failures: self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            ..Status::default()
+        }
+    }
+}
+
+/// A progress line every second, in `phase`, until aborted.
+fn ticker(counts: &Arc<Counts>, phase: Phase, issued: usize) -> tokio::task::JoinHandle<()> {
+    let counts = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            say(&counts.status(phase, issued));
+        }
+    })
+}
+
+/// Opens the job's connections (TLS only), then on `request` makes one request on each
+/// (`--request`), reports, holds them until told to report again, and ends at the end of
+/// input.
 async fn hold(job: &Job, devices: &DeviceSet, commands: std::sync::mpsc::Receiver<String>) {
     let name = match rustls_pki_types::ServerName::try_from("localhost") {
         Ok(name) => name,
         Err(_) => return,
     };
-    let gate = Arc::new(Semaphore::new(job.concurrency.max(1)));
-    let opened = Arc::new(AtomicUsize::new(0));
-    let answered = Arc::new(AtomicUsize::new(0));
+    // Commands arrive on a blocking channel: wait for them off the runtime's threads.
+    let (tx, mut commands_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        while let Ok(line) = commands.recv() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let concurrency = job.concurrency.max(1);
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let counts = Arc::new(Counts::default());
     let held: Arc<Vec<AtomicUsize>> =
         Arc::new(job.targets.iter().map(|_| AtomicUsize::new(0)).collect());
-    let failures = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
-    let failed = Arc::new(AtomicUsize::new(0));
+    let issued = devices.len();
     let started = Instant::now();
-    let status = {
-        let (opened, answered, failed) = (opened.clone(), answered.clone(), failed.clone());
-        move |phase: Phase| Status {
-            phase,
-            issued: devices.len(),
-            opened: opened.load(Ordering::Relaxed),
-            answered: answered.load(Ordering::Relaxed),
-            failed: failed.load(Ordering::Relaxed),
-            ..Status::default()
-        }
-    };
-    let ticker = {
-        let (opened, answered, failed) = (opened.clone(), answered.clone(), failed.clone());
-        let devices = devices.len();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                say(&Status {
-                    phase: Phase::Opening,
-                    issued: devices,
-                    opened: opened.load(Ordering::Relaxed),
-                    answered: answered.load(Ordering::Relaxed),
-                    failed: failed.load(Ordering::Relaxed),
-                    ..Status::default()
-                });
-            }
-        })
-    };
+    let ticking = ticker(&counts, Phase::Opening, issued);
     let (release, released) = tokio::sync::watch::channel(false);
+    let (go, requests) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::with_capacity(job.count);
     for j in 0..job.count {
         let i = job.first + j;
@@ -196,14 +235,8 @@ async fn hold(job: &Job, devices: &DeviceSet, commands: std::sync::mpsc::Receive
         };
         let connector = devices.tls[j % devices.len()].clone();
         let name = name.clone();
-        let (opened, answered, held, failures, failed) = (
-            opened.clone(),
-            answered.clone(),
-            held.clone(),
-            failures.clone(),
-            failed.clone(),
-        );
-        let mut released = released.clone();
+        let (counts, held, gate) = (counts.clone(), held.clone(), gate.clone());
+        let (mut released, mut requests) = (released.clone(), requests.clone());
         let request_first = job.request_first;
         tasks.push(tokio::spawn(async move {
             let attempt = async {
@@ -216,71 +249,96 @@ async fn hold(job: &Job, devices: &DeviceSet, commands: std::sync::mpsc::Receive
                     .connect(target)
                     .await
                     .map_err(|e| format!("connect: {}", e.kind()))?;
-                let tls = connector
+                connector
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| format!("tls: {e}"))?;
-                if request_first {
-                    super::ask_service_metadata(tls)
-                        .await
-                        .map(super::Held::Http)
-                } else {
-                    Ok(super::Held::Tls(Box::new(tls)))
-                }
+                    .map_err(|e| format!("tls: {e}"))
             };
             let outcome = match tokio::time::timeout(Duration::from_secs(30), attempt).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err("timeout: 30 s".to_string()),
             };
             drop(permit);
-            let kept = match outcome {
-                Ok(kept) => kept,
-                Err(kind) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    *failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(kind)
-                        .or_default() += 1;
-                    return;
-                }
+            let tls = match outcome {
+                Ok(tls) => tls,
+                Err(kind) => return counts.fail(kind),
             };
-            opened.fetch_add(1, Ordering::Relaxed);
+            counts.opened.fetch_add(1, Ordering::Relaxed);
             held[t].fetch_add(1, Ordering::Relaxed);
-            if matches!(kept, super::Held::Http(_)) {
-                answered.fetch_add(1, Ordering::Relaxed);
-            }
+            let kept = if request_first {
+                // The request waits for the bench's word, so that every connection has made
+                // it within the gateway's HTTP/1.1 keep-alive bound when memory is read.
+                tokio::select! {
+                    _ = requests.wait_for(|go| *go) => {}
+                    _ = released.changed() => {
+                        held[t].fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                let asked = match gate.acquire().await {
+                    Ok(_permit) => tokio::time::timeout(
+                        Duration::from_secs(30),
+                        super::ask_service_metadata(tls),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("request: timeout: 30 s".into())),
+                    Err(_) => Err("request: no permit".into()),
+                };
+                counts.requested.fetch_add(1, Ordering::Relaxed);
+                match asked {
+                    Ok(kept) => {
+                        counts.answered.fetch_add(1, Ordering::Relaxed);
+                        super::Held::Http(kept)
+                    }
+                    Err(kind) => {
+                        held[t].fetch_sub(1, Ordering::Relaxed);
+                        return counts.fail(kind);
+                    }
+                }
+            } else {
+                super::Held::Tls(Box::new(tls))
+            };
             super::idle(kept, &mut released).await;
             held[t].fetch_sub(1, Ordering::Relaxed);
         }));
     }
     // Every attempt has finished its handshake (or failed) once all permits are free again.
-    let _all = gate.acquire_many(job.concurrency.max(1) as u32).await;
+    drop(gate.acquire_many(concurrency as u32).await);
     let open_s = started.elapsed().as_secs_f64();
-    ticker.abort();
-    let mut opened_status = status(Phase::Opened);
-    opened_status.open_s = open_s;
-    opened_status.failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    say(&opened_status);
-    // Commands arrive on a blocking channel: wait for them off the runtime's threads.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        while let Ok(line) = commands.recv() {
-            if tx.send(line).is_err() {
-                return;
+    ticking.abort();
+    let mut opened = counts.status(Phase::Opened, issued);
+    opened.open_s = open_s;
+    say(&opened);
+    while let Some(command) = commands_rx.recv().await {
+        match command.as_str() {
+            "request" => {
+                let ticking = ticker(&counts, Phase::Requesting, issued);
+                let _ = go.send(true);
+                // Bounded: each request gives up after 30 s; a connection the gateway closed
+                // meanwhile fails at once.
+                let deadline = Instant::now() + Duration::from_secs(120 + job.count as u64 / 100);
+                while counts.requested.load(Ordering::Relaxed)
+                    < counts.opened.load(Ordering::Relaxed)
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                ticking.abort();
+                let mut requested = counts.status(Phase::Requested, issued);
+                requested.open_s = open_s;
+                say(&requested);
             }
-        }
-    });
-    while let Some(command) = rx.recv().await {
-        if command == "report" {
-            let per_target: Vec<usize> = held.iter().map(|n| n.load(Ordering::Relaxed)).collect();
-            let mut report = status(Phase::Held);
-            report.open_s = open_s;
-            report.held = per_target.iter().sum();
-            report.held_per_target = per_target;
-            report.failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            report.rss_kib = crate::procstat::rss_kib(std::process::id()).unwrap_or(0);
-            say(&report);
+            "report" => {
+                let per_target: Vec<usize> =
+                    held.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+                let mut report = counts.status(Phase::Held, issued);
+                report.open_s = open_s;
+                report.held = per_target.iter().sum();
+                report.held_per_target = per_target;
+                report.rss_kib = crate::procstat::rss_kib(std::process::id()).unwrap_or(0);
+                say(&report);
+            }
+            _ => {}
         }
     }
     let _ = release.send(true);
