@@ -3,6 +3,23 @@
 use super::*;
 
 impl CompareReport {
+    /// A proxy's CPU per request relative to portcullis's at the same mode and count.
+    fn cpu_vs_portcullis(&self, row: &Row) -> Option<f64> {
+        if row.system == System::Direct {
+            return None;
+        }
+        self.rows
+            .iter()
+            .find(|p| {
+                p.system == System::Portcullis
+                    && p.mode == row.mode
+                    && p.connections == row.connections
+            })
+            .map(|p| p.cpu_us_per_request)
+            .filter(|&us| us > 0.0)
+            .map(|us| row.cpu_us_per_request / us)
+    }
+
     /// The table, with the skipped and failed systems after it.
     pub fn render_text(&self) -> String {
         let counts: Vec<String> = self.connections.iter().map(|c| c.to_string()).collect();
@@ -55,7 +72,12 @@ impl CompareReport {
             "CPU us/req",
             "peak RSS MiB",
             "errors",
-            "vs portcullis",
+            // At a fixed rate every system answers the same req/s: its cost is what differs.
+            if self.rate.is_some() {
+                "CPU/req vs portcullis"
+            } else {
+                "vs portcullis"
+            },
         ];
         let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
         for r in &self.rows {
@@ -95,9 +117,15 @@ impl CompareReport {
                     "-".into()
                 },
                 r.errors.to_string(),
-                r.vs_portcullis
-                    .map(|x| format!("{x:.2}x"))
-                    .unwrap_or_else(|| "-".into()),
+                if self.rate.is_some() {
+                    self.cpu_vs_portcullis(r)
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                } else {
+                    r.vs_portcullis
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                },
             ]);
         }
         let widths: Vec<usize> = (0..header.len())
