@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod connections;
+pub mod devices;
 pub mod faults;
 pub mod load;
 pub mod procstat;

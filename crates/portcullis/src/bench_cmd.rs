@@ -20,23 +20,39 @@ pub enum BenchCommand {
     /// when each request was due. Runs for --duration or --requests, whichever ends first
     /// (default 10 s), with a progress line on standard error.
     ///
+    /// A fleet: --devices N --rate R --issuer-key ca/root.key: N devices, each with a
+    /// certificate of its own (issued at the start) and one kept-alive connection, all
+    /// connected before the clock starts, polling R requests/s in all (open loop: each device
+    /// every N/R seconds, latency from when its request was due).
+    ///
     /// Prints requests/s, latency p50/p90/p99/p99.9/max (HdrHistogram) and errors by status
     /// text; --json prints the same as one object.
     ///
     /// Exit status: 0 when every request got a 2xx answer; 1 when any failed; 2 on bad usage.
     Load(LoadArgs),
-    /// Hold many idle device connections (mutual TLS) to a gateway and report its memory per
-    /// connection and how fast they opened.
+    /// Hold many idle device connections (mutual TLS) to a set of gateway instances and report
+    /// their memory per connection and how fast they opened.
     ///
-    /// Starts its own gateway process (a fresh lab PKI in a temporary directory), reads the
-    /// gateway's resident memory, opens --count connections from source addresses spread over
-    /// 127.0.1.0 and up (1,000 per address), holds them for --hold seconds, and reads the memory
-    /// again. Each connection is one open file here and one in the gateway: the count is bound
-    /// by the hard open-file limit (`ulimit -Hn`), which both processes raise themselves to.
+    /// Starts its own gateway processes (a fresh lab PKI in a temporary directory), --instances
+    /// of them, instance k on 127.0.0.k, and reads their resident memory. Load-generator
+    /// processes (this binary again) issue a device certificate for each connection (rcgen,
+    /// ECDSA P-256) and open --count connections, spread evenly over the instances, from source
+    /// addresses spread over 127.0.1.0 and up (1,000 per address); they hold them for --hold
+    /// seconds, and the instances' memory is read again. Each connection is one open file in a
+    /// load generator and one in a gateway instance: as many load generators run as the hard
+    /// open-file limit (`ulimit -Hn`) needs, and each instance must fit its share under it.
+    ///
+    /// Prints a table: held, RSS before and after and KiB per connection for each instance and
+    /// for all; --json prints the same as one object ("held", "rss_per_connection_kib",
+    /// "instances": [{"address", "held", "rss_per_connection_kib", ...}], "opened_per_s", ...).
     ///
     /// Exit status: 0 when every connection opened and was still open after the hold; 1
     /// otherwise; 2 on bad usage.
     Connections(ConnectionsArgs),
+    /// A load generator of `bench connections` (its own protocol on standard input and
+    /// output; not for use by hand).
+    #[command(hide = true, name = "connections-worker")]
+    ConnectionsWorker,
     /// Measure Portcullis side by side with nginx+rathole and nginx, behind the same management
     /// point, under the same load.
     ///
@@ -58,6 +74,13 @@ pub enum BenchCommand {
     /// handshake per request). Every run: --connections devices with certificate device-001,
     /// closed loop, GET /SMS_MP/.sms_aut?MPLIST. A list (-c 32,128) runs each count in turn
     /// and adds a devices column; ratios compare rows at the same count.
+    ///
+    /// A fleet, open loop: --devices N --rate R. N devices, each with a certificate of its
+    /// own (issued at the start) and one kept-alive connection, from source addresses spread
+    /// over 127.0.2.0 and up, all connected before the clock starts; then --warmup seconds and
+    /// --duration seconds measured on the same connections, R requests/s in all, latency
+    /// measured from each request's due time (no coordinated omission), CPU time read at the
+    /// measured run's start and end. E.g. --devices 1000,10000 --rate 2000.
     ///
     /// Prints one table: req/s, p50/p99 latency, the CPU seconds (user + system over the
     /// measured run), the same per request answered (microseconds: what the system itself
@@ -167,14 +190,23 @@ pub struct ConnectionsArgs {
     /// How many connections.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub count: usize,
+    /// Gateway instances, on 127.0.0.1, 127.0.0.2, ...; the connections are spread evenly.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub instances: u16,
+    /// Connections per load-generator process (default: as many as the open-file limit
+    /// allows, less 512).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub per_process: Option<u64>,
     /// Handshakes in flight at once while opening (1 to 65536).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub concurrency: u32,
     /// Seconds to hold them before measuring.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub hold: f64,
-    /// Each connection first makes one keep-alive request (the gateway's ServiceMetadata) and
-    /// then idles, as a device does between polls; without it they idle from the handshake.
+    /// Once all are open, each connection makes one keep-alive request (the gateway's
+    /// ServiceMetadata) and then idles, as a device does between polls; without it they idle
+    /// from the handshake. The gateway closes a kept-alive HTTP/1.1 connection after 30 s
+    /// idle, so --hold less than that.
     #[arg(long)]
     pub request: bool,
     /// Distinct device certificates, used in turn (default: one per connection, as a fleet
@@ -227,6 +259,22 @@ pub struct LoadArgs {
     /// Seconds a request may take before it counts as an error.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub timeout: f64,
+    /// A fleet of N devices instead of --connections: each its own certificate (issued at the
+    /// start by --issuer-key) and its own kept-alive connection, all connected before the
+    /// clock starts, from source addresses spread over 127.0.2.0 and up (500 each) when the
+    /// server is on loopback.
+    #[arg(long, value_name = "N", conflicts_with_all = ["connections", "cert"], requires = "issuer_key")]
+    pub devices: Option<usize>,
+    /// The private key of the CA that issues the --devices certificates (a lab's
+    /// ca/root.key); the server must trust that CA for devices.
+    #[arg(long, value_name = "F")]
+    pub issuer_key: Option<PathBuf>,
+    /// The certificate of that CA (default: the first --ca).
+    #[arg(long, value_name = "F", requires = "issuer_key")]
+    pub issuer_cert: Option<PathBuf>,
+    /// Seconds of load before the measured run, on the same connections, not counted.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    pub warmup: f64,
     #[arg(long)]
     pub json: bool,
 }
@@ -261,6 +309,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Load(args) => load(args),
         BenchCommand::Connections(args) => connections(args),
+        BenchCommand::ConnectionsWorker => {
+            bench::connections::worker::main().map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Compare(args) => compare(args),
         BenchCommand::Faults(args) => faults(args),
     }
@@ -297,6 +349,10 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
     let options = bench::connections::ConnectionsOptions {
         program: std::env::current_exe().context("finding this program")?,
         count: args.count,
+        instances: usize::from(args.instances),
+        per_process: args
+            .per_process
+            .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         concurrency: args.concurrency as usize,
         hold: Duration::try_from_secs_f64(args.hold)
             .with_context(|| format!("--hold: {} is not a number of seconds", args.hold))?,
@@ -306,19 +362,52 @@ fn connections(args: ConnectionsArgs) -> anyhow::Result<ExitCode> {
             .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         progress: true,
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let report = runtime.block_on(bench::connections::run(&options))?;
-    let clean = report.held == report.requested;
+    let report = bench::connections::run(&options)?;
+    let clean = report.held == report.requested
+        && (!report.request_first || report.answered == report.requested);
     show(&report, &report.render_text(), args.json, clean)
 }
 
 fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let devices = match (args.devices, &args.issuer_key) {
+        (Some(n), Some(key)) => {
+            if n == 0 || n > bench::load::MAX_CONNECTIONS {
+                anyhow::bail!(
+                    "--devices must be between 1 and {}",
+                    bench::load::MAX_CONNECTIONS
+                );
+            }
+            let issuer = bench::devices::Issuer {
+                ca_cert: args
+                    .issuer_cert
+                    .clone()
+                    .or_else(|| args.device.ca.first().cloned())
+                    .context("--devices: no --issuer-cert and no --ca")?,
+                ca_key: key.clone(),
+                server_roots: args.device.ca.clone(),
+            };
+            Some(
+                bench::devices::DeviceSet::issue_showing(&issuer, n, true)
+                    .map_err(anyhow::Error::msg)
+                    .context("--devices")?,
+            )
+        }
+        _ => None,
+    };
     let options = LoadOptions {
         url: args.device.url,
         ca: args.device.ca,
         cert: args.device.cert,
         key: args.device.key,
-        connections: args.connections,
+        connections: args.devices.unwrap_or(args.connections),
+        connect_first: devices.is_some(),
+        devices,
+        warmup: if args.warmup == 0.0 {
+            Duration::ZERO
+        } else {
+            seconds(args.warmup, "--warmup")?
+        },
+        marks: None,
         mode: args.mode.into(),
         rate: args.rate,
         duration: args
@@ -371,13 +460,9 @@ pub struct CompareArgs {
         default_value = "direct,portcullis,nginx+rathole,nginx"
     )]
     pub systems: Vec<SystemArg>,
-    /// Modes to run for each system, comma-separated.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "keepalive,handshake"
-    )]
+    /// Modes to run for each system, comma-separated (default: keepalive,handshake; with
+    /// --devices, keepalive).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub modes: Vec<ModeArg>,
     /// Concurrent device connections (closed loop) in every run; a comma-separated list runs
     /// each system and mode once with each count (e.g. 32,128), each row compared with
@@ -390,6 +475,20 @@ pub struct CompareArgs {
         default_value = "32"
     )]
     pub connections: Vec<usize>,
+    /// A fleet instead of --connections: N devices, each with a certificate of its own and one
+    /// kept-alive connection, all connected before the clock starts, the warm-up on the same
+    /// connections; a list (1000,10000) runs each count in turn.
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        conflicts_with = "connections"
+    )]
+    pub devices: Vec<usize>,
+    /// Requests per second in all, open loop (latency from each request's due time), instead
+    /// of each connection as fast as answers come.
+    #[arg(long, value_name = "RPS")]
+    pub rate: Option<f64>,
     /// Seconds of measured load per system and mode.
     #[arg(long, short = 'd', value_name = "SECS", default_value_t = 10.0)]
     pub duration: f64,
@@ -442,7 +541,20 @@ fn compare(args: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     options.baseline = args.baseline;
     options.modes = args.modes.iter().map(|&m| m.into()).collect();
-    options.connections = args.connections;
+    if options.modes.is_empty() {
+        options.modes = if args.devices.is_empty() {
+            vec![Mode::Keepalive, Mode::Handshake]
+        } else {
+            vec![Mode::Keepalive]
+        };
+    }
+    options.fleet = !args.devices.is_empty();
+    options.connections = if options.fleet {
+        args.devices
+    } else {
+        args.connections
+    };
+    options.rate = args.rate;
     options.duration = seconds(args.duration, "--duration")?;
     options.warmup = if args.warmup == 0.0 {
         Duration::ZERO

@@ -105,6 +105,12 @@ pub struct CompareOptions {
     /// Worker threads of every process under test (the gateway's and the connector's
     /// runtimes, nginx's worker processes, rathole's runtime); none: each one's default.
     pub threads: Option<usize>,
+    /// A total request rate (open loop, latency from each request's due time); none: closed
+    /// loop, each connection as fast as answers come.
+    pub rate: Option<f64>,
+    /// A fleet: each connection a device with a certificate of its own, all connected before
+    /// the clock starts, the warm-up on the same connections (`--devices`).
+    pub fleet: bool,
 }
 
 impl CompareOptions {
@@ -124,6 +130,8 @@ impl CompareOptions {
             progress: true,
             rounds: 1,
             threads: None,
+            rate: None,
+            fleet: false,
         }
     }
 }
@@ -158,6 +166,8 @@ pub struct Row {
     /// The system's processes measured (0 for `direct`).
     pub processes: usize,
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// Connections (devices) with at least one 2xx answer in the measured run.
+    pub answered_connections: usize,
 }
 
 /// A system that was not measured, and why.
@@ -183,6 +193,10 @@ pub struct CompareReport {
     pub rounds: usize,
     /// Worker threads of each process under test (`--threads`); none: their defaults.
     pub threads: Option<usize>,
+    /// The total request rate (`--rate`); none: closed loop.
+    pub rate: Option<f64>,
+    /// Whether every connection was a device of its own (`--devices`).
+    pub fleet: bool,
     /// The kept temporary directory (`--keep`).
     pub dir: Option<PathBuf>,
 }
@@ -239,6 +253,11 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
     if !(1..=100).contains(&options.rounds) {
         return Err(CompareError::Options(
             "--rounds must be between 1 and 100".into(),
+        ));
+    }
+    if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(CompareError::Options(
+            "--rate must be a positive number".into(),
         ));
     }
     if let Some(reason) = runtime::config::worker_threads_problem(options.threads) {
@@ -302,6 +321,8 @@ pub fn run(options: &CompareOptions) -> Result<CompareReport, CompareError> {
         warmup_s: options.warmup.as_secs_f64(),
         rounds: options.rounds,
         threads: options.threads,
+        rate: options.rate,
+        fleet: options.fleet,
         dir,
     })
 }
@@ -326,7 +347,21 @@ fn run_in(
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
-    let lab = Lab { dir: lab };
+    // A fleet's certificates, issued once for the largest count; a run uses the first ones.
+    let devices = if options.fleet {
+        let most = counts.iter().copied().max().unwrap_or(1);
+        Some(
+            crate::devices::DeviceSet::issue_showing(
+                &crate::devices::Issuer::lab(&lab),
+                most,
+                options.progress,
+            )
+            .map_err(CompareError::Start)?,
+        )
+    } else {
+        None
+    };
+    let lab = Lab { dir: lab, devices };
 
     let mut mp = start_mp(dir, &lab, options)?;
     // (mode, connections): what each system is run under, in order.
@@ -427,10 +462,11 @@ fn run_once(
     let run_dir = dir.join(format!("{}-{}-{connections}", slug(system), mode.name()));
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
-    let measured = bring_up(system, &run_dir, lab, mp, tools, options).and_then(|mut up| {
-        measure(runtime, &mut up, lab, mode, connections, options, mp)
-            .map_err(|e| format!("{e}{}", up.tails()))
-    });
+    let measured =
+        bring_up(system, &run_dir, lab, mp, tools, options, connections).and_then(|mut up| {
+            measure(runtime, &mut up, lab, mode, connections, options, mp)
+                .map_err(|e| format!("{e}{}", up.tails()))
+        });
     match measured {
         Ok((report, cpu_s, peak_rss_kib, processes)) => {
             if options.progress {
@@ -462,6 +498,7 @@ fn run_once(
                 rps_rounds: vec![report.rps],
                 processes,
                 errors_by_kind: report.errors_by_kind,
+                answered_connections: report.answered_connections,
             })
         }
         Err(reason) => {
@@ -502,9 +539,10 @@ fn slug(system: System) -> &'static str {
     }
 }
 
-/// The lab PKI's files.
+/// The lab PKI's files, and the fleet's device identities (`--devices`).
 struct Lab {
     dir: PathBuf,
+    devices: Option<crate::devices::DeviceSet>,
 }
 
 impl Lab {
@@ -557,91 +595,4 @@ use systems::*;
 use tools::*;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Bad options are refused before anything starts, each named.
-    #[test]
-    fn options_out_of_range_are_refused_by_name() {
-        let base = CompareOptions::new(PathBuf::from("/nonexistent/portcullis"));
-        for (edit, needle) in [
-            (
-                CompareOptions {
-                    rounds: 0,
-                    ..base.clone()
-                },
-                "--rounds",
-            ),
-            (
-                CompareOptions {
-                    threads: Some(0),
-                    ..base.clone()
-                },
-                "--threads: 0 is not a thread count",
-            ),
-            (
-                CompareOptions {
-                    threads: Some(5000),
-                    ..base.clone()
-                },
-                "--threads: 5000",
-            ),
-            (
-                CompareOptions {
-                    connections: vec![32, 0],
-                    ..base.clone()
-                },
-                "--connections",
-            ),
-        ] {
-            let error = run(&edit).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(error.contains(needle), "{needle:?} not in {error:?}");
-        }
-    }
-
-    fn row(rps: f64, errors: u64) -> Row {
-        Row {
-            system: System::Portcullis,
-            mode: Mode::Keepalive,
-            connections: 32,
-            rps,
-            p50_ms: rps / 1000.0,
-            p99_ms: 0.0,
-            cpu_s: 0.0,
-            cpu_us_per_request: 0.0,
-            peak_rss_mib: 0.0,
-            errors,
-            ok: 10,
-            p90_ms: 0.0,
-            p999_ms: 0.0,
-            max_ms: 0.0,
-            vs_portcullis: None,
-            rps_rounds: vec![rps],
-            processes: 2,
-            errors_by_kind: if errors > 0 {
-                BTreeMap::from([("503 CMGService_Noconnectorchannel".to_string(), errors)])
-            } else {
-                BTreeMap::new()
-            },
-        }
-    }
-
-    #[test]
-    fn the_median_round_stands_for_the_rounds_and_no_error_is_hidden() {
-        let median = median_round(vec![row(900.0, 0), row(1500.0, 2), row(1000.0, 1)]).unwrap();
-        assert_eq!(median.rps, 1000.0);
-        assert_eq!(median.p50_ms, 1.0, "the median round's own latency");
-        assert_eq!(median.rps_rounds, [900.0, 1500.0, 1000.0]);
-        assert_eq!((median.errors, median.ok), (3, 30));
-        assert_eq!(
-            median.errors_by_kind["503 CMGService_Noconnectorchannel"],
-            3
-        );
-        // An even count takes the lower middle; no rounds, no row.
-        assert_eq!(
-            median_round(vec![row(2.0, 0), row(1.0, 0)]).unwrap().rps,
-            1.0
-        );
-        assert!(median_round(Vec::new()).is_none());
-    }
-}
+mod tests;

@@ -3,18 +3,45 @@
 use super::*;
 
 impl CompareReport {
+    /// A proxy's CPU per request relative to portcullis's at the same mode and count.
+    fn cpu_vs_portcullis(&self, row: &Row) -> Option<f64> {
+        if row.system == System::Direct {
+            return None;
+        }
+        self.rows
+            .iter()
+            .find(|p| {
+                p.system == System::Portcullis
+                    && p.mode == row.mode
+                    && p.connections == row.connections
+            })
+            .map(|p| p.cpu_us_per_request)
+            .filter(|&us| us > 0.0)
+            .map(|us| row.cpu_us_per_request / us)
+    }
+
     /// The table, with the skipped and failed systems after it.
     pub fn render_text(&self) -> String {
         let counts: Vec<String> = self.connections.iter().map(|c| c.to_string()).collect();
         let sweep = self.connections.len() > 1;
         let mut out = format!(
-            "{} connections{}, {:.1} s per run after {:.1} s of warm-up; device {DEVICE}, GET {MP_PATH}\n\
+            "{} {}{}{}, {}, {:.1} s per run after {:.1} s of warm-up; GET {MP_PATH}\n\
              CPU s, CPU us/req (per request answered) and peak RSS: the system's own processes (the shared management point and the load generator are not counted)\n",
             counts.join(", "),
+            if self.fleet {
+                "devices, each with a certificate of its own and one kept-alive connection, connected before the clock starts"
+            } else {
+                "connections of device " 
+            },
+            if self.fleet { String::new() } else { DEVICE.to_string() },
             if sweep {
                 " (a run with each; rows compare with portcullis at the same count)"
             } else {
                 ""
+            },
+            match self.rate {
+                Some(rate) => format!("open loop at {rate} req/s in all (latency from each request's due time)"),
+                None => "closed loop".to_string(),
             },
             self.duration_s,
             self.warmup_s
@@ -40,11 +67,17 @@ impl CompareReport {
             if ranges { "req/s range" } else { "" },
             "p50 ms",
             "p99 ms",
+            "p99.9 ms",
             "CPU s",
             "CPU us/req",
             "peak RSS MiB",
             "errors",
-            "vs portcullis",
+            // At a fixed rate every system answers the same req/s: its cost is what differs.
+            if self.rate.is_some() {
+                "CPU/req vs portcullis"
+            } else {
+                "vs portcullis"
+            },
         ];
         let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
         for r in &self.rows {
@@ -67,6 +100,7 @@ impl CompareReport {
                 },
                 format!("{:.2}", r.p50_ms),
                 format!("{:.2}", r.p99_ms),
+                format!("{:.2}", r.p999_ms),
                 if proxy {
                     format!("{:.2}", r.cpu_s)
                 } else {
@@ -83,9 +117,15 @@ impl CompareReport {
                     "-".into()
                 },
                 r.errors.to_string(),
-                r.vs_portcullis
-                    .map(|x| format!("{x:.2}x"))
-                    .unwrap_or_else(|| "-".into()),
+                if self.rate.is_some() {
+                    self.cpu_vs_portcullis(r)
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                } else {
+                    r.vs_portcullis
+                        .map(|x| format!("{x:.2}x"))
+                        .unwrap_or_else(|| "-".into())
+                },
             ]);
         }
         let widths: Vec<usize> = (0..header.len())

@@ -72,6 +72,7 @@ pub(super) fn bring_up(
     mp: &Mp,
     tools: &Tools,
     options: &CompareOptions,
+    connections: usize,
 ) -> Result<Up, String> {
     let direct = format!("https://localhost:{}{MP_PATH}", mp.port);
     let err = |e: CompareError| e.to_string();
@@ -141,7 +142,13 @@ pub(super) fn bring_up(
             let [port] = free_ports(1).map_err(err)?[..] else {
                 return Err("no free port".into());
             };
-            let nginx = start_nginx(tools.nginx()?, dir, lab, port, mp.port, options.threads)?;
+            let nginx = Nginx {
+                port,
+                upstream: mp.port,
+                threads: options.threads,
+                connections,
+            };
+            let nginx = start_nginx(tools.nginx()?, dir, lab, &nginx)?;
             Ok(Up {
                 procs: vec![nginx],
                 url: format!("https://localhost:{port}{MP_PATH}"),
@@ -164,7 +171,7 @@ pub(super) fn bring_up(
             write(
                 &server,
                 &format!(
-                    "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\n[server.transport]\ntype = \"tcp\"\n\n[server.services.mp]\ntoken = \"{token}\"\nbind_addr = \"127.0.0.1:{service}\"\n"
+                    "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\n[server.transport]\ntype = \"tcp\"\n\n[server.transport.tcp]\nnodelay = true\n\n[server.services.mp]\ntoken = \"{token}\"\nbind_addr = \"127.0.0.1:{service}\"\nnodelay = true\n"
                 ),
             )
             .map_err(err)?;
@@ -172,7 +179,7 @@ pub(super) fn bring_up(
             write(
                 &client,
                 &format!(
-                    "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\n[client.transport]\ntype = \"tcp\"\n\n[client.services.mp]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{}\"\n",
+                    "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\n[client.transport]\ntype = \"tcp\"\n\n[client.transport.tcp]\nnodelay = true\n\n[client.services.mp]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{}\"\nnodelay = true\n",
                     mp.port
                 ),
             )
@@ -191,10 +198,13 @@ pub(super) fn bring_up(
                 }
                 procs.push(Proc::spawn(name, command, dir, vec![])?);
             }
-            procs.insert(
-                0,
-                start_nginx(tools.nginx()?, dir, lab, port, service, options.threads)?,
-            );
+            let nginx = Nginx {
+                port,
+                upstream: service,
+                threads: options.threads,
+                connections,
+            };
+            procs.insert(0, start_nginx(tools.nginx()?, dir, lab, &nginx)?);
             Ok(Up {
                 procs,
                 url: format!("https://localhost:{port}{MP_PATH}"),
@@ -203,18 +213,40 @@ pub(super) fn bring_up(
     }
 }
 
+/// An nginx to start: where devices call, where it proxies to, and the load it is tuned for.
+pub(super) struct Nginx {
+    pub(super) port: u16,
+    pub(super) upstream: u16,
+    pub(super) threads: Option<usize>,
+    /// Concurrent device connections of the run.
+    pub(super) connections: usize,
+}
+
 /// nginx on 127.0.0.1:`port` terminating device mutual TLS, proxying over TLS (presenting
 /// the connector's client-authentication certificate, checking the management point's) to
 /// 127.0.0.1:`upstream` with a pool of kept-alive connections.
+///
+/// Tuned for the run as its operators would: the upstream keep-alive pool holds as many idle
+/// connections per worker as there are devices (at most one request in flight each, so no
+/// request pays a new TLS handshake to the upstream once warm), upstream connections live
+/// for a million requests and five minutes idle, worker_connections fits every device and
+/// its upstream connection in one worker, and `reuseport` spreads the devices' connections
+/// evenly over the workers.
 pub(super) fn start_nginx(
     nginx: &Path,
     dir: &Path,
     lab: &Lab,
-    port: u16,
-    upstream: u16,
-    threads: Option<usize>,
+    tuned: &Nginx,
 ) -> Result<Proc, String> {
+    let Nginx {
+        port,
+        upstream,
+        threads,
+        connections,
+    } = *tuned;
     let workers = threads.map_or_else(|| "auto".to_string(), |n| n.to_string());
+    let pool = connections.max(64);
+    let worker_connections = (2 * connections + 1024).clamp(16_384, 65_000);
     let temp = dir.join("nginx-temp");
     std::fs::create_dir_all(&temp).map_err(|e| format!("creating {}: {e}", temp.display()))?;
     let error_log = dir.join("nginx-error.log");
@@ -236,10 +268,10 @@ daemon off;
 master_process on;
 pid {pid};
 error_log {error_log} warn;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile 131072;
 
 events {{
-    worker_connections 16384;
+    worker_connections {worker_connections};
 }}
 
 http {{
@@ -255,11 +287,13 @@ http {{
 
     upstream management_point {{
         server 127.0.0.1:{upstream};
-        keepalive 64;
+        keepalive {pool};
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
     }}
 
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl reuseport;
         server_name localhost;
         ssl_certificate {cert};
         ssl_certificate_key {key};

@@ -4,11 +4,17 @@
 //!
 //! At a fixed rate, latency is measured from when each request was due, not when it was sent,
 //! so a stalled server is not hidden by the generator waiting for it (coordinated omission).
+//!
+//! As a fleet ([`LoadOptions::devices`]): every connection a device with a certificate of its
+//! own, from source addresses spread over 127.0.2.0 and up when the server is on loopback
+//! (as devices come from many addresses), all connected before the clock starts
+//! ([`LoadOptions::connect_first`]), polling at the total rate.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,13 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpStream;
+
+use crate::devices::DeviceSet;
+
+mod target;
+
+use target::{connect_all, fleet_source};
+pub use target::{exchange, send, Answer, Identity, Sender, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +74,58 @@ pub struct LoadOptions {
     pub timeout: Duration,
     /// A progress line on standard error while it runs.
     pub progress: bool,
+    /// A fleet: connection `n` is device `n` of the set (its own certificate, instead of
+    /// `cert`), from a source address of its own group of 500 when the server is on loopback.
+    pub devices: Option<DeviceSet>,
+    /// Open every connection (256 handshakes at a time) before the clock starts: devices are
+    /// connected before they poll, so no request's latency holds a handshake.
+    pub connect_first: bool,
+    /// Load for this long before the measured run (after connecting), on the same
+    /// connections, not counted.
+    pub warmup: Duration,
+    /// Told when the measured run starts and ends (e.g. to read CPU time there).
+    pub marks: Option<Marks>,
+}
+
+impl LoadOptions {
+    /// Closed loop over `connections` kept-alive connections of one device, for 10 s.
+    pub fn new(url: &str, ca: Vec<PathBuf>, connections: usize) -> LoadOptions {
+        LoadOptions {
+            url: url.to_string(),
+            ca,
+            cert: None,
+            key: None,
+            connections,
+            mode: Mode::Keepalive,
+            rate: None,
+            duration: None,
+            requests: None,
+            tls_resumption: false,
+            timeout: Duration::from_secs(30),
+            progress: false,
+            devices: None,
+            connect_first: false,
+            warmup: Duration::ZERO,
+            marks: None,
+        }
+    }
+}
+
+/// Where a run stands, for [`LoadOptions::marks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    MeasureStart,
+    MeasureEnd,
+}
+
+/// A callback for each [`Mark`].
+#[derive(Clone)]
+pub struct Marks(pub Arc<dyn Fn(Mark) + Send + Sync>);
+
+impl std::fmt::Debug for Marks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Marks")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,16 +162,33 @@ pub struct LoadReport {
     /// Latency of answered requests (2xx or not).
     pub latency: Latency,
     pub body_bytes: u64,
+    /// Devices with a certificate of their own (0: every connection the one `--cert`).
+    pub devices: usize,
+    /// The total rate asked for (none: closed loop).
+    pub rate: Option<f64>,
+    /// Connections open before the clock started (`connect_first`).
+    pub connected_first: usize,
+    /// Connections (devices) with at least one 2xx answer in the measured run.
+    pub answered_connections: usize,
 }
 
 impl LoadReport {
     pub fn render_text(&self) -> String {
         let l = &self.latency;
         let mut out = format!(
-            "{} {} connection(s), {} mode, {:.1} s\n  requests: {} ok, {} errors, {:.0} req/s, {:.1} MiB of bodies\n  latency:  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  (mean {:.2} ms)\n",
+            "{} {} connection(s){}, {} mode, {}, {:.1} s\n  requests: {} ok, {} errors, {:.0} req/s, {:.1} MiB of bodies\n  latency:  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  (mean {:.2} ms)\n",
             self.url,
             self.connections,
+            if self.devices > 0 {
+                format!(" of {} devices with a certificate each", self.devices)
+            } else {
+                String::new()
+            },
             self.mode.name(),
+            match self.rate {
+                Some(rate) => format!("open loop at {rate} req/s"),
+                None => "closed loop".to_string(),
+            },
             self.elapsed_s,
             self.ok,
             self.errors,
@@ -129,58 +211,13 @@ impl LoadReport {
     }
 }
 
-/// A server devices call: where it is and how a device's TLS reaches it. The load generator
-/// and the fault drill (`crate::faults`) connect through it.
-pub struct Target {
-    tls: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
-    host: String,
-    port: u16,
-    /// The `Host` header: `host` or `host:port`.
-    pub authority: String,
-}
-
-impl Target {
-    /// The server of `url` (`https://host:port/...`), reached with `tls`.
-    pub fn new(url: &str, tls: rustls::ClientConfig) -> Result<Target, LoadError> {
-        let (name, host, port) = probe::server_name_of(url)?;
-        Ok(Target {
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            name,
-            authority: if port == 443 {
-                host.clone()
-            } else {
-                format!("{host}:{port}")
-            },
-            host,
-            port,
-        })
-    }
-
-    /// A new kept-alive HTTP/1.1 connection: TCP, the device's TLS handshake, HTTP.
-    pub async fn connect(&self) -> Result<Sender, String> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| format!("connect: {}", e.kind()))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(self.name.clone(), tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("http: {e}"))?;
-        tokio::spawn(connection);
-        Ok(sender)
-    }
-}
-
 /// What every worker shares.
 struct Shared {
-    target: Target,
+    target: Arc<Target>,
     path: String,
     deadline: Option<Instant>,
+    /// Requests due before this are made but not counted (the warm-up).
+    measure_from: Instant,
     /// Requests started so far, against `requests`.
     started: AtomicU64,
     limit: Option<u64>,
@@ -245,6 +282,9 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             "--rate must be a positive number".into(),
         ));
     }
+    if options.devices.as_ref().is_some_and(|d| d.is_empty()) {
+        return Err(LoadError::Options("an empty device set".into()));
+    }
     let duration = match (options.duration, options.requests) {
         (None, None) => Some(Duration::from_secs(10)),
         (d, _) => d,
@@ -258,7 +298,7 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
     if options.mode == Mode::Handshake && !options.tls_resumption {
         tls.resumption = rustls::client::Resumption::disabled();
     }
-    let target = Target::new(&options.url, tls)?;
+    let target = Arc::new(Target::new(&options.url, tls)?);
     let uri: hyper::Uri = options
         .url
         .parse()
@@ -267,21 +307,6 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let started_at = Instant::now();
-    let shared = Arc::new(Shared {
-        target,
-        path,
-        deadline: duration.map(|d| started_at + d),
-        started: AtomicU64::new(0),
-        limit: options.requests,
-        done: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        timeout: options.timeout,
-    });
-    let progress = options.progress.then(|| {
-        let shared = shared.clone();
-        tokio::spawn(progress_line(shared, started_at))
-    });
     // Each connection sends every connections/rate seconds; a rate so small that the interval
     // is not a duration at all is refused rather than allowed to panic.
     let interval = options
@@ -295,19 +320,62 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             })
         })
         .transpose()?;
+    let identities: Vec<Identity> = (0..options.connections)
+        .map(|n| match &options.devices {
+            Some(devices) => Identity {
+                tls: Some(devices.tls[n % devices.len()].clone()),
+                source: Some(fleet_source(n)),
+            },
+            None => Identity::default(),
+        })
+        .collect();
+    let mut senders: Vec<Option<Sender>> = (0..options.connections).map(|_| None).collect();
+    let mut connected_first = 0;
+    if options.connect_first && options.mode == Mode::Keepalive {
+        senders = connect_all(&target, &identities, options.progress).await;
+        connected_first = senders.iter().filter(|s| s.is_some()).count();
+    }
+    let started_at = Instant::now();
+    let measure_from = started_at + options.warmup;
+    let shared = Arc::new(Shared {
+        target,
+        path,
+        deadline: duration.map(|d| measure_from + d),
+        measure_from,
+        started: AtomicU64::new(0),
+        limit: options.requests,
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        timeout: options.timeout,
+    });
+    let progress = options.progress.then(|| {
+        let shared = shared.clone();
+        tokio::spawn(progress_line(shared, started_at))
+    });
+    let start_mark = options.marks.clone().map(|marks| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            (marks.0)(Mark::MeasureStart);
+        })
+    });
     let mut workers = Vec::with_capacity(options.connections);
-    for n in 0..options.connections {
+    for (n, (identity, sender)) in identities.into_iter().zip(senders).enumerate() {
         let shared = shared.clone();
         let mode = options.mode;
         // Spread the first sends over one interval so a fixed rate is smooth from the start.
         let offset = interval.map(|i| i.mul_f64(n as f64 / options.connections as f64));
         workers.push(tokio::spawn(async move {
-            worker(&shared, mode, interval, offset, started_at).await
+            let device = Device { identity, sender };
+            worker(&shared, mode, interval, offset, started_at, device).await
         }));
     }
     let mut total = Tally::new();
+    let mut answered_connections = 0;
     for worker in workers {
         if let Ok(tally) = worker.await {
+            if tally.ok > 0 {
+                answered_connections += 1;
+            }
             let _ = total.histogram.add(&tally.histogram);
             for (kind, n) in tally.errors {
                 *total.errors.entry(kind).or_default() += n;
@@ -317,13 +385,20 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             total.bytes += tally.bytes;
         }
     }
+    if let Some(marks) = &options.marks {
+        if let Some(start) = start_mark {
+            // A run shorter than its warm-up still marks its start before its end.
+            let _ = start.await;
+        }
+        (marks.0)(Mark::MeasureEnd);
+    }
     if let Some(progress) = progress {
         progress.abort();
         if std::io::stderr().is_terminal() {
             eprintln!();
         }
     }
-    let elapsed = started_at.elapsed().as_secs_f64();
+    let elapsed = measure_from.elapsed().as_secs_f64();
     let h = &total.histogram;
     let ms = |us: u64| us as f64 / 1000.0;
     Ok(LoadReport {
@@ -352,6 +427,10 @@ pub async fn run(options: &LoadOptions) -> Result<LoadReport, LoadError> {
             }
         },
         body_bytes: total.bytes,
+        devices: options.devices.as_ref().map_or(0, DeviceSet::len),
+        rate: options.rate,
+        connected_first,
+        answered_connections,
     })
 }
 
@@ -381,69 +460,6 @@ async fn progress_line(shared: Arc<Shared>, started: Instant) {
     }
 }
 
-/// A device's kept-alive connection.
-pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-/// An answer as a device sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
-    pub status: u16,
-    /// The status line's text (the reason phrase) when not 2xx: a Portcullis status text such
-    /// as `CMGService_Noconnectorchannel`, or the standard reason.
-    pub text: String,
-    /// Bytes of body read (all of it).
-    pub body_bytes: u64,
-}
-
-/// One request on `sender`, its answer's body read to the end.
-pub async fn exchange(
-    sender: &mut Sender,
-    request: Request<Full<Bytes>>,
-) -> Result<Answer, String> {
-    sender
-        .ready()
-        .await
-        .map_err(|e| format!("connection: {e}"))?;
-    send(sender, request).await
-}
-
-/// `request` on a `sender` that is ready, its answer's body read to the end.
-pub async fn send(sender: &mut Sender, request: Request<Full<Bytes>>) -> Result<Answer, String> {
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("connection: {e}"))?;
-    let status = response.status().as_u16();
-    let text = if (200..300).contains(&status) {
-        String::new()
-    } else {
-        response
-            .extensions()
-            .get::<hyper::ext::ReasonPhrase>()
-            .map(|r| String::from_utf8_lossy(r.as_bytes()).to_string())
-            .unwrap_or_else(|| {
-                response
-                    .status()
-                    .canonical_reason()
-                    .unwrap_or("")
-                    .to_string()
-            })
-    };
-    let mut body = response.into_body();
-    let mut body_bytes = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("body: {e}"))?;
-        if let Some(data) = frame.data_ref() {
-            body_bytes += data.len() as u64;
-        }
-    }
-    Ok(Answer {
-        status,
-        text,
-        body_bytes,
-    })
-}
-
 /// The load generator's request: a GET of the URL's path, as a device's client sends it.
 fn get(shared: &Shared) -> Result<Request<Full<Bytes>>, String> {
     Request::get(shared.path.as_str())
@@ -453,15 +469,25 @@ fn get(shared: &Shared) -> Result<Request<Full<Bytes>>, String> {
         .map_err(|e| format!("request: {e}"))
 }
 
+/// One connection's device: how it connects, and its connection when opened beforehand.
+struct Device {
+    identity: Identity,
+    sender: Option<Sender>,
+}
+
 async fn worker(
     shared: &Shared,
     mode: Mode,
     interval: Option<Duration>,
     offset: Option<Duration>,
     started: Instant,
+    device: Device,
 ) -> Tally {
     let mut tally = Tally::new();
-    let mut sender: Option<Sender> = None;
+    let Device {
+        identity,
+        mut sender,
+    } = device;
     let mut due = offset.map(|o| started + o);
     while shared.ticket() {
         // At a fixed rate, wait for this request's turn; latency counts from then.
@@ -484,12 +510,12 @@ async fn worker(
             let was_reused = reused.is_some();
             let mut current = match reused {
                 Some(current) => current,
-                None => shared.target.connect().await?,
+                None => shared.target.connect_as(&identity).await?,
             };
             let answer = match exchange(&mut current, get(shared)?).await {
                 Ok(answer) => answer,
                 Err(_) if was_reused => {
-                    current = shared.target.connect().await?;
+                    current = shared.target.connect_as(&identity).await?;
                     exchange(&mut current, get(shared)?).await?
                 }
                 Err(e) => return Err(e),
@@ -506,7 +532,14 @@ async fn worker(
         };
         let took = from.elapsed();
         shared.done.fetch_add(1, Ordering::Relaxed);
+        // A warm-up request is made but not counted, whatever its outcome.
+        let counted = from >= shared.measure_from;
         match outcome {
+            Ok(_) if !counted => {}
+            Err(_) if !counted => {
+                sender = None;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             Ok(Answer {
                 status,
                 text,
