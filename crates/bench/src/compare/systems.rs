@@ -101,7 +101,7 @@ pub(super) fn bring_up(
             gateway_config.write(&gateway).map_err(|e| e.to_string())?;
             let mut connector_config = connector::config::ConnectorConfig::lab(
                 "bench",
-                vec![format!("localhost:{gw}")],
+                vec![format!("127.0.0.1:{gw}")],
                 vec![connector::config::EndpointConfig {
                     id: ENDPOINT_ID,
                     name: "SMS_MP".into(),
@@ -109,6 +109,8 @@ pub(super) fn bring_up(
                 }],
             );
             connector_config.resolve_paths(&lab.dir);
+            // By address (see faults::lab): the certificate is checked against "localhost".
+            connector_config.gateway_server_name = Some("localhost".into());
             connector_config.worker_threads = options.threads;
             connector_config.log.file = Some(dir.join("SMS_Cloud_ProxyConnector.log"));
             connector_config.log.console = logs::logger::ConsoleSetting::Off;

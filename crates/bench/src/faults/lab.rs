@@ -258,7 +258,7 @@ impl DrillLab {
                 format!("drill-{name}"),
                 gateway_ports
                     .iter()
-                    .map(|p| format!("localhost:{p}"))
+                    .map(|p| format!("127.0.0.1:{p}"))
                     .collect(),
                 vec![
                     EndpointConfig {
@@ -274,6 +274,9 @@ impl DrillLab {
                 ],
             );
             config.resolve_paths(&pki);
+            // By address, its certificate checked against "localhost": where localhost also
+            // resolves to ::1 the name would be an instance nobody serves (connector::instances).
+            config.gateway_server_name = Some("localhost".into());
             config.channels_per_gateway = CHANNELS_PER_GATEWAY;
             config.channels_follow_gateway_threads = false;
             config.endpoint_timeout_secs = ENDPOINT_TIMEOUT.as_secs();
