@@ -297,10 +297,10 @@ async fn handshake_and_serve(
     // Offered the channel protocol but chose a device one: nothing was placed.
     drop(placed);
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
-    let state = DeviceState::new(judgement, peer, &shared);
+    let state = DeviceState::new(judgement, leaf.as_deref(), peer, &shared);
+    drop(leaf);
     let device = Arc::new(Device {
         addr: peer,
-        leaf,
         state: std::sync::Mutex::new(Arc::new(state)),
         streams: std::sync::atomic::AtomicUsize::new(0),
         last_stream_end: std::sync::atomic::AtomicU64::new(0),
