@@ -13,8 +13,6 @@ use crate::Shared;
 
 pub(crate) struct Device {
     pub(crate) addr: SocketAddr,
-    /// The certificate it presented (DER), kept to judge it again after a reload.
-    pub(crate) leaf: Option<Vec<u8>>,
     pub(crate) state: std::sync::Mutex<Arc<DeviceState>>,
     /// HTTP/2 streams open now, and when the last one ended (see `accept::OpenStream`).
     pub(crate) streams: std::sync::atomic::AtomicUsize,
@@ -36,10 +34,20 @@ pub(crate) struct DeviceState {
     /// `client_cert_header` and the trusted certificate's DER in base64, when configured (and
     /// the certificate trusted).
     pub(crate) cert_header: Option<Box<(hyper::header::HeaderName, HeaderValue)>>,
+    /// The certificate the device presented (DER), kept to judge it again after a reload,
+    /// when the judgement holds none: a trusted one's is its `Certificate::der`, not copied
+    /// (a second copy per connection was most of what a device's state held).
+    untrusted_leaf: Option<Box<[u8]>>,
 }
 
 impl DeviceState {
-    pub(crate) fn new(judgement: Judgement, addr: SocketAddr, shared: &Shared) -> DeviceState {
+    /// `leaf` is the certificate the device presented (DER), judged as `judgement`.
+    pub(crate) fn new(
+        judgement: Judgement,
+        leaf: Option<&[u8]>,
+        addr: SocketAddr,
+        shared: &Shared,
+    ) -> DeviceState {
         if let Some(warning) = &judgement.warning {
             shared.log.warn(&format!("Device {addr}: {warning}"));
         }
@@ -59,11 +67,35 @@ impl DeviceState {
             )),
             Err(_) => HeaderValue::from_static(""),
         };
+        let untrusted_leaf = kept_leaf(&judgement, leaf);
         DeviceState {
             judgement,
             device_header,
             cert_header,
+            untrusted_leaf,
         }
+    }
+
+    /// The certificate the device presented (DER), if it presented one.
+    pub(crate) fn leaf(&self) -> Option<&[u8]> {
+        presented(&self.judgement, self.untrusted_leaf.as_deref())
+    }
+}
+
+/// What a device's state keeps of the certificate it presented, besides its judgement: a copy
+/// only when the judgement holds no certificate.
+fn kept_leaf(judgement: &Judgement, leaf: Option<&[u8]>) -> Option<Box<[u8]>> {
+    match &judgement.cert {
+        Ok(_) => None,
+        Err(_) => leaf.map(Box::from),
+    }
+}
+
+/// The certificate a device presented: the trusted one's DER, else the copy kept.
+fn presented<'a>(judgement: &'a Judgement, kept: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    match &judgement.cert {
+        Ok(cert) => Some(cert.der()),
+        Err(_) => kept,
     }
 }
 
@@ -74,8 +106,10 @@ impl Device {
         let auth = shared.auth.load();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.judgement.generation != auth.generation {
-            let judgement = auth.judge(self.leaf.as_deref(), OffsetDateTime::now_utc());
-            *state = Arc::new(DeviceState::new(judgement, self.addr, shared));
+            let leaf = state.leaf();
+            let judgement = auth.judge(leaf, OffsetDateTime::now_utc());
+            let judged = DeviceState::new(judgement, leaf, self.addr, shared);
+            *state = Arc::new(judged);
         }
         state.clone()
     }
@@ -152,6 +186,48 @@ pub(crate) fn header_safe(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use pki::lab::{LabCa, LeafSpec};
+
+    /// A device connection's state holds its certificate once: a trusted device's judgement
+    /// has it, and a second copy kept beside it for the judgement after a reload cost every
+    /// connection its size again. One refused keeps its copy, to be judged again.
+    #[test]
+    fn a_device_state_keeps_its_certificate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = LabCa::new_root("Test Root", 5).unwrap();
+        let root_file = dir.path().join("root.crt");
+        std::fs::write(&root_file, &root.cert().cert_pem).unwrap();
+        let stranger = LabCa::new_root("Other Root", 5).unwrap();
+        let auth = crate::device_auth::DeviceAuth::load(1, &[root_file], None, None).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+
+        let trusted = root.issue(&LeafSpec::client_auth("DEVICE-1", 30)).unwrap();
+        let judgement = auth.judge(Some(&trusted.cert_der), now);
+        assert!(judgement.cert.is_ok(), "{:?}", judgement.cert);
+        let kept = super::kept_leaf(&judgement, Some(&trusted.cert_der));
+        assert!(
+            kept.is_none(),
+            "a copy of {} bytes",
+            kept.map_or(0, |k| k.len())
+        );
+        assert_eq!(
+            super::presented(&judgement, kept.as_deref()),
+            Some(&trusted.cert_der[..])
+        );
+
+        let refused = stranger
+            .issue(&LeafSpec::client_auth("DEVICE-2", 30))
+            .unwrap();
+        let judgement = auth.judge(Some(&refused.cert_der), now);
+        assert!(judgement.cert.is_err());
+        let kept = super::kept_leaf(&judgement, Some(&refused.cert_der));
+        assert_eq!(
+            super::presented(&judgement, kept.as_deref()),
+            Some(&refused.cert_der[..])
+        );
+        assert_eq!(super::presented(&judgement, None), None);
+    }
+
     #[test]
     fn base64_is_rfc_4648() {
         for (bytes, text) in [

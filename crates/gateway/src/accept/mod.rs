@@ -113,7 +113,11 @@ pub(crate) async fn connection(
             return;
         }
         let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-        let start = match tokio::time::timeout_at(hello_deadline, hello).await {
+        // Boxed, as the handshake and a channel's accept below: a future has room for the
+        // largest of its states for as long as it lives, and these passing ones were larger
+        // than serving a device, so every device connection carried their room (1.6 KiB in a
+        // debug build) after they were done with.
+        let start = match Box::pin(tokio::time::timeout_at(hello_deadline, hello)).await {
             Ok(Ok(start)) => start,
             // Failed handshakes are the client's business (and very common on the internet).
             Ok(Err(_)) => return shared.metrics.handshake(false),
@@ -208,8 +212,13 @@ async fn handshake_and_serve(
 ) {
     // Taken out of its box by a call of its own, so that the box is freed now: moved out of
     // in place, the box's memory would stay allocated until this fn returns, that is for as
-    // long as the device stays.
-    let tls = match tokio::time::timeout_at(deadline, unbox(start).into_stream(config)).await {
+    // long as the device stays. The handshake's own state is boxed and freed with it.
+    let tls = match Box::pin(tokio::time::timeout_at(
+        deadline,
+        unbox(start).into_stream(config),
+    ))
+    .await
+    {
         Ok(Ok(tls)) => {
             shared.metrics.handshake(true);
             Box::new(tls)
@@ -246,13 +255,14 @@ async fn handshake_and_serve(
             peer_cert: leaf.unwrap_or_default(),
             addr: peer,
         };
-        let accepted = channels::accept(
+        // Boxed: a device connection needs no room for a channel's accept.
+        let accepted = Box::pin(channels::accept(
             tls,
             dialled,
             shared.registry.clone(),
             &shared.channel_settings,
             |hello| shared.connectors.load().admits(&cert, hello),
-        )
+        ))
         .await;
         // Registered (or failed): the registry now counts it on its shard, and it holds no
         // device slot.
@@ -287,10 +297,10 @@ async fn handshake_and_serve(
     // Offered the channel protocol but chose a device one: nothing was placed.
     drop(placed);
     let judgement = shared.auth.load().judge(leaf.as_deref(), now);
-    let state = DeviceState::new(judgement, peer, &shared);
+    let state = DeviceState::new(judgement, leaf.as_deref(), peer, &shared);
+    drop(leaf);
     let device = Arc::new(Device {
         addr: peer,
-        leaf,
         state: std::sync::Mutex::new(Arc::new(state)),
         streams: std::sync::atomic::AtomicUsize::new(0),
         last_stream_end: std::sync::atomic::AtomicU64::new(0),
@@ -346,52 +356,60 @@ async fn handshake_and_serve(
     let device_idle = drain_shared.device_idle;
     let tls = idle::StallGuard::new(tls, device_idle, watched.clone());
     if is_h2 {
-        // Each stream is counted open until its answer's body is done with, so that the
-        // connection is idle only with none open.
-        let (epoch, counted_device) = (drain_shared.epoch, idle_device.clone());
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let open = OpenStream::new(&counted_device, epoch);
-            let served = hyper::service::Service::call(&service, req);
-            async move {
-                let response = served.await?;
-                Ok::<_, std::convert::Infallible>(
-                    response.map(|body| Counted { body, _open: open }),
-                )
-            }
-        });
-        // Twice the device's share of streams in flight: the streams over it are answered
-        // 429 with a status text, rather than refused by HTTP/2 without one.
-        let streams = u32::try_from(drain_shared.max_streams_per_device.saturating_mul(2))
-            .unwrap_or(u32::MAX);
-        // Each stream's task is watched for a device that stops taking that stream's answer.
-        let executor = idle::DeviceStreams {
-            limit: device_idle,
-            log: drain_shared.log.clone(),
-            peer,
-        };
-        // h2 answers a header block over the budget with 431 itself (one over four times it
-        // closes that device's connection); one within it that the metadata pushes over is
-        // refused by `route_request`, with the status text.
-        let header_list = u32::try_from(drain_shared.max_request_header_bytes).unwrap_or(u32::MAX);
-        let served = hyper::server::conn::http2::Builder::new(executor)
-            .timer(hyper_util::rt::TokioTimer::new())
-            // PINGs find a device gone without a word; hyper sends one only after a quiet
-            // interval.
-            .keep_alive_interval(drain_shared.http2_keepalive)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .max_header_list_size(header_list)
-            .max_concurrent_streams(streams)
-            .serve_connection(TokioIo::new(tls), service);
-        let served = Idle {
-            served,
-            sleep: tokio::time::sleep_until(first_deadline),
-            device: idle_device,
-            shared: drain_shared.clone(),
-            first_deadline,
-            closing: false,
-            drain: |served| served.graceful_shutdown(),
-        };
-        Drainable::new(served, drain_shared.clone(), |idle| idle.shut()).await;
+        // Boxed: HTTP/2's state (hyper's h2 connection, the idle watch and its timer, the
+        // streams' executor) is larger than HTTP/1.1's, and every HTTP/1.1 device's task
+        // carried its room.
+        let drain_shared = drain_shared.clone();
+        Box::pin(async move {
+            // Each stream is counted open until its answer's body is done with, so that the
+            // connection is idle only with none open.
+            let (epoch, counted_device) = (drain_shared.epoch, idle_device.clone());
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let open = OpenStream::new(&counted_device, epoch);
+                let served = hyper::service::Service::call(&service, req);
+                async move {
+                    let response = served.await?;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| Counted { body, _open: open }),
+                    )
+                }
+            });
+            // Twice the device's share of streams in flight: the streams over it are answered
+            // 429 with a status text, rather than refused by HTTP/2 without one.
+            let streams = u32::try_from(drain_shared.max_streams_per_device.saturating_mul(2))
+                .unwrap_or(u32::MAX);
+            // Each stream's task is watched for a device that stops taking that stream's answer.
+            let executor = idle::DeviceStreams {
+                limit: device_idle,
+                log: drain_shared.log.clone(),
+                peer,
+            };
+            // h2 answers a header block over the budget with 431 itself (one over four times it
+            // closes that device's connection); one within it that the metadata pushes over is
+            // refused by `route_request`, with the status text.
+            let header_list =
+                u32::try_from(drain_shared.max_request_header_bytes).unwrap_or(u32::MAX);
+            let served = hyper::server::conn::http2::Builder::new(executor)
+                .timer(hyper_util::rt::TokioTimer::new())
+                // PINGs find a device gone without a word; hyper sends one only after a quiet
+                // interval.
+                .keep_alive_interval(drain_shared.http2_keepalive)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .max_header_list_size(header_list)
+                .max_concurrent_streams(streams)
+                .serve_connection(TokioIo::new(tls), service);
+            let served = Idle {
+                served,
+                sleep: tokio::time::sleep_until(first_deadline),
+                device: idle_device,
+                shared: drain_shared.clone(),
+                first_deadline,
+                closing: false,
+                drain: |served| served.graceful_shutdown(),
+            };
+            Drainable::new(served, drain_shared.clone(), |idle| idle.shut()).await;
+        })
+        .await;
     } else {
         let served = device_http1(drain_shared.max_request_header_bytes, drain_shared.idle)
             .serve_connection(TokioIo::new(tls), service);
@@ -484,13 +502,15 @@ mod tests {
 
     /// A device connection's future is held for as long as the device stays; the task holding
     /// it is most of an idle connection's memory. Dead copies (an argument or a local moved
-    /// away keeps its room until its scope ends) once made it twice as large; this catches
-    /// their return.
+    /// away keeps its room until its scope ends) once made it twice as large, and the room of
+    /// passing states (the ClientHello, the handshake, a channel's accept, HTTP/2) once made
+    /// it 3,088 bytes where serving HTTP/1.1 needs 1,424 (debug build); this catches their
+    /// return.
     #[test]
     fn a_device_connection_future_stays_small() {
-        // Room above today's size in a debug build, well under it with the TLS stream unboxed
-        // (ARCHITECTURE.md, gateway).
-        const LIMIT: usize = 4096;
+        // Room above today's size (1,424 bytes) in a debug build, under any of those states
+        // unboxed (ARCHITECTURE.md, gateway).
+        const LIMIT: usize = 1600;
         let size = returned_size(&super::connection);
         assert!(size <= LIMIT, "{size} bytes");
     }
