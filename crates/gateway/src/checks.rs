@@ -456,6 +456,18 @@ async fn schedule(
         }) else {
             return;
         };
+        // A token command runs once a run, not once an endpoint (it may be slow, or rate
+        // limited by the provider); one that fails is left to each analysis to name.
+        let token = match settings.token_source() {
+            Some(TokenSource::Command(command)) => {
+                let source = TokenSource::Command(command);
+                match source.get(Duration::from_secs(settings.timeout_secs)).await {
+                    Ok(token) => Some(TokenSource::Value(token)),
+                    Err(_) => Some(source),
+                }
+            }
+            other => other,
+        };
         for &endpoint in &endpoints {
             let options = AnalyzeOptions {
                 gateway: url.clone(),
@@ -464,7 +476,7 @@ async fn schedule(
                 path: settings.path.clone(),
                 device_cert: settings.device_cert.clone(),
                 device_key: settings.device_key.clone(),
-                token: settings.token_source(),
+                token: token.clone(),
                 timeout: Duration::from_secs(settings.timeout_secs),
                 connector_store: None,
             };

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use testkit::*;
+
+use crate::support::doctor_on_gateway_line;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 type DeviceTls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
@@ -289,29 +291,7 @@ fn connections_over_the_per_address_cap_are_refused_and_logged_at_a_bounded_rate
         "{status}"
     );
     // `doctor logs` names the cause from such a line, with the address and the cap.
-    let line = system
-        .gateway_log
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|l| l.contains("CMGService_Toomanyconnections"))
-        .cloned()
-        .unwrap();
-    let record = logs::cmtrace::Line {
-        message: &line,
-        component: "SMS_CLOUD_PROXY_GATEWAY",
-        severity: logs::cmtrace::Severity::Warning,
-        thread: 1,
-        at: time::OffsetDateTime::now_utc(),
-    }
-    .format()
-        + "\r\n";
-    let rules = logs::diagnose::Rules::builtin().unwrap();
-    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
-    diagnosis
-        .read_from(record.as_bytes(), "gateway.log")
-        .unwrap();
-    let findings = diagnosis.finish().findings;
+    let (line, findings) = doctor_on_gateway_line(&system, "CMGService_Toomanyconnections");
     assert_eq!(findings.len(), 1, "{line}");
     assert_eq!(findings[0].id, "too-many-connections");
     assert!(

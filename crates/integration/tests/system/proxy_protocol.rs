@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use gateway::{ProxyProtocol, ProxyVersion};
 use testkit::*;
+
+use crate::support::doctor_on_gateway_line;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROXY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
@@ -260,29 +262,7 @@ fn a_proxy_header_from_an_address_not_configured_is_refused() {
         "{status}"
     );
     // `portcullis doctor logs` explains the line.
-    let line = system
-        .gateway_log
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|l| l.contains("Refused a connection from 127.0.0.6:"))
-        .cloned()
-        .unwrap();
-    let record = logs::cmtrace::Line {
-        message: &line,
-        component: "SMS_CLOUD_PROXY_GATEWAY",
-        severity: logs::cmtrace::Severity::Warning,
-        thread: 1,
-        at: time::OffsetDateTime::now_utc(),
-    }
-    .format()
-        + "\r\n";
-    let rules = logs::diagnose::Rules::builtin().unwrap();
-    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
-    diagnosis
-        .read_from(record.as_bytes(), "gateway.log")
-        .unwrap();
-    let findings = diagnosis.finish().findings;
+    let (line, findings) = doctor_on_gateway_line(&system, "Refused a connection from 127.0.0.6:");
     assert_eq!(findings.len(), 1, "{line}");
     assert_eq!(findings[0].id, "proxy-protocol-refused");
     assert!(

@@ -282,3 +282,34 @@ impl Raw {
         answer
     }
 }
+
+/// The first line of the gateway's log that holds `words`, and what `portcullis doctor logs`
+/// finds in it written as a CMTrace record (the gateway's file format).
+pub fn doctor_on_gateway_line(
+    system: &System,
+    words: &str,
+) -> (String, Vec<logs::diagnose::Finding>) {
+    let line = system
+        .gateway_log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains(words))
+        .cloned()
+        .unwrap_or_else(|| panic!("no gateway log line holds {words:?}"));
+    let record = logs::cmtrace::Line {
+        message: &line,
+        component: "SMS_CLOUD_PROXY_GATEWAY",
+        severity: logs::cmtrace::Severity::Warning,
+        thread: 1,
+        at: time::OffsetDateTime::now_utc(),
+    }
+    .format()
+        + "\r\n";
+    let rules = logs::diagnose::Rules::builtin().unwrap();
+    let mut diagnosis = logs::diagnose::Diagnosis::new(&rules);
+    diagnosis
+        .read_from(record.as_bytes(), "gateway.log")
+        .unwrap();
+    (line, diagnosis.finish().findings)
+}
