@@ -585,6 +585,35 @@ fn message_id(forwarding: &str) -> String {
         .to_string()
 }
 
+/// The message id the connector forwarded the request for `path` under.
+async fn forwarded_id(connector_log: &Arc<Mutex<Vec<String>>>, path: &str) -> String {
+    let forwarded = line_with(connector_log, &["Forwarding proxy message ", path])
+        .await
+        .expect("forwarded");
+    message_id(&forwarded)
+}
+
+/// Message `id`, abandoned by its device, has its line in the gateway's log and in the
+/// connector's.
+async fn assert_abandoned_at_both_ends(
+    gateway_log: &Arc<Mutex<Vec<String>>>,
+    connector_log: &Arc<Mutex<Vec<String>>>,
+    id: &str,
+) {
+    let gateway = line_with(
+        gateway_log,
+        &[&format!("Message {id}: abandoned by device ")],
+    )
+    .await;
+    assert!(gateway.is_some(), "{id}:\n{}", logged(gateway_log));
+    let connector = line_with(
+        connector_log,
+        &[&format!("Message {id}: the gateway withdrew")],
+    )
+    .await;
+    assert!(connector.is_some(), "{id}:\n{}", logged(connector_log));
+}
+
 /// Finding 4: a device that gives up before its answer (closes its HTTP/1.1 connection, resets
 /// its HTTP/2 stream) leaves a line with the message id in the gateway's log and in the
 /// connector's (before: neither said anything).
@@ -605,26 +634,9 @@ fn a_request_its_device_abandons_is_logged_with_its_message_id_at_both_ends() {
             .as_bytes(),
         )
         .await;
-        let forwarded = line_with(
-            &connector_log,
-            &["Forwarding proxy message ", "/abandoned-h1"],
-        )
-        .await
-        .expect("forwarded");
-        let id = message_id(&forwarded);
+        let id = forwarded_id(&connector_log, "/abandoned-h1").await;
         drop(raw);
-        let gateway = line_with(
-            &gateway_log,
-            &[&format!("Message {id}: abandoned by device ")],
-        )
-        .await;
-        assert!(gateway.is_some(), "{id}:\n{}", logged(&gateway_log));
-        let connector = line_with(
-            &connector_log,
-            &[&format!("Message {id}: the gateway withdrew")],
-        )
-        .await;
-        assert!(connector.is_some(), "{id}:\n{}", logged(&connector_log));
+        assert_abandoned_at_both_ends(&gateway_log, &connector_log, &id).await;
 
         // HTTP/2: the device resets its stream, and its connection stays.
         let mut h2 = h2_device(port, h2_tls).await;
@@ -633,26 +645,9 @@ fn a_request_its_device_abandons_is_logged_with_its_message_id_at_both_ends() {
                 .body(())
                 .unwrap();
         let (response, stream) = h2.send_request(request, true).unwrap();
-        let forwarded = line_with(
-            &connector_log,
-            &["Forwarding proxy message ", "/abandoned-h2"],
-        )
-        .await
-        .expect("forwarded");
-        let id = message_id(&forwarded);
+        let id = forwarded_id(&connector_log, "/abandoned-h2").await;
         drop((response, stream));
-        let gateway = line_with(
-            &gateway_log,
-            &[&format!("Message {id}: abandoned by device ")],
-        )
-        .await;
-        assert!(gateway.is_some(), "{id}:\n{}", logged(&gateway_log));
-        let connector = line_with(
-            &connector_log,
-            &[&format!("Message {id}: the gateway withdrew")],
-        )
-        .await;
-        assert!(connector.is_some(), "{id}:\n{}", logged(&connector_log));
+        assert_abandoned_at_both_ends(&gateway_log, &connector_log, &id).await;
         let mut h2 = h2.ready().await.expect("the connection stays");
         let request = hyper::Request::get(h2_uri(MPLIST)).body(()).unwrap();
         let (response, _) = h2.send_request(request, true).unwrap();
